@@ -1,0 +1,44 @@
+//! # legora-nn
+//!
+//! LoRA, router and mixture-of-LoRA-experts layers for [burn](https://burn.dev), generic
+//! over any `B: Backend`, with no file I/O.
+//!
+//! - [`LoraLinear`]: a frozen linear with named PEFT-style adapters, computed in
+//!   activation space (`y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ`), `merge`/`unmerge`,
+//!   `add_weighted_adapter`.
+//! - [`Router`]: top-k / dense / switch gating with the load-balancing aux loss and z-loss.
+//! - [`MoeLinear`]: E experts over one frozen base in two matmuls (stacked ranks), a loop
+//!   reference, and task-routed mode for concurrent expert training.
+//! - [`LoraConfig`]: PEFT's `adapter_config.json`, read and written verbatim.
+//! - [`trainable_parameters`]: PEFT's `print_trainable_parameters()`.
+//!
+//! ```
+//! use burn::backend::{Autodiff, Flex};
+//! use burn::tensor::{Distribution, Tensor};
+//! use legora_nn::{AdapterSpec, LoraLinear};
+//!
+//! type B = Autodiff<Flex>;
+//! let device = Default::default();
+//! let w = Tensor::<B, 2>::random([32, 16], Distribution::Normal(0.0, 0.1), &device);
+//! let mut layer = LoraLinear::new(w, None).unwrap();
+//! layer.add_adapter("default", &AdapterSpec::new(4, 8.0)).unwrap();
+//! let x = Tensor::<B, 3>::random([2, 5, 16], Distribution::Default, &device);
+//! assert_eq!(layer.forward(x).dims(), [2, 5, 32]);
+//! println!("{}", legora_nn::trainable_parameters(&layer)); // trainable params: 192 || ...
+//! ```
+
+mod config;
+mod error;
+mod lora;
+mod moe;
+mod params;
+mod router;
+
+pub use config::{
+    AdapterSpec, InitLoraWeights, LayersPattern, LayersToTransform, LoraConfig, TargetModules,
+};
+pub use error::{NnError, Result};
+pub use lora::{Combination, LoraAdapter, LoraLinear};
+pub use moe::{task_gates, MoeLinear};
+pub use params::{trainable_parameters, ParamReport};
+pub use router::{Router, RouterConfig, RouterOutput, RoutingStrategy};
