@@ -1,0 +1,154 @@
+//! The host's one error type.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use legora_plugin_api::{PluginError, RowError};
+use thiserror::Error;
+
+/// Everything that can go wrong while loading or calling plugins. Each
+/// variant names what it is about (path, symbol, plugin, file and row).
+#[derive(Debug, Error)]
+pub enum HostError {
+    /// No library for a plugin name in any search directory, or a path that
+    /// does not exist.
+    #[error("plugin `{name}` not found: looked for {} in {}", candidates.join(", "), dirs(searched))]
+    NotFound {
+        /// Requested name or path.
+        name: String,
+        /// File names tried in each directory.
+        candidates: Vec<String>,
+        /// Directories searched, in order.
+        searched: Vec<PathBuf>,
+    },
+    /// The file exists but the dynamic loader refused it.
+    #[error("`{}` is not a loadable library: {message}", path.display())]
+    NotLoadable {
+        /// The file.
+        path: PathBuf,
+        /// The loader's message.
+        message: String,
+    },
+    /// The library exports none of the entry symbols.
+    #[error("`{}` is not a legora plugin: it exports no symbol {}", path.display(), symbols.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(" or "))]
+    MissingSymbol {
+        /// The library.
+        path: PathBuf,
+        /// Symbols looked up.
+        symbols: Vec<String>,
+    },
+    /// The library was built against another ABI version; nothing in it was
+    /// called besides its entry function.
+    #[error("`{}` speaks plugin ABI version {found}, this host speaks version {expected}: rebuild the plugin against this legora-plugin-api", path.display())]
+    AbiMismatch {
+        /// The library.
+        path: PathBuf,
+        /// This host's [`legora_plugin_api::ABI_VERSION`].
+        expected: u32,
+        /// The version the library reports.
+        found: u32,
+    },
+    /// The plugin answered with an error.
+    #[error("plugin `{plugin}` returned an error: {source}")]
+    Plugin {
+        /// Plugin name (or library path while loading).
+        plugin: String,
+        /// The plugin's error.
+        #[source]
+        source: PluginError,
+    },
+    /// The plugin panicked; the panic was caught inside the plugin.
+    #[error("plugin `{plugin}` panicked: {message}")]
+    Panicked {
+        /// Plugin name (or library path while loading).
+        plugin: String,
+        /// The panic message.
+        message: String,
+    },
+    /// The plugin's answer was not a valid response.
+    #[error("plugin `{plugin}` sent a malformed response to `{method}`: {reason}")]
+    MalformedResponse {
+        /// Plugin name (or library path while loading).
+        plugin: String,
+        /// The call (`manifest`, `parse`, ...).
+        method: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A plugin, format, evaluator or preset name is already registered.
+    #[error("duplicate {kind} `{name}`: registered by {existing}, offered again by {new}")]
+    Duplicate {
+        /// `plugin`, `format`, `evaluator` or `preset`.
+        kind: &'static str,
+        /// The (qualified) name.
+        name: String,
+        /// Where the registered one came from.
+        existing: String,
+        /// Where the new one came from.
+        new: String,
+    },
+    /// No registered item with this qualified name.
+    #[error("no {kind} named `{name}`; known: {}", if known.is_empty() { "none".to_string() } else { known.join(", ") })]
+    Unknown {
+        /// `plugin`, `format`, `evaluator` or `preset`.
+        kind: &'static str,
+        /// The requested name.
+        name: String,
+        /// Registered names of that kind.
+        known: Vec<String>,
+    },
+    /// Malformed rows in strict mode, or a file-level problem.
+    #[error("{}", rows(file, errors, *total))]
+    InvalidRows {
+        /// Plugin that parsed the file.
+        plugin: String,
+        /// The file.
+        file: String,
+        /// The first errors, each with file and line / row.
+        errors: Vec<RowError>,
+        /// Number of malformed rows in all.
+        total: usize,
+    },
+    /// The request is unusable before reaching a plugin (bad option value,
+    /// mismatched evaluation lengths, NaN score, ...).
+    #[error("invalid request: {message}")]
+    InvalidRequest {
+        /// What is wrong.
+        message: String,
+    },
+    /// A file could not be read.
+    #[error("cannot read `{}`: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn dirs(searched: &[PathBuf]) -> String {
+    if searched.is_empty() {
+        return "no directory (add one with --plugin-dir or LEGORA_PLUGIN_PATH)".into();
+    }
+    searched
+        .iter()
+        .map(|p| format!("`{}`", p.display()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn rows(file: &str, errors: &[RowError], total: usize) -> String {
+    let mut s = format!(
+        "{file}: {total} malformed row{}",
+        if total == 1 { "" } else { "s" }
+    );
+    let shown = errors.len().min(5);
+    for e in &errors[..shown] {
+        let _ = write!(s, "\n  {e}");
+    }
+    if total > shown {
+        let _ = write!(s, "\n  ... and {} more", total - shown);
+    }
+    s
+}

@@ -1,0 +1,1033 @@
+//! # legora-plugin-host: load plugins and use their formats, evaluators and presets
+//!
+//! ```no_run
+//! use legora_plugin_host::PluginHost;
+//! use legora_plugin_api::{EvalRequest, ParseOptions};
+//!
+//! # fn main() -> Result<(), legora_plugin_host::HostError> {
+//! let mut host = PluginHost::new();
+//! host.add_search_dir("target/release");         // --plugin-dir
+//! host.load_name("medical")?;                     // liblegora_plugin_medical.so
+//! host.load_path("/opt/plugins/libmy_plugin.so")?;
+//!
+//! let out = host.parse_file("medical/medqa", "data/medqa/train.jsonl", &ParseOptions::strict())?;
+//! let metrics = host.evaluate(
+//!     "medical/mc_accuracy",
+//!     EvalRequest::new(["A", "C"], ["A", "B"]),
+//! )?;
+//! let preset = host.preset("medical/clinical")?;
+//! # Ok(()) }
+//! ```
+//!
+//! - **Search order** for [`PluginHost::load_name`]: directories added with
+//!   [`PluginHost::add_search_dir`] (the CLI's `--plugin-dir`), then the
+//!   entries of `LEGORA_PLUGIN_PATH` (platform path-list syntax), then the
+//!   directory of the running executable. In each, the file names
+//!   `{lib}legora_plugin_{name}{.so|.dylib|.dll}` and `{lib}{name}{ext}` are
+//!   tried (`-` in the name read as `_`).
+//! - **Handshake**: the entry symbol is looked up, the ABI version read from
+//!   the first field of its table and compared before anything else is
+//!   called; then the manifest is fetched and its names checked.
+//! - **Registry**: every format, evaluator and preset is registered under
+//!   `<plugin>/<name>`; a second plugin with the same name is refused.
+//! - **Static registration**: [`PluginHost::register_static`] takes a
+//!   [`Plugin`] linked into the binary (a plugin crate used as an rlib). Calls
+//!   go through the same request dispatcher and JSON encoding as dynamic ones,
+//!   so both paths give identical results and errors.
+//! - Libraries are never unloaded (a Rust `cdylib` cannot be safely
+//!   `dlclose`d while anything it created may still be referenced).
+
+#![deny(missing_docs)]
+
+mod error;
+
+use std::collections::BTreeMap;
+use std::env;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use legora_plugin_api::abi::{self, ByteSlice, EntryFn, PluginVTable};
+use legora_plugin_api::protocol::{Call, ParseHeader, Reply, Request, Response};
+use legora_plugin_api::{
+    handle_request, Attachment, EvalOutput, EvalRequest, EvaluatorInfo, FormatInfo, Manifest,
+    ParseOptions, ParseOutput, ParseRequest, Plugin, PluginError, Preset, PresetInfo, ABI_VERSION,
+    SCHEMA_VERSION,
+};
+use serde_json::Value;
+
+pub use error::HostError;
+pub use legora_plugin_api as api;
+
+/// Environment variable holding extra plugin directories.
+pub const PLUGIN_PATH_ENV: &str = "LEGORA_PLUGIN_PATH";
+
+/// Where a plugin came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PluginSource {
+    /// A dynamic library at this path.
+    Dynamic(PathBuf),
+    /// Linked into the binary and registered with [`PluginHost::register_static`].
+    Static,
+}
+
+impl fmt::Display for PluginSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PluginSource::Dynamic(path) => write!(f, "`{}`", path.display()),
+            PluginSource::Static => f.write_str("a statically linked plugin"),
+        }
+    }
+}
+
+enum Backend {
+    /// Table of a leaked (never unloaded) library with a matching ABI version.
+    Dynamic(&'static PluginVTable),
+    Static(Box<dyn Plugin>),
+}
+
+struct Inner {
+    manifest: Manifest,
+    source: PluginSource,
+    backend: Backend,
+}
+
+/// A loaded plugin. Cheap to clone; usable from several threads.
+#[derive(Clone)]
+pub struct PluginHandle(Arc<Inner>);
+
+impl fmt::Debug for PluginHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PluginHandle")
+            .field("name", &self.name())
+            .field("version", &self.0.manifest.version)
+            .field("source", &self.0.source)
+            .finish()
+    }
+}
+
+impl PluginHandle {
+    /// Plugin name.
+    pub fn name(&self) -> &str {
+        &self.0.manifest.name
+    }
+
+    /// The manifest fetched at load time.
+    pub fn manifest(&self) -> &Manifest {
+        &self.0.manifest
+    }
+
+    /// Where it came from.
+    pub fn source(&self) -> &PluginSource {
+        &self.0.source
+    }
+
+    /// Sends one call and returns the plugin's (non-error) reply. Lower level
+    /// than [`PluginHandle::parse`] and friends, which also check the reply's type.
+    pub fn call(&self, call: Call, payload: &[u8]) -> Result<Reply, HostError> {
+        call_backend(&self.0.backend, self.name(), call, payload)
+    }
+
+    /// Parses with a local format name in `request.format`.
+    pub fn parse(&self, request: &ParseRequest) -> Result<ParseOutput, HostError> {
+        let (header, payload) = ParseHeader::split(request);
+        match self.call(Call::Parse(header), &payload)? {
+            Reply::Parse(output) => {
+                for (i, record) in output.records.iter().enumerate() {
+                    record
+                        .validate()
+                        .map_err(|e| HostError::MalformedResponse {
+                            plugin: self.name().to_string(),
+                            method: "parse".into(),
+                            reason: format!("record #{} is invalid: {e}", i + 1),
+                        })?;
+                }
+                Ok(output)
+            }
+            other => Err(self.wrong_reply("parse", &other)),
+        }
+    }
+
+    /// Evaluates with a local evaluator name in `request.evaluator`.
+    ///
+    /// Infinite scores are clamped to ±`f64::MAX` (JSON has no infinity; the
+    /// order is kept); NaN scores are an [`HostError::InvalidRequest`].
+    pub fn evaluate(&self, mut request: EvalRequest) -> Result<EvalOutput, HostError> {
+        for row in &mut request.scores {
+            for v in row.iter_mut() {
+                if v.is_infinite() {
+                    *v = if *v > 0.0 { f64::MAX } else { f64::MIN };
+                }
+            }
+        }
+        request
+            .validate()
+            .map_err(|message| HostError::InvalidRequest { message })?;
+        match self.call(Call::Evaluate(request), &[])? {
+            Reply::Evaluate(output) => Ok(output),
+            other => Err(self.wrong_reply("evaluate", &other)),
+        }
+    }
+
+    /// Fetches a preset by local name.
+    pub fn preset(&self, name: &str) -> Result<Preset, HostError> {
+        match self.call(
+            Call::Preset {
+                name: name.to_string(),
+            },
+            &[],
+        )? {
+            Reply::Preset(preset) => Ok(preset),
+            other => Err(self.wrong_reply("preset", &other)),
+        }
+    }
+
+    fn wrong_reply(&self, method: &str, reply: &Reply) -> HostError {
+        HostError::MalformedResponse {
+            plugin: self.name().to_string(),
+            method: method.to_string(),
+            reason: format!("expected a `{method}` reply, got `{}`", reply.kind()),
+        }
+    }
+}
+
+fn call_backend(
+    backend: &Backend,
+    plugin: &str,
+    call: Call,
+    payload: &[u8],
+) -> Result<Reply, HostError> {
+    let method = call.method();
+    let request =
+        serde_json::to_vec(&Request::new(call)).map_err(|e| HostError::InvalidRequest {
+            message: format!("cannot encode the request: {e}"),
+        })?;
+    let response = match backend {
+        Backend::Static(plugin) => handle_request(plugin.as_ref(), &request, payload),
+        Backend::Dynamic(table) => call_dynamic(table, &request, payload).map_err(|reason| {
+            HostError::MalformedResponse {
+                plugin: plugin.to_string(),
+                method: method.to_string(),
+                reason,
+            }
+        })?,
+    };
+    decode_response(plugin, method, &response)
+}
+
+fn call_dynamic(table: &PluginVTable, request: &[u8], payload: &[u8]) -> Result<Vec<u8>, String> {
+    // SAFETY: `table` comes from a library that reported our ABI_VERSION, so
+    // `call` has the CallFn signature; both slices outlive the call.
+    let out = unsafe { (table.call)(ByteSlice::new(request), ByteSlice::new(payload)) };
+    if out.ptr.is_null() {
+        return Err("the plugin returned a null buffer".into());
+    }
+    // SAFETY: the plugin owns `out` until free_buffer and promises `len`
+    // initialized bytes at `ptr`; we copy them before handing it back.
+    let bytes = unsafe { out.as_slice() }.to_vec();
+    // SAFETY: `out` was returned by this table's `call` and is freed once.
+    unsafe { (table.free_buffer)(out) };
+    Ok(bytes)
+}
+
+fn decode_response(plugin: &str, method: &str, bytes: &[u8]) -> Result<Reply, HostError> {
+    let malformed = |reason: String| HostError::MalformedResponse {
+        plugin: plugin.to_string(),
+        method: method.to_string(),
+        reason,
+    };
+    let response: Response = serde_json::from_slice(bytes).map_err(|e| {
+        let head = String::from_utf8_lossy(&bytes[..bytes.len().min(80)]).into_owned();
+        malformed(format!("{e} (response starts with {head:?})"))
+    })?;
+    if response.schema_version != SCHEMA_VERSION {
+        return Err(malformed(format!(
+            "schema_version {}, this host reads {SCHEMA_VERSION}",
+            response.schema_version
+        )));
+    }
+    match response.reply {
+        Reply::Error(error) => Err(plugin_error(plugin, error)),
+        reply => Ok(reply),
+    }
+}
+
+fn plugin_error(plugin: &str, error: PluginError) -> HostError {
+    match error {
+        PluginError::Panicked { message } => HostError::Panicked {
+            plugin: plugin.to_string(),
+            message,
+        },
+        PluginError::InvalidRows {
+            file,
+            errors,
+            total,
+        } => HostError::InvalidRows {
+            plugin: plugin.to_string(),
+            file,
+            errors,
+            total,
+        },
+        source => HostError::Plugin {
+            plugin: plugin.to_string(),
+            source,
+        },
+    }
+}
+
+/// A registered format (`medical/medqa`): parses files into records.
+#[derive(Debug, Clone)]
+pub struct Format {
+    name: String,
+    info: FormatInfo,
+    plugin: PluginHandle,
+}
+
+impl Format {
+    /// Qualified name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// What the plugin says about it.
+    pub fn info(&self) -> &FormatInfo {
+        &self.info
+    }
+
+    /// The plugin.
+    pub fn plugin(&self) -> &PluginHandle {
+        &self.plugin
+    }
+
+    /// Qualified name of the evaluator that scores this format's records.
+    pub fn default_evaluator(&self) -> Option<String> {
+        self.info.default_evaluator.as_ref().map(|e| {
+            if e.contains('/') {
+                e.clone()
+            } else {
+                format!("{}/{e}", self.plugin.name())
+            }
+        })
+    }
+
+    /// Parses bytes; `file_name` appears in error messages. Attachments are
+    /// not resolved (use [`Format::parse_request`] to pass them).
+    pub fn parse_bytes(
+        &self,
+        file_name: &str,
+        data: Vec<u8>,
+        options: &ParseOptions,
+    ) -> Result<ParseOutput, HostError> {
+        self.parse_request(ParseRequest::new("", file_name, data).with_options(options.clone()))
+    }
+
+    /// Parses a full request (its `format` is set to this format).
+    pub fn parse_request(&self, mut request: ParseRequest) -> Result<ParseOutput, HostError> {
+        request.format = self.info.name.clone();
+        self.plugin.parse(&request)
+    }
+
+    /// Reads and parses a file. Errors name the path as given. Declared
+    /// attachments are read from the paths in `options.params`, or from their
+    /// default location next to the file.
+    pub fn parse_file(
+        &self,
+        path: impl AsRef<Path>,
+        options: &ParseOptions,
+    ) -> Result<ParseOutput, HostError> {
+        let path = path.as_ref();
+        let data = std::fs::read(path).map_err(|source| HostError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let attachments = read_attachments(&self.info, path, options)?;
+        let mut request = ParseRequest::new(&self.info.name, path.display().to_string(), data)
+            .with_options(options.clone());
+        request.attachments = attachments;
+        self.parse_request(request)
+    }
+}
+
+fn read_attachments(
+    info: &FormatInfo,
+    data_path: &Path,
+    options: &ParseOptions,
+) -> Result<Vec<Attachment>, HostError> {
+    let mut out = Vec::new();
+    for spec in &info.attachments {
+        let (paths, explicit): (Vec<PathBuf>, bool) = match options.params.get(&spec.option) {
+            None | Some(Value::Null) => match &spec.default {
+                Some(default) => {
+                    let base = data_path.parent().unwrap_or_else(|| Path::new("."));
+                    (vec![base.join(default)], false)
+                }
+                None => continue,
+            },
+            Some(Value::String(s)) => (vec![PathBuf::from(s)], true),
+            Some(Value::Array(items)) => {
+                let paths = items
+                    .iter()
+                    .map(|v| v.as_str().map(PathBuf::from))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| HostError::InvalidRequest {
+                        message: format!("option `{}` must list paths as strings", spec.option),
+                    })?;
+                (paths, true)
+            }
+            Some(_) => {
+                return Err(HostError::InvalidRequest {
+                    message: format!("option `{}` must be a path or a list of paths", spec.option),
+                })
+            }
+        };
+        for path in paths {
+            if path.is_dir() {
+                let entries = std::fs::read_dir(&path).map_err(|source| HostError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                let mut files = Vec::new();
+                for entry in entries {
+                    let entry = entry.map_err(|source| HostError::Io {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    let file = entry.path();
+                    let ext_ok = spec.extensions.is_empty()
+                        || file.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                            spec.extensions.iter().any(|x| x.eq_ignore_ascii_case(e))
+                        });
+                    if file.is_file() && ext_ok {
+                        files.push(file);
+                    }
+                }
+                files.sort();
+                for file in files {
+                    out.push(read_attachment(&file)?);
+                }
+            } else if path.is_file() || explicit {
+                out.push(read_attachment(&path)?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn read_attachment(path: &Path) -> Result<Attachment, HostError> {
+    let data = std::fs::read(path).map_err(|source| HostError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(Attachment {
+        name: path.display().to_string(),
+        data,
+    })
+}
+
+/// A registered evaluator (`finance/fraud`).
+#[derive(Debug, Clone)]
+pub struct Evaluator {
+    name: String,
+    info: EvaluatorInfo,
+    plugin: PluginHandle,
+}
+
+impl Evaluator {
+    /// Qualified name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// What the plugin says about it.
+    pub fn info(&self) -> &EvaluatorInfo {
+        &self.info
+    }
+
+    /// The plugin.
+    pub fn plugin(&self) -> &PluginHandle {
+        &self.plugin
+    }
+
+    /// Computes the metrics (`request.evaluator` is set to this evaluator).
+    pub fn evaluate(&self, mut request: EvalRequest) -> Result<EvalOutput, HostError> {
+        request.evaluator = self.info.name.clone();
+        self.plugin.evaluate(request)
+    }
+}
+
+/// Loads plugins and keeps the registry of their formats, evaluators and
+/// presets under qualified names.
+pub struct PluginHost {
+    plugins: Vec<PluginHandle>,
+    formats: BTreeMap<String, Format>,
+    evaluators: BTreeMap<String, Evaluator>,
+    presets: BTreeMap<String, (PresetInfo, PluginHandle)>,
+    search_dirs: Vec<PathBuf>,
+    use_env_path: bool,
+    use_exe_dir: bool,
+}
+
+impl Default for PluginHost {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for PluginHost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PluginHost")
+            .field("plugins", &self.plugins)
+            .field("search_dirs", &self.search_dirs)
+            .finish()
+    }
+}
+
+impl PluginHost {
+    /// An empty host that searches `LEGORA_PLUGIN_PATH` and the executable's
+    /// directory.
+    pub fn new() -> Self {
+        Self {
+            plugins: Vec::new(),
+            formats: BTreeMap::new(),
+            evaluators: BTreeMap::new(),
+            presets: BTreeMap::new(),
+            search_dirs: Vec::new(),
+            use_env_path: true,
+            use_exe_dir: true,
+        }
+    }
+
+    /// Adds a directory searched first, in the order added (`--plugin-dir`).
+    pub fn add_search_dir(&mut self, dir: impl Into<PathBuf>) -> &mut Self {
+        self.search_dirs.push(dir.into());
+        self
+    }
+
+    /// Whether `LEGORA_PLUGIN_PATH` is searched (default true).
+    pub fn use_env_path(&mut self, yes: bool) -> &mut Self {
+        self.use_env_path = yes;
+        self
+    }
+
+    /// Whether the executable's directory is searched (default true).
+    pub fn use_exe_dir(&mut self, yes: bool) -> &mut Self {
+        self.use_exe_dir = yes;
+        self
+    }
+
+    /// The directories [`PluginHost::load_name`] searches, in order, without
+    /// repeats.
+    pub fn search_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs = self.search_dirs.clone();
+        if self.use_env_path {
+            if let Some(value) = env::var_os(PLUGIN_PATH_ENV) {
+                dirs.extend(env::split_paths(&value).filter(|p| !p.as_os_str().is_empty()));
+            }
+        }
+        if self.use_exe_dir {
+            if let Some(dir) = env::current_exe()
+                .ok()
+                .and_then(|e| e.parent().map(Path::to_path_buf))
+            {
+                dirs.push(dir);
+            }
+        }
+        let mut seen = Vec::new();
+        dirs.retain(|d| {
+            if seen.contains(d) {
+                false
+            } else {
+                seen.push(d.clone());
+                true
+            }
+        });
+        dirs
+    }
+
+    /// Plugin library files (`{lib}legora_plugin_*{ext}`) in the search
+    /// directories, in search order.
+    pub fn discover(&self) -> Vec<PathBuf> {
+        let prefix = format!("{}legora_plugin_", env::consts::DLL_PREFIX);
+        let mut found = Vec::new();
+        for dir in self.search_dirs() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            let mut files: Vec<PathBuf> = entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                        n.starts_with(&prefix) && n.ends_with(env::consts::DLL_SUFFIX)
+                    })
+                })
+                .collect();
+            files.sort();
+            found.extend(files);
+        }
+        found
+    }
+
+    /// Loads a plugin by name from the search directories (see the crate docs
+    /// for the order and file names).
+    pub fn load_name(&mut self, name: &str) -> Result<PluginHandle, HostError> {
+        let candidates = library_file_names(name);
+        let searched = self.search_dirs();
+        for dir in &searched {
+            for file in &candidates {
+                let path = dir.join(file);
+                if path.is_file() {
+                    return self.load_path(path);
+                }
+            }
+        }
+        Err(HostError::NotFound {
+            name: name.to_string(),
+            candidates,
+            searched,
+        })
+    }
+
+    /// Loads a plugin library by path: open, find the entry symbol, check the
+    /// ABI version, fetch and check the manifest, register. The library stays
+    /// loaded for the life of the process, even when loading fails later on.
+    pub fn load_path(&mut self, path: impl AsRef<Path>) -> Result<PluginHandle, HostError> {
+        let path = path.as_ref().to_path_buf();
+        if !path.is_file() {
+            return Err(HostError::NotFound {
+                name: path.display().to_string(),
+                candidates: path
+                    .file_name()
+                    .map(|n| vec![n.to_string_lossy().into_owned()])
+                    .unwrap_or_default(),
+                searched: path
+                    .parent()
+                    .map(|p| vec![p.to_path_buf()])
+                    .unwrap_or_default(),
+            });
+        }
+        let table = open_library(&path)?;
+        let backend = Backend::Dynamic(table);
+        let manifest = fetch_manifest(&backend, &path.display().to_string())?;
+        self.register(manifest, PluginSource::Dynamic(path), backend)
+    }
+
+    /// Registers a plugin linked into this binary (a plugin crate used as an
+    /// rlib): `host.register_static(legora_plugin_medical::MedicalPlugin)`.
+    /// It behaves exactly like the same plugin loaded dynamically.
+    pub fn register_static(&mut self, plugin: impl Plugin) -> Result<PluginHandle, HostError> {
+        self.register_boxed(Box::new(plugin))
+    }
+
+    /// [`PluginHost::register_static`] for a boxed trait object.
+    pub fn register_boxed(&mut self, plugin: Box<dyn Plugin>) -> Result<PluginHandle, HostError> {
+        let backend = Backend::Static(plugin);
+        let manifest = fetch_manifest(&backend, "static plugin")?;
+        self.register(manifest, PluginSource::Static, backend)
+    }
+
+    fn register(
+        &mut self,
+        manifest: Manifest,
+        source: PluginSource,
+        backend: Backend,
+    ) -> Result<PluginHandle, HostError> {
+        let new = source.to_string();
+        if let Some(existing) = self.plugins.iter().find(|p| p.name() == manifest.name) {
+            return Err(HostError::Duplicate {
+                kind: "plugin",
+                name: manifest.name.clone(),
+                existing: existing.source().to_string(),
+                new,
+            });
+        }
+        check_manifest(&manifest, &new)?;
+        let handle = PluginHandle(Arc::new(Inner {
+            manifest,
+            source,
+            backend,
+        }));
+        let plugin = handle.name().to_string();
+        for info in &handle.manifest().formats {
+            let name = format!("{plugin}/{}", info.name);
+            self.formats.insert(
+                name.clone(),
+                Format {
+                    name,
+                    info: info.clone(),
+                    plugin: handle.clone(),
+                },
+            );
+        }
+        for info in &handle.manifest().evaluators {
+            let name = format!("{plugin}/{}", info.name);
+            self.evaluators.insert(
+                name.clone(),
+                Evaluator {
+                    name,
+                    info: info.clone(),
+                    plugin: handle.clone(),
+                },
+            );
+        }
+        for info in &handle.manifest().presets {
+            self.presets.insert(
+                format!("{plugin}/{}", info.name),
+                (info.clone(), handle.clone()),
+            );
+        }
+        self.plugins.push(handle.clone());
+        Ok(handle)
+    }
+
+    /// Loaded plugins, in load order.
+    pub fn plugins(&self) -> &[PluginHandle] {
+        &self.plugins
+    }
+
+    /// A plugin by name.
+    pub fn plugin(&self, name: &str) -> Result<&PluginHandle, HostError> {
+        self.plugins
+            .iter()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| HostError::Unknown {
+                kind: "plugin",
+                name: name.to_string(),
+                known: self.plugins.iter().map(|p| p.name().to_string()).collect(),
+            })
+    }
+
+    /// Qualified names of all formats, sorted.
+    pub fn format_names(&self) -> Vec<String> {
+        self.formats.keys().cloned().collect()
+    }
+
+    /// Qualified names of all evaluators, sorted.
+    pub fn evaluator_names(&self) -> Vec<String> {
+        self.evaluators.keys().cloned().collect()
+    }
+
+    /// Qualified names of all presets, sorted.
+    pub fn preset_names(&self) -> Vec<String> {
+        self.presets.keys().cloned().collect()
+    }
+
+    /// A format by qualified name (`medical/medqa`).
+    pub fn format(&self, name: &str) -> Result<&Format, HostError> {
+        self.formats.get(name).ok_or_else(|| HostError::Unknown {
+            kind: "format",
+            name: name.to_string(),
+            known: self.format_names(),
+        })
+    }
+
+    /// An evaluator by qualified name (`finance/fraud`).
+    pub fn evaluator(&self, name: &str) -> Result<&Evaluator, HostError> {
+        self.evaluators.get(name).ok_or_else(|| HostError::Unknown {
+            kind: "evaluator",
+            name: name.to_string(),
+            known: self.evaluator_names(),
+        })
+    }
+
+    /// Description of a preset by qualified name.
+    pub fn preset_info(&self, name: &str) -> Result<&PresetInfo, HostError> {
+        self.presets
+            .get(name)
+            .map(|(info, _)| info)
+            .ok_or_else(|| self.unknown_preset(name))
+    }
+
+    /// Fetches a preset by qualified name (`game-npc/persona`).
+    pub fn preset(&self, name: &str) -> Result<Preset, HostError> {
+        let (info, plugin) = self
+            .presets
+            .get(name)
+            .ok_or_else(|| self.unknown_preset(name))?;
+        plugin.preset(&info.name)
+    }
+
+    fn unknown_preset(&self, name: &str) -> HostError {
+        HostError::Unknown {
+            kind: "preset",
+            name: name.to_string(),
+            known: self.preset_names(),
+        }
+    }
+
+    /// Reads and parses a file with a format given by qualified name.
+    pub fn parse_file(
+        &self,
+        format: &str,
+        path: impl AsRef<Path>,
+        options: &ParseOptions,
+    ) -> Result<ParseOutput, HostError> {
+        self.format(format)?.parse_file(path, options)
+    }
+
+    /// Parses bytes with a format given by qualified name.
+    pub fn parse_bytes(
+        &self,
+        format: &str,
+        file_name: &str,
+        data: Vec<u8>,
+        options: &ParseOptions,
+    ) -> Result<ParseOutput, HostError> {
+        self.format(format)?.parse_bytes(file_name, data, options)
+    }
+
+    /// Evaluates with an evaluator given by qualified name.
+    pub fn evaluate(&self, evaluator: &str, request: EvalRequest) -> Result<EvalOutput, HostError> {
+        self.evaluator(evaluator)?.evaluate(request)
+    }
+}
+
+/// File names tried for a plugin name in each search directory.
+pub fn library_file_names(name: &str) -> Vec<String> {
+    let stem = name.replace('-', "_");
+    let (pre, suf) = (env::consts::DLL_PREFIX, env::consts::DLL_SUFFIX);
+    let mut names = Vec::new();
+    if !stem.starts_with("legora_plugin_") {
+        names.push(format!("{pre}legora_plugin_{stem}{suf}"));
+    }
+    names.push(format!("{pre}{stem}{suf}"));
+    names
+}
+
+/// Entry symbols tried for a library file, in order: the one named after the
+/// file's library name, then [`legora_plugin_api::ENTRY_SYMBOL_FALLBACK`].
+pub fn entry_symbols(path: &Path) -> Vec<String> {
+    let mut symbols = Vec::new();
+    if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
+        if let Some(bare) = stem.strip_prefix("lib") {
+            symbols.push(abi::entry_symbol(bare));
+        }
+        symbols.push(abi::entry_symbol(stem));
+    }
+    symbols.push(legora_plugin_api::ENTRY_SYMBOL_FALLBACK.to_string());
+    symbols.dedup();
+    symbols
+}
+
+/// Opens a library (leaked: never unloaded), finds its entry and checks the
+/// ABI version before trusting the rest of its table.
+fn open_library(path: &Path) -> Result<&'static PluginVTable, HostError> {
+    // SAFETY: loading a library runs its initializers; loading a plugin means
+    // trusting its code, which is the point of a plugin system.
+    let library =
+        unsafe { libloading::Library::new(path) }.map_err(|e| HostError::NotLoadable {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    // Never unloaded: nothing it hands out may outlive it otherwise.
+    let library: &'static libloading::Library = Box::leak(Box::new(library));
+    let symbols = entry_symbols(path);
+    let mut entry: Option<EntryFn> = None;
+    for symbol in &symbols {
+        // SAFETY: the symbol is declared with the EntryFn signature by the ABI
+        // contract; the library is never unloaded, so the pointer stays valid.
+        if let Ok(found) = unsafe { library.get::<EntryFn>(symbol.as_bytes()) } {
+            entry = Some(*found);
+            break;
+        }
+    }
+    let entry = entry.ok_or_else(|| HostError::MissingSymbol {
+        path: path.to_path_buf(),
+        symbols: symbols.clone(),
+    })?;
+    // SAFETY: the entry function takes nothing and returns a pointer to a
+    // static table; its signature is frozen across ABI versions.
+    let table = unsafe { entry() };
+    if table.is_null() {
+        return Err(HostError::MalformedResponse {
+            plugin: path.display().to_string(),
+            method: "entry".into(),
+            reason: "the entry function returned a null table".into(),
+        });
+    }
+    // SAFETY: every ABI version starts the table with a u32 version; read only
+    // that before knowing the layout of the rest.
+    let found = unsafe { std::ptr::read(table.cast::<u32>()) };
+    if found != ABI_VERSION {
+        return Err(HostError::AbiMismatch {
+            path: path.to_path_buf(),
+            expected: ABI_VERSION,
+            found,
+        });
+    }
+    // SAFETY: same version, hence same layout; the table is a static of a
+    // library that is never unloaded.
+    Ok(unsafe { &*table })
+}
+
+fn fetch_manifest(backend: &Backend, who: &str) -> Result<Manifest, HostError> {
+    match call_backend(backend, who, Call::Manifest, &[])? {
+        Reply::Manifest(manifest) => Ok(manifest),
+        other => Err(HostError::MalformedResponse {
+            plugin: who.to_string(),
+            method: "manifest".into(),
+            reason: format!("expected a `manifest` reply, got `{}`", other.kind()),
+        }),
+    }
+}
+
+fn check_manifest(manifest: &Manifest, source: &str) -> Result<(), HostError> {
+    let malformed = |reason: String| HostError::MalformedResponse {
+        plugin: manifest.name.clone(),
+        method: "manifest".into(),
+        reason,
+    };
+    if manifest.schema_version != SCHEMA_VERSION {
+        return Err(malformed(format!(
+            "manifest schema_version {}, this host reads {SCHEMA_VERSION}",
+            manifest.schema_version
+        )));
+    }
+    if !legora_plugin_api::is_valid_name(&manifest.name) {
+        return Err(malformed(format!(
+            "invalid plugin name `{}`",
+            manifest.name
+        )));
+    }
+    let kinds: [(&'static str, Vec<&str>); 3] = [
+        (
+            "format",
+            manifest.formats.iter().map(|f| f.name.as_str()).collect(),
+        ),
+        (
+            "evaluator",
+            manifest
+                .evaluators
+                .iter()
+                .map(|e| e.name.as_str())
+                .collect(),
+        ),
+        (
+            "preset",
+            manifest.presets.iter().map(|p| p.name.as_str()).collect(),
+        ),
+    ];
+    for (kind, names) in kinds {
+        let mut seen = std::collections::BTreeSet::new();
+        for name in names {
+            if !legora_plugin_api::is_valid_name(name) {
+                return Err(malformed(format!("invalid {kind} name `{name}`")));
+            }
+            if !seen.insert(name) {
+                return Err(HostError::Duplicate {
+                    kind,
+                    name: format!("{}/{name}", manifest.name),
+                    existing: source.to_string(),
+                    new: source.to_string(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use legora_plugin_api::{EvaluatorInfo, FormatInfo, PresetInfo};
+
+    #[derive(Default)]
+    struct Dup;
+
+    impl Plugin for Dup {
+        fn manifest(&self) -> Manifest {
+            Manifest::new("dup", "0.0.0")
+                .format(FormatInfo::new("x", ""))
+                .format(FormatInfo::new("x", ""))
+        }
+    }
+
+    struct Named(&'static str);
+
+    impl Plugin for Named {
+        fn manifest(&self) -> Manifest {
+            Manifest::new(self.0, "0.0.0")
+                .format(FormatInfo::new("f", ""))
+                .evaluator(EvaluatorInfo::new("e", "", &[]))
+                .preset(PresetInfo::new("p", ""))
+        }
+    }
+
+    #[test]
+    fn duplicates_are_refused() {
+        let mut host = PluginHost::new();
+        let err = host.register_static(Dup).expect_err("duplicate format");
+        assert!(
+            matches!(err, HostError::Duplicate { kind: "format", .. }),
+            "{err}"
+        );
+        host.register_static(Named("a")).expect("first");
+        let err = host
+            .register_static(Named("a"))
+            .expect_err("duplicate plugin");
+        assert!(
+            matches!(err, HostError::Duplicate { kind: "plugin", .. }),
+            "{err}"
+        );
+        host.register_static(Named("b")).expect("other name");
+        assert_eq!(host.format_names(), vec!["a/f", "b/f"]);
+        assert_eq!(host.evaluator_names(), vec!["a/e", "b/e"]);
+        assert_eq!(host.preset_names(), vec!["a/p", "b/p"]);
+        // the default preset impl answers UnknownPreset through the same path
+        let err = host.preset("a/p").expect_err("not implemented");
+        assert!(matches!(
+            err,
+            HostError::Plugin {
+                source: PluginError::UnknownPreset { .. },
+                ..
+            }
+        ));
+        let err = host.format("a/nope").expect_err("unknown");
+        assert!(err.to_string().contains("known: a/f, b/f"), "{err}");
+    }
+
+    #[test]
+    fn handles_are_thread_safe() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<PluginHost>();
+        send_sync::<PluginHandle>();
+        send_sync::<Format>();
+        send_sync::<Evaluator>();
+        send_sync::<HostError>();
+    }
+
+    #[test]
+    fn names_and_symbols() {
+        let names = library_file_names("game-npc");
+        assert!(names[0].contains("legora_plugin_game_npc"));
+        let syms = entry_symbols(Path::new("/x/liblegora_plugin_medical.so"));
+        assert_eq!(syms[0], "legora_plugin_entry_legora_plugin_medical");
+        assert_eq!(syms.last().map(String::as_str), Some("legora_plugin_entry"));
+    }
+
+    #[test]
+    fn load_errors_are_typed() {
+        let mut host = PluginHost::new();
+        host.use_env_path(false).use_exe_dir(false);
+        host.add_search_dir("/nonexistent-legora-dir");
+        let err = host.load_name("medical").expect_err("missing");
+        let text = err.to_string();
+        assert!(matches!(err, HostError::NotFound { .. }));
+        assert!(text.contains("/nonexistent-legora-dir"), "{text}");
+        let dir = std::env::temp_dir().join(format!("legora-host-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let fake = dir.join(format!(
+            "{}legora_plugin_fake{}",
+            env::consts::DLL_PREFIX,
+            env::consts::DLL_SUFFIX
+        ));
+        std::fs::write(&fake, b"not a library").expect("write");
+        let err = host.load_path(&fake).expect_err("not loadable");
+        assert!(matches!(err, HostError::NotLoadable { .. }), "{err}");
+        host.add_search_dir(&dir);
+        assert_eq!(host.discover(), vec![fake.clone()]);
+        let err = host.load_name("fake").expect_err("not loadable");
+        assert!(matches!(err, HostError::NotLoadable { .. }), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
