@@ -5,11 +5,24 @@
 //! `use legora::prelude::*;`.
 //!
 //! - [`nn`]: `LoraLinear`, `Router`, `MoeLinear`, PEFT's `LoraConfig`.
+//! - [`models`]: Llama / Qwen2 / Mistral with adapter slots, KV-cache generation, scoring.
+//! - [`hub`]: HF model folders, PEFT adapter folders, mixture folders, merged export, and
+//!   the PEFT-like facade (`PretrainedModel`, `get_peft_model`, `PeftModel`).
+//! - [`data`]: prompt templates, tokenization with loss masks, multi-task sampling, batching.
+//! - [`train`]: the run file, the training stages (experts → router → eval), checkpoints,
+//!   metrics, plots and reports.
+//! - [`plugin_api`] / [`plugin_host`]: the C plugin ABI and the host that loads plugins.
 //!
 //! Backends are cargo features: `flex` (default, CPU), `ndarray`, `wgpu`, `cuda`; the
 //! [`backend`] module names the ones compiled in.
 
+pub use legora_data as data;
+pub use legora_hub as hub;
+pub use legora_models as models;
 pub use legora_nn as nn;
+pub use legora_plugin_api as plugin_api;
+pub use legora_plugin_host as plugin_host;
+pub use legora_train as train;
 
 /// The burn backends compiled into this build (each behind its cargo feature).
 pub mod backend {
@@ -30,5 +43,15 @@ pub mod prelude {
         task_gates, trainable_parameters, AdapterSpec, Combination, InitLoraWeights, LoraAdapter,
         LoraConfig, LoraLinear, MoeLinear, NnError, ParamReport, Router, RouterConfig,
         RouterOutput, RoutingStrategy, TargetModules,
+    };
+
+    pub use legora_models::{
+        CausalLm, CausalLmOutput, Config, GenerationConfig, KvCache, LmInput, ModelError, Proj,
+        Routing, Score,
+    };
+
+    pub use legora_hub::{
+        get_peft_model, load_adapter, load_mixture, save_adapter, save_mixture, ChatTemplate,
+        FloatDtype, HubError, Message, MoeConfig, PeftModel, PretrainedModel,
     };
 }

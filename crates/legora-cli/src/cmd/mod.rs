@@ -1,0 +1,5 @@
+//! One module per subcommand: `Args` (clap) and `run`.
+
+pub mod demo;
+pub mod score;
+pub mod train;

@@ -1,0 +1,177 @@
+//! `legora score` on the transformers fixtures (numbers from
+//! tests/fixtures/make_model_fixtures.py: transformers' mean NLL of score.txt).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models")
+}
+
+fn reference_score(family: &str, key: &str) -> f64 {
+    let bytes = std::fs::read(
+        fixtures()
+            .join("reference")
+            .join(format!("{family}.safetensors")),
+    )
+    .unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let v = st.tensor(key).unwrap();
+    f64::from_le_bytes(v.data()[..8].try_into().unwrap())
+}
+
+fn legora(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_legora"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn score(extra: &[&str]) -> serde_json::Value {
+    let model = fixtures().join("qwen2");
+    let text = fixtures().join("score.txt");
+    // The fixture's max_position_embeddings is 64; transformers scored all 96 tokens in
+    // one window, so ask for one window too.
+    let mut args = vec![
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--text",
+        text.to_str().unwrap(),
+        "--max-length",
+        "1024",
+    ];
+    args.extend_from_slice(extra);
+    let (ok, stdout, stderr) = legora(&args);
+    assert!(ok, "legora score failed: {stderr}");
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+#[test]
+fn score_prints_transformers_nll_as_json() {
+    let v = score(&[]);
+    let want = reference_score("qwen2", "score_base");
+    let nll = v["mean_nll"].as_f64().unwrap();
+    assert!((nll - want).abs() < 1e-4, "{nll} vs transformers {want}");
+    assert!((v["perplexity"].as_f64().unwrap() - want.exp()).abs() < 1e-2);
+    assert_eq!(v["tokens"].as_u64().unwrap() as usize, 95);
+
+    let adapter = fixtures().join("qwen2-lora-qv");
+    let v = score(&["--adapter", adapter.to_str().unwrap()]);
+    let want = reference_score("qwen2", "score_qv");
+    assert!((v["mean_nll"].as_f64().unwrap() - want).abs() < 1e-4);
+}
+
+#[test]
+fn score_defaults_to_windows_of_max_position_embeddings() {
+    let model = fixtures().join("qwen2");
+    let text = fixtures().join("score.txt");
+    let (ok, stdout, stderr) = legora(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--text",
+        text.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    // 96 tokens in windows of 64 overlapping by one: still 95 predicted tokens.
+    assert_eq!(v["tokens"], 95);
+    let nll = v["mean_nll"].as_f64().unwrap();
+    assert!(nll.is_finite() && (nll - reference_score("qwen2", "score_base")).abs() > 1e-6);
+}
+
+#[test]
+fn score_reports_bad_input_without_panicking() {
+    let text = fixtures().join("score.txt");
+    let (ok, _, stderr) = legora(&[
+        "score",
+        "--model",
+        "/nonexistent/model",
+        "--text",
+        text.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("config.json") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    let model = fixtures().join("qwen2");
+    let (ok, _, stderr) = legora(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--text",
+        text.to_str().unwrap(),
+        "--adapter",
+        "a",
+        "--moe",
+        "b",
+    ]);
+    assert!(!ok && stderr.contains("cannot be used with"), "{stderr}");
+}
+
+#[test]
+fn score_a_mixture_folder() {
+    use legora::prelude::*;
+    type B = legora::backend::Flex;
+    // Experts: PEFT's llama q/v adapter and a random one on the same modules.
+    let dev = Default::default();
+    let base = PretrainedModel::<B>::from_pretrained(fixtures().join("llama"), &dev).unwrap();
+    let mut m = PeftModel::from_pretrained(base, fixtures().join("llama-lora-qv")).unwrap();
+    let mut cfg = LoraConfig::new(4, 8.0, &["q_proj", "v_proj"]);
+    cfg.init_lora_weights = InitLoraWeights::Random;
+    m.add_adapter("other", &cfg).unwrap();
+    m.model_mut()
+        .adapters_to_mixture(&["default", "other"], Some(&RouterConfig::new(2)))
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("legora-cli-moe-{}", std::process::id()));
+    save_mixture(m.model(), &dir, None, None).unwrap();
+
+    let model = fixtures().join("llama");
+    let text = fixtures().join("score.txt");
+    let args = |extra: &[&str]| {
+        let mut a = vec![
+            "score",
+            "--model",
+            model.to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--max-length",
+            "1024",
+            "--moe",
+            dir.to_str().unwrap(),
+        ];
+        a.extend_from_slice(extra);
+        a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let run = |a: Vec<String>| {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let (ok, stdout, stderr) = legora(&a);
+        assert!(ok, "{stderr}");
+        serde_json::from_str::<serde_json::Value>(stdout.trim()).unwrap()
+    };
+    // Expert 0 alone is PEFT's adapter: transformers' score with that adapter.
+    let v = run(args(&["--task-id", "0"]));
+    let want = reference_score("llama", "score_qv");
+    assert!(
+        (v["mean_nll"].as_f64().unwrap() - want).abs() < 1e-4,
+        "{v} vs {want}"
+    );
+    // Router-gated.
+    let v = run(args(&[]));
+    assert!(v["mean_nll"].as_f64().unwrap().is_finite());
+    let (ok, _, stderr) = legora(
+        &args(&["--task-id", "5"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(!ok && stderr.contains("task id"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,200 @@
+//! Padded batches and sequence packing.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{DataError, Result};
+use crate::rng::Rng;
+use crate::tokenize::{Example, Tokenize, IGNORE_INDEX};
+
+/// A padded batch, row-major `[batch_size, seq_len]` host arrays.
+///
+/// Padding is on the right (training). A packed row holds several sequences: tokens of
+/// sequence `k` of a row have `sequence_ids == k` and positions restarting at 0, so the
+/// model must attend only within the same sequence (block-diagonal causal mask).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch {
+    /// Rows.
+    pub batch_size: usize,
+    /// Columns (longest row, rounded up by the batcher's padding rule).
+    pub seq_len: usize,
+    /// Token ids, pad id after each row's end.
+    pub input_ids: Vec<u32>,
+    /// Targets (HF convention, unshifted); padding is [`IGNORE_INDEX`].
+    pub labels: Vec<i64>,
+    /// 1 for real tokens, 0 for padding.
+    pub attention_mask: Vec<u32>,
+    /// Position of each token within its own sequence (0 on padding).
+    pub position_ids: Vec<u32>,
+    /// Index of the packed sequence each token belongs to within its row (0 when not
+    /// packed; padding repeats the last index and is masked by `attention_mask`).
+    pub sequence_ids: Vec<u32>,
+    /// Task (= expert) index of each row.
+    pub task_ids: Vec<usize>,
+}
+
+impl Batch {
+    /// Number of labels that carry loss, counting the HF shift (the first token of each
+    /// row is never predicted).
+    pub fn num_target_tokens(&self) -> usize {
+        let mut n = 0;
+        for b in 0..self.batch_size {
+            let row = &self.labels[b * self.seq_len..(b + 1) * self.seq_len];
+            n += row.iter().skip(1).filter(|l| **l != IGNORE_INDEX).count();
+        }
+        n
+    }
+
+    /// Number of real (non-padding) tokens.
+    pub fn num_tokens(&self) -> usize {
+        self.attention_mask.iter().filter(|m| **m != 0).count()
+    }
+
+    /// Whether any row holds more than one sequence.
+    pub fn is_packed(&self) -> bool {
+        self.sequence_ids.iter().any(|s| *s != 0)
+    }
+
+    /// `input_ids` of row `b`.
+    pub fn row_ids(&self, b: usize) -> &[u32] {
+        &self.input_ids[b * self.seq_len..(b + 1) * self.seq_len]
+    }
+
+    /// `labels` of row `b`.
+    pub fn row_labels(&self, b: usize) -> &[i64] {
+        &self.labels[b * self.seq_len..(b + 1) * self.seq_len]
+    }
+}
+
+/// Collates [`Example`]s into a [`Batch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batcher {
+    /// Id written into padding.
+    pub pad_id: u32,
+    /// Pad every batch to this length instead of its longest row.
+    pub pad_to: Option<usize>,
+    /// Round the padded length up to a multiple of this (e.g. 8 for tensor cores).
+    pub pad_to_multiple_of: Option<usize>,
+}
+
+impl Batcher {
+    /// Pad to the longest row with `pad_id`.
+    pub fn new(pad_id: u32) -> Self {
+        Self {
+            pad_id,
+            pad_to: None,
+            pad_to_multiple_of: None,
+        }
+    }
+
+    /// Pad with the tokenizer's pad id, else its EOS, else 0 (padding carries no loss
+    /// and no attention, so its id only has to be valid).
+    pub fn for_tokenizer(tokenizer: &dyn Tokenize) -> Self {
+        Self::new(tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0))
+    }
+
+    /// Stack examples, right-padded.
+    pub fn collate(&self, examples: &[&Example]) -> Result<Batch> {
+        if examples.is_empty() {
+            return Err(DataError::config("batch", "at least one example", 0));
+        }
+        let longest = examples.iter().map(|e| e.len()).max().unwrap_or(0);
+        let mut seq_len = match self.pad_to {
+            Some(n) if n < longest => {
+                return Err(DataError::config(
+                    "pad_to",
+                    format!("at least the longest row ({longest})"),
+                    n,
+                ))
+            }
+            Some(n) => n,
+            None => longest,
+        };
+        if let Some(m) = self.pad_to_multiple_of.filter(|m| *m > 1) {
+            seq_len = seq_len.div_ceil(m) * m;
+        }
+        let b = examples.len();
+        let mut batch = Batch {
+            batch_size: b,
+            seq_len,
+            input_ids: vec![self.pad_id; b * seq_len],
+            labels: vec![IGNORE_INDEX; b * seq_len],
+            attention_mask: vec![0; b * seq_len],
+            position_ids: vec![0; b * seq_len],
+            sequence_ids: vec![0; b * seq_len],
+            task_ids: Vec::with_capacity(b),
+        };
+        for (r, ex) in examples.iter().enumerate() {
+            let total: usize = ex.seq_lens.iter().sum();
+            if total != ex.len() || ex.labels.len() != ex.len() {
+                return Err(DataError::config(
+                    "example",
+                    format!(
+                        "input_ids, labels and Σ seq_lens of equal length ({})",
+                        ex.len()
+                    ),
+                    format!("labels {}, Σ seq_lens {total}", ex.labels.len()),
+                ));
+            }
+            let base = r * seq_len;
+            batch.input_ids[base..base + ex.len()].copy_from_slice(&ex.input_ids);
+            batch.labels[base..base + ex.len()].copy_from_slice(&ex.labels);
+            let mut t = base;
+            for (k, &len) in ex.seq_lens.iter().enumerate() {
+                for p in 0..len {
+                    batch.attention_mask[t] = 1;
+                    batch.position_ids[t] = p as u32;
+                    batch.sequence_ids[t] = k as u32;
+                    t += 1;
+                }
+            }
+            let last = ex.seq_lens.len().saturating_sub(1) as u32;
+            for s in &mut batch.sequence_ids[t..base + seq_len] {
+                *s = last;
+            }
+            batch.task_ids.push(ex.task);
+        }
+        Ok(batch)
+    }
+}
+
+/// Pack examples of one task into rows of at most `max_len` tokens: examples are taken
+/// in a seeded random order and appended to the current row while they fit (next-fit),
+/// never split. Each packed row records its sequence lengths.
+pub fn pack(examples: &[Example], max_len: usize, seed: u64) -> Result<Vec<Example>> {
+    if max_len == 0 {
+        return Err(DataError::config("max_seq_len", ">= 1", 0));
+    }
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    Rng::new(seed).shuffle(&mut order);
+    let mut rows: Vec<Example> = Vec::new();
+    let mut cur: Option<Example> = None;
+    for i in order {
+        let ex = &examples[i];
+        if ex.len() > max_len {
+            return Err(DataError::config(
+                "max_seq_len",
+                format!("at least every example's length ({})", ex.len()),
+                max_len,
+            ));
+        }
+        match cur.as_mut() {
+            Some(row) if row.task == ex.task && row.len() + ex.len() <= max_len => {
+                row.input_ids.extend_from_slice(&ex.input_ids);
+                let start = row.labels.len();
+                row.labels.extend_from_slice(&ex.labels);
+                // the first token of a packed sequence is never predicted from the
+                // previous sequence
+                row.labels[start] = IGNORE_INDEX;
+                row.seq_lens.extend_from_slice(&ex.seq_lens);
+            }
+            _ => {
+                if let Some(row) = cur.take() {
+                    rows.push(row);
+                }
+                cur = Some(ex.clone());
+            }
+        }
+    }
+    rows.extend(cur);
+    Ok(rows)
+}

@@ -1,0 +1,143 @@
+//! The one error type of `legora-hub`.
+
+use std::path::PathBuf;
+
+use legora_models::ModelError;
+use legora_nn::NnError;
+
+/// Everything that can go wrong reading or writing model, adapter and mixture folders.
+///
+/// Every variant carries the file (or folder) involved; tensor errors name the tensor
+/// and the expected and found shape.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// A file system operation failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A required file is absent.
+    #[error("{}: missing {what}", path.display())]
+    MissingFile {
+        /// Where it was looked for.
+        path: PathBuf,
+        /// What the file is for.
+        what: String,
+    },
+    /// A JSON file does not parse, or does not have the expected fields.
+    #[error("{}: invalid JSON: {message}", path.display())]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// serde's message (names the field and line).
+        message: String,
+    },
+    /// A safetensors file is truncated or malformed.
+    #[error("{}: not a valid safetensors file: {message}", path.display())]
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A tensor has the wrong shape.
+    #[error("{}: tensor `{tensor}` has shape {found:?}, expected {expected:?}", path.display())]
+    TensorShape {
+        /// The file.
+        path: PathBuf,
+        /// The tensor's key.
+        tensor: String,
+        /// The shape the model needs.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        found: Vec<usize>,
+    },
+    /// A tensor has a dtype legora cannot use.
+    #[error("{}: tensor `{tensor}` has dtype {found}, expected F32, F16 or BF16", path.display())]
+    TensorDtype {
+        /// The file.
+        path: PathBuf,
+        /// The tensor's key.
+        tensor: String,
+        /// The dtype in the file.
+        found: String,
+    },
+    /// A tensor the format requires is absent.
+    #[error("{}: missing tensor `{tensor}`", path.display())]
+    MissingTensor {
+        /// The file (or folder for sharded checkpoints).
+        path: PathBuf,
+        /// The tensor's key.
+        tensor: String,
+    },
+    /// The tokenizer could not be loaded or used.
+    #[error("{}: tokenizer: {message}", path.display())]
+    Tokenizer {
+        /// tokenizer.json.
+        path: PathBuf,
+        /// The tokenizers crate's message.
+        message: String,
+    },
+    /// The chat template does not parse or fails to render.
+    #[error("chat template ({}): {message}", path.display())]
+    Template {
+        /// Where the template came from.
+        path: PathBuf,
+        /// minijinja's message.
+        message: String,
+    },
+    /// An adapter or mixture folder does not fit the model.
+    #[error("{}: {message}", path.display())]
+    Adapter {
+        /// The adapter folder or file.
+        path: PathBuf,
+        /// What does not fit.
+        message: String,
+    },
+    /// The model rejected the folder's contents (config, weights, adapters).
+    #[error("{}: {source}", path.display())]
+    Model {
+        /// The folder.
+        path: PathBuf,
+        /// The model's error.
+        source: ModelError,
+    },
+    /// A layer rejected an adapter / router configuration.
+    #[error("{}: {source}", path.display())]
+    Nn {
+        /// The file.
+        path: PathBuf,
+        /// The layer's error.
+        source: NnError,
+    },
+}
+
+/// `Result` with [`HubError`].
+pub type Result<T> = std::result::Result<T, HubError>;
+
+impl HubError {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| Self::Io { path, source }
+    }
+
+    pub(crate) fn model(path: impl Into<PathBuf>) -> impl FnOnce(ModelError) -> Self {
+        let path = path.into();
+        move |source| Self::Model { path, source }
+    }
+
+    pub(crate) fn nn(path: impl Into<PathBuf>) -> impl FnOnce(NnError) -> Self {
+        let path = path.into();
+        move |source| Self::Nn { path, source }
+    }
+
+    pub(crate) fn adapter(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Self::Adapter {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}

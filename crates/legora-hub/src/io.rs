@@ -1,0 +1,369 @@
+//! Files: atomic writes, JSON, safetensors (single and sharded), dtype casts.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{DType, TensorData};
+use half::{bf16, f16};
+use legora_models::{SourceError, WeightSource};
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use serde::de::DeserializeOwned;
+
+use crate::error::{HubError, Result};
+
+/// Write `bytes` to `path` atomically: a temporary file in the same folder, fsync, rename.
+/// Readers see either the old file or the complete new one, never a partial file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(HubError::io(dir))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".into());
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(HubError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        });
+    }
+    Ok(())
+}
+
+/// Copy a file atomically (read, then [`write_atomic`]).
+pub fn copy_atomic(from: &Path, to: &Path) -> Result<()> {
+    let bytes = fs::read(from).map_err(HubError::io(from))?;
+    write_atomic(to, &bytes)
+}
+
+/// Read a file that must exist; a missing file is [`HubError::MissingFile`].
+pub fn read_required(path: &Path, what: &str) -> Result<Vec<u8>> {
+    match fs::read(path) {
+        Ok(b) => Ok(b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(HubError::MissingFile {
+            path: path.to_path_buf(),
+            what: what.into(),
+        }),
+        Err(e) => Err(HubError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        }),
+    }
+}
+
+/// Parse a JSON file into `T`.
+pub fn read_json<T: DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
+    let bytes = read_required(path, what)?;
+    serde_json::from_slice(&bytes).map_err(|e| HubError::Json {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Write pretty JSON atomically (with a trailing newline, as transformers does).
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(value).map_err(|e| HubError::Json {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    text.push('\n');
+    write_atomic(path, text.as_bytes())
+}
+
+/// Float dtypes legora reads and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FloatDtype {
+    /// IEEE f32.
+    F32,
+    /// IEEE f16.
+    F16,
+    /// bfloat16.
+    BF16,
+}
+
+impl FloatDtype {
+    /// transformers' name (`float32`, `float16`, `bfloat16`).
+    pub fn torch_name(&self) -> &'static str {
+        match self {
+            FloatDtype::F32 => "float32",
+            FloatDtype::F16 => "float16",
+            FloatDtype::BF16 => "bfloat16",
+        }
+    }
+
+    fn safetensors(&self) -> Dtype {
+        match self {
+            FloatDtype::F32 => Dtype::F32,
+            FloatDtype::F16 => Dtype::F16,
+            FloatDtype::BF16 => Dtype::BF16,
+        }
+    }
+}
+
+/// Host f32 data of a safetensors tensor (F32, F16, BF16 and F64 are cast).
+fn to_f32(path: &Path, name: &str, view: &TensorView<'_>) -> Result<Vec<f32>> {
+    let b = view.data();
+    Ok(match view.dtype() {
+        Dtype::F32 => b
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => b
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => b
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F64 => b
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+            .collect(),
+        other => {
+            return Err(HubError::TensorDtype {
+                path: path.to_path_buf(),
+                tensor: name.into(),
+                found: format!("{other:?}"),
+            })
+        }
+    })
+}
+
+/// One safetensors file in memory, validated on open.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    bytes: Vec<u8>,
+}
+
+impl SafetensorsFile {
+    /// Read and validate (header, offsets, file length: a truncated file is refused).
+    pub fn open(path: &Path) -> Result<Self> {
+        let bytes = read_required(path, "safetensors weights")?;
+        SafeTensors::deserialize(&bytes).map_err(|e| HubError::Safetensors {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            bytes,
+        })
+    }
+
+    fn tensors(&self) -> SafeTensors<'_> {
+        SafeTensors::deserialize(&self.bytes).expect("validated in open")
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Tensor names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut n: Vec<String> = self
+            .tensors()
+            .names()
+            .into_iter()
+            .map(String::from)
+            .collect();
+        n.sort();
+        n
+    }
+
+    /// `(dtype, shape)` of a tensor.
+    pub fn info(&self, name: &str) -> Option<(String, Vec<usize>)> {
+        let st = self.tensors();
+        let v = st.tensor(name).ok()?;
+        Some((format!("{:?}", v.dtype()), v.shape().to_vec()))
+    }
+
+    /// The `__metadata__` map.
+    pub fn metadata(&self) -> HashMap<String, String> {
+        SafeTensors::read_metadata(&self.bytes)
+            .ok()
+            .and_then(|(_, m)| m.metadata().clone())
+            .unwrap_or_default()
+    }
+
+    /// A tensor as f32 host data, or `None` if absent.
+    pub fn tensor(&self, name: &str) -> Result<Option<TensorData>> {
+        let st = self.tensors();
+        let view = match st.tensor(name) {
+            Ok(v) => v,
+            Err(_) => return Ok(None),
+        };
+        let data = to_f32(&self.path, name, &view)?;
+        Ok(Some(TensorData::new(data, view.shape().to_vec())))
+    }
+}
+
+/// `model.safetensors` or the shards of `model.safetensors.index.json`, as a
+/// [`WeightSource`].
+pub struct Checkpoint {
+    files: Vec<SafetensorsFile>,
+    /// tensor name → index into `files`.
+    index: HashMap<String, usize>,
+    dir: PathBuf,
+}
+
+#[derive(serde::Deserialize)]
+struct ShardIndex {
+    weight_map: HashMap<String, String>,
+}
+
+impl Checkpoint {
+    /// Open the weights of an HF model folder.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index_path = dir.join("model.safetensors.index.json");
+        let mut files = Vec::new();
+        let mut index = HashMap::new();
+        if index_path.exists() {
+            let idx: ShardIndex = read_json(&index_path, "shard index")?;
+            let mut shard_names: Vec<&String> = idx.weight_map.values().collect();
+            shard_names.sort();
+            shard_names.dedup();
+            for shard in shard_names {
+                if shard.contains("..") || Path::new(shard).is_absolute() {
+                    return Err(HubError::Json {
+                        path: index_path.clone(),
+                        message: format!("shard file name `{shard}` leaves the model folder"),
+                    });
+                }
+                let f = SafetensorsFile::open(&dir.join(shard))?;
+                let i = files.len();
+                for (t, s) in &idx.weight_map {
+                    if s == shard {
+                        if f.info(t).is_none() {
+                            return Err(HubError::MissingTensor {
+                                path: f.path().to_path_buf(),
+                                tensor: t.clone(),
+                            });
+                        }
+                        index.insert(t.clone(), i);
+                    }
+                }
+                files.push(f);
+            }
+        } else if single.exists() {
+            let f = SafetensorsFile::open(&single)?;
+            for n in f.names() {
+                index.insert(n, 0);
+            }
+            files.push(f);
+        } else if dir.join("pytorch_model.bin").exists() {
+            return Err(HubError::MissingFile {
+                path: single,
+                what: "safetensors weights (pytorch_model.bin is a pickle, which legora does not \
+                       read: convert it with transformers' save_pretrained(safe_serialization=True))"
+                    .into(),
+            });
+        } else {
+            return Err(HubError::MissingFile {
+                path: single,
+                what: "model weights (model.safetensors or model.safetensors.index.json)".into(),
+            });
+        }
+        Ok(Self {
+            files,
+            index,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The dtype of the first tensor (the checkpoint's dtype).
+    pub fn dtype(&self) -> Option<String> {
+        let f = self.files.first()?;
+        let n = f.names().into_iter().next()?;
+        f.info(&n).map(|(d, _)| d)
+    }
+}
+
+impl WeightSource for Checkpoint {
+    fn tensor(&mut self, name: &str) -> std::result::Result<Option<TensorData>, SourceError> {
+        match self.index.get(name) {
+            None => Ok(None),
+            Some(&i) => self.files[i]
+                .tensor(name)
+                .map_err(|e| Box::new(e) as SourceError),
+        }
+    }
+}
+
+/// Serialize tensors to safetensors bytes in `dtype`, with `metadata`.
+pub fn safetensors_bytes(
+    path: &Path,
+    tensors: &[(String, TensorData)],
+    dtype: FloatDtype,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
+    for (name, data) in tensors {
+        let values: Vec<f32> = data
+            .clone()
+            .convert_dtype(DType::F32)
+            .into_vec::<f32>()
+            .map_err(|e| HubError::Safetensors {
+                path: path.to_path_buf(),
+                message: format!("tensor `{name}`: {e:?}"),
+            })?;
+        let bytes: Vec<u8> = match dtype {
+            FloatDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            FloatDtype::F16 => values
+                .iter()
+                .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+                .collect(),
+            FloatDtype::BF16 => values
+                .iter()
+                .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+                .collect(),
+        };
+        buffers.push((name.clone(), data.shape.to_vec(), bytes));
+    }
+    let views: Vec<(String, TensorView<'_>)> = buffers
+        .iter()
+        .map(|(n, shape, b)| {
+            TensorView::new(dtype.safetensors(), shape.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| HubError::Safetensors {
+                    path: path.to_path_buf(),
+                    message: format!("tensor `{n}`: {e}"),
+                })
+        })
+        .collect::<Result<_>>()?;
+    safetensors::serialize(views, metadata).map_err(|e| HubError::Safetensors {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Write tensors as one safetensors file, atomically, with `{"format": "pt"}` metadata
+/// (what transformers and PEFT write).
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, TensorData)],
+    dtype: FloatDtype,
+) -> Result<()> {
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let bytes = safetensors_bytes(path, tensors, dtype, Some(meta))?;
+    write_atomic(path, &bytes)
+}

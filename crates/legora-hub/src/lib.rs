@@ -1,0 +1,36 @@
+//! # legora-hub
+//!
+//! Every file format a legora user brings, read and written (no math here; the models
+//! live in legora-models):
+//!
+//! - HF model folders: `config.json`, `model.safetensors` or sharded
+//!   `model.safetensors.index.json` (f32 / f16 / bf16 cast to the backend's float type),
+//!   `tokenizer.json`, `generation_config.json`, the chat template
+//!   ([`PretrainedModel::from_pretrained`], [`PretrainedModel::save_pretrained`]);
+//! - PEFT adapter folders, exactly as PEFT writes them ([`load_adapter`],
+//!   [`save_adapter`], several named adapters as sub-folders);
+//! - mixture folders: `experts/<name>/` PEFT folders + `router.safetensors` +
+//!   `moe_config.json` ([`load_mixture`], [`save_mixture`]);
+//! - the PEFT-like facade: [`get_peft_model`], [`PeftModel`] (`load_adapter`,
+//!   `set_adapter`, `add_weighted_adapter`, `merge_and_unload`, `save_pretrained`).
+//!
+//! Every write is atomic (temporary file + rename); every error is a [`HubError`] naming
+//! the file, and the tensor with its expected and found shape where one is involved.
+
+mod error;
+pub mod io;
+mod model;
+mod moe;
+mod peft;
+mod tokenizer;
+
+pub use error::{HubError, Result};
+pub use io::{write_atomic, Checkpoint, FloatDtype, SafetensorsFile};
+pub use model::{get_peft_model, load_config, PeftModel, PretrainedModel, TOKENIZER_FILES};
+pub use moe::{load_mixture, save_mixture, MoeConfig, MOE_CONFIG, ROUTER_WEIGHTS};
+pub use peft::{
+    adapter_dir, derive_config, list_adapters, load_adapter, peft_config_json, read_adapter,
+    save_adapter, AdapterFiles, ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_PREFIX, PEFT_FORMAT_VERSION,
+};
+pub use tokenizer::{decode, encode, load_tokenizer, ChatTemplate, Message};
+pub use tokenizers::Tokenizer;

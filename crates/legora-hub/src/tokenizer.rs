@@ -1,0 +1,158 @@
+//! tokenizer.json (through the `tokenizers` crate) and chat templates (minijinja).
+//!
+//! The template is read from `chat_template.jinja` (transformers ≥ 4.43 writes it there)
+//! or from `chat_template` in tokenizer_config.json (a string, or a list of
+//! `{name, template}` of which `default` is used), and rendered as transformers'
+//! `apply_chat_template` does: `trim_blocks` and `lstrip_blocks` on, `bos_token` /
+//! `eos_token` and `raise_exception` in scope, Python string methods available.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde_json::Value;
+use tokenizers::Tokenizer;
+
+use crate::error::{HubError, Result};
+use crate::io::read_required;
+
+/// Load `dir/tokenizer.json`.
+pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
+    let path = dir.join("tokenizer.json");
+    let bytes = read_required(&path, "tokenizer (tokenizer.json)")?;
+    Tokenizer::from_bytes(&bytes).map_err(|e| HubError::Tokenizer {
+        path,
+        message: e.to_string(),
+    })
+}
+
+/// Encode `text` (with the tokenizer's special tokens, as `tokenizer(text)` does).
+pub fn encode(tokenizer: &Tokenizer, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+    tokenizer
+        .encode(text, add_special_tokens)
+        .map(|e| e.get_ids().to_vec())
+        .map_err(|e| HubError::Tokenizer {
+            path: PathBuf::from("tokenizer.json"),
+            message: e.to_string(),
+        })
+}
+
+/// Decode ids to text (special tokens skipped).
+pub fn decode(tokenizer: &Tokenizer, ids: &[u32]) -> Result<String> {
+    tokenizer
+        .decode(ids, true)
+        .map_err(|e| HubError::Tokenizer {
+            path: PathBuf::from("tokenizer.json"),
+            message: e.to_string(),
+        })
+}
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Message {
+    /// `system`, `user`, `assistant`, ...
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+impl Message {
+    /// A message.
+    pub fn new(role: &str, content: &str) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// A model's chat template with the special tokens it refers to.
+#[derive(Debug, Clone)]
+pub struct ChatTemplate {
+    /// The Jinja source.
+    pub source: String,
+    /// `bos_token` text.
+    pub bos_token: Option<String>,
+    /// `eos_token` text.
+    pub eos_token: Option<String>,
+    /// Where it was read from.
+    pub path: PathBuf,
+}
+
+/// A special token in tokenizer_config.json: a string or an `AddedToken` dict.
+fn token_text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+        _ => None,
+    }
+}
+
+impl ChatTemplate {
+    /// Find the template of a model folder (`None` when it has none).
+    pub fn load(dir: &Path) -> Result<Option<Self>> {
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: Value = if cfg_path.exists() {
+            crate::io::read_json(&cfg_path, "tokenizer config")?
+        } else {
+            Value::Null
+        };
+        let jinja = dir.join("chat_template.jinja");
+        let (source, path) = if jinja.exists() {
+            let text = std::fs::read_to_string(&jinja).map_err(HubError::io(&jinja))?;
+            (text, jinja)
+        } else {
+            match cfg.get("chat_template") {
+                Some(Value::String(s)) => (s.clone(), cfg_path.clone()),
+                Some(Value::Array(list)) => {
+                    let pick = list
+                        .iter()
+                        .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                        .or_else(|| list.first())
+                        .and_then(|t| t.get("template"))
+                        .and_then(|t| t.as_str());
+                    match pick {
+                        Some(s) => (s.to_string(), cfg_path.clone()),
+                        None => return Ok(None),
+                    }
+                }
+                _ => return Ok(None),
+            }
+        };
+        Ok(Some(Self {
+            source,
+            bos_token: token_text(cfg.get("bos_token")),
+            eos_token: token_text(cfg.get("eos_token")),
+            path,
+        }))
+    }
+
+    /// Render `messages` (transformers' `apply_chat_template(..., tokenize=False)`).
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let err = |e: minijinja::Error| HubError::Template {
+            path: self.path.clone(),
+            message: format!("{e:#}"),
+        };
+        let mut env = minijinja::Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", &self.source).map_err(err)?;
+        let tmpl = env.get_template("chat").map_err(err)?;
+        tmpl.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token.clone().unwrap_or_default(),
+            eos_token => self.eos_token.clone().unwrap_or_default(),
+        })
+        .map_err(err)
+    }
+}

@@ -1,0 +1,62 @@
+//! # legora-models
+//!
+//! Hugging Face causal LMs in [burn](https://burn.dev), generic over `B: Backend`, with
+//! no file I/O (weights arrive through [`WeightSource`]; legora-hub reads the files):
+//!
+//! - families, one file each: [`llama`] (rope scaling `linear` / `llama3`), [`qwen2`]
+//!   (q/k/v bias), [`mistral`] (sliding window, honoured); the shared decoder is in
+//!   [`decoder`]: GQA, RoPE (`rotate_half`, `rope_theta`), RMSNorm, SwiGLU, tied or
+//!   untied embeddings, causal + padding masks, a KV cache;
+//! - every projection (`q_proj k_proj v_proj o_proj gate_proj up_proj down_proj
+//!   lm_head`) is an adapter slot ([`Proj`]): a frozen linear, a [`legora_nn::LoraLinear`]
+//!   or a [`legora_nn::MoeLinear`], chosen by PEFT matching on the HF module path;
+//! - mixtures are gated per decoder layer (MixLoRA style: one router per layer reading
+//!   the layer's normalized hidden state, shared by its mixture slots) or by per-row task
+//!   ids passed in [`LmInput::task_ids`]; every router's output (aux losses included) is
+//!   returned in [`CausalLmOutput::routing`];
+//! - [`CausalLm::generate`]: greedy / sampled decoding, batched with left padding.
+//!
+//! ```
+//! use burn::backend::Flex;
+//! use legora_models::{CausalLm, Config, GenerationConfig, LmInput};
+//! use legora_nn::LoraConfig;
+//!
+//! let cfg = Config::from_json(r#"{"model_type": "qwen2", "vocab_size": 50, "hidden_size": 16,
+//!     "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+//!     "num_key_value_heads": 2}"#).unwrap();
+//! let device = Default::default();
+//! let mut model = CausalLm::<Flex>::random(cfg.resolve().unwrap(), 0.1, &device).unwrap();
+//! let paths = model.add_adapter("default", &LoraConfig::new(4, 8.0, &["q_proj", "v_proj"])).unwrap();
+//! assert_eq!(paths[0], "model.layers.0.self_attn.q_proj");
+//! let input = LmInput::from_tokens(&[vec![1, 2, 3]], &device).unwrap();
+//! let out = model.forward(input).unwrap();
+//! assert_eq!(out.logits.dims(), [1, 3, 50]);
+//! let new = model.generate(&[vec![1, 2, 3]], &GenerationConfig::greedy(5), None).unwrap();
+//! assert_eq!(new[0].len(), 5);
+//! ```
+
+mod adapters;
+mod config;
+pub mod decoder;
+mod error;
+mod generate;
+pub mod llama;
+pub mod mistral;
+pub mod qwen2;
+mod rope;
+mod score;
+mod slot;
+mod weights;
+
+pub use adapters::{layer_of, slot_name, LAYER_SLOTS};
+pub use config::{Config, Family, ModelConfig, RopeParameters, TokenIds};
+pub use decoder::{CausalLm, CausalLmOutput, KvCache, LmInput, Routing};
+pub use error::{ModelError, Result};
+pub use generate::{
+    apply_repetition_penalty, argmax, next_token, sample, softmax, top_k_filter, top_p_filter,
+    GenerationConfig,
+};
+pub use rope::{Rope, RopeKind};
+pub use score::Score;
+pub use slot::{FrozenLinear, Proj};
+pub use weights::{SourceError, WeightSource};

@@ -1,0 +1,81 @@
+//! Where a model's weights come from. legora-models does no file I/O: a reader
+//! (legora-hub's safetensors loader, a test's map, ...) implements [`WeightSource`].
+
+use std::collections::HashMap;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Distribution, Tensor, TensorData};
+
+use crate::error::{ModelError, Result};
+
+/// The error type a [`WeightSource`] may return.
+pub type SourceError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A provider of named host tensors, by HF name (`model.layers.0.self_attn.q_proj.weight`).
+pub trait WeightSource {
+    /// The tensor called `name`, or `Ok(None)` when the checkpoint has no such tensor.
+    /// Any float dtype is accepted; it is cast to the backend's float type on upload.
+    fn tensor(&mut self, name: &str) -> std::result::Result<Option<TensorData>, SourceError>;
+}
+
+impl WeightSource for HashMap<String, TensorData> {
+    fn tensor(&mut self, name: &str) -> std::result::Result<Option<TensorData>, SourceError> {
+        Ok(self.get(name).cloned())
+    }
+}
+
+/// How the model builder obtains each tensor.
+pub(crate) enum Init<'a> {
+    /// From a checkpoint.
+    Source(&'a mut dyn WeightSource),
+    /// Normal(0, std) for projections and embeddings, ones for norms.
+    Random(f64),
+}
+
+impl Init<'_> {
+    /// Read `name`, check its shape and upload it.
+    pub(crate) fn load<B: Backend, const D: usize>(
+        &mut self,
+        name: &str,
+        expected: [usize; D],
+        device: &B::Device,
+    ) -> Result<Tensor<B, D>> {
+        let src = match self {
+            Init::Random(std) => {
+                return Ok(if name.ends_with("norm.weight") {
+                    Tensor::ones(expected, device)
+                } else {
+                    Tensor::random(expected, Distribution::Normal(0.0, *std), device)
+                })
+            }
+            Init::Source(src) => src,
+        };
+        let data = src
+            .tensor(name)
+            .map_err(|source| ModelError::Weights {
+                tensor: name.to_string(),
+                source,
+            })?
+            .ok_or_else(|| ModelError::MissingTensor {
+                tensor: name.to_string(),
+            })?;
+        let found = data.shape.to_vec();
+        if found != expected {
+            return Err(ModelError::ShapeMismatch {
+                tensor: name.to_string(),
+                expected: expected.to_vec(),
+                found,
+            });
+        }
+        if !matches!(
+            data.dtype,
+            DType::F32 | DType::F64 | DType::F16 | DType::BF16
+        ) {
+            return Err(ModelError::Weights {
+                tensor: name.to_string(),
+                source: format!("dtype {:?} is not a float type", data.dtype).into(),
+            });
+        }
+        Ok(Tensor::from_data(data, device))
+    }
+}

@@ -1,0 +1,51 @@
+//! # legora-train
+//!
+//! Training stages for mixtures of LoRA experts on any `B: AutodiffBackend`:
+//!
+//! - [`RunConfig`]: the TOML run file (`docs/run-file.md`), errors with key and line;
+//! - [`Trainer`]: the loop over any [`TrainModel`] — AdamW, [`LrSchedule`] (warmup +
+//!   cosine/linear), gradient accumulation, global-norm clipping ([`clip_grad_norm`]),
+//!   NaN/inf guard, early stopping, progress [`TrainCallback`]s, `metrics.jsonl`;
+//! - checkpoints ([`save_checkpoint`], [`load_checkpoint`]): trainable tensors only,
+//!   optimizer state, data cursor, written atomically, resuming exactly;
+//! - outputs: PNG plots ([`plot_loss_curves`], [`plot_routing_load`]) and the
+//!   `report.json` / `report.md` writers ([`Report`]).
+
+mod checkpoint;
+mod clip;
+mod config;
+mod error;
+mod lm;
+mod metrics;
+mod pipeline;
+mod plot;
+mod report;
+mod schedule;
+mod tok;
+mod trainer;
+
+pub use checkpoint::{
+    all_tensors, checkpoint_name, latest_checkpoint, load_checkpoint, load_tensors, load_trainable,
+    param_ids, prune_checkpoints, read_state, save_checkpoint, save_trainable,
+    tensors_from_safetensors, tensors_to_safetensors, trainable_tensors, write_atomic,
+    AdamWOptimizer, NamedTensor, TensorMap, TrainerState, CHECKPOINT_VERSION,
+};
+pub use clip::{clip_grad_norm, global_grad_norm, scalar, scale_grads};
+pub use config::{
+    DataSection, EvalSection, ExpertsMode, LoraSection, ModelSection, MoeSection, Precision,
+    RunConfig, RunFile, StageKind, StageSection, StagesSection, TaskSection, TrainSettings,
+};
+pub use error::{Result, TrainError};
+pub use metrics::{
+    read_metrics, EvalMetrics, MetricLine, MetricsWriter, RoutingStats, TrainMetrics,
+};
+pub use plot::{plot_loss_curves, plot_routing_load, plot_stage_losses, Series};
+pub use report::{ModelMetrics, ParamCount, Report, TaskReport};
+pub use schedule::{LrSchedule, ScheduleKind};
+pub use trainer::{
+    evaluate, evaluate_inner, ModelError, NoCallback, StageResult, StageSummary, StepContext,
+    StepOutput, StopReason, TrainCallback, TrainModel, Trainer, ValSet,
+};
+pub use lm::{lm_input, token_nll, LmModel, Objective};
+pub use pipeline::{run_pipeline, PipelineOptions};
+pub use tok::{chat_template, HubTokenizer};

@@ -1,0 +1,256 @@
+//! [`TrainModel`] for legora-models' [`CausalLm`]: the shifted next-token loss honouring
+//! `-100`, task-routed or router-gated mixtures, the router's aux losses, the supervised
+//! routing loss, and routing statistics.
+
+use burn::module::Module;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use legora_data::{Batch, IGNORE_INDEX};
+use legora_models::{CausalLm, LmInput};
+
+use crate::metrics::RoutingStats;
+use crate::trainer::{ModelError, StepContext, StepOutput, TrainModel};
+
+/// What a [`LmModel`] minimises.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Objective {
+    /// Mean next-token loss over all target tokens (a single adapter, or the base).
+    Lm,
+    /// Task-routed mixture: row `b` goes through expert `task_ids[b]`; the objective is
+    /// `Σ_task mean_loss(task)`, so each expert's gradient is exactly what training it
+    /// alone on its own rows would give.
+    TaskRouted,
+    /// Router-gated mixture: mean LM loss + Σ aux/z losses + `routing_loss_coef` ·
+    /// cross-entropy between each layer router and the row's task (0 = unsupervised).
+    Routed {
+        /// Weight of the supervised routing loss.
+        routing_loss_coef: f64,
+    },
+}
+
+/// A causal LM with its training objective.
+#[derive(Module, Debug)]
+pub struct LmModel<B: Backend> {
+    /// The model (frozen base + adapters / mixtures).
+    pub model: CausalLm<B>,
+    /// The objective.
+    #[module(skip)]
+    pub objective: Objective,
+}
+
+impl<B: Backend> LmModel<B> {
+    /// Wrap a model.
+    pub fn new(model: CausalLm<B>, objective: Objective) -> Self {
+        Self { model, objective }
+    }
+}
+
+fn device_of<B: Backend, M: Module<B>>(m: &M) -> B::Device {
+    m.devices().into_iter().next().unwrap_or_default()
+}
+
+/// Host-side targets of a batch after the HF shift: label ids (0 where ignored) and the
+/// per-target weights of the token-mean and of the per-task-mean objectives.
+struct Targets {
+    ids: Vec<i64>,
+    mean_w: Vec<f32>,
+    task_w: Vec<f32>,
+    count: usize,
+}
+
+fn targets(batch: &Batch) -> Targets {
+    let (b, s) = (batch.batch_size, batch.seq_len);
+    let n = b * (s - 1);
+    let mut ids = vec![0i64; n];
+    let mut valid = vec![false; n];
+    let tasks = batch.task_ids.iter().copied().max().map_or(0, |m| m + 1);
+    let mut per_task = vec![0usize; tasks.max(1)];
+    for r in 0..b {
+        for t in 0..s - 1 {
+            let l = batch.labels[r * s + t + 1];
+            if l != IGNORE_INDEX {
+                ids[r * (s - 1) + t] = l;
+                valid[r * (s - 1) + t] = true;
+                if let Some(&task) = batch.task_ids.get(r) {
+                    per_task[task] += 1;
+                }
+            }
+        }
+    }
+    let count = valid.iter().filter(|v| **v).count();
+    let mut mean_w = vec![0f32; n];
+    let mut task_w = vec![0f32; n];
+    for r in 0..b {
+        let task = batch.task_ids.get(r).copied().unwrap_or(0);
+        for t in 0..s - 1 {
+            let i = r * (s - 1) + t;
+            if valid[i] {
+                mean_w[i] = 1.0 / count as f32;
+                task_w[i] = 1.0 / per_task[task].max(1) as f32;
+            }
+        }
+    }
+    Targets {
+        ids,
+        mean_w,
+        task_w,
+        count,
+    }
+}
+
+/// Token-level model input of a batch (ids, mask, positions; task ids when routed by task).
+pub fn lm_input<B: Backend>(batch: &Batch, task_routed: bool, device: &B::Device) -> LmInput<B> {
+    let shape = [batch.batch_size, batch.seq_len];
+    let ints = |v: &[u32]| -> Tensor<B, 2, Int> {
+        let data: Vec<i64> = v.iter().map(|&x| x as i64).collect();
+        Tensor::from_data(TensorData::new(data, shape), device)
+    };
+    let input = LmInput::new(ints(&batch.input_ids))
+        .with_attention_mask(ints(&batch.attention_mask))
+        .with_position_ids(ints(&batch.position_ids));
+    if task_routed {
+        input.with_task_ids(batch.task_ids.clone())
+    } else {
+        input
+    }
+}
+
+/// Per-token negative log-likelihood of the shifted targets, `[batch · (seq − 1)]`.
+///
+/// # Shapes
+/// - logits: `[batch, seq, vocab]`, ids: `batch · (seq − 1)` → `[batch · (seq − 1)]`
+pub fn token_nll<B: Backend>(logits: Tensor<B, 3>, ids: &[i64]) -> Tensor<B, 1> {
+    let [b, s, v] = logits.dims();
+    let device = logits.device();
+    let n = b * (s - 1);
+    let logp = log_softmax(logits.narrow(1, 0, s - 1).reshape([n, v]), 1);
+    let idx: Tensor<B, 2, Int> = Tensor::from_data(TensorData::new(ids.to_vec(), [n, 1]), &device);
+    logp.gather(1, idx).reshape([n]).neg()
+}
+
+fn weighted_sum<B: Backend>(x: Tensor<B, 1>, w: &[f32]) -> Tensor<B, 1> {
+    let device = x.device();
+    let w: Tensor<B, 1> = Tensor::from_data(TensorData::new(w.to_vec(), [w.len()]), &device);
+    (x * w).sum()
+}
+
+impl<B: Backend> TrainModel<B> for LmModel<B> {
+    fn forward_loss(
+        &self,
+        batch: &Batch,
+        _ctx: &StepContext<'_>,
+    ) -> std::result::Result<StepOutput<B>, ModelError> {
+        if batch.is_packed() {
+            return Err("packed batches are not supported by CausalLm (set data.packing = false)".into());
+        }
+        if batch.seq_len < 2 {
+            return Err(format!("sequences of length {} have no next token", batch.seq_len).into());
+        }
+        let device = device_of::<B, _>(&self.model);
+        let task_routed = self.objective == Objective::TaskRouted;
+        let out = self.model.forward(lm_input(batch, task_routed, &device))?;
+        let t = targets(batch);
+        let nll = token_nll(out.logits.clone(), &t.ids);
+        let lm_loss = if t.count == 0 {
+            Tensor::zeros([1], &device)
+        } else {
+            weighted_sum(nll.clone(), &t.mean_w)
+        };
+        let mut step = match self.objective {
+            Objective::Lm => StepOutput::new(lm_loss.clone()),
+            Objective::TaskRouted => StepOutput::new(weighted_sum(nll, &t.task_w)),
+            Objective::Routed { .. } => StepOutput::new(lm_loss.clone()),
+        }
+        .with_term("lm_loss", lm_loss);
+
+        if let Objective::Routed { routing_loss_coef } = self.objective {
+            let layer_routers: Vec<_> = out
+                .routing
+                .iter()
+                .filter(|r| r.module.is_none() && r.layer.is_some())
+                .collect();
+            if let Some(aux) = out.aux_loss() {
+                step.loss = step.loss + aux.clone();
+                step = step.with_term("aux_loss", aux);
+            }
+            let (b, s) = (batch.batch_size, batch.seq_len);
+            let real: usize = batch.attention_mask.iter().filter(|m| **m != 0).count();
+            if routing_loss_coef > 0.0 && !layer_routers.is_empty() && real > 0 {
+                let e = layer_routers[0].output.probs.dims()[1];
+                // one-hot target expert of each real token, pre-divided by (tokens · layers)
+                let scale = 1.0 / (real * layer_routers.len()) as f32;
+                let mut w = vec![0f32; b * s * e];
+                for r in 0..b {
+                    let task = batch.task_ids[r];
+                    if task >= e {
+                        return Err(format!("task id {task} has no expert (E = {e})").into());
+                    }
+                    for j in 0..s {
+                        if batch.attention_mask[r * s + j] != 0 {
+                            w[(r * s + j) * e + task] = scale;
+                        }
+                    }
+                }
+                let w: Tensor<B, 2> = Tensor::from_data(TensorData::new(w, [b * s, e]), &device);
+                let ce = layer_routers
+                    .iter()
+                    .map(|r| (r.output.probs.clone().clamp_min(1e-9).log() * w.clone()).sum().neg())
+                    .reduce(|a, c| a + c)
+                    .expect("non-empty");
+                step.loss = step.loss + ce.clone() * routing_loss_coef;
+                step = step.with_term("routing_loss", ce);
+            }
+            if !layer_routers.is_empty() {
+                step = step.with_routing(routing_stats(batch, &layer_routers));
+            }
+        }
+        Ok(step)
+    }
+}
+
+/// Load per expert, routing accuracy (top expert = the row's task) and mean entropy of
+/// the layer routers, over the batch's real tokens.
+fn routing_stats<B: Backend>(batch: &Batch, routers: &[&legora_models::Routing<B>]) -> RoutingStats {
+    let (b, s) = (batch.batch_size, batch.seq_len);
+    let mut layers = Vec::new();
+    let mut load = Vec::new();
+    let (mut hits, mut total, mut ent) = (0usize, 0usize, 0f64);
+    for r in routers {
+        let e = r.output.probs.dims()[1];
+        let probs: Vec<f32> = r.output.probs.clone().into_data().convert::<f32>().to_vec().unwrap_or_default();
+        let gates: Vec<f32> = r.output.gates.clone().into_data().convert::<f32>().to_vec().unwrap_or_default();
+        let mut l = vec![0f64; e];
+        for row in 0..b {
+            for j in 0..s {
+                let tok = row * s + j;
+                if batch.attention_mask[tok] == 0 || probs.len() < (tok + 1) * e {
+                    continue;
+                }
+                let p = &probs[tok * e..(tok + 1) * e];
+                let g = &gates[tok * e..(tok + 1) * e];
+                let top = (0..e).max_by(|&a, &c| p[a].total_cmp(&p[c])).unwrap_or(0);
+                hits += usize::from(top == batch.task_ids[row]);
+                total += 1;
+                ent -= p.iter().filter(|v| **v > 0.0).map(|v| (*v as f64) * (*v as f64).ln()).sum::<f64>();
+                for (k, gv) in g.iter().enumerate() {
+                    if *gv > 0.0 {
+                        l[k] += 1.0;
+                    }
+                }
+            }
+        }
+        let sum: f64 = l.iter().sum();
+        if sum > 0.0 {
+            l.iter_mut().for_each(|v| *v /= sum);
+        }
+        layers.push(format!("model.layers.{}.router", r.layer.unwrap_or(0)));
+        load.push(l);
+    }
+    RoutingStats {
+        layers,
+        load,
+        accuracy: (total > 0).then(|| hits as f64 / total as f64),
+        entropy: (total > 0).then(|| ent / total as f64),
+    }
+}

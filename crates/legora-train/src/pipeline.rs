@@ -1,0 +1,533 @@
+//! The whole run of a run file: `experts` → `router` (+ the `single_lora` baseline) →
+//! `eval`, with every output written under the run's output folder:
+//!
+//! ```text
+//! <out>/experts/<task>/            each expert, a plain PEFT adapter folder
+//! <out>/router.safetensors, moe_config.json   (and experts/ again: the mixture folder)
+//! <out>/single_lora/               the single-LoRA baseline (PEFT folder)
+//! <out>/report.json, report.md     the comparison
+//! <out>/metrics.jsonl              every logged step and validation
+//! <out>/plots/*.png                loss curves per stage, routing load per expert per layer
+//! <out>/stages/<stage>/checkpoints resumable checkpoints (never the frozen base)
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::module::{AutodiffModule, Module};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use legora_data::{
+    eval_batches, prepare_task, split_indices, Batcher, Example, Loader, Record, Template,
+    TokenizeOptions, IGNORE_INDEX,
+};
+use legora_hub::PretrainedModel;
+use legora_models::{CausalLm, GenerationConfig, Proj};
+use legora_nn::trainable_parameters;
+use legora_plugin_api::{EvalRequest, ParseOptions};
+use legora_plugin_host::PluginHost;
+
+use crate::config::{ExpertsMode, RunConfig, StageKind};
+use crate::error::{Result, TrainError};
+use crate::lm::{lm_input, token_nll, LmModel, Objective};
+use crate::metrics::{read_metrics, RoutingStats};
+use crate::plot::{plot_routing_load, plot_stage_losses};
+use crate::report::{ModelMetrics, ParamCount, Report, TaskReport};
+use crate::tok::HubTokenizer;
+use crate::trainer::{evaluate_inner, StageSummary, TrainCallback, Trainer, ValSet};
+
+/// How to run the pipeline.
+#[derive(Debug, Clone, Default)]
+pub struct PipelineOptions {
+    /// Continue stages from their latest checkpoints.
+    pub resume: bool,
+    /// Stop every stage after this many steps (testing / interruption).
+    pub stop_after: Option<usize>,
+    /// Skip the evaluation (outputs of the training stages only).
+    pub skip_eval: bool,
+}
+
+/// One task's data, parsed and tokenized.
+struct TaskData {
+    name: String,
+    evaluator: String,
+    train: Vec<Example>,
+    val: Vec<Example>,
+    eval_records: Vec<Record>,
+}
+
+fn other(e: impl std::fmt::Display, what: &str) -> TrainError {
+    TrainError::Invalid {
+        key: what.to_string(),
+        expected: "success".into(),
+        found: e.to_string(),
+    }
+}
+
+/// Load the plugins' records of every task, split and tokenize them.
+fn load_tasks(
+    cfg: &RunConfig,
+    host: &PluginHost,
+    template: &Template,
+    tok: &HubTokenizer,
+) -> Result<Vec<TaskData>> {
+    let opts = TokenizeOptions {
+        max_seq_len: cfg.file.model.max_seq_len,
+        add_special_tokens: true,
+        append_eos: true,
+    };
+    let mut out = Vec::new();
+    for (i, t) in cfg.file.tasks.iter().enumerate() {
+        let key = format!("tasks[{i}]");
+        let format = host
+            .format(&t.format)
+            .map_err(|e| cfg.error_at(&format!("{key}.format"), e.to_string()))?;
+        let evaluator = match &t.evaluator {
+            Some(e) => e.clone(),
+            None => format
+                .default_evaluator()
+                .ok_or_else(|| cfg.error_at(&format!("{key}.evaluator"), "the format names no default evaluator: set one"))?,
+        };
+        host.evaluator(&evaluator)
+            .map_err(|e| cfg.error_at(&format!("{key}.evaluator"), e.to_string()))?;
+        let mut popts = ParseOptions {
+            task: Some(t.name.clone()),
+            ..ParseOptions::default()
+        };
+        popts.params = t.params.clone().into_iter().collect();
+        let parse = |p: &Path| {
+            host.parse_file(&t.format, p, &popts)
+                .map(|o| o.records)
+                .map_err(|e| other(e, &format!("{key}: {}", p.display())))
+        };
+        let mut train_records = parse(&cfg.train_file(i))?;
+        if let Some(n) = t.max_samples {
+            train_records.truncate(n);
+        }
+        let (train_records, val_records) = match cfg.eval_file(i) {
+            Some(p) => (train_records, parse(&p)?),
+            None => {
+                let split = split_indices(train_records.len(), cfg.val_split(), cfg.file.seed, &t.name)?;
+                (
+                    split.train.iter().map(|&j| train_records[j].clone()).collect(),
+                    split.val.iter().map(|&j| train_records[j].clone()).collect::<Vec<_>>(),
+                )
+            }
+        };
+        let (train, _) = prepare_task(&train_records, i, template, tok, &opts)?;
+        let (val, _) = prepare_task(&val_records, i, template, tok, &opts)?;
+        let mut eval_records = val_records;
+        if let Some(n) = cfg.file.stages.eval.max_samples {
+            eval_records.truncate(n);
+        }
+        out.push(TaskData {
+            name: t.name.clone(),
+            evaluator,
+            train,
+            val,
+            eval_records,
+        });
+    }
+    Ok(out)
+}
+
+fn loader(cfg: &RunConfig, tasks: &[TaskData], single_task: bool, batch_size: usize, batcher: &Batcher, seed: u64) -> Result<Loader> {
+    let data: Vec<(String, Vec<Example>)> = if single_task {
+        // the single-LoRA baseline sees every task's rows, all labelled task 0
+        let all = tasks
+            .iter()
+            .flat_map(|t| t.train.iter().cloned())
+            .map(|mut e| {
+                e.task = 0;
+                e
+            })
+            .collect();
+        vec![("all".to_string(), all)]
+    } else {
+        tasks.iter().map(|t| (t.name.clone(), t.train.clone())).collect()
+    };
+    let pack = cfg.file.data.packing.then_some(cfg.file.model.max_seq_len);
+    Ok(Loader::new(data, cfg.mixing(), seed, batcher.clone(), batch_size, pack)?)
+}
+
+fn val_sets(tasks: &[TaskData], batch_size: usize, batcher: &Batcher, single_task: bool) -> Result<Vec<ValSet>> {
+    tasks
+        .iter()
+        .map(|t| {
+            let mut ex = t.val.clone();
+            if single_task {
+                ex.iter_mut().for_each(|e| e.task = 0);
+            }
+            Ok(ValSet {
+                task: t.name.clone(),
+                batches: eval_batches(&ex, batch_size, batcher)?,
+            })
+        })
+        .collect()
+}
+
+/// The layers holding mixture slots.
+fn moe_layers<B: Backend>(model: &CausalLm<B>) -> Vec<usize> {
+    let mut layers: Vec<usize> = model
+        .slot_paths()
+        .iter()
+        .filter(|p| matches!(model.slot(p), Ok(Proj::Moe(_))))
+        .filter_map(|p| legora_models::layer_of(p))
+        .collect();
+    layers.dedup();
+    layers
+}
+
+fn set_experts_trainable<B: Backend>(model: &mut CausalLm<B>, trainable: bool) -> Result<()> {
+    for p in model.slot_paths() {
+        let slot = model.slot_mut(&p).map_err(|e| other(e, &p))?;
+        if let Proj::Moe(m) = slot {
+            *m = m.clone().set_experts_trainable(trainable);
+        }
+    }
+    Ok(())
+}
+
+/// Run every enabled stage of `cfg`, then the evaluation, and write the outputs.
+pub fn run_pipeline<B: AutodiffBackend>(
+    cfg: &RunConfig,
+    host: &PluginHost,
+    options: &PipelineOptions,
+    callback: &mut dyn TrainCallback,
+    device: &B::Device,
+) -> Result<Report> {
+    let out = cfg.output_dir();
+    std::fs::create_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
+    let model_path = cfg.check_model_path()?;
+    let base = PretrainedModel::<B>::from_pretrained(&model_path, device)
+        .map_err(|e| cfg.error_at("model.path", e.to_string()))?;
+    let tok = HubTokenizer::from_model(&base).map_err(|e| cfg.error_at("model.path", e))?;
+    let template = match cfg.template() {
+        Some(t) => t,
+        None => crate::tok::chat_template(&base).map_err(|e| cfg.error_at("model.template", e))?,
+    };
+    let tasks = load_tasks(cfg, host, &template, &tok)?;
+    let names: Vec<String> = tasks.iter().map(|t| t.name.clone()).collect();
+    let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let batcher = Batcher::for_tokenizer(&tok);
+    let metrics_path = out.join("metrics.jsonl");
+    if !options.resume {
+        let _ = std::fs::remove_file(&metrics_path);
+    }
+    let lora = cfg.lora_config();
+    let mut stages: Vec<StageSummary> = Vec::new();
+    let mut params = BTreeMap::new();
+
+    // 1. experts: one adapter per task, trained concurrently over one frozen base
+    let mut experts_model = base.model.clone();
+    for n in &names {
+        experts_model.add_adapter(n, &lora).map_err(|e| cfg.error_at("lora.target_modules", e.to_string()))?;
+    }
+    experts_model
+        .adapters_to_mixture(&name_refs, None)
+        .map_err(|e| other(e, "experts"))?;
+    let settings = {
+        let l = loader(cfg, &tasks, false, 1, &batcher, cfg.file.seed)?;
+        let bpe = l.batches_per_epoch();
+        cfg.train_settings(StageKind::Experts, bpe)?
+    };
+    let mut l = loader(cfg, &tasks, false, settings.batch_size, &batcher, settings.seed)?;
+    let val = val_sets(&tasks, settings.eval_batch_size, &batcher, false)?;
+    let model = LmModel::new(experts_model, Objective::TaskRouted);
+    let p = trainable_parameters(&model);
+    params.insert("experts".to_string(), ParamCount { trainable: p.trainable, total: p.total });
+    let res = Trainer::new("experts", out.join("stages/experts"), settings)
+        .resume(options.resume)
+        .stop_after(options.stop_after)
+        .metrics_path(&metrics_path)
+        .callback(callback)
+        .run(model, &mut l, &val, device)?;
+    stages.push(res.summary.clone());
+    let mut mixture = res.model.model;
+    let hub_err = |e: legora_hub::HubError| other(e, "write");
+    legora_hub::save_mixture(&mixture, &out, Some(&lora), Some(model_path.display().to_string()))
+        .map_err(hub_err)?;
+
+    // 2. router over the trained experts
+    let rc = cfg.router_config();
+    for layer in moe_layers(&mixture) {
+        let r = rc.init::<B>(base.config.hidden_size, device)?;
+        mixture.set_layer_router(layer, r).map_err(|e| other(e, "router"))?;
+    }
+    let router_settings = {
+        let bpe = loader(cfg, &tasks, false, 1, &batcher, cfg.file.seed)?.batches_per_epoch();
+        cfg.train_settings(StageKind::Router, bpe)?
+    };
+    set_experts_trainable(&mut mixture, router_settings.experts == ExpertsMode::Joint)?;
+    if cfg.stage_enabled(StageKind::Router) {
+        let mut l = loader(cfg, &tasks, false, router_settings.batch_size, &batcher, router_settings.seed)?;
+        let val = val_sets(&tasks, router_settings.eval_batch_size, &batcher, false)?;
+        let objective = Objective::Routed {
+            routing_loss_coef: router_settings.routing_loss_coef,
+        };
+        let model = LmModel::new(mixture, objective);
+        let p = trainable_parameters(&model);
+        params.insert("router".to_string(), ParamCount { trainable: p.trainable, total: p.total });
+        let res = Trainer::new("router", out.join("stages/router"), router_settings)
+            .resume(options.resume)
+            .stop_after(options.stop_after)
+            .metrics_path(&metrics_path)
+            .callback(callback)
+            .run(model, &mut l, &val, device)?;
+        stages.push(res.summary.clone());
+        mixture = res.model.model;
+    }
+    legora_hub::save_mixture(&mixture, &out, Some(&lora), Some(model_path.display().to_string()))
+        .map_err(hub_err)?;
+
+    // 3. the single-LoRA baseline with the same trainable-parameter budget
+    let variants = &cfg.file.stages.eval.baselines;
+    let mut single_model = None;
+    if variants.iter().any(|v| v == "single_lora") {
+        let r = cfg.file.stages.eval.single_lora_r.unwrap_or(lora.r * names.len());
+        let mut single_cfg = lora.clone();
+        single_cfg.lora_alpha = lora.lora_alpha * r as f64 / lora.r as f64;
+        single_cfg.r = r;
+        let mut m = base.model.clone();
+        m.add_adapter("single_lora", &single_cfg).map_err(|e| other(e, "single_lora"))?;
+        let bpe = loader(cfg, &tasks, true, 1, &batcher, cfg.file.seed)?.batches_per_epoch();
+        let settings = cfg.train_settings(StageKind::SingleLora, bpe)?;
+        let mut l = loader(cfg, &tasks, true, settings.batch_size, &batcher, settings.seed)?;
+        let val = val_sets(&tasks, settings.eval_batch_size, &batcher, true)?;
+        let model = LmModel::new(m, Objective::Lm);
+        let p = trainable_parameters(&model);
+        params.insert("single_lora".to_string(), ParamCount { trainable: p.trainable, total: p.total });
+        let res = Trainer::new("single_lora", out.join("stages/single_lora"), settings)
+            .resume(options.resume)
+            .stop_after(options.stop_after)
+            .metrics_path(&metrics_path)
+            .callback(callback)
+            .run(model, &mut l, &val, device)?;
+        stages.push(res.summary.clone());
+        let m = res.model.model;
+        legora_hub::save_adapter(&m, "single_lora", &single_cfg, &out.join("single_lora"))
+            .map_err(hub_err)?;
+        single_model = Some(m);
+    }
+
+    let mut report = Report {
+        run: cfg.name(),
+        base_model: model_path.display().to_string(),
+        experts: names.clone(),
+        variants: variants.clone(),
+        params,
+        stages,
+        ..Report::default()
+    };
+
+    // 4. evaluation: base vs single LoRA vs mixture, through each plugin's evaluator
+    if !options.skip_eval && cfg.file.stages.eval.enabled {
+        let mut base_plain = base.model.valid();
+        base_plain.disable_adapters();
+        let mixture_plain = mixture.valid();
+        let single_plain = single_model.map(|m| m.valid());
+        let eval_bs = cfg.file.stages.eval.batch_size;
+        let val = val_sets(&tasks, eval_bs, &batcher, false)?;
+        let mut all_routing = Vec::new();
+        for (ti, task) in tasks.iter().enumerate() {
+            let mut tr = TaskReport {
+                task: task.name.clone(),
+                evaluator: task.evaluator.clone(),
+                n_eval: task.eval_records.len(),
+                ..TaskReport::default()
+            };
+            for variant in variants {
+                let (model, objective) = match variant.as_str() {
+                    "base" => (&base_plain, Objective::Lm),
+                    "single_lora" => match &single_plain {
+                        Some(m) => (m, Objective::Lm),
+                        None => continue,
+                    },
+                    "mixture" => (&mixture_plain, Objective::Routed { routing_loss_coef: 0.0 }),
+                    other_name => {
+                        return Err(cfg.error_at(
+                            "stages.eval.baselines",
+                            format!("unknown variant `{other_name}` (base, single_lora, mixture)"),
+                        ))
+                    }
+                };
+                let lm = LmModel::new(model.clone(), objective);
+                let m = evaluate_inner(&lm, std::slice::from_ref(&val[ti]), "eval", 0)?;
+                if variant == "mixture" {
+                    if let Some(rs) = &m.routing {
+                        tr.routing_accuracy = rs.accuracy;
+                        tr.routing_entropy = rs.entropy;
+                        let e = rs.load.first().map_or(0, Vec::len);
+                        let mut mean = vec![0.0; e];
+                        for row in &rs.load {
+                            for (k, v) in row.iter().enumerate() {
+                                mean[k] += v / rs.load.len() as f64;
+                            }
+                        }
+                        tr.expert_load = Some(mean);
+                        all_routing.push((rs.clone(), task.val.len() as f64));
+                    }
+                }
+                let metrics = task_metrics(host, model, task, &template, &tok, cfg, &batcher)?;
+                tr.models.insert(
+                    variant.clone(),
+                    ModelMetrics {
+                        val_loss: Some(m.val_loss),
+                        metrics,
+                    },
+                );
+            }
+            report.tasks.push(tr);
+        }
+        report.routing = RoutingStats::weighted_mean(&all_routing);
+    }
+
+    // plots
+    let plots = out.join("plots");
+    std::fs::create_dir_all(&plots).map_err(|e| TrainError::io(&plots, e))?;
+    let lines = read_metrics(&metrics_path)?;
+    for p in plot_stage_losses(&lines, &plots)? {
+        report.plots.push(rel(&out, &p));
+    }
+    if let Some(rs) = &report.routing {
+        let p = plots.join("routing_load.png");
+        plot_routing_load(&p, rs, &names)?;
+        report.plots.push(rel(&out, &p));
+    }
+    report.write(&out)?;
+    Ok(report)
+}
+
+fn rel(root: &Path, p: &Path) -> String {
+    p.strip_prefix(root).unwrap_or(p).display().to_string()
+}
+
+/// Predictions of `model` on the task's held-out records, scored by its evaluator.
+///
+/// Records with `choices` are scored by the log-likelihood of each choice after the
+/// prompt (prediction = the best choice, and the per-choice scores go to the
+/// evaluator, e.g. for ROC-AUC); others are answered by greedy generation.
+fn task_metrics<B: Backend>(
+    host: &PluginHost,
+    model: &CausalLm<B>,
+    task: &TaskData,
+    template: &Template,
+    tok: &HubTokenizer,
+    cfg: &RunConfig,
+    batcher: &Batcher,
+) -> Result<BTreeMap<String, f64>> {
+    use legora_data::Tokenize;
+    let eval = &cfg.file.stages.eval;
+    let recs = &task.eval_records;
+    if recs.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let mut prompts = Vec::with_capacity(recs.len());
+    let mut references = Vec::with_capacity(recs.len());
+    for (i, r) in recs.iter().enumerate() {
+        let rendered = template.render(r, i)?;
+        let mut ids = tok.encode(&rendered.prompt(), true)?;
+        let keep = cfg.file.model.max_seq_len.saturating_sub(eval.max_new_tokens).max(1);
+        if ids.len() > keep {
+            ids.drain(..ids.len() - keep);
+        }
+        prompts.push(ids);
+        references.push(r.reference().unwrap_or_default().to_string());
+    }
+    let choices = recs[0].choices.clone();
+    let same_choices = !choices.is_empty() && recs.iter().all(|r| r.choices == choices);
+    let mut request = EvalRequest::new(Vec::<String>::new(), references);
+    if same_choices {
+        let choice_ids: Vec<Vec<u32>> = choices
+            .iter()
+            .map(|c| tok.encode(c, false))
+            .collect::<legora_data::Result<_>>()?;
+        let scores = choice_scores(model, &prompts, &choice_ids, eval.batch_size, batcher)?;
+        request.predictions = scores
+            .iter()
+            .map(|s| {
+                let best = (0..s.len()).max_by(|&a, &b| s[a].total_cmp(&s[b])).unwrap_or(0);
+                choices[best].clone()
+            })
+            .collect();
+        request.choices = choices;
+        request.scores = scores;
+    } else {
+        let mut gen = GenerationConfig::greedy(eval.max_new_tokens);
+        if let Some(eos) = tok.eos_id() {
+            gen.eos_token_id = Some(legora_models::TokenIds::One(eos));
+        }
+        for chunk in prompts.chunks(eval.batch_size.max(1)) {
+            let outs = model.generate(chunk, &gen, None).map_err(|e| other(e, "generate"))?;
+            for o in outs {
+                let text = tok.decode(&o)?;
+                request.predictions.push(text.trim().to_string());
+            }
+        }
+    }
+    request.meta = recs.iter().map(|r| r.meta.clone()).collect();
+    let out = host
+        .evaluate(&task.evaluator, request)
+        .map_err(|e| other(e, &task.evaluator))?;
+    Ok(out.metrics)
+}
+
+/// `scores[i][c]` = log p(choice c | prompt i), summed over the choice's tokens.
+fn choice_scores<B: Backend>(
+    model: &CausalLm<B>,
+    prompts: &[Vec<u32>],
+    choices: &[Vec<u32>],
+    batch_size: usize,
+    batcher: &Batcher,
+) -> Result<Vec<Vec<f64>>> {
+    let mut rows = Vec::new();
+    for p in prompts {
+        for c in choices {
+            let mut ids = p.clone();
+            ids.extend_from_slice(c);
+            let mut labels = vec![IGNORE_INDEX; p.len()];
+            labels.extend(c.iter().map(|&t| t as i64));
+            rows.push(Example {
+                input_ids: ids.clone(),
+                labels,
+                task: 0,
+                seq_lens: vec![ids.len()],
+            });
+        }
+    }
+    let device = model.devices().into_iter().next().unwrap_or_default();
+    let mut flat = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(batch_size.max(1) * choices.len().max(1)) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let batch = batcher.collate(&refs)?;
+        let out = model
+            .forward(lm_input(&batch, false, &device))
+            .map_err(|e| other(e, "score choices"))?;
+        let (b, s) = (batch.batch_size, batch.seq_len);
+        let mut ids = vec![0i64; b * (s - 1)];
+        let mut valid = vec![false; b * (s - 1)];
+        for r in 0..b {
+            for t in 0..s - 1 {
+                let l = batch.labels[r * s + t + 1];
+                if l != IGNORE_INDEX {
+                    ids[r * (s - 1) + t] = l;
+                    valid[r * (s - 1) + t] = true;
+                }
+            }
+        }
+        let nll: Vec<f32> = token_nll(out.logits, &ids)
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .map_err(|e| other(format!("{e:?}"), "score choices"))?;
+        for r in 0..b {
+            let mut sum = 0.0;
+            for t in 0..s - 1 {
+                if valid[r * (s - 1) + t] {
+                    sum -= nll[r * (s - 1) + t] as f64;
+                }
+            }
+            flat.push(sum);
+        }
+    }
+    Ok(flat.chunks(choices.len().max(1)).map(|c| c.to_vec()).collect())
+}
