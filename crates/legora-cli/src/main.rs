@@ -2,6 +2,7 @@
 
 mod backend;
 mod cmd;
+mod text;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +22,18 @@ enum Command {
     Train(cmd::train::Args),
     /// The three-domain demo shipped with the repository (no download).
     Demo(cmd::demo::Args),
+    /// Train a router over existing PEFT adapter folders (X-LoRA / LoRAHub style).
+    Compose(cmd::compose::Args),
+    /// Evaluate the trained outputs of a run file (no training).
+    Eval(cmd::eval::Args),
+    /// Complete a prompt or chat, with an adapter, a mixture or weighted adapters.
+    Generate(cmd::generate::Args),
+    /// Merge a PEFT adapter into its base and write a plain Hugging Face folder.
+    Merge(cmd::merge::Args),
+    /// List the plugins found in the search folders and what they register.
+    Plugins(cmd::plugins::Args),
+    /// Describe a model, PEFT adapter or mixture folder.
+    Inspect(cmd::inspect::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -35,6 +48,12 @@ fn main() -> std::process::ExitCode {
         Command::Score(args) => cmd::score::run(args),
         Command::Train(args) => cmd::train::run(args),
         Command::Demo(args) => cmd::demo::run(args),
+        Command::Compose(args) => cmd::compose::run(args),
+        Command::Eval(args) => cmd::eval::run(args),
+        Command::Generate(args) => cmd::generate::run(args),
+        Command::Merge(args) => cmd::merge::run(args),
+        Command::Plugins(args) => cmd::plugins::run(args),
+        Command::Inspect(args) => cmd::inspect::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

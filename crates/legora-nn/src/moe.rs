@@ -107,7 +107,9 @@ impl<B: Backend> MoeLinear<B> {
         self.insert_expert(name, a)
     }
 
-    /// Add an existing adapter as an expert (shapes checked).
+    /// Add an existing adapter as an expert (shapes checked). The expert is trainable
+    /// whatever it was before (e.g. an inactive, frozen adapter of a `LoraLinear`); freeze
+    /// experts with [`set_experts_trainable`](Self::set_experts_trainable).
     pub fn insert_expert(&mut self, name: &str, adapter: LoraAdapter<B>) -> Result<()> {
         if self.names.iter().any(|n| n == name) {
             return Err(NnError::DuplicateAdapter { name: name.into() });
@@ -124,7 +126,7 @@ impl<B: Backend> MoeLinear<B> {
             &[d_out, r],
             &adapter.lora_B.dims(),
         )?;
-        self.experts.push(adapter);
+        self.experts.push(adapter.set_trainable(true));
         self.names.push(name.to_string());
         Ok(())
     }

@@ -36,16 +36,16 @@ pub use config::{
     RunConfig, RunFile, StageKind, StageSection, StagesSection, TaskSection, TrainSettings,
 };
 pub use error::{Result, TrainError};
+pub use lm::{lm_input, token_nll, LmModel, Objective};
 pub use metrics::{
     read_metrics, EvalMetrics, MetricLine, MetricsWriter, RoutingStats, TrainMetrics,
 };
+pub use pipeline::{run_pipeline, PipelineOptions};
 pub use plot::{plot_loss_curves, plot_routing_load, plot_stage_losses, Series};
 pub use report::{ModelMetrics, ParamCount, Report, TaskReport};
 pub use schedule::{LrSchedule, ScheduleKind};
+pub use tok::{chat_template, HubTokenizer};
 pub use trainer::{
     evaluate, evaluate_inner, ModelError, NoCallback, StageResult, StageSummary, StepContext,
     StepOutput, StopReason, TrainCallback, TrainModel, Trainer, ValSet,
 };
-pub use lm::{lm_input, token_nll, LmModel, Objective};
-pub use pipeline::{run_pipeline, PipelineOptions};
-pub use tok::{chat_template, HubTokenizer};

@@ -142,7 +142,9 @@ impl<B: Backend> TrainModel<B> for LmModel<B> {
         _ctx: &StepContext<'_>,
     ) -> std::result::Result<StepOutput<B>, ModelError> {
         if batch.is_packed() {
-            return Err("packed batches are not supported by CausalLm (set data.packing = false)".into());
+            return Err(
+                "packed batches are not supported by CausalLm (set data.packing = false)".into(),
+            );
         }
         if batch.seq_len < 2 {
             return Err(format!("sequences of length {} have no next token", batch.seq_len).into());
@@ -195,7 +197,11 @@ impl<B: Backend> TrainModel<B> for LmModel<B> {
                 let w: Tensor<B, 2> = Tensor::from_data(TensorData::new(w, [b * s, e]), &device);
                 let ce = layer_routers
                     .iter()
-                    .map(|r| (r.output.probs.clone().clamp_min(1e-9).log() * w.clone()).sum().neg())
+                    .map(|r| {
+                        (r.output.probs.clone().clamp_min(1e-9).log() * w.clone())
+                            .sum()
+                            .neg()
+                    })
                     .reduce(|a, c| a + c)
                     .expect("non-empty");
                 step.loss = step.loss + ce.clone() * routing_loss_coef;
@@ -211,15 +217,32 @@ impl<B: Backend> TrainModel<B> for LmModel<B> {
 
 /// Load per expert, routing accuracy (top expert = the row's task) and mean entropy of
 /// the layer routers, over the batch's real tokens.
-fn routing_stats<B: Backend>(batch: &Batch, routers: &[&legora_models::Routing<B>]) -> RoutingStats {
+fn routing_stats<B: Backend>(
+    batch: &Batch,
+    routers: &[&legora_models::Routing<B>],
+) -> RoutingStats {
     let (b, s) = (batch.batch_size, batch.seq_len);
     let mut layers = Vec::new();
     let mut load = Vec::new();
     let (mut hits, mut total, mut ent) = (0usize, 0usize, 0f64);
     for r in routers {
         let e = r.output.probs.dims()[1];
-        let probs: Vec<f32> = r.output.probs.clone().into_data().convert::<f32>().to_vec().unwrap_or_default();
-        let gates: Vec<f32> = r.output.gates.clone().into_data().convert::<f32>().to_vec().unwrap_or_default();
+        let probs: Vec<f32> = r
+            .output
+            .probs
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .unwrap_or_default();
+        let gates: Vec<f32> = r
+            .output
+            .gates
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .unwrap_or_default();
         let mut l = vec![0f64; e];
         for row in 0..b {
             for j in 0..s {
@@ -232,7 +255,11 @@ fn routing_stats<B: Backend>(batch: &Batch, routers: &[&legora_models::Routing<B
                 let top = (0..e).max_by(|&a, &c| p[a].total_cmp(&p[c])).unwrap_or(0);
                 hits += usize::from(top == batch.task_ids[row]);
                 total += 1;
-                ent -= p.iter().filter(|v| **v > 0.0).map(|v| (*v as f64) * (*v as f64).ln()).sum::<f64>();
+                ent -= p
+                    .iter()
+                    .filter(|v| **v > 0.0)
+                    .map(|v| (*v as f64) * (*v as f64).ln())
+                    .sum::<f64>();
                 for (k, gv) in g.iter().enumerate() {
                     if *gv > 0.0 {
                         l[k] += 1.0;

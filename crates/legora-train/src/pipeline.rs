@@ -12,7 +12,7 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -44,6 +44,14 @@ pub struct PipelineOptions {
     pub stop_after: Option<usize>,
     /// Skip the evaluation (outputs of the training stages only).
     pub skip_eval: bool,
+    /// Compose existing PEFT adapter folders instead of training the `experts` stage
+    /// (X-LoRA / LoRAHub style): folder `i` becomes the expert of `[[tasks]]` entry `i`
+    /// (the counts must match); the router stage, the baseline and the evaluation run as
+    /// usual.
+    pub experts_from: Option<Vec<PathBuf>>,
+    /// Train nothing: evaluate the mixture (and `single_lora/`, when present) already in
+    /// the output folder; the stage summaries come from the previous `report.json`.
+    pub eval_only: bool,
 }
 
 /// One task's data, parsed and tokenized.
@@ -83,9 +91,12 @@ fn load_tasks(
             .map_err(|e| cfg.error_at(&format!("{key}.format"), e.to_string()))?;
         let evaluator = match &t.evaluator {
             Some(e) => e.clone(),
-            None => format
-                .default_evaluator()
-                .ok_or_else(|| cfg.error_at(&format!("{key}.evaluator"), "the format names no default evaluator: set one"))?,
+            None => format.default_evaluator().ok_or_else(|| {
+                cfg.error_at(
+                    &format!("{key}.evaluator"),
+                    "the format names no default evaluator: set one",
+                )
+            })?,
         };
         host.evaluator(&evaluator)
             .map_err(|e| cfg.error_at(&format!("{key}.evaluator"), e.to_string()))?;
@@ -106,10 +117,19 @@ fn load_tasks(
         let (train_records, val_records) = match cfg.eval_file(i) {
             Some(p) => (train_records, parse(&p)?),
             None => {
-                let split = split_indices(train_records.len(), cfg.val_split(), cfg.file.seed, &t.name)?;
+                let split =
+                    split_indices(train_records.len(), cfg.val_split(), cfg.file.seed, &t.name)?;
                 (
-                    split.train.iter().map(|&j| train_records[j].clone()).collect(),
-                    split.val.iter().map(|&j| train_records[j].clone()).collect::<Vec<_>>(),
+                    split
+                        .train
+                        .iter()
+                        .map(|&j| train_records[j].clone())
+                        .collect(),
+                    split
+                        .val
+                        .iter()
+                        .map(|&j| train_records[j].clone())
+                        .collect::<Vec<_>>(),
                 )
             }
         };
@@ -130,7 +150,14 @@ fn load_tasks(
     Ok(out)
 }
 
-fn loader(cfg: &RunConfig, tasks: &[TaskData], single_task: bool, batch_size: usize, batcher: &Batcher, seed: u64) -> Result<Loader> {
+fn loader(
+    cfg: &RunConfig,
+    tasks: &[TaskData],
+    single_task: bool,
+    batch_size: usize,
+    batcher: &Batcher,
+    seed: u64,
+) -> Result<Loader> {
     let data: Vec<(String, Vec<Example>)> = if single_task {
         // the single-LoRA baseline sees every task's rows, all labelled task 0
         let all = tasks
@@ -143,13 +170,28 @@ fn loader(cfg: &RunConfig, tasks: &[TaskData], single_task: bool, batch_size: us
             .collect();
         vec![("all".to_string(), all)]
     } else {
-        tasks.iter().map(|t| (t.name.clone(), t.train.clone())).collect()
+        tasks
+            .iter()
+            .map(|t| (t.name.clone(), t.train.clone()))
+            .collect()
     };
     let pack = cfg.file.data.packing.then_some(cfg.file.model.max_seq_len);
-    Ok(Loader::new(data, cfg.mixing(), seed, batcher.clone(), batch_size, pack)?)
+    Ok(Loader::new(
+        data,
+        cfg.mixing(),
+        seed,
+        *batcher,
+        batch_size,
+        pack,
+    )?)
 }
 
-fn val_sets(tasks: &[TaskData], batch_size: usize, batcher: &Batcher, single_task: bool) -> Result<Vec<ValSet>> {
+fn val_sets(
+    tasks: &[TaskData],
+    batch_size: usize,
+    batcher: &Batcher,
+    single_task: bool,
+) -> Result<Vec<ValSet>> {
     tasks
         .iter()
         .map(|t| {
@@ -209,64 +251,123 @@ pub fn run_pipeline<B: AutodiffBackend>(
     let names: Vec<String> = tasks.iter().map(|t| t.name.clone()).collect();
     let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let batcher = Batcher::for_tokenizer(&tok);
+    write_val_data(&out, &tasks)?;
     let metrics_path = out.join("metrics.jsonl");
-    if !options.resume {
+    if !options.resume && !options.eval_only {
         let _ = std::fs::remove_file(&metrics_path);
     }
     let lora = cfg.lora_config();
     let mut stages: Vec<StageSummary> = Vec::new();
     let mut params = BTreeMap::new();
-
-    // 1. experts: one adapter per task, trained concurrently over one frozen base
-    let mut experts_model = base.model.clone();
-    for n in &names {
-        experts_model.add_adapter(n, &lora).map_err(|e| cfg.error_at("lora.target_modules", e.to_string()))?;
+    if options.eval_only {
+        // the previous run's stage summaries and parameter counts stay in the report
+        if let Ok(prev) = Report::read_json(&out.join("report.json")) {
+            stages = prev.stages;
+            params = prev.params;
+        }
     }
-    experts_model
-        .adapters_to_mixture(&name_refs, None)
-        .map_err(|e| other(e, "experts"))?;
-    let settings = {
-        let l = loader(cfg, &tasks, false, 1, &batcher, cfg.file.seed)?;
-        let bpe = l.batches_per_epoch();
-        cfg.train_settings(StageKind::Experts, bpe)?
-    };
-    let mut l = loader(cfg, &tasks, false, settings.batch_size, &batcher, settings.seed)?;
-    let val = val_sets(&tasks, settings.eval_batch_size, &batcher, false)?;
-    let model = LmModel::new(experts_model, Objective::TaskRouted);
-    let p = trainable_parameters(&model);
-    params.insert("experts".to_string(), ParamCount { trainable: p.trainable, total: p.total });
-    let res = Trainer::new("experts", out.join("stages/experts"), settings)
-        .resume(options.resume)
-        .stop_after(options.stop_after)
-        .metrics_path(&metrics_path)
-        .callback(callback)
-        .run(model, &mut l, &val, device)?;
-    stages.push(res.summary.clone());
-    let mut mixture = res.model.model;
     let hub_err = |e: legora_hub::HubError| other(e, "write");
-    legora_hub::save_mixture(&mixture, &out, Some(&lora), Some(model_path.display().to_string()))
+
+    // 1. experts: one adapter per task, trained concurrently over one frozen base (or
+    //    existing adapter folders with `experts_from`, or this run's mixture with
+    //    `eval_only`)
+    let mut mixture = if options.eval_only {
+        load_trained_mixture(cfg, &base.model, &out)?
+    } else if let Some(dirs) = &options.experts_from {
+        compose_experts(cfg, &base.model, &names, dirs)?
+    } else {
+        let mut experts_model = base.model.clone();
+        for n in &names {
+            experts_model
+                .add_adapter(n, &lora)
+                .map_err(|e| cfg.error_at("lora.target_modules", e.to_string()))?;
+        }
+        experts_model
+            .adapters_to_mixture(&name_refs, None)
+            .map_err(|e| other(e, "experts"))?;
+        let settings = {
+            let l = loader(cfg, &tasks, false, 1, &batcher, cfg.file.seed)?;
+            let bpe = l.batches_per_epoch();
+            cfg.train_settings(StageKind::Experts, bpe)?
+        };
+        let mut l = loader(
+            cfg,
+            &tasks,
+            false,
+            settings.batch_size,
+            &batcher,
+            settings.seed,
+        )?;
+        let val = val_sets(&tasks, settings.eval_batch_size, &batcher, false)?;
+        let model = LmModel::new(experts_model, Objective::TaskRouted);
+        let p = trainable_parameters(&model);
+        params.insert(
+            "experts".to_string(),
+            ParamCount {
+                trainable: p.trainable,
+                total: p.total,
+            },
+        );
+        let res = Trainer::new("experts", out.join("stages/experts"), settings)
+            .resume(options.resume)
+            .stop_after(options.stop_after)
+            .metrics_path(&metrics_path)
+            .callback(callback)
+            .run(model, &mut l, &val, device)?;
+        stages.push(res.summary.clone());
+        res.model.model
+    };
+    if !options.eval_only {
+        legora_hub::save_mixture(
+            &mixture,
+            &out,
+            Some(&lora),
+            Some(model_path.display().to_string()),
+        )
         .map_err(hub_err)?;
+    }
 
     // 2. router over the trained experts
     let rc = cfg.router_config();
-    for layer in moe_layers(&mixture) {
+    // eval_only: the loaded mixture keeps its trained routers
+    let new_routers = if options.eval_only {
+        Vec::new()
+    } else {
+        moe_layers(&mixture)
+    };
+    for layer in new_routers {
         let r = rc.init::<B>(base.config.hidden_size, device)?;
-        mixture.set_layer_router(layer, r).map_err(|e| other(e, "router"))?;
+        mixture
+            .set_layer_router(layer, r)
+            .map_err(|e| other(e, "router"))?;
     }
     let router_settings = {
         let bpe = loader(cfg, &tasks, false, 1, &batcher, cfg.file.seed)?.batches_per_epoch();
         cfg.train_settings(StageKind::Router, bpe)?
     };
     set_experts_trainable(&mut mixture, router_settings.experts == ExpertsMode::Joint)?;
-    if cfg.stage_enabled(StageKind::Router) {
-        let mut l = loader(cfg, &tasks, false, router_settings.batch_size, &batcher, router_settings.seed)?;
+    if cfg.stage_enabled(StageKind::Router) && !options.eval_only {
+        let mut l = loader(
+            cfg,
+            &tasks,
+            false,
+            router_settings.batch_size,
+            &batcher,
+            router_settings.seed,
+        )?;
         let val = val_sets(&tasks, router_settings.eval_batch_size, &batcher, false)?;
         let objective = Objective::Routed {
             routing_loss_coef: router_settings.routing_loss_coef,
         };
         let model = LmModel::new(mixture, objective);
         let p = trainable_parameters(&model);
-        params.insert("router".to_string(), ParamCount { trainable: p.trainable, total: p.total });
+        params.insert(
+            "router".to_string(),
+            ParamCount {
+                trainable: p.trainable,
+                total: p.total,
+            },
+        );
         let res = Trainer::new("router", out.join("stages/router"), router_settings)
             .resume(options.resume)
             .stop_after(options.stop_after)
@@ -276,26 +377,54 @@ pub fn run_pipeline<B: AutodiffBackend>(
         stages.push(res.summary.clone());
         mixture = res.model.model;
     }
-    legora_hub::save_mixture(&mixture, &out, Some(&lora), Some(model_path.display().to_string()))
+    if !options.eval_only {
+        legora_hub::save_mixture(
+            &mixture,
+            &out,
+            Some(&lora),
+            Some(model_path.display().to_string()),
+        )
         .map_err(hub_err)?;
+    }
 
     // 3. the single-LoRA baseline with the same trainable-parameter budget
     let variants = &cfg.file.stages.eval.baselines;
     let mut single_model = None;
-    if variants.iter().any(|v| v == "single_lora") {
-        let r = cfg.file.stages.eval.single_lora_r.unwrap_or(lora.r * names.len());
+    if options.eval_only {
+        single_model = load_trained_single(cfg, &base.model, &out)?;
+    } else if variants.iter().any(|v| v == "single_lora") {
+        let r = cfg
+            .file
+            .stages
+            .eval
+            .single_lora_r
+            .unwrap_or(lora.r * names.len());
         let mut single_cfg = lora.clone();
         single_cfg.lora_alpha = lora.lora_alpha * r as f64 / lora.r as f64;
         single_cfg.r = r;
         let mut m = base.model.clone();
-        m.add_adapter("single_lora", &single_cfg).map_err(|e| other(e, "single_lora"))?;
+        m.add_adapter("single_lora", &single_cfg)
+            .map_err(|e| other(e, "single_lora"))?;
         let bpe = loader(cfg, &tasks, true, 1, &batcher, cfg.file.seed)?.batches_per_epoch();
         let settings = cfg.train_settings(StageKind::SingleLora, bpe)?;
-        let mut l = loader(cfg, &tasks, true, settings.batch_size, &batcher, settings.seed)?;
+        let mut l = loader(
+            cfg,
+            &tasks,
+            true,
+            settings.batch_size,
+            &batcher,
+            settings.seed,
+        )?;
         let val = val_sets(&tasks, settings.eval_batch_size, &batcher, true)?;
         let model = LmModel::new(m, Objective::Lm);
         let p = trainable_parameters(&model);
-        params.insert("single_lora".to_string(), ParamCount { trainable: p.trainable, total: p.total });
+        params.insert(
+            "single_lora".to_string(),
+            ParamCount {
+                trainable: p.trainable,
+                total: p.total,
+            },
+        );
         let res = Trainer::new("single_lora", out.join("stages/single_lora"), settings)
             .resume(options.resume)
             .stop_after(options.stop_after)
@@ -342,7 +471,12 @@ pub fn run_pipeline<B: AutodiffBackend>(
                         Some(m) => (m, Objective::Lm),
                         None => continue,
                     },
-                    "mixture" => (&mixture_plain, Objective::Routed { routing_loss_coef: 0.0 }),
+                    "mixture" => (
+                        &mixture_plain,
+                        Objective::Routed {
+                            routing_loss_coef: 0.0,
+                        },
+                    ),
                     other_name => {
                         return Err(cfg.error_at(
                             "stages.eval.baselines",
@@ -376,6 +510,17 @@ pub fn run_pipeline<B: AutodiffBackend>(
                     },
                 );
             }
+            // the task's own expert alone (task-routed): the number an expert folder
+            // reproduces when loaded in PEFT (demo/check_peft.py)
+            let lm = LmModel::new(mixture_plain.clone(), Objective::TaskRouted);
+            let m = evaluate_inner(&lm, std::slice::from_ref(&val[ti]), "eval", 0)?;
+            tr.models.insert(
+                "expert".to_string(),
+                ModelMetrics {
+                    val_loss: Some(m.val_loss),
+                    metrics: BTreeMap::new(),
+                },
+            );
             report.tasks.push(tr);
         }
         report.routing = RoutingStats::weighted_mean(&all_routing);
@@ -395,6 +540,114 @@ pub fn run_pipeline<B: AutodiffBackend>(
     }
     report.write(&out)?;
     Ok(report)
+}
+
+/// Existing PEFT adapter folders as the experts (`experts_from`): folder `i` becomes
+/// the expert named after task `i`, then all of them one mixture (no routers yet).
+fn compose_experts<B: Backend>(
+    cfg: &RunConfig,
+    base: &CausalLm<B>,
+    names: &[String],
+    dirs: &[PathBuf],
+) -> Result<CausalLm<B>> {
+    if dirs.len() != names.len() {
+        return Err(cfg.error_at(
+            "tasks",
+            format!(
+                "{} expert folders given for {} [[tasks]] entries ({}): pass one adapter folder \
+                 per task, in the same order",
+                dirs.len(),
+                names.len(),
+                names.join(", ")
+            ),
+        ));
+    }
+    let mut m = base.clone();
+    for (i, (name, dir)) in names.iter().zip(dirs).enumerate() {
+        legora_hub::load_adapter(&mut m, dir, name).map_err(|e| {
+            cfg.error_at(
+                &format!("tasks[{i}]"),
+                format!("loading expert `{name}` from {}: {e}", dir.display()),
+            )
+        })?;
+    }
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    m.adapters_to_mixture(&refs, None)
+        .map_err(|e| cfg.error_at("tasks", format!("the expert folders do not combine: {e}")))?;
+    Ok(m)
+}
+
+/// The mixture a previous run wrote to `out` (`eval_only`); its experts must be the run
+/// file's tasks, in order, and it must have routers.
+fn load_trained_mixture<B: Backend>(
+    cfg: &RunConfig,
+    base: &CausalLm<B>,
+    out: &Path,
+) -> Result<CausalLm<B>> {
+    let mut m = base.clone();
+    let moe = legora_hub::load_mixture(&mut m, out).map_err(|e| {
+        cfg.error_at(
+            "output_dir",
+            format!("no trained mixture to evaluate ({e}); train the run first"),
+        )
+    })?;
+    let want = cfg.task_names();
+    if moe.experts != want {
+        return Err(cfg.error_at(
+            "tasks",
+            format!(
+                "the mixture in {} has experts {:?}, the run file's tasks are {:?}",
+                out.display(),
+                moe.experts,
+                want
+            ),
+        ));
+    }
+    if moe.router.is_none() {
+        return Err(cfg.error_at(
+            "output_dir",
+            format!(
+                "the mixture in {} has no routers (the router stage did not finish)",
+                out.display()
+            ),
+        ));
+    }
+    Ok(m)
+}
+
+/// The `single_lora` baseline a previous run wrote to `out`, when there is one.
+fn load_trained_single<B: Backend>(
+    cfg: &RunConfig,
+    base: &CausalLm<B>,
+    out: &Path,
+) -> Result<Option<CausalLm<B>>> {
+    let dir = out.join("single_lora");
+    if !dir.join(legora_hub::ADAPTER_CONFIG).exists() {
+        return Ok(None);
+    }
+    let mut m = base.clone();
+    legora_hub::load_adapter(&mut m, &dir, "single_lora")
+        .map_err(|e| cfg.error_at("stages.eval.baselines", e.to_string()))?;
+    Ok(Some(m))
+}
+
+/// `<out>/data/<task>.val.jsonl`: the tokenized validation examples (`input_ids`,
+/// `labels` with -100 on prompt tokens), so that other tools (PEFT, see
+/// `demo/check_peft.py`) can recompute the validation loss on exactly the same tokens.
+fn write_val_data(out: &Path, tasks: &[TaskData]) -> Result<()> {
+    let dir = out.join("data");
+    std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+    for t in tasks {
+        let mut text = String::new();
+        for e in &t.val {
+            let line = serde_json::json!({ "input_ids": e.input_ids, "labels": e.labels });
+            text.push_str(&line.to_string());
+            text.push('\n');
+        }
+        let path = dir.join(format!("{}.val.jsonl", t.name));
+        crate::checkpoint::write_atomic(&path, text.as_bytes())?;
+    }
+    Ok(())
 }
 
 fn rel(root: &Path, p: &Path) -> String {
@@ -426,7 +679,12 @@ fn task_metrics<B: Backend>(
     for (i, r) in recs.iter().enumerate() {
         let rendered = template.render(r, i)?;
         let mut ids = tok.encode(&rendered.prompt(), true)?;
-        let keep = cfg.file.model.max_seq_len.saturating_sub(eval.max_new_tokens).max(1);
+        let keep = cfg
+            .file
+            .model
+            .max_seq_len
+            .saturating_sub(eval.max_new_tokens)
+            .max(1);
         if ids.len() > keep {
             ids.drain(..ids.len() - keep);
         }
@@ -445,7 +703,9 @@ fn task_metrics<B: Backend>(
         request.predictions = scores
             .iter()
             .map(|s| {
-                let best = (0..s.len()).max_by(|&a, &b| s[a].total_cmp(&s[b])).unwrap_or(0);
+                let best = (0..s.len())
+                    .max_by(|&a, &b| s[a].total_cmp(&s[b]))
+                    .unwrap_or(0);
                 choices[best].clone()
             })
             .collect();
@@ -457,7 +717,9 @@ fn task_metrics<B: Backend>(
             gen.eos_token_id = Some(legora_models::TokenIds::One(eos));
         }
         for chunk in prompts.chunks(eval.batch_size.max(1)) {
-            let outs = model.generate(chunk, &gen, None).map_err(|e| other(e, "generate"))?;
+            let outs = model
+                .generate(chunk, &gen, None)
+                .map_err(|e| other(e, "generate"))?;
             for o in outs {
                 let text = tok.decode(&o)?;
                 request.predictions.push(text.trim().to_string());
@@ -529,5 +791,8 @@ fn choice_scores<B: Backend>(
             flat.push(sum);
         }
     }
-    Ok(flat.chunks(choices.len().max(1)).map(|c| c.to_vec()).collect())
+    Ok(flat
+        .chunks(choices.len().max(1))
+        .map(|c| c.to_vec())
+        .collect())
 }

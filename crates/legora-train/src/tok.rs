@@ -104,10 +104,10 @@ pub fn chat_template<B: Backend>(model: &PretrainedModel<B>) -> Result<Template,
             .iter()
             .rposition(|m| m.role == "assistant")
             .ok_or("the record has no assistant turn / completion to train on")?;
-        let prompt = ct
-            .render(&msgs[..split], true)
+        let prompt = ct.render(&msgs[..split], true).map_err(|e| e.to_string())?;
+        let full = ct
+            .render(&msgs[..=split], false)
             .map_err(|e| e.to_string())?;
-        let full = ct.render(&msgs[..=split], false).map_err(|e| e.to_string())?;
         Rendered::from_prompt_and_full(&prompt, &full)
     };
     Ok(Template::Custom(Arc::new(FnTemplate::new("model", f))))

@@ -1,5 +1,11 @@
 //! One module per subcommand: `Args` (clap) and `run`.
 
+pub mod compose;
 pub mod demo;
+pub mod eval;
+pub mod generate;
+pub mod inspect;
+pub mod merge;
+pub mod plugins;
 pub mod score;
 pub mod train;

@@ -120,6 +120,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         resume: args.resume,
         stop_after: args.stop_after,
         skip_eval: args.skip_eval,
+        ..PipelineOptions::default()
     };
     let mut progress = Progress::default();
     let report = run_pipeline::<TrainBackend>(&cfg, &host, &opts, &mut progress, &device())?;

@@ -1,0 +1,36 @@
+//! `legora eval`: evaluation only — the mixture (and the `single_lora` baseline, when
+//! present) already trained in the run's output folder, against the base model, through
+//! each task's plugin evaluator; rewrites `report.json`, `report.md` and the plots.
+
+use std::path::PathBuf;
+
+use legora::train::{run_pipeline, PipelineOptions, RunConfig};
+
+use crate::backend::{device, TrainBackend};
+use crate::cmd::train::{load_plugins, Progress};
+
+/// Arguments of `legora eval`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The run file whose output folder holds the trained mixture.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Extra plugin folders (searched before LEGORA_PLUGIN_PATH and the binary's folder).
+    #[arg(long = "plugin-dir")]
+    pub plugin_dirs: Vec<PathBuf>,
+}
+
+/// Run `legora eval`.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let cfg = RunConfig::load(&args.config)?;
+    let host = load_plugins(&cfg, &args.plugin_dirs)?;
+    let opts = PipelineOptions {
+        eval_only: true,
+        ..PipelineOptions::default()
+    };
+    let mut progress = Progress::default();
+    let report = run_pipeline::<TrainBackend>(&cfg, &host, &opts, &mut progress, &device())?;
+    println!("{}", report.to_markdown());
+    println!("report written to {}", cfg.output_dir().display());
+    Ok(())
+}

@@ -1,0 +1,272 @@
+//! `legora generate`: complete one prompt, or chat on stdin, with a model folder and
+//! optionally a PEFT adapter, a mixture folder, or several adapters combined with
+//! PEFT's `add_weighted_adapter` (`cat`).
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use legora::prelude::*;
+
+use crate::backend::{device, Backend};
+
+/// Arguments of `legora generate`.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("mode").required(true).args(["prompt", "chat"])))]
+pub struct Args {
+    /// Hugging Face model folder (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// PEFT adapter folder.
+    #[arg(long, conflicts_with_all = ["moe", "adapters"])]
+    pub adapter: Option<PathBuf>,
+    /// legora mixture folder (moe_config.json, router.safetensors, experts/).
+    #[arg(long, conflicts_with = "adapters")]
+    pub moe: Option<PathBuf>,
+    /// Several PEFT adapter folders, combined into one adapter (PEFT
+    /// `add_weighted_adapter`, combination `cat`: exactly `Σ wᵢ·ΔWᵢ`).
+    #[arg(long, value_delimiter = ',', requires = "weights")]
+    pub adapters: Vec<PathBuf>,
+    /// One weight per `--adapters` folder.
+    #[arg(long, value_delimiter = ',', requires = "adapters")]
+    pub weights: Vec<f64>,
+    /// Route every token to this expert of the mixture (needed for a mixture without
+    /// routers).
+    #[arg(long, requires = "moe")]
+    pub task_id: Option<usize>,
+    /// Complete this prompt and print the completion.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Chat on stdin: one message per line, `/reset` clears the history, `/exit` or EOF
+    /// quits. Uses the model's chat template when it has one.
+    #[arg(long)]
+    pub chat: bool,
+    /// Render `--prompt` as a user message through the model's chat template.
+    #[arg(long, requires = "prompt")]
+    pub chat_template: bool,
+    /// Tokens to generate at most (default: generation_config.json's, else 20).
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// Sampling temperature; any of --temperature > 0, --top-k, --top-p turns sampling
+    /// on, `--temperature 0` forces greedy decoding.
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Keep the k most likely tokens when sampling (0 = off).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling mass in (0, 1].
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// CTRL repetition penalty (1 = off).
+    #[arg(long)]
+    pub repetition_penalty: Option<f64>,
+    /// RNG seed for sampling.
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+/// The model with whatever was asked for loaded into it.
+struct Loaded {
+    model: PretrainedModel<Backend>,
+    task_id: Option<usize>,
+}
+
+fn load(args: &Args) -> anyhow::Result<Loaded> {
+    let device = device();
+    let mut base = PretrainedModel::<Backend>::from_pretrained(&args.model, &device)?;
+    if let Some(dir) = &args.moe {
+        let cfg = base.load_mixture(dir)?;
+        if let Some(t) = args.task_id {
+            if t >= cfg.experts.len() {
+                bail!(
+                    "--task-id {t}: the mixture {} has {} experts (0..{})",
+                    dir.display(),
+                    cfg.experts.len(),
+                    cfg.experts.len()
+                );
+            }
+        } else if cfg.router.is_none() {
+            bail!(
+                "{}: this mixture has no routers; pass --task-id (0..{}) to pick an expert",
+                dir.display(),
+                cfg.experts.len()
+            );
+        }
+        return Ok(Loaded {
+            model: base,
+            task_id: args.task_id,
+        });
+    }
+    if let Some(dir) = &args.adapter {
+        let peft = PeftModel::from_pretrained(base, dir)?;
+        return Ok(Loaded {
+            model: peft.base,
+            task_id: None,
+        });
+    }
+    if !args.adapters.is_empty() {
+        if args.adapters.len() != args.weights.len() {
+            bail!(
+                "--adapters has {} folders but --weights has {} values",
+                args.adapters.len(),
+                args.weights.len()
+            );
+        }
+        let (first, rest) = args.adapters.split_first().context("--adapters is empty")?;
+        // PeftModel::from_pretrained names the first adapter `default`.
+        let mut peft = PeftModel::from_pretrained(base, first)?;
+        let mut names = vec!["default".to_string()];
+        for (i, dir) in rest.iter().enumerate() {
+            let name = format!("adapter_{}", i + 1);
+            peft.load_adapter(dir, &name)?;
+            names.push(name);
+        }
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        peft.add_weighted_adapter(&refs, &args.weights, "combined", Combination::Cat)?;
+        peft.set_adapter("combined")?;
+        return Ok(Loaded {
+            model: peft.base,
+            task_id: None,
+        });
+    }
+    Ok(Loaded {
+        model: base,
+        task_id: None,
+    })
+}
+
+/// The folder's generation config with the command-line overrides.
+fn generation_config(args: &Args, model: &PretrainedModel<Backend>) -> GenerationConfig {
+    let mut g = model.generation_config.clone();
+    if let Some(n) = args.max_new_tokens {
+        g.max_new_tokens = Some(n);
+    }
+    if args.top_k.is_some() || args.top_p.is_some() {
+        g.do_sample = true;
+    }
+    if let Some(t) = args.temperature {
+        g.do_sample = t > 0.0;
+        g.temperature = Some(t);
+    }
+    if let Some(k) = args.top_k {
+        g.top_k = Some(k);
+    }
+    if let Some(p) = args.top_p {
+        g.top_p = Some(p);
+    }
+    if let Some(r) = args.repetition_penalty {
+        g.repetition_penalty = Some(r);
+    }
+    if let Some(s) = args.seed {
+        g.seed = Some(s);
+    }
+    g
+}
+
+/// Generate from `text`; `templated` text already holds its special tokens (as
+/// transformers' `apply_chat_template(tokenize=True)`, no BOS is added again).
+fn complete(
+    m: &Loaded,
+    text: &str,
+    templated: bool,
+    gen: &GenerationConfig,
+) -> anyhow::Result<String> {
+    let tok = m.model.tokenizer()?;
+    let ids = legora::hub::encode(tok, text, !templated)?;
+    if ids.is_empty() {
+        bail!("the prompt is empty after tokenization");
+    }
+    let task_ids = m.task_id.map(|t| vec![t]);
+    let out = m
+        .model
+        .model
+        .generate(&[ids], gen, task_ids.as_deref())
+        .with_context(|| format!("generating with {}", m.model.name_or_path.display()))?;
+    Ok(m.model.decode(&out[0])?)
+}
+
+/// Run `legora generate`.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let loaded = load(&args)?;
+    let gen = generation_config(&args, &loaded.model);
+    gen.validate()
+        .context("generation settings (--temperature, --top-p, --repetition-penalty)")?;
+    if let Some(prompt) = &args.prompt {
+        let (text, templated) = if args.chat_template {
+            let msgs = [Message::new("user", prompt)];
+            (loaded.model.apply_chat_template(&msgs, true)?, true)
+        } else {
+            (prompt.clone(), false)
+        };
+        println!("{}", complete(&loaded, &text, templated, &gen)?);
+        return Ok(());
+    }
+    chat(&loaded, &gen)
+}
+
+/// The interactive loop: one user message per stdin line.
+fn chat(m: &Loaded, gen: &GenerationConfig) -> anyhow::Result<()> {
+    let has_template = m.model.chat_template.is_some();
+    let interactive = std::io::stdin().is_terminal();
+    eprintln!(
+        "chatting with {} ({}); /reset clears the history, /exit or Ctrl-D quits",
+        m.model.name_or_path.display(),
+        if has_template {
+            "its chat template"
+        } else {
+            "no chat template: a plain `User:` / `Assistant:` transcript"
+        }
+    );
+    let mut history: Vec<Message> = Vec::new();
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        if interactive {
+            eprint!("> ");
+            std::io::stderr().flush().ok();
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line.context("reading stdin")?;
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                history.clear();
+                continue;
+            }
+            _ => {}
+        }
+        history.push(Message::new("user", line));
+        let (text, templated) = if has_template {
+            (m.model.apply_chat_template(&history, true)?, true)
+        } else {
+            (transcript(&history), false)
+        };
+        let reply = complete(m, &text, templated, gen)?;
+        // Without a template nothing stops the model from writing the next turn.
+        let reply = match reply.find("\nUser:") {
+            Some(i) if !has_template => reply[..i].to_string(),
+            _ => reply,
+        };
+        let reply = reply.trim().to_string();
+        println!("{reply}");
+        std::io::stdout().flush().ok();
+        history.push(Message::new("assistant", &reply));
+    }
+    Ok(())
+}
+
+fn transcript(history: &[Message]) -> String {
+    let mut s = String::new();
+    for msg in history {
+        let who = if msg.role == "user" {
+            "User"
+        } else {
+            "Assistant"
+        };
+        s.push_str(&format!("{who}: {}\n", msg.content));
+    }
+    s.push_str("Assistant:");
+    s
+}

@@ -1,0 +1,77 @@
+//! `legora merge`: fold a PEFT adapter into its base (PEFT's `merge_and_unload`) and
+//! write a plain Hugging Face model folder that loads without legora or PEFT.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use legora::prelude::*;
+
+use crate::backend::{device, Backend};
+use crate::text::thousands;
+
+/// Weight dtype of the merged folder.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Dtype {
+    /// float32.
+    F32,
+    /// float16.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+/// Arguments of `legora merge`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Hugging Face model folder the adapter was trained on.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Output folder (created; config.json, model.safetensors, tokenizer and generation
+    /// files). Must not be the model folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Weight dtype written.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: Dtype,
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// Run `legora merge`.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if same_dir(&args.model, &args.out) {
+        bail!(
+            "--out {} is the model folder: write the merged model somewhere else",
+            args.out.display()
+        );
+    }
+    let base = PretrainedModel::<Backend>::from_pretrained(&args.model, &device())?;
+    let peft = PeftModel::from_pretrained(base, &args.adapter)?;
+    let merged = peft.merge_and_unload()?;
+    let params = trainable_parameters(&merged.model).total;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating the output folder {}", args.out.display()))?;
+    let dtype = match args.dtype {
+        Dtype::F32 => FloatDtype::F32,
+        Dtype::F16 => FloatDtype::F16,
+        Dtype::Bf16 => FloatDtype::BF16,
+    };
+    merged.save_pretrained_as(&args.out, dtype)?;
+    println!(
+        "merged {} into {} ({} parameters, {}): {}",
+        args.adapter.display(),
+        args.model.display(),
+        thousands(params),
+        dtype.torch_name(),
+        args.out.display()
+    );
+    Ok(())
+}
