@@ -408,24 +408,61 @@ impl<B: Backend> Mlp<B> {
 impl<B: Backend> DecoderLayer<B> {
     /// Experts per mixture slot of this layer (`None` when it has no mixture).
     fn num_experts(&self) -> Option<usize> {
-        let a = &self.self_attn;
         let m = &self.mlp;
-        [
-            &a.q_proj,
-            &a.k_proj,
-            &a.v_proj,
-            &a.o_proj,
-            &m.gate_proj,
-            &m.up_proj,
-            &m.down_proj,
-        ]
-        .into_iter()
-        .find_map(|p| match p {
-            Proj::Moe(m) if m.num_experts() > 0 => Some(m.num_experts()),
-            _ => None,
-        })
+        self.attn_slots()
+            .into_iter()
+            .chain([&m.gate_proj, &m.up_proj, &m.down_proj])
+            .find_map(|p| match p {
+                Proj::Moe(m) if m.num_experts() > 0 => Some(m.num_experts()),
+                _ => None,
+            })
     }
 
+    fn attn_slots(&self) -> [&Proj<B>; 4] {
+        let a = &self.self_attn;
+        [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]
+    }
+
+    /// Whether any attention projection holds a mixture.
+    fn attn_has_mixture(&self) -> bool {
+        self.attn_slots()
+            .into_iter()
+            .any(|p| matches!(p, Proj::Moe(m) if m.num_experts() > 0))
+    }
+
+    /// Gates of this layer's mixture slots for the normalized input `x` of the first
+    /// block that holds a mixture: task gates when routed by task, else the router's.
+    fn route(
+        &self,
+        x: &Tensor<B, 3>,
+        ctx: &Ctx<B>,
+        layer: usize,
+        routing: &mut Vec<Routing<B>>,
+    ) -> Result<Option<Tensor<B, 2>>> {
+        let [b, s, d] = x.dims();
+        let Some(e) = self.num_experts() else {
+            return Ok(None);
+        };
+        if let Some(g) = ctx.gates(s, e, &x.device())? {
+            return Ok(Some(g));
+        }
+        Ok(self.router.as_ref().map(|router| {
+            let out = router.forward(x.clone().reshape([b * s, d]), ctx.token_mask.clone());
+            let g = out.gates.clone();
+            routing.push(Routing {
+                layer: Some(layer),
+                module: None,
+                output: out,
+            });
+            g
+        }))
+    }
+
+    /// The router reads the normalized input of the first block holding a mixture: the
+    /// attention input when attention projections are experts, otherwise the MLP input
+    /// (MixLoRA: the FFN input `post_attention_layernorm(h + attn)`, which already
+    /// carries the context through attention, also in the first layer).
+    ///
     /// # Shapes
     /// - h: `[batch, seq, hidden]` → `[batch, seq, hidden]`
     fn forward(
@@ -436,31 +473,22 @@ impl<B: Backend> DecoderLayer<B> {
         layer: usize,
         routing: &mut Vec<Routing<B>>,
     ) -> Result<Tensor<B, 3>> {
-        let [b, s, d] = h.dims();
         let x = self.input_layernorm.forward(h.clone());
         let mut gates = GateCtx {
             gates: None,
             mask: ctx.token_mask.clone(),
         };
-        if let Some(e) = self.num_experts() {
-            gates.gates = ctx.gates(s, e, &x.device())?;
-            if gates.gates.is_none() {
-                if let Some(router) = &self.router {
-                    // The router reads the layer's normalized hidden state.
-                    let out = router.forward(x.clone().reshape([b * s, d]), ctx.token_mask.clone());
-                    gates.gates = Some(out.gates.clone());
-                    routing.push(Routing {
-                        layer: Some(layer),
-                        module: None,
-                        output: out,
-                    });
-                }
-            }
+        let attn_first = self.attn_has_mixture();
+        if attn_first {
+            gates.gates = self.route(&x, ctx, layer, routing)?;
         }
         let h = h + self
             .self_attn
             .forward(x, ctx, &gates, cache, layer, routing)?;
         let x = self.post_attention_layernorm.forward(h.clone());
+        if !attn_first {
+            gates.gates = self.route(&x, ctx, layer, routing)?;
+        }
         Ok(h + self.mlp.forward(x, &gates, layer, routing)?)
     }
 }

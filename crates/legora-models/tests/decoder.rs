@@ -348,3 +348,53 @@ fn bad_inputs_are_errors() {
     assert!(m.score(&[1], 8, None).is_err());
     assert!(m.slot("model.layers.9.self_attn.q_proj").is_err());
 }
+
+/// Layer-0 router probabilities of the last token of each row.
+fn last_token_probs(m: &CausalLm<B>, rows: &[Vec<u32>]) -> Vec<Vec<f32>> {
+    let out = m.forward(ids(rows)).unwrap();
+    let r0 = out.routing.iter().find(|r| r.layer == Some(0)).unwrap();
+    let p: Vec<f32> = r0.output.probs.clone().into_data().to_vec().unwrap();
+    let (s, e) = (rows[0].len(), 2);
+    (0..rows.len())
+        .map(|b| p[(b * s + s - 1) * e..(b * s + s) * e].to_vec())
+        .collect()
+}
+
+#[test]
+fn router_reads_the_first_mixture_blocks_input() {
+    // Two rows ending in the same token after different prefixes.
+    let rows = vec![vec![3, 9, 1, 8], vec![22, 5, 17, 8]];
+    // Experts on the MLP only (MixLoRA): the router reads the FFN input, which carries
+    // the prefix through attention, so the same last token is routed differently.
+    let mut mlp = model("llama", "");
+    for e in ["e0", "e1"] {
+        mlp.add_adapter(e, &lora(2, &["gate_proj", "up_proj", "down_proj"]))
+            .unwrap();
+    }
+    mlp.adapters_to_mixture(&["e0", "e1"], Some(&RouterConfig::new(2)))
+        .unwrap();
+    let p = last_token_probs(&mlp, &rows);
+    let d = p[0]
+        .iter()
+        .zip(&p[1])
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(d > 1e-4, "MLP-input router ignores the context: {p:?}");
+    // Experts on attention too: the layer-0 router reads input_layernorm(embedding),
+    // which depends on the token alone.
+    let mut attn = model("llama", "");
+    for e in ["e0", "e1"] {
+        attn.add_adapter(e, &lora(2, &["q_proj", "up_proj"]))
+            .unwrap();
+    }
+    attn.adapters_to_mixture(&["e0", "e1"], Some(&RouterConfig::new(2)))
+        .unwrap();
+    let p = last_token_probs(&attn, &rows);
+    let d = p[0]
+        .iter()
+        .zip(&p[1])
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        d < 1e-6,
+        "attention-input router at layer 0 depends on the token only: {p:?}"
+    );
+}
