@@ -26,7 +26,7 @@ use legora_nn::trainable_parameters;
 use legora_plugin_api::{EvalRequest, ParseOptions};
 use legora_plugin_host::PluginHost;
 
-use crate::config::{ExpertsMode, RunConfig, StageKind};
+use crate::config::{ExpertsMode, RunConfig, StageKind, TrainSettings};
 use crate::error::{Result, TrainError};
 use crate::lm::{lm_input, token_nll, LmModel, Objective};
 use crate::metrics::{read_metrics, RoutingStats};
@@ -229,6 +229,72 @@ fn set_experts_trainable<B: Backend>(model: &mut CausalLm<B>, trainable: bool) -
     Ok(())
 }
 
+/// What every training stage of a run shares, and what the stages report.
+struct Stages<'a> {
+    cfg: &'a RunConfig,
+    tasks: &'a [TaskData],
+    batcher: &'a Batcher,
+    options: &'a PipelineOptions,
+    out: &'a Path,
+    metrics_path: &'a Path,
+    summaries: Vec<StageSummary>,
+    params: BTreeMap<String, ParamCount>,
+}
+
+impl Stages<'_> {
+    /// The stage's settings, `num_train_epochs` counted on its own loader.
+    fn settings(&self, kind: StageKind, single_task: bool) -> Result<TrainSettings> {
+        let l = loader(
+            self.cfg,
+            self.tasks,
+            single_task,
+            1,
+            self.batcher,
+            self.cfg.file.seed,
+        )?;
+        self.cfg.train_settings(kind, l.batches_per_epoch())
+    }
+
+    /// Train `model` for one stage (checkpoints under `stages/<name>`), record its
+    /// trainable-parameter count and summary, and return the trained model.
+    fn run<B: AutodiffBackend>(
+        &mut self,
+        name: &str,
+        settings: TrainSettings,
+        single_task: bool,
+        model: LmModel<B>,
+        callback: &mut dyn TrainCallback,
+        device: &B::Device,
+    ) -> Result<CausalLm<B>> {
+        let (cfg, tasks, batcher) = (self.cfg, self.tasks, self.batcher);
+        let mut l = loader(
+            cfg,
+            tasks,
+            single_task,
+            settings.batch_size,
+            batcher,
+            settings.seed,
+        )?;
+        let val = val_sets(tasks, settings.eval_batch_size, batcher, single_task)?;
+        let p = trainable_parameters(&model);
+        self.params.insert(
+            name.to_string(),
+            ParamCount {
+                trainable: p.trainable,
+                total: p.total,
+            },
+        );
+        let res = Trainer::new(name, self.out.join("stages").join(name), settings)
+            .resume(self.options.resume)
+            .stop_after(self.options.stop_after)
+            .metrics_path(self.metrics_path)
+            .callback(callback)
+            .run(model, &mut l, &val, device)?;
+        self.summaries.push(res.summary);
+        Ok(res.model.model)
+    }
+}
+
 /// Run every enabled stage of `cfg`, then the evaluation, and write the outputs.
 pub fn run_pipeline<B: AutodiffBackend>(
     cfg: &RunConfig,
@@ -257,13 +323,21 @@ pub fn run_pipeline<B: AutodiffBackend>(
         let _ = std::fs::remove_file(&metrics_path);
     }
     let lora = cfg.lora_config();
-    let mut stages: Vec<StageSummary> = Vec::new();
-    let mut params = BTreeMap::new();
+    let mut stage = Stages {
+        cfg,
+        tasks: &tasks,
+        batcher: &batcher,
+        options,
+        out: &out,
+        metrics_path: &metrics_path,
+        summaries: Vec::new(),
+        params: BTreeMap::new(),
+    };
     if options.eval_only {
         // the previous run's stage summaries and parameter counts stay in the report
         if let Ok(prev) = Report::read_json(&out.join("report.json")) {
-            stages = prev.stages;
-            params = prev.params;
+            stage.summaries = prev.stages;
+            stage.params = prev.params;
         }
     }
     let hub_err = |e: legora_hub::HubError| other(e, "write");
@@ -285,37 +359,9 @@ pub fn run_pipeline<B: AutodiffBackend>(
         experts_model
             .adapters_to_mixture(&name_refs, None)
             .map_err(|e| other(e, "experts"))?;
-        let settings = {
-            let l = loader(cfg, &tasks, false, 1, &batcher, cfg.file.seed)?;
-            let bpe = l.batches_per_epoch();
-            cfg.train_settings(StageKind::Experts, bpe)?
-        };
-        let mut l = loader(
-            cfg,
-            &tasks,
-            false,
-            settings.batch_size,
-            &batcher,
-            settings.seed,
-        )?;
-        let val = val_sets(&tasks, settings.eval_batch_size, &batcher, false)?;
+        let settings = stage.settings(StageKind::Experts, false)?;
         let model = LmModel::new(experts_model, Objective::TaskRouted);
-        let p = trainable_parameters(&model);
-        params.insert(
-            "experts".to_string(),
-            ParamCount {
-                trainable: p.trainable,
-                total: p.total,
-            },
-        );
-        let res = Trainer::new("experts", out.join("stages/experts"), settings)
-            .resume(options.resume)
-            .stop_after(options.stop_after)
-            .metrics_path(&metrics_path)
-            .callback(callback)
-            .run(model, &mut l, &val, device)?;
-        stages.push(res.summary.clone());
-        res.model.model
+        stage.run("experts", settings, false, model, callback, device)?
     };
     if !options.eval_only {
         legora_hub::save_mixture(
@@ -341,41 +387,14 @@ pub fn run_pipeline<B: AutodiffBackend>(
             .set_layer_router(layer, r)
             .map_err(|e| other(e, "router"))?;
     }
-    let router_settings = {
-        let bpe = loader(cfg, &tasks, false, 1, &batcher, cfg.file.seed)?.batches_per_epoch();
-        cfg.train_settings(StageKind::Router, bpe)?
-    };
+    let router_settings = stage.settings(StageKind::Router, false)?;
     set_experts_trainable(&mut mixture, router_settings.experts == ExpertsMode::Joint)?;
     if cfg.stage_enabled(StageKind::Router) && !options.eval_only {
-        let mut l = loader(
-            cfg,
-            &tasks,
-            false,
-            router_settings.batch_size,
-            &batcher,
-            router_settings.seed,
-        )?;
-        let val = val_sets(&tasks, router_settings.eval_batch_size, &batcher, false)?;
         let objective = Objective::Routed {
             routing_loss_coef: router_settings.routing_loss_coef,
         };
         let model = LmModel::new(mixture, objective);
-        let p = trainable_parameters(&model);
-        params.insert(
-            "router".to_string(),
-            ParamCount {
-                trainable: p.trainable,
-                total: p.total,
-            },
-        );
-        let res = Trainer::new("router", out.join("stages/router"), router_settings)
-            .resume(options.resume)
-            .stop_after(options.stop_after)
-            .metrics_path(&metrics_path)
-            .callback(callback)
-            .run(model, &mut l, &val, device)?;
-        stages.push(res.summary.clone());
-        mixture = res.model.model;
+        mixture = stage.run("router", router_settings, false, model, callback, device)?;
     }
     if !options.eval_only {
         legora_hub::save_mixture(
@@ -405,34 +424,9 @@ pub fn run_pipeline<B: AutodiffBackend>(
         let mut m = base.model.clone();
         m.add_adapter("single_lora", &single_cfg)
             .map_err(|e| other(e, "single_lora"))?;
-        let bpe = loader(cfg, &tasks, true, 1, &batcher, cfg.file.seed)?.batches_per_epoch();
-        let settings = cfg.train_settings(StageKind::SingleLora, bpe)?;
-        let mut l = loader(
-            cfg,
-            &tasks,
-            true,
-            settings.batch_size,
-            &batcher,
-            settings.seed,
-        )?;
-        let val = val_sets(&tasks, settings.eval_batch_size, &batcher, true)?;
+        let settings = stage.settings(StageKind::SingleLora, true)?;
         let model = LmModel::new(m, Objective::Lm);
-        let p = trainable_parameters(&model);
-        params.insert(
-            "single_lora".to_string(),
-            ParamCount {
-                trainable: p.trainable,
-                total: p.total,
-            },
-        );
-        let res = Trainer::new("single_lora", out.join("stages/single_lora"), settings)
-            .resume(options.resume)
-            .stop_after(options.stop_after)
-            .metrics_path(&metrics_path)
-            .callback(callback)
-            .run(model, &mut l, &val, device)?;
-        stages.push(res.summary.clone());
-        let m = res.model.model;
+        let m = stage.run("single_lora", settings, true, model, callback, device)?;
         legora_hub::save_adapter(&m, "single_lora", &single_cfg, &out.join("single_lora"))
             .map_err(hub_err)?;
         single_model = Some(m);
@@ -443,8 +437,8 @@ pub fn run_pipeline<B: AutodiffBackend>(
         base_model: model_path.display().to_string(),
         experts: names.clone(),
         variants: variants.clone(),
-        params,
-        stages,
+        params: stage.params,
+        stages: stage.summaries,
         ..Report::default()
     };
 
