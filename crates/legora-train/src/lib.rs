@@ -36,7 +36,7 @@ pub use config::{
     RunConfig, RunFile, StageKind, StageSection, StagesSection, TaskSection, TrainSettings,
 };
 pub use error::{Result, TrainError};
-pub use lm::{lm_input, token_nll, LmModel, Objective};
+pub use lm::{lm_input, shifted_targets, token_nll, LmModel, Objective};
 pub use metrics::{
     read_metrics, EvalMetrics, MetricLine, MetricsWriter, RoutingStats, TrainMetrics,
 };

@@ -59,24 +59,35 @@ struct Targets {
     count: usize,
 }
 
-fn targets(batch: &Batch) -> Targets {
+/// The HF shift of a batch's labels: target ids `[batch · (seq − 1)]` (0 where ignored)
+/// and whether each position carries loss.
+pub fn shifted_targets(batch: &Batch) -> (Vec<i64>, Vec<bool>) {
     let (b, s) = (batch.batch_size, batch.seq_len);
-    let n = b * (s - 1);
-    let mut ids = vec![0i64; n];
-    let mut valid = vec![false; n];
-    let tasks = batch.task_ids.iter().copied().max().map_or(0, |m| m + 1);
-    let mut per_task = vec![0usize; tasks.max(1)];
+    let mut ids = vec![0i64; b * (s - 1)];
+    let mut valid = vec![false; b * (s - 1)];
     for r in 0..b {
         for t in 0..s - 1 {
             let l = batch.labels[r * s + t + 1];
             if l != IGNORE_INDEX {
                 ids[r * (s - 1) + t] = l;
                 valid[r * (s - 1) + t] = true;
-                if let Some(&task) = batch.task_ids.get(r) {
-                    per_task[task] += 1;
-                }
             }
         }
+    }
+    (ids, valid)
+}
+
+fn targets(batch: &Batch) -> Targets {
+    let (b, s) = (batch.batch_size, batch.seq_len);
+    let n = b * (s - 1);
+    let (ids, valid) = shifted_targets(batch);
+    let tasks = batch.task_ids.iter().copied().max().map_or(0, |m| m + 1);
+    let mut per_task = vec![0usize; tasks.max(1)];
+    for (r, &task) in batch.task_ids.iter().enumerate().take(b) {
+        per_task[task] += valid[r * (s - 1)..(r + 1) * (s - 1)]
+            .iter()
+            .filter(|v| **v)
+            .count();
     }
     let count = valid.iter().filter(|v| **v).count();
     let mut mean_w = vec![0f32; n];

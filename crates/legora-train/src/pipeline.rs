@@ -28,7 +28,7 @@ use legora_plugin_host::PluginHost;
 
 use crate::config::{ExpertsMode, RunConfig, StageKind, TrainSettings};
 use crate::error::{Result, TrainError};
-use crate::lm::{lm_input, token_nll, LmModel, Objective};
+use crate::lm::{lm_input, shifted_targets, token_nll, LmModel, Objective};
 use crate::metrics::{read_metrics, RoutingStats};
 use crate::plot::{plot_routing_load, plot_stage_losses};
 use crate::report::{ModelMetrics, ParamCount, Report, TaskReport};
@@ -759,17 +759,7 @@ fn choice_scores<B: Backend>(
             .forward(lm_input(&batch, false, &device))
             .map_err(|e| other(e, "score choices"))?;
         let (b, s) = (batch.batch_size, batch.seq_len);
-        let mut ids = vec![0i64; b * (s - 1)];
-        let mut valid = vec![false; b * (s - 1)];
-        for r in 0..b {
-            for t in 0..s - 1 {
-                let l = batch.labels[r * s + t + 1];
-                if l != IGNORE_INDEX {
-                    ids[r * (s - 1) + t] = l;
-                    valid[r * (s - 1) + t] = true;
-                }
-            }
-        }
+        let (ids, valid) = shifted_targets(&batch);
         let nll: Vec<f32> = token_nll(out.logits, &ids)
             .into_data()
             .convert::<f32>()
