@@ -1,27 +1,39 @@
 """legora vs PyTorch + transformers + PEFT, same cases, same machine, same thread count.
 
     cargo build --release -p legora-cli
-    ~/.cache/legora-venv/bin/python bench/compare_peft.py [--steps 8] [--threads 2] [--cases S-qv,S-all]
+    ~/.cache/legora-venv/bin/python bench/compare_peft.py [--steps 8] [--warmup 2] [--threads N]
+        [--cases S-qv,S-all,S-moe,S-concurrent] [--json-out results.jsonl]
 
-Each case runs in a fresh subprocess (so peak RSS is that case's own), first in PyTorch,
-then through `legora bench --case <case> --json`. Prints one JSON line per run and a
-table with the ratio legora / PyTorch (tokens/s: higher is better for legora; RSS: lower).
+Each run is a fresh subprocess (so its peak RSS is its own): first the PyTorch side of a
+case (this script with --worker), then `target/release/legora bench --case <case> --json`.
+Both get the same thread count (torch.set_num_threads + OMP_NUM_THREADS,
+RAYON_NUM_THREADS). Prints one JSON line per run, then a table with the ratio
+legora / PyTorch (tokens/s: > 1 means legora is faster; peak RSS: < 1 means legora uses
+less) and the mixture checks of issue 6 (acceptance 3), from legora's own runs.
 
-Cases (random weights: speed does not depend on weight values):
-  S-qv          Qwen2-shaped (hidden 512, 8 layers, 8 heads / 2 KV, intermediate 1408,
-                vocab 8192, tied), batch 4 x seq 256, LoRA r=8 alpha=16 dropout 0.05 on
-                q_proj,v_proj, AdamW.
-  S-all         the same on all seven linear projections.
-  S-moe         4 experts r=8 on all seven projections, one top-2 router per decoder layer
-                with the load-balancing aux loss; the PyTorch side is a plain MixLoRA-style
-                mixture written below (per-expert loop over routed tokens).
-  S-concurrent  3 task-routed adapters in one run (batch 3x4) vs PEFT training the same 3
-                adapters one after another (batch 4 each), same number of steps each.
+Cases (random weights: speed does not depend on weight values). Every case: Qwen2 shape
+(hidden 512, 8 layers, 8 heads / 2 KV heads, intermediate 1408, vocab 8192, tied
+embeddings, q/k/v bias), f32, batch 4 x seq 256 of random token ids with labels = inputs,
+LoRA r=8 alpha=16 dropout 0.05, AdamW (lr 1e-4, betas (0.9, 0.999), eps 1e-8, weight
+decay 0.01), global-norm clipping at 1.0. A step is forward + loss, backward, clipping,
+optimizer step; warmup steps are not timed.
+  S-qv          LoRA on q_proj, v_proj (PEFT).
+  S-all         LoRA on all seven linear projections (PEFT).
+  S-moe         4 experts on all seven projections, one top-2 router per decoder layer
+                reading the layer's normalized input (as legora), load-balancing aux loss
+                (coef 0.01); the PyTorch side is a plain MixLoRA-style mixture written
+                below (a per-expert loop over the tokens routed to it).
+  S-concurrent  3 adapters (all seven projections). PyTorch: PEFT trains them one after
+                another (set_adapter, batch 4 each, `steps` steps each), which is what
+                PEFT offers. legora: one task-routed run over one shared frozen base,
+                batch 3 x 4 (`S-concurrent`), and, for issue 6's acceptance 3, the same
+                three trained one after another (`S-concurrent-seq`).
 """
 
 import argparse
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -32,135 +44,167 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CASES = ["S-qv", "S-all", "S-moe", "S-concurrent"]
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+HIDDEN, LAYERS, HEADS, KV_HEADS, INTER, VOCAB = 512, 8, 8, 2, 1408, 8192
+BATCH, SEQ = 4, 256
+R, ALPHA, DROPOUT = 8, 16, 0.05
+LR, CLIP = 1e-4, 1.0
 
 
 def qwen2_small():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-                      num_key_value_heads=2, intermediate_size=1408, vocab_size=8192,
-                      tie_word_embeddings=True, max_position_embeddings=1024)
+    cfg = Qwen2Config(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                      num_key_value_heads=KV_HEADS, intermediate_size=INTER, vocab_size=VOCAB,
+                      tie_word_embeddings=True, max_position_embeddings=1024,
+                      attention_dropout=0.0, use_cache=False)
+    # sdpa: PyTorch's fused attention, the transformers default
     cfg._attn_implementation = "sdpa"
     return Qwen2ForCausalLM(cfg)
 
 
-class MoeLoraLinear:
-    """MixLoRA-style: E LoRA experts on a frozen linear, gates from the layer's router."""
-
-    def __new__(cls, base, experts, r, alpha, dropout, store):
-        import torch
-        from torch import nn
-
-        class _M(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.base = base
-                self.A = nn.ParameterList([nn.Parameter(torch.randn(r, base.in_features) / base.in_features**0.5) for _ in range(experts)])
-                self.B = nn.ParameterList([nn.Parameter(torch.zeros(base.out_features, r)) for _ in range(experts)])
-                self.drop = nn.Dropout(dropout)
-                self.scale = alpha / r
-
-            def forward(self, x):
-                y = self.base(x)
-                weights, idx = store["gates"]  # [N, k], [N, k]
-                flat = x.reshape(-1, x.shape[-1])
-                out = torch.zeros(flat.shape[0], y.shape[-1], dtype=y.dtype)
-                for e in range(len(self.A)):
-                    tok, slot = torch.where(idx == e)
-                    if tok.numel() == 0:
-                        continue
-                    h = self.drop(flat[tok]) @ self.A[e].T @ self.B[e].T
-                    out.index_add_(0, tok, h * (weights[tok, slot, None] * self.scale))
-                return y + out.reshape(y.shape)
-
-        return _M()
-
-
-def attach_moe(model, experts=4, k=2):
+def make_moe_linear(base, experts, store):
+    """A frozen linear with `experts` LoRA experts, MixLoRA style: each expert runs on
+    the tokens routed to it (gathered), its output is weighted by the token's gate and
+    scattered back. Gates come from the decoder layer's router through `store`."""
     import torch
     from torch import nn
 
+    class MoeLoraLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = base
+            # PEFT's init: A kaiming-uniform(a=sqrt(5)), B zero
+            self.A = nn.ParameterList()
+            for _ in range(experts):
+                a = torch.empty(R, base.in_features)
+                nn.init.kaiming_uniform_(a, a=5 ** 0.5)
+                self.A.append(nn.Parameter(a))
+            self.B = nn.ParameterList(
+                [nn.Parameter(torch.zeros(base.out_features, R)) for _ in range(experts)])
+            self.drop = nn.Dropout(DROPOUT)
+            self.scale = ALPHA / R
+
+        def forward(self, x):
+            y = self.base(x)
+            weights, idx = store["gates"]  # [N, k], [N, k]
+            flat = x.reshape(-1, x.shape[-1])
+            out = torch.zeros(flat.shape[0], y.shape[-1], dtype=y.dtype, device=y.device)
+            for e in range(len(self.A)):
+                tok, slot = torch.where(idx == e)
+                if tok.numel() == 0:
+                    continue
+                h = self.drop(flat[tok]) @ self.A[e].T @ self.B[e].T
+                out.index_add_(0, tok, h * (weights[tok, slot, None] * self.scale))
+            return y + out.reshape(y.shape)
+
+    return MoeLoraLinear()
+
+
+def attach_moe(model, experts=4, k=2, aux_coef=0.01):
+    """Freeze the model, put a mixture on all seven projections of every layer and a
+    top-k router per layer reading `input_layernorm`'s output (legora's router input
+    when the attention projections hold experts). Returns the model and the list the
+    routers append their aux losses to (clear it before each forward)."""
+    import torch
+    from torch import nn
+
+    for p in model.parameters():
+        p.requires_grad_(False)
     aux = []
-    for layer in model.model.layers:
-        for p in model.parameters():
-            p.requires_grad_(False)
     routers = []
     for layer in model.model.layers:
         store = {}
-        router = nn.Linear(512, experts, bias=False)
+        router = nn.Linear(HIDDEN, experts, bias=False)
         nn.init.normal_(router.weight, std=0.02)
         routers.append(router)
 
-        def pre_hook(mod, args, kwargs, router=router, store=store):
-            h = kwargs.get("hidden_states", args[0] if args else None)
+        def route(mod, inputs, output, router=router, store=store):
+            h = output
             logits = router(h.reshape(-1, h.shape[-1]))
             probs = torch.softmax(logits.float(), dim=-1)
             w, idx = torch.topk(probs, k, dim=-1)
             store["gates"] = (w / w.sum(-1, keepdim=True), idx)
-            mask = torch.zeros_like(probs).scatter(1, idx, 1.0)
-            aux.append(0.01 * experts * (mask.mean(0) * probs.mean(0)).sum())
+            # Switch / Mixtral load balancing: coef * E * sum_e f_e * P_e
+            frac = torch.zeros_like(probs).scatter(1, idx, 1.0).mean(0) / k
+            aux.append(aux_coef * experts * (frac * probs.mean(0)).sum())
 
-        layer.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        # a forward hook on the norm: runs with every layer call, whatever the call's
+        # argument layout (positional or keyword, transformers 4 or 5)
+        layer.input_layernorm.register_forward_hook(route)
         for parent in (layer.self_attn, layer.mlp):
             for name in ALL:
                 if hasattr(parent, name):
-                    setattr(parent, name, MoeLoraLinear(getattr(parent, name), experts, 8, 16, 0.05, store))
+                    setattr(parent, name, make_moe_linear(getattr(parent, name), experts, store))
     model.moe_routers = nn.ModuleList(routers)
     return model, aux
 
 
+def peak_rss_mb():
+    # ru_maxrss: kilobytes on Linux, bytes on macOS
+    v = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return v / (1024.0 * 1024.0) if sys.platform == "darwin" else v / 1024.0
+
+
 def worker(case, steps, warmup, threads):
     import torch
+    import transformers
+    import peft
     from peft import LoraConfig, get_peft_model
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    batch, seq = 4, 256
     model = qwen2_small()
     aux = None
+    lora = lambda targets: LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT,  # noqa: E731
+                                      target_modules=targets)
     if case == "S-moe":
         model, aux = attach_moe(model)
-        params = [p for p in model.parameters() if p.requires_grad]
-    elif case in ("S-qv", "S-all", "S-concurrent"):
-        targets = ["q_proj", "v_proj"] if case == "S-qv" else ALL
-        if case == "S-concurrent":
-            targets = ALL
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=targets))
-    model.train()
-    adapters = ["default"]
+    elif case == "S-qv":
+        model = get_peft_model(model, lora(["q_proj", "v_proj"]))
+    elif case in ("S-all", "S-concurrent"):
+        model = get_peft_model(model, lora(ALL))
+    else:
+        raise SystemExit(f"unknown case {case!r}; cases: {', '.join(CASES)}")
+    adapters = [None]
     if case == "S-concurrent":
         for name in ("t1", "t2"):
-            model.add_adapter(name, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=ALL))
+            model.add_adapter(name, lora(ALL))
         adapters = ["default", "t1", "t2"]
-    times = []
+    model.train()
+    times, trainable = [], 0
+    started = time.perf_counter()
     for adapter in adapters:
-        if case == "S-concurrent":
-            model.set_adapter(adapter)
+        if adapter is not None:
+            model.set_adapter(adapter)  # only this adapter is active and trainable
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4)
+        trainable += sum(p.numel() for p in params)
+        opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
         for step in range(warmup + steps):
-            x = torch.randint(0, 8192, (batch, seq))
+            x = torch.randint(0, VOCAB, (BATCH, SEQ))
             t0 = time.perf_counter()
             if aux is not None:
                 aux.clear()
             loss = model(input_ids=x, labels=x).loss
             if aux:
                 loss = loss + sum(aux)
+            loss_value = loss.item()  # legora's trainer reads the loss too
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(params, CLIP)
             opt.step()
             if step >= warmup:
                 times.append(time.perf_counter() - t0)
-    tokens = batch * seq
+    tokens = BATCH * SEQ
     med = statistics.median(times)
-    total = sum(times)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    out = {"impl": "pytorch+peft", "case": case, "threads": threads, "steps": steps,
-           "tokens_per_step": tokens, "step_s_median": med,
+    out = {"impl": "pytorch+peft" if case != "S-moe" else "pytorch (MixLoRA-style loop)",
+           "case": case, "threads": threads, "steps": steps, "timed_steps": len(times),
+           "warmup": warmup, "tokens_per_step": tokens, "step_s_median": med,
            "step_s_min": min(times), "step_s_max": max(times),
-           "tokens_per_s": tokens / med, "total_s": total, "peak_rss_mb": peak_mb,
-           "torch": torch.__version__}
+           "tokens_per_s": tokens / med, "total_s": sum(times),
+           "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(),
+           "trainable_params": trainable, "last_loss": loss_value,
+           "torch": torch.__version__, "transformers": transformers.__version__,
+           "peft": peft.__version__}
     print(json.dumps(out))
 
 
@@ -168,38 +212,126 @@ def run_json(cmd, env):
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         sys.stderr.write(res.stderr)
-        raise SystemExit(f"failed: {' '.join(cmd)}")
-    return json.loads([l for l in res.stdout.splitlines() if l.startswith("{")][-1])
+        raise SystemExit(f"failed ({res.returncode}): {' '.join(cmd)}")
+    lines = [line for line in res.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise SystemExit(f"no JSON from: {' '.join(cmd)}\n{res.stdout}{res.stderr}")
+    return json.loads(lines[-1])
+
+
+def cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def ratio(a, b):
+    return a / b if a and b else float("nan")
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", default=",".join(CASES))
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--legora", default=str(ROOT / "target" / "release" / "legora"))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", default=",".join(CASES),
+                    help=f"comma-separated, from {','.join(CASES)}")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per run (default 8)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2,
+                    help="threads for both sides (default: all cores)")
+    ap.add_argument("--legora", default=str(ROOT / "target" / "release" / "legora"),
+                    help="the legora binary (default target/release/legora)")
+    ap.add_argument("--json-out", help="also write every run's JSON line to this file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args.worker, args.steps, args.warmup, args.threads)
         return
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), RAYON_NUM_THREADS=str(args.threads))
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    bad = [c for c in cases if c not in CASES]
+    if bad:
+        raise SystemExit(f"unknown case(s) {bad}; cases: {', '.join(CASES)}")
+    if not Path(args.legora).is_file():
+        raise SystemExit(f"{args.legora} not found: run `cargo build --release -p legora-cli` first")
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit("--steps must be >= 1 and --warmup >= 0")
+    t = str(args.threads)
+    env = dict(os.environ, OMP_NUM_THREADS=t, MKL_NUM_THREADS=t, RAYON_NUM_THREADS=t)
+    common = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+    records = []
+
+    def record(r):
+        print(json.dumps(r), flush=True)
+        records.append(r)
+        return r
+
     rows = []
-    for case in args.cases.split(","):
-        torch_res = run_json([sys.executable, __file__, "--worker", case, "--steps", str(args.steps),
-                              "--warmup", str(args.warmup), "--threads", str(args.threads)], env)
-        print(json.dumps(torch_res), flush=True)
-        leg = run_json([args.legora, "bench", "--case", case, "--steps", str(args.steps),
-                        "--warmup", str(args.warmup), "--json"], env)
-        print(json.dumps(leg), flush=True)
-        rows.append((case, torch_res, leg))
+    legora = {}
+    for case in cases:
+        pt = record(run_json([sys.executable, str(Path(__file__).resolve()), "--worker", case,
+                              "--threads", t] + common, env))
+        lg = record(run_json([args.legora, "bench", "--case", case, "--json"] + common, env))
+        legora[case] = lg
+        rows.append((case, pt, lg))
+        if case == "S-concurrent":
+            legora["S-concurrent-seq"] = record(run_json(
+                [args.legora, "bench", "--case", "S-concurrent-seq", "--json"] + common, env))
+    if args.json_out:
+        Path(args.json_out).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    pt0 = rows[0][1] if rows else {}
     print()
-    print(f"| case | PyTorch+PEFT tok/s | legora tok/s | ratio (legora/PyTorch) | PyTorch peak RSS MB | legora peak RSS MB | RSS ratio |")
+    print(f"CPU: {cpu_name()}, {args.threads} threads; legora {rows[0][2]['backend'] if rows else '?'}"
+          f" backend; torch {pt0.get('torch')}, transformers {pt0.get('transformers')}, "
+          f"peft {pt0.get('peft')}; {args.steps} timed steps after {args.warmup} warmup")
+    print()
+    print("| case | PyTorch tok/s | legora tok/s | tok/s ratio (legora/PyTorch) "
+          "| PyTorch peak RSS MB | legora peak RSS MB | RSS ratio (legora/PyTorch) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for case, t, l in rows:
-        print(f"| {case} | {t['tokens_per_s']:.0f} | {l['tokens_per_s']:.0f} | {l['tokens_per_s'] / t['tokens_per_s']:.2f}x "
-              f"| {t['peak_rss_mb']:.0f} | {l['peak_rss_mb']:.0f} | {l['peak_rss_mb'] / t['peak_rss_mb']:.2f} |")
+    for case, p, q in rows:
+        print(f"| {case} | {p['tokens_per_s']:.0f} | {q['tokens_per_s']:.0f} "
+              f"| {ratio(q['tokens_per_s'], p['tokens_per_s']):.2f}x "
+              f"| {p['peak_rss_mb']:.0f} | {q['peak_rss_mb'] or float('nan'):.0f} "
+              f"| {ratio(q['peak_rss_mb'], p['peak_rss_mb']):.2f} |")
+    if "S-concurrent" in legora:
+        print()
+        print("S-concurrent: PyTorch = PEFT training the 3 adapters one after another (batch 4); "
+              "legora = one task-routed run (batch 3x4).")
+        p = next(p for c, p, _ in rows if c == "S-concurrent")
+        q = legora["S-concurrent"]
+        print(f"  total time of the timed steps: PyTorch {p['total_s']:.1f} s, "
+              f"legora {q['total_s']:.1f} s (ratio {ratio(q['total_s'], p['total_s']):.2f})")
+
+    checks = []
+    if "S-moe" in legora and "S-all" in legora:
+        v = ratio(legora["S-moe"]["step_s_median"], legora["S-all"]["step_s_median"])
+        checks.append(("S-moe step / S-all step (legora)", v, "<= 1.4", v <= 1.4))
+        p_moe = next((p for c, p, _ in rows if c == "S-moe"), None)
+        p_all = next((p for c, p, _ in rows if c == "S-all"), None)
+        if p_moe and p_all:
+            checks.append(("S-moe step / S-all step (PyTorch, for reference)",
+                           ratio(p_moe["step_s_median"], p_all["step_s_median"]), "", None))
+    if "S-concurrent" in legora:
+        c, s = legora["S-concurrent"], legora["S-concurrent-seq"]
+        v = ratio(c["total_s"], s["total_s"])
+        checks.append(("S-concurrent / S-concurrent-seq wall time (legora, same steps per expert)",
+                       v, "<= 0.9", v <= 0.9))
+        # one single-expert run: S-all in its own process (batch 4, all seven
+        # projections); else the sequential run, whose experts share one base
+        single = legora.get("S-all", s)
+        name = "S-all" if "S-all" in legora else "S-concurrent-seq"
+        v = ratio(c["peak_rss_mb"], single["peak_rss_mb"])
+        checks.append((f"S-concurrent peak RSS / one single-expert run ({name}) (legora)",
+                       v, "<= 1.25", v <= 1.25))
+    if checks:
+        print()
+        print("| issue 6 check | value | target | met |")
+        print("|---|---:|---|---|")
+        for name, v, target, ok in checks:
+            met = "" if ok is None else ("yes" if ok else "no")
+            print(f"| {name} | {v:.2f} | {target} | {met} |")
 
 
 if __name__ == "__main__":

@@ -6,11 +6,14 @@ This is the provenance of everything under demo/base/ (committed, < 5 MB), so th
 needs no download and no Python:
 
 1. writes demo/corpus.txt: a deterministic general-English corpus (everyday topics made
-   from templates x vocabularies x numbers; no task formats, no answers to the plugin tasks);
+   from templates x vocabularies x numbers, and sentences that quote and repeat a phrase,
+   so the model learns to copy from its context; no task formats, no answers to the
+   plugin tasks);
 2. trains a byte-level BPE tokenizer (vocab 512) on the corpus plus the plugins' sample
    *training* texts, so that domain words tokenize sensibly;
 3. pretrains LlamaForCausalLM (hidden 128, 4 layers, 4 heads / 2 KV heads, tied embeddings)
-   on the corpus with a next-token loss, and saves it with save_pretrained (float32).
+   on the corpus with a next-token loss (1500 steps of 16 x 256 tokens), and saves it with
+   save_pretrained (float32).
 
 The model knows English-ish text, but has never seen the medical, finance or game-NPC
 task formats: what the LoRA experts learn in the demo is theirs.
@@ -57,7 +60,21 @@ TEMPLATES = [
 ]
 
 
-def make_corpus(n_lines=9000):
+# Quoting and repeating: general English that asks the model to copy a phrase it read
+# earlier in the text (what people and signs say), so that the base learns to look back
+# and copy — a skill every later task leans on — without seeing any task format.
+WORDS = ["bright", "river", "stone", "quiet", "golden", "winter", "apple", "silver", "road",
+         "happy", "green", "thunder", "little", "garden", "morning", "candle", "north",
+         "gentle", "copper", "forest", "velvet", "storm", "honey", "lantern", "brave", "salt"]
+QUOTE_TEMPLATES = [
+    "{p} always says \"{s}\". When {q} came to {pl}, {p} smiled and said: \"{s}\"",
+    "The sign at {pl} reads \"{s}\". {q} read the sign aloud: \"{s}\"",
+    "{p} taught {q} a saying: \"{s}\". On {d}, {q} repeated it: \"{s}\"",
+    "Every time {p} is {f}, {p} says \"{s}\". Today {p} was {f} and said \"{s}\"",
+]
+
+
+def make_corpus(n_lines=9000, n_quotes=3000):
     rng = random.Random(SEED)
     lines = []
     for _ in range(n_lines):
@@ -67,6 +84,11 @@ def make_corpus(n_lines=9000):
             pl=rng.choice(PLACES), t=rng.choice(THINGS), w=rng.choice(WEATHER),
             d=rng.choice(DAYS), f=rng.choice(FEELINGS), x=rng.choice(TOPICS[topic]),
             n=rng.randint(2, 90)))
+    for _ in range(n_quotes):
+        phrase = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 3)))
+        lines.insert(rng.randrange(len(lines) + 1), rng.choice(QUOTE_TEMPLATES).format(
+            p=rng.choice(PEOPLE), q=rng.choice(PEOPLE), pl=rng.choice(PLACES),
+            d=rng.choice(DAYS), f=rng.choice(FEELINGS), s=phrase.capitalize() + "!"))
     return lines
 
 
@@ -120,7 +142,8 @@ def main():
     for line in lines:
         ids.extend(tok.encode(line).ids + [eos])
     data = torch.tensor(ids, dtype=torch.long)
-    seq, batch, steps = 128, 16, 600
+    # 256 positions: the demo's dialogue rows are that long
+    seq, batch, steps = 256, 16, 1500
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(SEED)

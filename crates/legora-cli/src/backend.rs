@@ -24,6 +24,17 @@ pub type Backend = legora::backend::Flex;
 )))]
 compile_error!("enable one backend feature: flex (default), ndarray, wgpu or cuda");
 
+/// The name of [`Backend`] (`cuda`, `wgpu`, `ndarray` or `flex`), for reports.
+pub const NAME: &str = if cfg!(feature = "cuda") {
+    "cuda"
+} else if cfg!(feature = "wgpu") {
+    "wgpu"
+} else if cfg!(feature = "ndarray") {
+    "ndarray"
+} else {
+    "flex"
+};
+
 /// [`Backend`] with autodiff, for training.
 pub type TrainBackend = legora::backend::Autodiff<Backend>;
 

@@ -34,6 +34,8 @@ enum Command {
     Plugins(cmd::plugins::Args),
     /// Describe a model, PEFT adapter or mixture folder.
     Inspect(cmd::inspect::Args),
+    /// Training-step speed and peak memory on random-weight models (issue 6 cases).
+    Bench(cmd::bench::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -54,6 +56,7 @@ fn main() -> std::process::ExitCode {
         Command::Merge(args) => cmd::merge::run(args),
         Command::Plugins(args) => cmd::plugins::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -63,6 +63,59 @@ impl Batch {
     pub fn row_labels(&self, b: usize) -> &[i64] {
         &self.labels[b * self.seq_len..(b + 1) * self.seq_len]
     }
+
+    /// The given rows, in order, with the columns after their last real token dropped
+    /// (at least one column is kept).
+    pub fn select_rows(&self, rows: &[usize]) -> Batch {
+        let s = self.seq_len;
+        let end = rows
+            .iter()
+            .filter_map(|&r| {
+                self.attention_mask[r * s..(r + 1) * s]
+                    .iter()
+                    .rposition(|m| *m != 0)
+            })
+            .max()
+            .map_or(1, |last| last + 1);
+        let pick = |v: &[u32]| -> Vec<u32> {
+            rows.iter()
+                .flat_map(|&r| v[r * s..r * s + end].iter().copied())
+                .collect()
+        };
+        Batch {
+            batch_size: rows.len(),
+            seq_len: end,
+            input_ids: pick(&self.input_ids),
+            labels: rows
+                .iter()
+                .flat_map(|&r| self.labels[r * s..r * s + end].iter().copied())
+                .collect(),
+            attention_mask: pick(&self.attention_mask),
+            position_ids: pick(&self.position_ids),
+            sequence_ids: pick(&self.sequence_ids),
+            task_ids: rows.iter().map(|&r| self.task_ids[r]).collect(),
+        }
+    }
+
+    /// One batch per task present (in order of first appearance), each trimmed to its own
+    /// longest row: the same rows in fewer padded tokens when tasks differ in length.
+    pub fn split_by_task(&self) -> Vec<Batch> {
+        let mut order: Vec<usize> = Vec::new();
+        for &t in &self.task_ids {
+            if !order.contains(&t) {
+                order.push(t);
+            }
+        }
+        order
+            .into_iter()
+            .map(|t| {
+                let rows: Vec<usize> = (0..self.batch_size)
+                    .filter(|&r| self.task_ids[r] == t)
+                    .collect();
+                self.select_rows(&rows)
+            })
+            .collect()
+    }
 }
 
 /// Collates [`Example`]s into a [`Batch`].

@@ -139,6 +139,49 @@ fn batches_are_right_padded_with_mask_and_tasks() {
 }
 
 #[test]
+fn split_by_task_keeps_each_row_and_trims_its_padding() {
+    let long = example(
+        &Record::completion("a long prompt here", "x", "yyyyyy"),
+        0,
+        4096,
+    );
+    let short0 = example(&Record::completion("a", "x", "y"), 1, 4096);
+    let short1 = example(&Record::completion("b", "xy", "y"), 1, 4096);
+    let batch = Batcher::new(ByteTokenizer::PAD)
+        .collate(&[&short0, &long, &short1])
+        .unwrap();
+    let parts = batch.split_by_task();
+    assert_eq!(parts.len(), 2);
+    // order of first appearance: task 1 (rows 0, 2), then task 0 (row 1)
+    assert_eq!(parts[0].task_ids, [1, 1]);
+    assert_eq!(parts[1].task_ids, [0]);
+    assert_eq!(parts[0].seq_len, short0.len().max(short1.len()));
+    assert_eq!(parts[1].seq_len, long.len());
+    for (part, rows) in [(&parts[0], [0usize, 2].as_slice()), (&parts[1], &[1])] {
+        for (i, &r) in rows.iter().enumerate() {
+            let n = part.seq_len;
+            assert_eq!(part.row_ids(i), &batch.row_ids(r)[..n]);
+            assert_eq!(part.row_labels(i), &batch.row_labels(r)[..n]);
+            // nothing real was dropped
+            assert!(
+                batch.attention_mask[r * batch.seq_len + n..(r + 1) * batch.seq_len]
+                    .iter()
+                    .all(|m| *m == 0)
+            );
+        }
+    }
+    let total: usize = parts.iter().map(|p| p.num_target_tokens()).sum();
+    assert_eq!(total, batch.num_target_tokens());
+    assert!(
+        parts
+            .iter()
+            .map(|p| p.batch_size * p.seq_len)
+            .sum::<usize>()
+            < 3 * batch.seq_len
+    );
+}
+
+#[test]
 fn packing_keeps_sequences_apart() {
     let exs: Vec<Example> = (0..10)
         .map(|i| example(&Record::completion("t", "q", "a".repeat(i + 1)), 0, 4096))

@@ -131,7 +131,9 @@ impl Rope {
     /// `cos` and `sin` of `cat(freqs, freqs)` for every position.
     ///
     /// # Shapes
-    /// - positions: `[batch, seq]` → cos, sin: `[batch, 1, seq, head_dim]`
+    /// - positions: `[batch, seq]` → cos, sin: `[batch, seq, 1, head_dim]` (broadcast over
+    ///   the heads of `[batch, seq, heads, head_dim]` projections, before they are
+    ///   transposed: the rotation then runs on contiguous memory)
     pub fn cos_sin<B: Backend>(
         &self,
         positions: Tensor<B, 2, Int>,
@@ -143,7 +145,7 @@ impl Rope {
             Tensor::<B, 2>::from_data(TensorData::new(self.inv_freq.clone(), [1, half]), &device);
         let pos = positions.float().reshape([b * s, 1]);
         let freqs = pos.matmul(inv); // [b*s, half]
-        let emb = Tensor::cat(vec![freqs.clone(), freqs], 1).reshape([b, 1, s, 2 * half]);
+        let emb = Tensor::cat(vec![freqs.clone(), freqs], 1).reshape([b, s, 1, 2 * half]);
         (emb.clone().cos(), emb.sin())
     }
 }
@@ -151,7 +153,7 @@ impl Rope {
 /// Apply the rotation: `x·cos + rotate_half(x)·sin`, `rotate_half(x) = cat(-x₂, x₁)`.
 ///
 /// # Shapes
-/// - x: `[batch, heads, seq, head_dim]`, cos/sin: `[batch, 1, seq, head_dim]` → like x
+/// - x: `[batch, seq, heads, head_dim]`, cos/sin: `[batch, seq, 1, head_dim]` → like x
 pub fn apply_rotary<B: Backend>(
     x: Tensor<B, 4>,
     cos: &Tensor<B, 4>,

@@ -76,6 +76,8 @@ pub(crate) struct GateCtx<B: Backend> {
     pub gates: Option<Tensor<B, 2>>,
     /// 1 = real token, 0 = padding, `[N]` (for routers owned by a slot).
     pub mask: Option<Tensor<B, 1>>,
+    /// Task-routed with every row on this one expert: mixture slots run it alone.
+    pub expert: Option<usize>,
 }
 
 impl<B: Backend> Proj<B> {
@@ -213,6 +215,11 @@ impl<B: Backend> Proj<B> {
                 }
                 match (&ctx.gates, &m.router) {
                     (Some(g), _) if g.dims()[1] == m.num_experts() => {
+                        if let Some(e) = ctx.expert {
+                            // one-hot gates on `e` for every token: expert `e` alone
+                            let y = m.forward_expert(x, e).map_err(ModelError::layer(path()))?;
+                            return Ok((y, None));
+                        }
                         let y = m.forward(x, g.clone()).map_err(ModelError::layer(path()))?;
                         Ok((y, None))
                     }

@@ -4,7 +4,9 @@
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{Int, Tensor, TensorData};
 use legora_models::{CausalLm, Config, GenerationConfig, LmInput, ModelError, Proj};
-use legora_nn::{Combination, InitLoraWeights, LayersToTransform, LoraConfig, RouterConfig};
+use legora_nn::{
+    Combination, InitLoraWeights, LayersToTransform, LoraConfig, RouterConfig, RouterPooling,
+};
 
 type B = Flex;
 
@@ -282,6 +284,13 @@ fn task_routed_mixture_equals_each_expert_alone() {
         single[0].clone().narrow(0, 1, 1),
     );
     assert!(d0 < 1e-5 && d1 < 1e-5, "{d0} {d1}");
+    // Every row on one task: the slots run that expert alone (no zero-gated work for
+    // the others); same logits as the one-hot gates of a mixed batch and as the adapter.
+    for (e, reference) in single.iter().enumerate() {
+        let out = m.forward(ids(&rows).with_task_ids(vec![e, e])).unwrap();
+        let d = max_diff(out.logits, reference.clone());
+        assert!(d < 1e-5, "expert {e} alone: {d}");
+    }
 
     // Router-gated: one routing entry per layer, with a positive aux loss.
     let out = m.forward(ids(&rows)).unwrap();
@@ -397,4 +406,68 @@ fn router_reads_the_first_mixture_blocks_input() {
         d < 1e-6,
         "attention-input router at layer 0 depends on the token only: {p:?}"
     );
+}
+
+fn prefix_mean_mixture(targets: &[&str]) -> CausalLm<B> {
+    let mut m = model("llama", "");
+    for e in ["e0", "e1", "e2"] {
+        m.add_adapter(e, &lora(2, targets)).unwrap();
+    }
+    let rc = RouterConfig::new(3)
+        .with_top_k(1)
+        .with_pooling(RouterPooling::PrefixMean);
+    m.adapters_to_mixture(&["e0", "e1", "e2"], Some(&rc))
+        .unwrap();
+    m
+}
+
+#[test]
+fn prefix_mean_router_decodes_with_a_cache_as_a_full_forward() {
+    for targets in [&["gate_proj", "down_proj"][..], &["q_proj", "up_proj"][..]] {
+        let m = prefix_mean_mixture(targets);
+        let full = m.forward(ids(&[ROW.to_vec()])).unwrap().logits;
+        let mut cache = m.new_cache();
+        let mut parts = vec![
+            m.forward_cached(ids(&[ROW[..4].to_vec()]), &mut cache)
+                .unwrap()
+                .logits,
+        ];
+        for &t in &ROW[4..] {
+            parts.push(
+                m.forward_cached(ids(&[vec![t]]), &mut cache)
+                    .unwrap()
+                    .logits,
+            );
+        }
+        let d = max_diff(full, Tensor::cat(parts, 1));
+        assert!(d < 1e-5, "{targets:?}: {d}");
+    }
+}
+
+#[test]
+fn prefix_mean_router_ignores_left_padding_and_reads_the_prefix() {
+    let m = prefix_mean_mixture(&["gate_proj", "up_proj", "down_proj"]);
+    let alone = m.forward(ids(&[ROW[..4].to_vec()])).unwrap();
+    let input = LmInput::new(int2(vec![0, 0, 3, 9, 1, 22], [1, 6]))
+        .with_attention_mask(int2(vec![0, 0, 1, 1, 1, 1], [1, 6]));
+    let padded = m.forward(input).unwrap();
+    let d = max_diff(alone.logits, padded.logits.narrow(1, 2, 4));
+    assert!(d < 1e-5, "padding changed the routing: {d}");
+    // The router of position t reads the mean of its layer's inputs up to t: the last
+    // position's probabilities change when only the first token changes, for every layer,
+    // even at layer 0 with experts on attention, whose token router reads the embedding
+    // of the token alone (see `router_reads_the_first_mixture_blocks_input`).
+    let m = prefix_mean_mixture(&["q_proj", "up_proj"]);
+    let alone = m.forward(ids(&[ROW[..4].to_vec()])).unwrap();
+    let other = m.forward(ids(&[vec![30, 9, 1, 22]])).unwrap();
+    for (a, b) in alone.routing.iter().zip(&other.routing) {
+        let pa: Vec<f32> = a.output.probs.clone().into_data().to_vec().unwrap();
+        let pb: Vec<f32> = b.output.probs.clone().into_data().to_vec().unwrap();
+        let d = (9..12).fold(0f32, |m, i| m.max((pa[i] - pb[i]).abs()));
+        assert!(
+            d > 1e-6,
+            "layer {:?}: last position ignores the first token",
+            a.layer
+        );
+    }
 }

@@ -41,4 +41,4 @@ pub use error::{NnError, Result};
 pub use lora::{Combination, LoraAdapter, LoraLinear};
 pub use moe::{task_gates, MoeLinear};
 pub use params::{trainable_parameters, ParamReport};
-pub use router::{Router, RouterConfig, RouterOutput, RoutingStrategy};
+pub use router::{Router, RouterConfig, RouterOutput, RouterPooling, RoutingStrategy};

@@ -209,6 +209,29 @@ impl<B: Backend> MoeLinear<B> {
         Ok(unflatten(y + h.matmul(b_cat.transpose()), dims, d_out))
     }
 
+    /// Every token through expert `e` alone: what [`forward`](Self::forward) computes
+    /// with one-hot gates on `e`, without the other experts' (zero-gated) work — the
+    /// task-routed path when every row of a batch belongs to one task.
+    ///
+    /// # Shapes
+    /// - x: `[..., in]` → `[..., out]`
+    pub fn forward_expert<const D: usize>(
+        &self,
+        x: Tensor<B, D>,
+        e: usize,
+    ) -> Result<Tensor<B, D>> {
+        let expert = self.experts.get(e).ok_or_else(|| {
+            NnError::InvalidState(format!(
+                "expert {e} requested, this mixture has {}",
+                self.num_experts()
+            ))
+        })?;
+        let (x, dims) = flatten(x);
+        let (_, d_out) = self.dims();
+        let y = base_linear(x.clone(), &self.weight, &self.bias);
+        Ok(unflatten(y + expert.forward(x), dims, d_out))
+    }
+
     /// Reference forward: a plain loop over experts (MixLoRA style). Same math as
     /// [`forward`](Self::forward); kept to test the fast path against.
     ///

@@ -55,6 +55,52 @@ impl<'de> Deserialize<'de> for RoutingStrategy {
     }
 }
 
+/// What each token's router reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouterPooling {
+    /// The token's own hidden state (MixLoRA, Mixtral).
+    #[default]
+    Token,
+    /// The mean of the hidden states of every real token up to and including this one
+    /// (causal: position `t` reads positions `≤ t`, so cached decoding routes exactly as
+    /// a full forward). Routes a whole prompt consistently once its first words are read.
+    PrefixMean,
+}
+
+impl RouterPooling {
+    /// The config name (`token`, `prefix_mean`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Token => "token",
+            Self::PrefixMean => "prefix_mean",
+        }
+    }
+}
+
+impl std::str::FromStr for RouterPooling {
+    type Err = NnError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "token" => Ok(Self::Token),
+            "prefix_mean" => Ok(Self::PrefixMean),
+            other => Err(NnError::config(
+                "router_pooling",
+                "one of \"token\", \"prefix_mean\"",
+                format!("\"{other}\""),
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RouterPooling {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 fn default_top_k() -> usize {
     2
 }
@@ -91,6 +137,9 @@ pub struct RouterConfig {
     /// z-loss coefficient (default 0 = off; ST-MoE uses 1e-3).
     #[serde(default)]
     pub router_z_loss_coef: f64,
+    /// What the router reads per token (default `token`).
+    #[serde(default)]
+    pub router_pooling: RouterPooling,
 }
 
 impl RouterConfig {
@@ -104,7 +153,14 @@ impl RouterConfig {
             router_init_range: 0.02,
             jitter_noise: 0.0,
             router_z_loss_coef: 0.0,
+            router_pooling: RouterPooling::Token,
         }
+    }
+
+    /// Set what the router reads.
+    pub fn with_pooling(mut self, pooling: RouterPooling) -> Self {
+        self.router_pooling = pooling;
+        self
     }
 
     /// Set the strategy.
@@ -233,6 +289,8 @@ pub struct Router<B: Backend> {
     pub jitter_noise: f64,
     /// Init std (kept for export).
     pub router_init_range: f64,
+    /// What the router reads (`token` or `prefix_mean`, see [`RouterPooling`]).
+    pub router_pooling: String,
 }
 
 /// `log Σ_e exp(x_e)` along dim 1, stable. `[N, E] → [N]`.
@@ -265,6 +323,7 @@ impl<B: Backend> Router<B> {
             router_z_loss_coef: config.router_z_loss_coef,
             jitter_noise: config.jitter_noise,
             router_init_range: config.router_init_range,
+            router_pooling: config.router_pooling.as_str().to_string(),
         })
     }
 
@@ -286,7 +345,13 @@ impl<B: Backend> Router<B> {
             router_init_range: self.router_init_range,
             jitter_noise: self.jitter_noise,
             router_z_loss_coef: self.router_z_loss_coef,
+            router_pooling: self.pooling(),
         }
+    }
+
+    /// What the router reads per token.
+    pub fn pooling(&self) -> RouterPooling {
+        self.router_pooling.parse().unwrap_or_default()
     }
 
     /// Route tokens.

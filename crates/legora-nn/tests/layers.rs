@@ -281,6 +281,7 @@ fn task_routed_equals_each_row_through_its_own_expert() {
     let ids = [2usize, 0, 1, 2];
     let x = randn([4, 5, d_in], 1.0);
     let y = vals(layer.forward_task(x.clone(), &ids).unwrap());
+    assert!(layer.forward_expert(x.clone(), 3).is_err(), "no expert 3");
     for (row, &id) in ids.iter().enumerate() {
         // the same expert alone, as a single LoraLinear
         let mut single =
@@ -291,7 +292,14 @@ fn task_routed_equals_each_row_through_its_own_expert() {
                 .unwrap();
         single.insert_adapter("only", copy).unwrap();
         let xr = x.clone().narrow(0, row, 1);
-        let want = vals(single.forward(xr));
+        let want = vals(single.forward(xr.clone()));
+        // the single-expert path (every row on one task) gives the same
+        assert_close(
+            &format!("row {row} alone"),
+            &vals(layer.forward_expert(xr, id).unwrap()),
+            &want,
+            1e-5,
+        );
         let n = 5 * d_out;
         assert_close(
             &format!("row {row}"),

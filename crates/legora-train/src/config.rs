@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use legora_data::{Mixing, Template, ValSplit};
 use legora_nn::{
     InitLoraWeights, LayersPattern, LayersToTransform, LoraConfig, NnError, RouterConfig,
-    RoutingStrategy, TargetModules,
+    RouterPooling, RoutingStrategy, TargetModules,
 };
 use serde::{Deserialize, Serialize};
 use serde_spanned::Spanned;
@@ -147,6 +147,12 @@ pub struct DataSection {
     /// Round padded lengths up to a multiple of this.
     #[serde(default)]
     pub pad_to_multiple_of: Option<usize>,
+    /// In the `experts` and `single_lora` stages, run each task's rows of a batch as
+    /// their own forward pass padded to their own longest row: the same loss and
+    /// gradients, fewer padded tokens when the tasks' lengths differ (the router stage
+    /// always runs whole batches, since its load-balancing loss spans the tasks).
+    #[serde(default)]
+    pub pad_per_task: bool,
 }
 
 impl Default for DataSection {
@@ -157,6 +163,7 @@ impl Default for DataSection {
             val_fraction: default_val_fraction(),
             packing: false,
             pad_to_multiple_of: None,
+            pad_per_task: false,
         }
     }
 }
@@ -302,6 +309,14 @@ pub struct MoeSection {
     /// Multiplicative input jitter in training (default 0).
     #[serde(default)]
     pub jitter_noise: f64,
+    /// What each token's router reads: `token` (default, MixLoRA) or `prefix_mean` (the
+    /// mean hidden state of the prompt so far).
+    #[serde(default = "default_pooling")]
+    pub router_pooling: String,
+}
+
+fn default_pooling() -> String {
+    "token".into()
 }
 
 impl Default for MoeSection {
@@ -313,6 +328,7 @@ impl Default for MoeSection {
             router_z_loss_coef: 0.0,
             router_init_range: default_init_range(),
             jitter_noise: 0.0,
+            router_pooling: default_pooling(),
         }
     }
 }
@@ -884,6 +900,7 @@ impl RunConfig {
             router_init_range: m.router_init_range,
             jitter_noise: m.jitter_noise,
             router_z_loss_coef: m.router_z_loss_coef,
+            router_pooling: m.router_pooling.parse().unwrap_or_default(),
         }
     }
 
@@ -978,6 +995,19 @@ impl RunConfig {
             };
             return Err(self.error_at(key, data_message(&e)));
         }
+        // Settings the pipeline cannot honour yet are refused, not silently ignored.
+        if f.model.precision == Precision::Bf16 {
+            return Err(self.error_at(
+                "model.precision",
+                "expected \"f32\", found \"bf16\" (bf16 training is not implemented yet)",
+            ));
+        }
+        if f.model.gradient_checkpointing {
+            return Err(self.error_at(
+                "model.gradient_checkpointing",
+                "expected false, found true (activation recomputation is not implemented yet)",
+            ));
+        }
         if !(0.0..1.0).contains(&f.data.val_fraction) {
             return Err(self.error_at(
                 "data.val_fraction",
@@ -1046,6 +1076,9 @@ impl RunConfig {
             return Err(self.nn_error("lora", e));
         }
         if let Err(e) = self.file.moe.routing_strategy.parse::<RoutingStrategy>() {
+            return Err(self.nn_error("moe", e));
+        }
+        if let Err(e) = self.file.moe.router_pooling.parse::<RouterPooling>() {
             return Err(self.nn_error("moe", e));
         }
         if let Err(e) = self.router_config().validate() {

@@ -22,7 +22,8 @@ pub enum Objective {
     /// alone on its own rows would give.
     TaskRouted,
     /// Router-gated mixture: mean LM loss + Σ aux/z losses + `routing_loss_coef` ·
-    /// cross-entropy between each layer router and the row's task (0 = unsupervised).
+    /// cross-entropy between each layer router and the row's task (0 = unsupervised),
+    /// averaged over the layers and with every task of the batch weighing the same.
     Routed {
         /// Weight of the supervised routing loss.
         routing_loss_coef: f64,
@@ -37,12 +38,52 @@ pub struct LmModel<B: Backend> {
     /// The objective.
     #[module(skip)]
     pub objective: Objective,
+    /// Run each task's rows of a batch as their own forward pass, padded to their own
+    /// longest row (`Lm` and `TaskRouted` only; the loss is the same, the padding less).
+    #[module(skip)]
+    pub pad_per_task: bool,
 }
 
 impl<B: Backend> LmModel<B> {
     /// Wrap a model.
     pub fn new(model: CausalLm<B>, objective: Objective) -> Self {
-        Self { model, objective }
+        Self {
+            model,
+            objective,
+            pad_per_task: false,
+        }
+    }
+
+    /// Pad each task's rows separately (see [`LmModel::pad_per_task`]).
+    pub fn with_pad_per_task(mut self, on: bool) -> Self {
+        self.pad_per_task = on;
+        self
+    }
+
+    /// `Lm` / `TaskRouted` loss as one forward pass per task of the batch: the token mean
+    /// over the whole batch (`lm_loss`) and the sum of per-task means, each part weighted
+    /// as in the unsplit batch.
+    fn per_task_losses(
+        &self,
+        batch: &Batch,
+        device: &B::Device,
+    ) -> std::result::Result<(Tensor<B, 1>, Tensor<B, 1>), ModelError> {
+        let total = targets(batch).count.max(1);
+        let task_routed = self.objective == Objective::TaskRouted;
+        let mut lm = Tensor::zeros([1], device);
+        let mut per_task = Tensor::zeros([1], device);
+        for part in batch.split_by_task() {
+            let t = targets(&part);
+            if t.count == 0 || part.seq_len < 2 {
+                continue;
+            }
+            let out = self.model.forward(lm_input(&part, task_routed, device))?;
+            let nll = token_nll(out.logits, &t.ids);
+            // one task per part: its mean is exactly the task's mean over the batch
+            per_task = per_task + weighted_sum(nll.clone(), &t.task_w);
+            lm = lm + weighted_sum(nll, &t.mean_w) * (t.count as f64 / total as f64);
+        }
+        Ok((lm, per_task))
     }
 }
 
@@ -162,6 +203,20 @@ impl<B: Backend> TrainModel<B> for LmModel<B> {
         }
         let device = device_of::<B, _>(&self.model);
         let task_routed = self.objective == Objective::TaskRouted;
+        let several_tasks = batch
+            .task_ids
+            .iter()
+            .any(|t| Some(t) != batch.task_ids.first());
+        if self.pad_per_task && several_tasks && !matches!(self.objective, Objective::Routed { .. })
+        {
+            let (lm_loss, per_task) = self.per_task_losses(batch, &device)?;
+            let loss = if task_routed {
+                per_task
+            } else {
+                lm_loss.clone()
+            };
+            return Ok(StepOutput::new(loss).with_term("lm_loss", lm_loss));
+        }
         let out = self.model.forward(lm_input(batch, task_routed, &device))?;
         let t = targets(batch);
         let nll = token_nll(out.logits.clone(), &t.ids);
@@ -191,14 +246,26 @@ impl<B: Backend> TrainModel<B> for LmModel<B> {
             let real: usize = batch.attention_mask.iter().filter(|m| **m != 0).count();
             if routing_loss_coef > 0.0 && !layer_routers.is_empty() && real > 0 {
                 let e = layer_routers[0].output.probs.dims()[1];
-                // one-hot target expert of each real token, pre-divided by (tokens · layers)
-                let scale = 1.0 / (real * layer_routers.len()) as f32;
-                let mut w = vec![0f32; b * s * e];
+                // One-hot target expert of each real token. Every task present in the
+                // batch weighs the same, whatever its rows' lengths (long dialogue rows
+                // would otherwise pull the routers towards their expert): weight
+                // 1 / (tasks · task's real tokens · layers).
+                let mut per_task = vec![0usize; e];
                 for r in 0..b {
                     let task = batch.task_ids[r];
                     if task >= e {
                         return Err(format!("task id {task} has no expert (E = {e})").into());
                     }
+                    per_task[task] += batch.attention_mask[r * s..(r + 1) * s]
+                        .iter()
+                        .filter(|m| **m != 0)
+                        .count();
+                }
+                let tasks = per_task.iter().filter(|n| **n > 0).count();
+                let mut w = vec![0f32; b * s * e];
+                for r in 0..b {
+                    let task = batch.task_ids[r];
+                    let scale = 1.0 / (tasks * per_task[task] * layer_routers.len()) as f32;
                     for j in 0..s {
                         if batch.attention_mask[r * s + j] != 0 {
                             w[(r * s + j) * e + task] = scale;

@@ -153,28 +153,17 @@ fn load_tasks(
 fn loader(
     cfg: &RunConfig,
     tasks: &[TaskData],
-    single_task: bool,
     batch_size: usize,
     batcher: &Batcher,
     seed: u64,
 ) -> Result<Loader> {
-    let data: Vec<(String, Vec<Example>)> = if single_task {
-        // the single-LoRA baseline sees every task's rows, all labelled task 0
-        let all = tasks
-            .iter()
-            .flat_map(|t| t.train.iter().cloned())
-            .map(|mut e| {
-                e.task = 0;
-                e
-            })
-            .collect();
-        vec![("all".to_string(), all)]
-    } else {
-        tasks
-            .iter()
-            .map(|t| (t.name.clone(), t.train.clone()))
-            .collect()
-    };
+    // The single-LoRA baseline draws the same task mixture as the experts (`[data]
+    // mixing`), so both see the same kind of batches; its `Lm` objective ignores the
+    // rows' task ids, except to pad each task's rows apart (`pad_per_task`).
+    let data: Vec<(String, Vec<Example>)> = tasks
+        .iter()
+        .map(|t| (t.name.clone(), t.train.clone()))
+        .collect();
     let pack = cfg.file.data.packing.then_some(cfg.file.model.max_seq_len);
     Ok(Loader::new(
         data,
@@ -243,15 +232,8 @@ struct Stages<'a> {
 
 impl Stages<'_> {
     /// The stage's settings, `num_train_epochs` counted on its own loader.
-    fn settings(&self, kind: StageKind, single_task: bool) -> Result<TrainSettings> {
-        let l = loader(
-            self.cfg,
-            self.tasks,
-            single_task,
-            1,
-            self.batcher,
-            self.cfg.file.seed,
-        )?;
+    fn settings(&self, kind: StageKind) -> Result<TrainSettings> {
+        let l = loader(self.cfg, self.tasks, 1, self.batcher, self.cfg.file.seed)?;
         self.cfg.train_settings(kind, l.batches_per_epoch())
     }
 
@@ -267,14 +249,7 @@ impl Stages<'_> {
         device: &B::Device,
     ) -> Result<CausalLm<B>> {
         let (cfg, tasks, batcher) = (self.cfg, self.tasks, self.batcher);
-        let mut l = loader(
-            cfg,
-            tasks,
-            single_task,
-            settings.batch_size,
-            batcher,
-            settings.seed,
-        )?;
+        let mut l = loader(cfg, tasks, settings.batch_size, batcher, settings.seed)?;
         let val = val_sets(tasks, settings.eval_batch_size, batcher, single_task)?;
         let p = trainable_parameters(&model);
         self.params.insert(
@@ -359,8 +334,9 @@ pub fn run_pipeline<B: AutodiffBackend>(
         experts_model
             .adapters_to_mixture(&name_refs, None)
             .map_err(|e| other(e, "experts"))?;
-        let settings = stage.settings(StageKind::Experts, false)?;
-        let model = LmModel::new(experts_model, Objective::TaskRouted);
+        let settings = stage.settings(StageKind::Experts)?;
+        let model = LmModel::new(experts_model, Objective::TaskRouted)
+            .with_pad_per_task(cfg.file.data.pad_per_task);
         stage.run("experts", settings, false, model, callback, device)?
     };
     if !options.eval_only {
@@ -387,7 +363,7 @@ pub fn run_pipeline<B: AutodiffBackend>(
             .set_layer_router(layer, r)
             .map_err(|e| other(e, "router"))?;
     }
-    let router_settings = stage.settings(StageKind::Router, false)?;
+    let router_settings = stage.settings(StageKind::Router)?;
     set_experts_trainable(&mut mixture, router_settings.experts == ExpertsMode::Joint)?;
     if cfg.stage_enabled(StageKind::Router) && !options.eval_only {
         let objective = Objective::Routed {
@@ -424,8 +400,8 @@ pub fn run_pipeline<B: AutodiffBackend>(
         let mut m = base.model.clone();
         m.add_adapter("single_lora", &single_cfg)
             .map_err(|e| other(e, "single_lora"))?;
-        let settings = stage.settings(StageKind::SingleLora, true)?;
-        let model = LmModel::new(m, Objective::Lm);
+        let settings = stage.settings(StageKind::SingleLora)?;
+        let model = LmModel::new(m, Objective::Lm).with_pad_per_task(cfg.file.data.pad_per_task);
         let m = stage.run("single_lora", settings, true, model, callback, device)?;
         legora_hub::save_adapter(&m, "single_lora", &single_cfg, &out.join("single_lora"))
             .map_err(hub_err)?;

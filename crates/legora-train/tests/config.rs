@@ -105,6 +105,8 @@ fn good_file_resolves_with_defaults() {
     let router = c.router_config();
     assert_eq!(router.num_experts, 2);
     assert_eq!(router.routing_strategy, legora_nn::RoutingStrategy::Switch);
+    assert_eq!(router.router_pooling, legora_nn::RouterPooling::Token);
+    assert!(!c.file.data.pad_per_task);
     assert_eq!(
         c.file.tasks[1].params["choices"],
         serde_json::json!(["yes", "no"])
@@ -281,6 +283,28 @@ fn missing_required_key_and_semantic_errors() {
             6,
             "model.template",
             "\"llama2\"",
+        ),
+        (
+            "routing_strategy = \"switch\"",
+            "routing_strategy = \"switch\"\nrouter_pooling = \"max\"",
+            33,
+            "moe.router_pooling",
+            "\"prefix_mean\"",
+        ),
+        // parsed, but refused until the pipeline honours them
+        (
+            "max_seq_len = 128",
+            "max_seq_len = 128\nprecision = \"bf16\"",
+            8,
+            "model.precision",
+            "not implemented",
+        ),
+        (
+            "max_seq_len = 128",
+            "max_seq_len = 128\ngradient_checkpointing = true",
+            8,
+            "model.gradient_checkpointing",
+            "not implemented",
         ),
     ];
     let e = parse(&d, &edit("r = 4", "r = 0")).unwrap_err().to_string();

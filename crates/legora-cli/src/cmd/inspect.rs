@@ -309,12 +309,13 @@ fn mixture(dir: &Path, base: Option<&Path>) -> anyhow::Result<(String, Value)> {
                 .unwrap_or_default();
             text.push_str(&format!(
                 "  router: {strategy}, top_k {}, router_aux_loss_coef {}, router_z_loss_coef {}, \
-                 jitter_noise {}, input {}\n",
+                 jitter_noise {}, input {}, pooling {}\n",
                 r.top_k,
                 r.router_aux_loss_coef,
                 r.router_z_loss_coef,
                 r.jitter_noise,
-                cfg.router_input
+                cfg.router_input,
+                r.router_pooling.as_str()
             ));
             text.push_str(&format!(
                 "  layers with a router: {} ({:?})\n",

@@ -1,0 +1,597 @@
+//! `legora bench`: training-step speed and peak memory on random-weight models, the
+//! cases of issue 6 (`bench/compare_peft.py` runs the same cases in PyTorch + PEFT).
+//!
+//! A step is what `legora train` does for one optimizer step, through the same pieces
+//! ([`LmModel::forward_loss`], `backward`, [`clip_grad_norm`] at 1.0, burn's AdamW):
+//! random token ids with `labels = input_ids`, the shifted next-token loss, global-norm
+//! clipping, one AdamW update. Warmup steps are run first and not timed. The CPU backend
+//! is eager; on other backends the step ends with `Backend::sync`, so the clock stops
+//! only once all of its work is done.
+//!
+//! Peak memory is the process's peak resident set (`VmHWM` of `/proc/self/status`,
+//! else `getrusage`); on Linux it is reset at the start of each case, so with several
+//! cases in one process each reports its own peak on top of what earlier cases left
+//! allocated. Run one case per process (as the Python script does) for clean numbers.
+
+use std::time::Instant;
+
+use anyhow::{anyhow, Context};
+use burn::module::AutodiffModule;
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::backend::AutodiffBackend;
+use legora::data::{derive_seed, Batch, Rng};
+use legora::models::{CausalLm, Config};
+use legora::nn::{trainable_parameters, LoraConfig, RouterConfig};
+use legora::train::{clip_grad_norm, scalar, AdamWOptimizer, LmModel, Objective};
+use legora::train::{StepContext, TrainModel};
+use serde_json::{json, Value};
+
+use crate::backend::{self, device, TrainBackend};
+
+/// A benchmark case (`--case`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CaseName {
+    /// Qwen2-shaped small model, LoRA r=8 on q_proj, v_proj.
+    #[value(name = "S-qv")]
+    SQv,
+    /// The same with LoRA on all seven projections.
+    #[value(name = "S-all")]
+    SAll,
+    /// 4 LoRA experts r=8 on all seven projections, a top-2 router per layer + aux loss.
+    #[value(name = "S-moe")]
+    SMoe,
+    /// 3 task-routed experts trained in one run (batch 3 × batch rows).
+    #[value(name = "S-concurrent")]
+    SConcurrent,
+    /// The same 3 experts trained one after another (batch rows each, steps each).
+    #[value(name = "S-concurrent-seq")]
+    SConcurrentSeq,
+    /// S-qv on the tiny shape (hidden 32, 2 layers, vocab 64, batch 2 × seq 16).
+    #[value(name = "tiny")]
+    Tiny,
+    /// S-qv, S-all, S-moe, S-concurrent, S-concurrent-seq.
+    #[value(name = "all")]
+    All,
+}
+
+/// Arguments of `legora bench`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Cases to run, comma-separated or repeated: S-qv, S-all, S-moe, S-concurrent,
+    /// S-concurrent-seq, tiny, or all (every S- case).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub case: Vec<CaseName>,
+    /// Timed training steps per case (per expert for S-concurrent-seq).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    pub steps: u64,
+    /// Untimed steps before them (per expert for S-concurrent-seq).
+    #[arg(long, default_value_t = 2)]
+    pub warmup: u64,
+    /// One JSON object per case on stdout (one line each) instead of a markdown table.
+    #[arg(long)]
+    pub json: bool,
+    /// Rows per expert batch (default 4; tiny: 2).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch: Option<u64>,
+    /// Tokens per row (default 256; tiny: 16).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(2..))]
+    pub seq: Option<u64>,
+    /// Run every chosen case on the tiny model shape (a quick check of each code path).
+    #[arg(long)]
+    pub tiny: bool,
+    /// Seed of the random weights, token ids and dropout masks.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// The seven projections of a decoder layer.
+const ALL: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// Model and batch sizes of a case.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    hidden: usize,
+    layers: usize,
+    heads: usize,
+    kv_heads: usize,
+    intermediate: usize,
+    vocab: usize,
+    batch: usize,
+    seq: usize,
+}
+
+/// issue 6's S- shape: Qwen2-like, hidden 512, 8 layers, 8 / 2 heads, batch 4 × 256.
+const SMALL: Shape = Shape {
+    hidden: 512,
+    layers: 8,
+    heads: 8,
+    kv_heads: 2,
+    intermediate: 1408,
+    vocab: 8192,
+    batch: 4,
+    seq: 256,
+};
+
+/// A shape for smoke tests (seconds in a debug build).
+const TINY: Shape = Shape {
+    hidden: 32,
+    layers: 2,
+    heads: 4,
+    kv_heads: 2,
+    intermediate: 64,
+    vocab: 64,
+    batch: 2,
+    seq: 16,
+};
+
+/// What a case trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// One LoRA adapter on these modules.
+    Lora(&'static [&'static str]),
+    /// `experts` LoRA experts on all seven projections, top-k routers, aux loss.
+    Moe { experts: usize, top_k: usize },
+    /// `experts` task-routed experts in one run, `batch` rows each.
+    Concurrent { experts: usize },
+    /// `experts` single-adapter runs one after another, `batch` rows each.
+    Sequential { experts: usize },
+}
+
+/// The LoRA settings of every case: r = 8, alpha = 16, dropout 0.05.
+fn lora_config(targets: &[&str]) -> LoraConfig {
+    let mut c = LoraConfig::new(8, 16.0, targets);
+    c.lora_dropout = 0.05;
+    c
+}
+
+impl CaseName {
+    fn expand(self) -> Vec<CaseName> {
+        match self {
+            CaseName::All => vec![
+                CaseName::SQv,
+                CaseName::SAll,
+                CaseName::SMoe,
+                CaseName::SConcurrent,
+                CaseName::SConcurrentSeq,
+            ],
+            c => vec![c],
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            CaseName::SQv => "S-qv",
+            CaseName::SAll => "S-all",
+            CaseName::SMoe => "S-moe",
+            CaseName::SConcurrent => "S-concurrent",
+            CaseName::SConcurrentSeq => "S-concurrent-seq",
+            CaseName::Tiny => "tiny",
+            CaseName::All => "all",
+        }
+    }
+
+    fn kind(self) -> Kind {
+        match self {
+            CaseName::SQv | CaseName::Tiny | CaseName::All => Kind::Lora(&["q_proj", "v_proj"]),
+            CaseName::SAll => Kind::Lora(&ALL),
+            CaseName::SMoe => Kind::Moe {
+                experts: 4,
+                top_k: 2,
+            },
+            CaseName::SConcurrent => Kind::Concurrent { experts: 3 },
+            CaseName::SConcurrentSeq => Kind::Sequential { experts: 3 },
+        }
+    }
+}
+
+/// The model config of a shape: Qwen2 (q/k/v bias), tied embeddings, HF defaults.
+fn model_config(s: &Shape) -> anyhow::Result<legora::models::ModelConfig> {
+    let cfg = json!({
+        "model_type": "qwen2",
+        "vocab_size": s.vocab,
+        "hidden_size": s.hidden,
+        "intermediate_size": s.intermediate,
+        "num_hidden_layers": s.layers,
+        "num_attention_heads": s.heads,
+        "num_key_value_heads": s.kv_heads,
+        "max_position_embeddings": s.seq.max(1024),
+        "tie_word_embeddings": true,
+    });
+    Ok(Config::from_json(&cfg.to_string())?.resolve()?)
+}
+
+/// A batch of random token ids, `labels = input_ids`, no padding; row `r` belongs to
+/// task `r / rows_per_task`.
+fn random_batch(rng: &mut Rng, s: &Shape, rows: usize, rows_per_task: usize) -> Batch {
+    let n = rows * s.seq;
+    let input_ids: Vec<u32> = (0..n).map(|_| rng.below(s.vocab) as u32).collect();
+    Batch {
+        batch_size: rows,
+        seq_len: s.seq,
+        labels: input_ids.iter().map(|&t| t as i64).collect(),
+        input_ids,
+        attention_mask: vec![1; n],
+        position_ids: (0..rows).flat_map(|_| 0..s.seq as u32).collect(),
+        sequence_ids: vec![0; n],
+        task_ids: (0..rows).map(|r| r / rows_per_task.max(1)).collect(),
+    }
+}
+
+/// Timings of the timed steps of one training run.
+#[derive(Debug, Default)]
+struct Timings {
+    /// Whole steps, seconds.
+    steps: Vec<f64>,
+    /// Per step: forward (+ loss read), backward, clipping, optimizer, seconds.
+    phases: Vec<[f64; 4]>,
+    /// Loss of the last step.
+    last_loss: f64,
+}
+
+impl Timings {
+    fn extend(&mut self, other: Timings) {
+        self.steps.extend(other.steps);
+        self.phases.extend(other.phases);
+        self.last_loss = other.last_loss;
+    }
+}
+
+/// Train `model` for `warmup + steps` steps on fresh random batches, timing the last
+/// `steps`: forward + loss (read on the host, as the trainer does), backward, global-norm
+/// clipping at 1.0, AdamW (lr 1e-4, β = (0.9, 0.999), ε = 1e-8, weight decay 0.01 —
+/// `torch.optim.AdamW`'s defaults).
+fn train<B: AutodiffBackend>(
+    model: LmModel<B>,
+    mut next_batch: impl FnMut() -> Batch,
+    warmup: usize,
+    steps: usize,
+    seed: u64,
+    device: &B::Device,
+) -> anyhow::Result<Timings>
+where
+    LmModel<B>: AutodiffModule<B>,
+{
+    let mut optim: AdamWOptimizer<LmModel<B>, B> = AdamWConfig::new()
+        .with_beta_1(0.9)
+        .with_beta_2(0.999)
+        .with_epsilon(1e-8)
+        .with_weight_decay(0.01)
+        .init();
+    let mut model = model;
+    let mut t = Timings::default();
+    for step in 0..warmup + steps {
+        let batch = next_batch();
+        // as the trainer: the backend RNG (dropout) re-seeded at every step
+        B::seed(device, derive_seed(seed, &[step as u64]));
+        let ctx = StepContext {
+            stage: "bench",
+            step,
+            micro_step: 0,
+            training: true,
+        };
+        let t0 = Instant::now();
+        let out = model
+            .forward_loss(&batch, &ctx)
+            .map_err(|e| anyhow!("step {step}: {e}"))?;
+        // the trainer reads every logged term and the loss before backward
+        for (_, term) in &out.terms {
+            scalar(term.clone());
+        }
+        let loss = scalar(out.loss.clone());
+        if !loss.is_finite() {
+            anyhow::bail!("step {step}: the loss is {loss}");
+        }
+        let t1 = Instant::now();
+        let mut grads = GradientsParams::from_grads(out.loss.backward(), &model);
+        let t2 = Instant::now();
+        let norm = clip_grad_norm::<B, _>(&model, &mut grads, 1.0);
+        if !norm.is_finite() {
+            anyhow::bail!("step {step}: the gradient norm is {norm}");
+        }
+        let t3 = Instant::now();
+        model = optim.step(1e-4, model, grads);
+        B::sync(device).map_err(|e| anyhow!("step {step}: backend sync failed: {e:?}"))?;
+        let t4 = Instant::now();
+        if step >= warmup {
+            let d = |a: Instant, b: Instant| (b - a).as_secs_f64();
+            t.steps.push(d(t0, t4));
+            t.phases.push([d(t0, t1), d(t1, t2), d(t2, t3), d(t3, t4)]);
+        }
+        t.last_loss = loss;
+    }
+    Ok(t)
+}
+
+/// Peak resident set of this process in MiB: `VmHWM` from `/proc/self/status`, else
+/// `getrusage(RUSAGE_SELF).ru_maxrss`; `None` when neither is available.
+fn peak_rss_mb() -> Option<f64> {
+    if let Ok(s) = std::fs::read_to_string("/proc/self/status") {
+        let kb = s
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok());
+        if let Some(kb) = kb {
+            return Some(kb / 1024.0);
+        }
+    }
+    rusage_max_rss_mb()
+}
+
+#[cfg(unix)]
+fn rusage_max_rss_mb() -> Option<f64> {
+    // SAFETY: getrusage writes into the zeroed struct we own; no other effect.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return None;
+    }
+    let v = ru.ru_maxrss as f64;
+    // kilobytes on Linux and the BSDs, bytes on macOS
+    Some(if cfg!(target_os = "macos") {
+        v / (1024.0 * 1024.0)
+    } else {
+        v / 1024.0
+    })
+}
+
+#[cfg(not(unix))]
+fn rusage_max_rss_mb() -> Option<f64> {
+    None
+}
+
+/// Reset the peak resident set to the current one (Linux ≥ 4.0: write `5` to
+/// `/proc/self/clear_refs`). Returns whether it worked.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Threads the CPU backend uses: `RAYON_NUM_THREADS`, else the available parallelism.
+fn threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+/// Run one case and return its JSON record.
+fn run_case<B: AutodiffBackend>(
+    case: CaseName,
+    args: &Args,
+    device: &B::Device,
+) -> anyhow::Result<Value> {
+    let device = device.clone();
+    let tiny = args.tiny || case == CaseName::Tiny;
+    let mut shape = if tiny { TINY } else { SMALL };
+    if let Some(b) = args.batch {
+        shape.batch = b as usize;
+    }
+    if let Some(s) = args.seq {
+        shape.seq = s as usize;
+    }
+    let (warmup, steps) = (args.warmup as usize, args.steps as usize);
+    let label = if args.tiny && case != CaseName::Tiny {
+        format!("{}@tiny", case.label())
+    } else {
+        case.label().to_string()
+    };
+    let rss_reset = reset_peak_rss();
+    let started = Instant::now();
+    B::seed(&device, args.seed);
+    let base = CausalLm::<B>::random(model_config(&shape)?, 0.02, &device)
+        .context("building the random model")?;
+    let total_params = trainable_parameters(&base).total;
+    let mut rng = Rng::new(derive_seed(args.seed, &[1]));
+    let kind = case.kind();
+    let mut timings = Timings::default();
+    let (rows, trainable, experts) = match kind {
+        Kind::Lora(targets) => {
+            let mut m = base;
+            m.add_adapter("default", &lora_config(targets))?;
+            let model = LmModel::new(m, Objective::Lm);
+            let trainable = trainable_parameters(&model).trainable;
+            let b = shape.batch;
+            timings = train(
+                model,
+                || random_batch(&mut rng, &shape, b, b),
+                warmup,
+                steps,
+                args.seed,
+                &device,
+            )?;
+            (b, trainable, 1)
+        }
+        Kind::Moe { experts, top_k } => {
+            let mut m = base;
+            let names: Vec<String> = (0..experts).map(|e| format!("expert{e}")).collect();
+            for n in &names {
+                m.add_adapter(n, &lora_config(&ALL))?;
+            }
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            let rc = RouterConfig::new(experts).with_top_k(top_k);
+            m.adapters_to_mixture(&refs, Some(&rc))?;
+            // experts and routers train jointly, no supervised routing loss
+            let model = LmModel::new(
+                m,
+                Objective::Routed {
+                    routing_loss_coef: 0.0,
+                },
+            );
+            let trainable = trainable_parameters(&model).trainable;
+            let b = shape.batch;
+            timings = train(
+                model,
+                || random_batch(&mut rng, &shape, b, b),
+                warmup,
+                steps,
+                args.seed,
+                &device,
+            )?;
+            (b, trainable, experts)
+        }
+        Kind::Concurrent { experts } => {
+            // as the `experts` stage of `legora train`: one adapter per task, turned into
+            // a mixture without routers, rows routed by their task id
+            let mut m = base;
+            let names: Vec<String> = (0..experts).map(|e| format!("task{e}")).collect();
+            for n in &names {
+                m.add_adapter(n, &lora_config(&ALL))?;
+            }
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            m.adapters_to_mixture(&refs, None)?;
+            let model = LmModel::new(m, Objective::TaskRouted);
+            let trainable = trainable_parameters(&model).trainable;
+            let b = shape.batch;
+            timings = train(
+                model,
+                || random_batch(&mut rng, &shape, b * experts, b),
+                warmup,
+                steps,
+                args.seed,
+                &device,
+            )?;
+            (b * experts, trainable, experts)
+        }
+        Kind::Sequential { experts } => {
+            // one single-adapter run per task over the same frozen base, one after another
+            let mut trainable = 0;
+            let b = shape.batch;
+            for e in 0..experts {
+                let mut m = base.clone();
+                m.add_adapter(&format!("task{e}"), &lora_config(&ALL))?;
+                let model = LmModel::new(m, Objective::Lm);
+                trainable += trainable_parameters(&model).trainable;
+                let t = train(
+                    model,
+                    || random_batch(&mut rng, &shape, b, b),
+                    warmup,
+                    steps,
+                    derive_seed(args.seed, &[e as u64]),
+                    &device,
+                )?;
+                timings.extend(t);
+            }
+            (b, trainable, experts)
+        }
+    };
+    let wall_s = started.elapsed().as_secs_f64();
+    let tokens_per_step = rows * shape.seq;
+    let med = median(&timings.steps);
+    let phase = |i: usize| median(&timings.phases.iter().map(|p| p[i]).collect::<Vec<_>>());
+    let max = timings.steps.iter().copied().fold(f64::NAN, f64::max);
+    let min = timings.steps.iter().copied().fold(f64::NAN, f64::min);
+    Ok(json!({
+        "impl": "legora",
+        "case": label,
+        "backend": backend::NAME,
+        "threads": threads(),
+        "steps": steps,
+        "timed_steps": timings.steps.len(),
+        "warmup": warmup,
+        "experts": experts,
+        "batch": rows,
+        "seq": shape.seq,
+        "hidden": shape.hidden,
+        "layers": shape.layers,
+        "vocab": shape.vocab,
+        "tokens_per_step": tokens_per_step,
+        "step_s_median": med,
+        "step_s_min": min,
+        "step_s_max": max,
+        "tokens_per_s": tokens_per_step as f64 / med,
+        "total_s": timings.steps.iter().sum::<f64>(),
+        "wall_s": wall_s,
+        "forward_s_median": phase(0),
+        "backward_s_median": phase(1),
+        "clip_s_median": phase(2),
+        "optim_s_median": phase(3),
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_reset": rss_reset,
+        "trainable_params": trainable,
+        "total_params": total_params,
+        "last_loss": timings.last_loss,
+    }))
+}
+
+fn fmt_s(v: &Value) -> String {
+    v.as_f64().map_or("-".into(), |x| format!("{x:.3}"))
+}
+
+fn fmt_mb(v: &Value) -> String {
+    v.as_f64().map_or("n/a".into(), |x| format!("{x:.0}"))
+}
+
+/// The markdown table of the records.
+fn table(rows: &[Value]) -> String {
+    let mut s = String::from(
+        "| case | backend | threads | tokens/step | step s (median) | min | max | tokens/s \
+         | fwd s | bwd s | clip s | optim s | total s | peak RSS MB | trainable |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r["case"].as_str().unwrap_or("?"),
+            r["backend"].as_str().unwrap_or("?"),
+            r["threads"],
+            r["tokens_per_step"],
+            fmt_s(&r["step_s_median"]),
+            fmt_s(&r["step_s_min"]),
+            fmt_s(&r["step_s_max"]),
+            r["tokens_per_s"].as_f64().unwrap_or(f64::NAN),
+            fmt_s(&r["forward_s_median"]),
+            fmt_s(&r["backward_s_median"]),
+            fmt_s(&r["clip_s_median"]),
+            fmt_s(&r["optim_s_median"]),
+            fmt_s(&r["total_s"]),
+            fmt_mb(&r["peak_rss_mb"]),
+            r["trainable_params"],
+        ));
+    }
+    s
+}
+
+/// Run `legora bench`.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let mut cases: Vec<CaseName> = Vec::new();
+    for c in args.case.iter().flat_map(|c| c.expand()) {
+        if !cases.contains(&c) {
+            cases.push(c);
+        }
+    }
+    let mut rows = Vec::new();
+    for case in cases {
+        tracing::info!(case = case.label(), "bench case");
+        let row = run_case::<TrainBackend>(case, &args, &device())
+            .with_context(|| format!("case {}", case.label()))?;
+        if args.json {
+            println!("{}", serde_json::to_string(&row)?);
+        }
+        rows.push(row);
+    }
+    if !args.json {
+        print!("{}", table(&rows));
+    }
+    Ok(())
+}

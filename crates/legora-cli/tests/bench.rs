@@ -1,0 +1,157 @@
+//! `legora bench` on the tiny shape: it runs, emits one valid JSON object per case and
+//! refuses unknown cases. No timing thresholds (timings depend on the machine).
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn legora(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_legora"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The JSON lines of a successful run.
+fn records(args: &[&str]) -> Vec<Value> {
+    let out = legora(args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+fn num(v: &Value, key: &str) -> f64 {
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("`{key}` is not a number: {v}"))
+}
+
+/// Fields every record has, with sane values.
+/// `steps` per run, `runs` runs (the experts of S-concurrent-seq, else 1).
+fn check(v: &Value, case: &str, steps: u64, runs: u64, tokens_per_step: u64) {
+    assert_eq!(v["impl"], "legora");
+    assert_eq!(v["case"], case);
+    assert_eq!(v["backend"], "flex");
+    assert_eq!(v["steps"].as_u64(), Some(steps), "{v}");
+    assert_eq!(v["timed_steps"].as_u64(), Some(steps * runs), "{v}");
+    assert_eq!(v["tokens_per_step"].as_u64(), Some(tokens_per_step), "{v}");
+    assert!(v["threads"].as_u64().is_some_and(|t| t >= 1), "{v}");
+    for key in [
+        "step_s_median",
+        "step_s_min",
+        "step_s_max",
+        "tokens_per_s",
+        "total_s",
+        "forward_s_median",
+        "backward_s_median",
+        "optim_s_median",
+        "last_loss",
+    ] {
+        let x = num(v, key);
+        assert!(x.is_finite() && x > 0.0, "`{key}` = {x}: {v}");
+    }
+    let (lo, med, hi) = (
+        num(v, "step_s_min"),
+        num(v, "step_s_median"),
+        num(v, "step_s_max"),
+    );
+    assert!(lo <= med && med <= hi, "{v}");
+    let tps = num(v, "tokens_per_s");
+    assert!(
+        (tps - tokens_per_step as f64 / med).abs() <= 1e-6 * tps,
+        "{v}"
+    );
+    assert!(
+        num(v, "total_s") >= lo * (steps * runs) as f64 * 0.999,
+        "{v}"
+    );
+    // null only where the OS offers no peak-memory counter
+    if cfg!(target_os = "linux") {
+        assert!(num(v, "peak_rss_mb") > 0.0, "{v}");
+    }
+    assert!(v["trainable_params"].as_u64().is_some_and(|n| n > 0), "{v}");
+}
+
+#[test]
+fn tiny_case_emits_json() {
+    let rows = records(&[
+        "bench", "--case", "tiny", "--steps", "2", "--warmup", "1", "--json",
+    ]);
+    assert_eq!(rows.len(), 1);
+    let v = &rows[0];
+    // batch 2 × seq 16
+    check(v, "tiny", 2, 1, 32);
+    // LoRA r=8 on q_proj [128 ← 32] (q: 4 heads × 8) and v_proj [16 ← 32] (2 kv heads
+    // × 8) in 2 layers: 2 · (8·(32+32) + 8·(32+16)) = 1,792
+    assert_eq!(v["trainable_params"], 1792);
+}
+
+#[test]
+fn every_case_runs_on_the_tiny_shape() {
+    let rows = records(&[
+        "bench",
+        "--case",
+        "S-all,S-moe,S-concurrent,S-concurrent-seq",
+        "--tiny",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+    ]);
+    assert_eq!(rows.len(), 4);
+    check(&rows[0], "S-all@tiny", 1, 1, 32);
+    check(&rows[1], "S-moe@tiny", 1, 1, 32);
+    check(&rows[2], "S-concurrent@tiny", 1, 1, 3 * 32);
+    check(&rows[3], "S-concurrent-seq@tiny", 1, 3, 32);
+    let all = rows[0]["trainable_params"].as_u64().unwrap();
+    // 4 experts of the S-all adapter + a router [4, 32] per layer
+    assert_eq!(
+        rows[1]["trainable_params"].as_u64(),
+        Some(4 * all + 2 * 4 * 32)
+    );
+    // 3 experts, concurrently or one after another
+    assert_eq!(rows[2]["trainable_params"].as_u64(), Some(3 * all));
+    assert_eq!(rows[3]["trainable_params"].as_u64(), Some(3 * all));
+}
+
+#[test]
+fn markdown_table_without_json() {
+    let out = legora(&["bench", "--case", "tiny", "--steps", "1", "--warmup", "0"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert!(lines[0].starts_with("| case |"), "{stdout}");
+    assert!(lines[2].starts_with("| tiny | flex |"), "{stdout}");
+}
+
+#[test]
+fn unknown_case_is_a_usage_error_listing_the_cases() {
+    let out = legora(&["bench", "--case", "S-qv,nope", "--steps", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("nope"), "{stderr}");
+    for case in [
+        "S-qv",
+        "S-all",
+        "S-moe",
+        "S-concurrent",
+        "S-concurrent-seq",
+        "tiny",
+        "all",
+    ] {
+        assert!(stderr.contains(case), "{stderr}");
+    }
+    let out = legora(&["bench", "--case", "tiny", "--steps", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+}
