@@ -77,22 +77,20 @@ impl Batch {
             })
             .max()
             .map_or(1, |last| last + 1);
-        let pick = |v: &[u32]| -> Vec<u32> {
+        // the first `end` columns of the chosen rows of a `[batch, s]` field
+        fn pick<T: Copy>(v: &[T], rows: &[usize], s: usize, end: usize) -> Vec<T> {
             rows.iter()
                 .flat_map(|&r| v[r * s..r * s + end].iter().copied())
                 .collect()
-        };
+        }
         Batch {
             batch_size: rows.len(),
             seq_len: end,
-            input_ids: pick(&self.input_ids),
-            labels: rows
-                .iter()
-                .flat_map(|&r| self.labels[r * s..r * s + end].iter().copied())
-                .collect(),
-            attention_mask: pick(&self.attention_mask),
-            position_ids: pick(&self.position_ids),
-            sequence_ids: pick(&self.sequence_ids),
+            input_ids: pick(&self.input_ids, rows, s, end),
+            labels: pick(&self.labels, rows, s, end),
+            attention_mask: pick(&self.attention_mask, rows, s, end),
+            position_ids: pick(&self.position_ids, rows, s, end),
+            sequence_ids: pick(&self.sequence_ids, rows, s, end),
             task_ids: rows.iter().map(|&r| self.task_ids[r]).collect(),
         }
     }

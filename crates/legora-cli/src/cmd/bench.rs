@@ -404,95 +404,62 @@ fn run_case<B: AutodiffBackend>(
     let total_params = trainable_parameters(&base).total;
     let mut rng = Rng::new(derive_seed(args.seed, &[1]));
     let kind = case.kind();
-    let mut timings = Timings::default();
-    let (rows, trainable, experts) = match kind {
+    let b = shape.batch;
+    // one training run of `model` on `rows` random rows per step (`b` rows per task)
+    let mut run = |model: LmModel<B>, rows: usize, seed: u64| -> anyhow::Result<(usize, Timings)> {
+        let trainable = trainable_parameters(&model).trainable;
+        let batches = || random_batch(&mut rng, &shape, rows, b);
+        Ok((
+            trainable,
+            train(model, batches, warmup, steps, seed, &device)?,
+        ))
+    };
+    // `n` adapters on all seven projections, turned into one mixture
+    let mixture = |mut m: CausalLm<B>, n: usize, router: Option<&RouterConfig>| {
+        let names: Vec<String> = (0..n).map(|e| format!("expert{e}")).collect();
+        for name in &names {
+            m.add_adapter(name, &lora_config(&ALL))?;
+        }
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        m.adapters_to_mixture(&refs, router)?;
+        anyhow::Ok(m)
+    };
+    let (rows, experts, (trainable, timings)) = match kind {
         Kind::Lora(targets) => {
             let mut m = base;
             m.add_adapter("default", &lora_config(targets))?;
-            let model = LmModel::new(m, Objective::Lm);
-            let trainable = trainable_parameters(&model).trainable;
-            let b = shape.batch;
-            timings = train(
-                model,
-                || random_batch(&mut rng, &shape, b, b),
-                warmup,
-                steps,
-                args.seed,
-                &device,
-            )?;
-            (b, trainable, 1)
+            (b, 1, run(LmModel::new(m, Objective::Lm), b, args.seed)?)
         }
         Kind::Moe { experts, top_k } => {
-            let mut m = base;
-            let names: Vec<String> = (0..experts).map(|e| format!("expert{e}")).collect();
-            for n in &names {
-                m.add_adapter(n, &lora_config(&ALL))?;
-            }
-            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
             let rc = RouterConfig::new(experts).with_top_k(top_k);
-            m.adapters_to_mixture(&refs, Some(&rc))?;
             // experts and routers train jointly, no supervised routing loss
-            let model = LmModel::new(
-                m,
-                Objective::Routed {
-                    routing_loss_coef: 0.0,
-                },
-            );
-            let trainable = trainable_parameters(&model).trainable;
-            let b = shape.batch;
-            timings = train(
-                model,
-                || random_batch(&mut rng, &shape, b, b),
-                warmup,
-                steps,
-                args.seed,
-                &device,
-            )?;
-            (b, trainable, experts)
+            let objective = Objective::Routed {
+                routing_loss_coef: 0.0,
+            };
+            let m = mixture(base, experts, Some(&rc))?;
+            (b, experts, run(LmModel::new(m, objective), b, args.seed)?)
         }
         Kind::Concurrent { experts } => {
             // as the `experts` stage of `legora train`: one adapter per task, turned into
             // a mixture without routers, rows routed by their task id
-            let mut m = base;
-            let names: Vec<String> = (0..experts).map(|e| format!("task{e}")).collect();
-            for n in &names {
-                m.add_adapter(n, &lora_config(&ALL))?;
-            }
-            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-            m.adapters_to_mixture(&refs, None)?;
-            let model = LmModel::new(m, Objective::TaskRouted);
-            let trainable = trainable_parameters(&model).trainable;
-            let b = shape.batch;
-            timings = train(
-                model,
-                || random_batch(&mut rng, &shape, b * experts, b),
-                warmup,
-                steps,
-                args.seed,
-                &device,
-            )?;
-            (b * experts, trainable, experts)
+            let m = LmModel::new(mixture(base, experts, None)?, Objective::TaskRouted);
+            (b * experts, experts, run(m, b * experts, args.seed)?)
         }
         Kind::Sequential { experts } => {
             // one single-adapter run per task over the same frozen base, one after another
-            let mut trainable = 0;
-            let b = shape.batch;
+            let (mut trainable, mut timings) = (0, Timings::default());
             for e in 0..experts {
                 let mut m = base.clone();
                 m.add_adapter(&format!("task{e}"), &lora_config(&ALL))?;
-                let model = LmModel::new(m, Objective::Lm);
-                trainable += trainable_parameters(&model).trainable;
-                let t = train(
-                    model,
-                    || random_batch(&mut rng, &shape, b, b),
-                    warmup,
-                    steps,
+                let (n, t) = run(
+                    LmModel::new(m, Objective::Lm),
+                    b,
                     derive_seed(args.seed, &[e as u64]),
-                    &device,
                 )?;
+                trainable += n;
                 timings.extend(t);
             }
-            (b, trainable, experts)
+            (b, experts, (trainable, timings))
         }
     };
     let wall_s = started.elapsed().as_secs_f64();
