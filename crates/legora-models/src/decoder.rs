@@ -5,14 +5,12 @@
 //! `model.embed_tokens`, `model.layers.{i}.self_attn.q_proj`, `model.norm`, `lm_head`.
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use legora_nn::{task_gates, Router, RouterOutput, RouterPooling};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::rope::apply_rotary;
 use crate::slot::{GateCtx, Proj};
 use crate::weights::{Init, WeightSource};
 
@@ -35,19 +33,11 @@ impl<B: Backend> RmsNorm<B> {
     /// # Shapes
     /// - x: `[batch, seq, hidden]` → same
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let dtype = x.dtype();
-        // hidden_states = hidden_states.to(torch.float32)
-        let xf = x.cast(DType::F32);
-        // variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        let var = xf.clone().powi_scalar(2).mean_dim(2);
-        // hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        let normed = xf * (var + self.eps).sqrt().recip();
-        // self.weight * hidden_states.to(input_dtype)
-        normed.cast(dtype) * self.weight.val().unsqueeze::<3>()
+        legora_kernels::rms_norm(x, self.weight.val(), self.eps)
     }
 }
 
-/// Keys and values of one layer, after RoPE: `[batch, kv_heads, past, head_dim]`.
+/// Keys and values of one layer, after RoPE: `[batch, past, kv_heads, head_dim]`.
 #[derive(Debug, Clone)]
 struct LayerCache<B: Backend> {
     k: Tensor<B, 4>,
@@ -258,7 +248,7 @@ impl<B: Backend> CausalLmOutput<B> {
 struct Ctx<B: Backend> {
     cos: Tensor<B, 4>,
     sin: Tensor<B, 4>,
-    /// Additive masks `[batch, heads, seq, total]` per distinct window.
+    /// Additive masks `[batch, 1, seq, total]` per distinct window.
     masks: Vec<(Option<usize>, Tensor<B, 4>)>,
     /// Real-token mask of the new positions, `[batch·seq]`.
     token_mask: Option<Tensor<B, 1>>,
@@ -349,20 +339,18 @@ impl<B: Backend> SelfAttention<B> {
             }
             Ok::<_, ModelError>(y)
         };
-        // query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        // The rotation (apply_rotary_pos_emb) is applied before the transpose, on the
-        // contiguous `[batch, seq, heads, head_dim]` layout.
+        // query_states = self.q_proj(hidden_states).view(hidden_shape); the heads stay on
+        // dim 2 (`[batch, seq, heads, head_dim]`): the attention kernel reads them in place,
+        // so transformers' transpose(1, 2) and repeat_kv are never materialised.
         let q = run(&self.q_proj, "q_proj", x.clone())?.reshape([b, s, h, hd]);
-        let q = apply_rotary(q, &ctx.cos, &ctx.sin).swap_dims(1, 2);
+        let q = legora_kernels::rotary(q, &ctx.cos, &ctx.sin);
         let k = run(&self.k_proj, "k_proj", x.clone())?.reshape([b, s, kv, hd]);
-        let k = apply_rotary(k, &ctx.cos, &ctx.sin).swap_dims(1, 2);
-        let v = run(&self.v_proj, "v_proj", x)?
-            .reshape([b, s, kv, hd])
-            .swap_dims(1, 2);
+        let k = legora_kernels::rotary(k, &ctx.cos, &ctx.sin);
+        let v = run(&self.v_proj, "v_proj", x)?.reshape([b, s, kv, hd]);
         let (k, v) = match cache {
             Some(slot) => {
                 let (k, v) = match slot.take() {
-                    Some(c) => (Tensor::cat(vec![c.k, k], 2), Tensor::cat(vec![c.v, v], 2)),
+                    Some(c) => (Tensor::cat(vec![c.k, k], 1), Tensor::cat(vec![c.v, v], 1)),
                     None => (k, v),
                 };
                 *slot = Some(LayerCache {
@@ -373,20 +361,10 @@ impl<B: Backend> SelfAttention<B> {
             }
             None => (k, v),
         };
-        let t = k.dims()[2];
-        let rep = h / kv;
-        // repeat_kv without copying: query heads of one kv group are stacked along seq.
-        let q = q.reshape([b, kv, rep * s, hd]);
-        let scores = q.matmul(k.swap_dims(2, 3)) * (hd as f64).powf(-0.5);
-        let scores = scores.reshape([b, h, s, t]) + ctx.mask(self.sliding_window).clone();
-        // attn_weights = softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
-        let dtype = scores.dtype();
-        let probs = softmax(scores.cast(DType::F32), 3).cast(dtype);
-        let out = probs.reshape([b, kv, rep * s, t]).matmul(v);
-        let out = out
-            .reshape([b, h, s, hd])
-            .swap_dims(1, 2)
-            .reshape([b, s, h * hd]);
+        // softmax(q·kᵀ·head_dim^-0.5 + mask, dim=-1, dtype=torch.float32) · v
+        let mask = ctx.mask(self.sliding_window).clone();
+        let out = legora_kernels::attention(q, k, v, mask, (hd as f64).powf(-0.5));
+        let out = out.reshape([b, s, h * hd]);
         run(&self.o_proj, "o_proj", out)
     }
 }
@@ -413,9 +391,9 @@ impl<B: Backend> Mlp<B> {
             Ok::<_, ModelError>(y)
         };
         // down_proj(act_fn(gate_proj(x)) * up_proj(x))
-        let g = silu(run(&self.gate_proj, "gate_proj", x.clone())?);
+        let g = run(&self.gate_proj, "gate_proj", x.clone())?;
         let u = run(&self.up_proj, "up_proj", x)?;
-        run(&self.down_proj, "down_proj", g * u)
+        run(&self.down_proj, "down_proj", legora_kernels::swiglu(g, u))
     }
 }
 
@@ -743,10 +721,7 @@ impl<B: Backend> CausalLm<B> {
                 windows.push(l.self_attn.sliding_window);
             }
         }
-        // Materialized at the scores' full shape `[batch, heads, seq, total]`, once per
-        // forward: adding a broadcast mask takes burn-flex's strided path (measured 25×
-        // slower than the contiguous add on a Qwen2-0.5B-like attention shape).
-        let heads = self.config.num_attention_heads;
+        // One mask per row, shared by the heads: `[batch, 1, seq, total]`.
         let masks = windows
             .into_iter()
             .map(|w| {
@@ -755,7 +730,7 @@ impl<B: Backend> CausalLm<B> {
                     Some(p) => c + p.clone(),
                     None => c.repeat_dim(0, b),
                 };
-                (w, m.repeat_dim(1, heads))
+                (w, m)
             })
             .collect();
         let token_mask = input

@@ -150,22 +150,6 @@ impl Rope {
     }
 }
 
-/// Apply the rotation: `x·cos + rotate_half(x)·sin`, `rotate_half(x) = cat(-x₂, x₁)`.
-///
-/// # Shapes
-/// - x: `[batch, seq, heads, head_dim]`, cos/sin: `[batch, seq, 1, head_dim]` → like x
-pub fn apply_rotary<B: Backend>(
-    x: Tensor<B, 4>,
-    cos: &Tensor<B, 4>,
-    sin: &Tensor<B, 4>,
-) -> Tensor<B, 4> {
-    let d = x.dims()[3];
-    let x1 = x.clone().narrow(3, 0, d / 2);
-    let x2 = x.clone().narrow(3, d / 2, d / 2);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos.clone() + rotated * sin.clone()
-}
-
 /// transformers' `_compute_default_rope_parameters` (+ `linear` / `llama3`), in f32.
 fn inv_freq(theta: f64, head_dim: usize, kind: &RopeKind) -> Vec<f32> {
     let base = theta as f32;

@@ -36,12 +36,7 @@ pub(crate) fn unflatten<B: Backend, const D: usize>(
 
 /// Inverted dropout applied only when autodiff is on (training), as burn's `Dropout`.
 pub(crate) fn lora_dropout<B: Backend>(x: Tensor<B, 2>, p: f64) -> Tensor<B, 2> {
-    if p == 0.0 || !B::ad_enabled(&x.device()) {
-        return x;
-    }
-    let keep = 1.0 - p;
-    let mask = x.random_like(Distribution::Bernoulli(keep));
-    x * mask * (1.0 / keep)
+    legora_kernels::dropout(x, p)
 }
 
 /// `x·Wᵀ + b` for a frozen HF-layout weight `[out, in]`.
@@ -176,13 +171,15 @@ impl<B: Backend> LoraAdapter<B> {
 
     /// The adapter's contribution `scale · (dropout(x)·Aᵀ)·Bᵀ`.
     ///
+    /// The scale multiplies the rank-`r` intermediate rather than the `[N, out]` result
+    /// (the same product; `r` is much smaller than `out`).
+    ///
     /// # Shapes
     /// - x: `[N, in]` → `[N, out]`
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let x = lora_dropout(x, self.lora_dropout);
-        x.matmul(self.lora_A.val().transpose())
+        (x.matmul(self.lora_A.val().transpose()) * self.scaling())
             .matmul(self.lora_B.val().transpose())
-            * self.scaling()
     }
 
     /// Mark both matrices trainable or frozen.

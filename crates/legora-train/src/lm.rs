@@ -3,7 +3,6 @@
 //! routing loss, and routing statistics.
 
 use burn::module::Module;
-use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use legora_data::{Batch, IGNORE_INDEX};
@@ -173,12 +172,7 @@ pub fn lm_input<B: Backend>(batch: &Batch, task_routed: bool, device: &B::Device
 /// # Shapes
 /// - logits: `[batch, seq, vocab]`, ids: `batch · (seq − 1)` → `[batch · (seq − 1)]`
 pub fn token_nll<B: Backend>(logits: Tensor<B, 3>, ids: &[i64]) -> Tensor<B, 1> {
-    let [b, s, v] = logits.dims();
-    let device = logits.device();
-    let n = b * (s - 1);
-    let logp = log_softmax(logits.narrow(1, 0, s - 1).reshape([n, v]), 1);
-    let idx: Tensor<B, 2, Int> = Tensor::from_data(TensorData::new(ids.to_vec(), [n, 1]), &device);
-    logp.gather(1, idx).reshape([n]).neg()
+    legora_kernels::next_token_nll(logits, ids)
 }
 
 fn weighted_sum<B: Backend>(x: Tensor<B, 1>, w: &[f32]) -> Tensor<B, 1> {

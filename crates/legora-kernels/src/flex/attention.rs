@@ -1,0 +1,350 @@
+//! Fused attention: per (batch, head) one `Q·Kᵀ` gemm, the mask and a row softmax in
+//! place, one `P·V` gemm; the backward recomputes nothing (it keeps `P`) and reads the
+//! grouped kv heads in place, so neither `repeat_kv` nor any transpose is materialised.
+
+use burn::backend::flex::FlexTensor;
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+use rayon::prelude::*;
+
+use super::{
+    ad_of, all_f32, backward, contiguous, data, flex_of, from_ad, from_flex, mode, record, tensor,
+    value_of, Mode, SendPtr,
+};
+
+/// The attention problem's sizes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dims {
+    b: usize,
+    s: usize,
+    t: usize,
+    h: usize,
+    kv: usize,
+    hd: usize,
+    /// 1 (one mask for all heads) or `h`.
+    mask_heads: usize,
+    scale: f32,
+}
+
+impl Dims {
+    fn rep(&self) -> usize {
+        self.h / self.kv
+    }
+    /// Offset of row 0 of query head `hh` of batch `bi` in `[b, s, h, hd]`.
+    fn q_off(&self, bi: usize, hh: usize) -> usize {
+        (bi * self.s * self.h + hh) * self.hd
+    }
+    /// Offset of row 0 of kv head `g` of batch `bi` in `[b, t, kv, hd]`.
+    fn kv_off(&self, bi: usize, g: usize) -> usize {
+        (bi * self.t * self.kv + g) * self.hd
+    }
+    /// Offset of the `[s, t]` probabilities of head `hh` of batch `bi` in `[b, h, s, t]`.
+    fn p_off(&self, bi: usize, hh: usize) -> usize {
+        (bi * self.h + hh) * self.s * self.t
+    }
+    fn mask_off(&self, bi: usize, hh: usize) -> usize {
+        let mh = if self.mask_heads == 1 { 0 } else { hh };
+        (bi * self.mask_heads + mh) * self.s * self.t
+    }
+}
+
+/// `dst[m×n] (+)= beta·(lhs·rhs)` for row-major `dst` with row stride `dst_rs`; `lhs` and
+/// `rhs` given as (pointer, row stride, column stride).
+///
+/// # Safety
+/// Every pointer must address the whole strided matrix it describes, and `dst` must not
+/// be written by anyone else meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+    beta: f32,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs.0,
+        lhs.2 as isize,
+        lhs.1 as isize,
+        rhs.0,
+        rhs.2 as isize,
+        rhs.1 as isize,
+        if accumulate { 1.0 } else { 0.0 },
+        beta,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+/// Row-wise softmax of `scores + mask`, in place.
+fn softmax_rows(p: &mut [f32], mask: &[f32], t: usize) {
+    for (row, mrow) in p.chunks_mut(t).zip(mask.chunks(t)) {
+        let mut max = f32::NEG_INFINITY;
+        for (x, m) in row.iter_mut().zip(mrow) {
+            *x += m;
+            max = max.max(*x);
+        }
+        let mut sum = 0.0f32;
+        for x in row.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+/// Forward: the output `[b, s, h, hd]` and, with `keep`, the probabilities `[b, h, s, t]`.
+fn forward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: &[f32],
+    d: Dims,
+    keep: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut out = vec![0.0f32; d.b * d.s * d.h * d.hd];
+    let mut probs = vec![0.0f32; if keep { d.b * d.h * d.s * d.t } else { 0 }];
+    let (out_p, probs_p) = (SendPtr(out.as_mut_ptr()), SendPtr(probs.as_mut_ptr()));
+    let (qs, kvs) = (d.h * d.hd, d.kv * d.hd);
+    (0..d.b * d.h).into_par_iter().for_each(|task| {
+        let (bi, hh) = (task / d.h, task % d.h);
+        let g = hh / d.rep();
+        let mut scratch = Vec::new();
+        let p: &mut [f32] = if keep {
+            // SAFETY: head (bi, hh) owns its [s, t] block of `probs`.
+            unsafe { std::slice::from_raw_parts_mut(probs_p.get().add(d.p_off(bi, hh)), d.s * d.t) }
+        } else {
+            scratch.resize(d.s * d.t, 0.0);
+            &mut scratch
+        };
+        let (qp, kp, vp) = (
+            q[d.q_off(bi, hh)..].as_ptr(),
+            k[d.kv_off(bi, g)..].as_ptr(),
+            v[d.kv_off(bi, g)..].as_ptr(),
+        );
+        // SAFETY: the strided views lie inside q, k, v (offsets from `Dims`), and head
+        // (bi, hh) owns its rows of `out`.
+        unsafe {
+            // scores = scale · Q·Kᵀ
+            gemm(
+                (d.s, d.t, d.hd),
+                p.as_mut_ptr(),
+                d.t,
+                false,
+                (qp, qs, 1),
+                (kp, 1, kvs),
+                d.scale,
+            );
+        }
+        softmax_rows(p, &mask[d.mask_off(bi, hh)..][..d.s * d.t], d.t);
+        unsafe {
+            // out = P·V
+            let dst = out_p.get().add(d.q_off(bi, hh));
+            gemm(
+                (d.s, d.hd, d.t),
+                dst,
+                qs,
+                false,
+                (p.as_ptr(), d.t, 1),
+                (vp, kvs, 1),
+                1.0,
+            );
+        }
+    });
+    (out, probs)
+}
+
+/// State of the attention backward.
+#[derive(Clone, Debug)]
+pub(crate) struct AttnState {
+    q: FlexTensor,
+    k: FlexTensor,
+    v: FlexTensor,
+    probs: FlexTensor,
+    dims: Dims,
+}
+
+/// `dV += Pᵀ·dO`, `dS = P ⊙ (dO·Vᵀ − rowsum(P ⊙ dO·Vᵀ))`, `dQ = scale·dS·K`,
+/// `dK += scale·dSᵀ·Q`, one task per (batch, kv head) so the group's query heads
+/// accumulate into their kv head without races.
+fn attention_backward(
+    grad: &FlexTensor,
+    st: &AttnState,
+    needs: [bool; 3],
+) -> [Option<FlexTensor>; 3] {
+    let d = st.dims;
+    let (q, k, v, p, dy) = (
+        data(&st.q),
+        data(&st.k),
+        data(&st.v),
+        data(&st.probs),
+        data(grad),
+    );
+    let mut dq = vec![0.0f32; q.len()];
+    let mut dk = vec![0.0f32; k.len()];
+    let mut dv = vec![0.0f32; v.len()];
+    let (dq_p, dk_p, dv_p) = (
+        SendPtr(dq.as_mut_ptr()),
+        SendPtr(dk.as_mut_ptr()),
+        SendPtr(dv.as_mut_ptr()),
+    );
+    let (qs, kvs) = (d.h * d.hd, d.kv * d.hd);
+    (0..d.b * d.kv).into_par_iter().for_each(|task| {
+        let (bi, g) = (task / d.kv, task % d.kv);
+        let mut ds = vec![0.0f32; d.s * d.t];
+        let (kp, vp) = (k[d.kv_off(bi, g)..].as_ptr(), v[d.kv_off(bi, g)..].as_ptr());
+        for hh in g * d.rep()..(g + 1) * d.rep() {
+            let ph = &p[d.p_off(bi, hh)..][..d.s * d.t];
+            let (qp, dop) = (
+                q[d.q_off(bi, hh)..].as_ptr(),
+                dy[d.q_off(bi, hh)..].as_ptr(),
+            );
+            // SAFETY: views inside their buffers (offsets from `Dims`); task (bi, g) owns
+            // the rows of dk/dv of kv head g and the rows of dq of its query heads.
+            unsafe {
+                if needs[2] {
+                    let dst = dv_p.get().add(d.kv_off(bi, g));
+                    gemm(
+                        (d.t, d.hd, d.s),
+                        dst,
+                        kvs,
+                        true,
+                        (ph.as_ptr(), 1, d.t),
+                        (dop, qs, 1),
+                        1.0,
+                    );
+                }
+                // dP = dO·Vᵀ
+                gemm(
+                    (d.s, d.t, d.hd),
+                    ds.as_mut_ptr(),
+                    d.t,
+                    false,
+                    (dop, qs, 1),
+                    (vp, 1, kvs),
+                    1.0,
+                );
+            }
+            for (dsr, pr) in ds.chunks_mut(d.t).zip(ph.chunks(d.t)) {
+                let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                dsr.iter_mut()
+                    .zip(pr)
+                    .for_each(|(x, pv)| *x = pv * (*x - dot));
+            }
+            unsafe {
+                if needs[0] {
+                    let dst = dq_p.get().add(d.q_off(bi, hh));
+                    gemm(
+                        (d.s, d.hd, d.t),
+                        dst,
+                        qs,
+                        false,
+                        (ds.as_ptr(), d.t, 1),
+                        (kp, kvs, 1),
+                        d.scale,
+                    );
+                }
+                if needs[1] {
+                    let dst = dk_p.get().add(d.kv_off(bi, g));
+                    gemm(
+                        (d.t, d.hd, d.s),
+                        dst,
+                        kvs,
+                        true,
+                        (ds.as_ptr(), 1, d.t),
+                        (qp, qs, 1),
+                        d.scale,
+                    );
+                }
+            }
+        }
+    });
+    [
+        needs[0].then(|| tensor(dq, st.q.layout().shape())),
+        needs[1].then(|| tensor(dk, st.k.layout().shape())),
+        needs[2].then(|| tensor(dv, st.v.layout().shape())),
+    ]
+}
+
+backward!(AttentionBackward, 3, AttnState, attention_backward);
+
+type Args<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>);
+
+/// Fused [`crate::attention`].
+pub(crate) fn attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Tensor<B, 4>,
+    scale: f64,
+) -> Result<Tensor<B, 4>, Args<B>> {
+    let Some(mode) = mode::<B>() else {
+        return Err((q, k, v, mask));
+    };
+    let ([b, s, h, hd], [kb, t, kv, khd]) = (q.dims(), k.dims());
+    let [mb, mh, ms, mt] = mask.dims();
+    let fits = all_f32(&[q.dtype(), k.dtype(), v.dtype(), mask.dtype()])
+        && kb == b
+        && khd == hd
+        && kv > 0
+        && h % kv == 0
+        && v.dims() == k.dims()
+        && [mb, ms, mt] == [b, s, t]
+        && (mh == 1 || mh == h);
+    if !fits {
+        return Err((q, k, v, mask));
+    }
+    let dims = Dims {
+        b,
+        s,
+        t,
+        h,
+        kv,
+        hd,
+        mask_heads: mh,
+        scale: scale as f32,
+    };
+    let mask = contiguous(value_of(mask, mode));
+    let shape = [b, s, h, hd];
+    Ok(match mode {
+        Mode::Plain => {
+            let (q, k, v) = (
+                contiguous(flex_of(q)),
+                contiguous(flex_of(k)),
+                contiguous(flex_of(v)),
+            );
+            let (out, _) = forward(data(&q), data(&k), data(&v), data(&mask), dims, false);
+            from_flex(tensor(out, &shape))
+        }
+        Mode::Autodiff => {
+            let (mut qa, mut ka, mut va) = (ad_of(q), ad_of(k), ad_of(v));
+            qa.primitive = contiguous(qa.primitive);
+            ka.primitive = contiguous(ka.primitive);
+            va.primitive = contiguous(va.primitive);
+            from_ad(record(AttentionBackward, [&qa, &ka, &va], |tracked| {
+                let (q, k, v) = (&qa.primitive, &ka.primitive, &va.primitive);
+                let (out, probs) = forward(data(q), data(k), data(v), data(&mask), dims, tracked);
+                let state = tracked.then(|| AttnState {
+                    q: q.clone(),
+                    k: k.clone(),
+                    v: v.clone(),
+                    probs: tensor(probs, &[b, h, s, t]),
+                    dims,
+                });
+                (tensor(out, &shape), state)
+            }))
+        }
+    })
+}

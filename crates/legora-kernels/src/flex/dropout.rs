@@ -1,0 +1,62 @@
+//! Dropout masks drawn on the host with SplitMix64 (two elements per 64-bit draw, in
+//! parallel chunks) instead of one `Bernoulli` sample per element from the backend's
+//! ChaCha generator. One 48-bit seed per mask comes from the backend's generator, so
+//! `B::seed` still makes every mask reproducible, independent of the thread count.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Tensor, TensorData};
+use rayon::prelude::*;
+
+use super::{all_f32, mode};
+
+/// Elements per independently seeded chunk.
+const CHUNK: usize = 1 << 13;
+
+/// SplitMix64's output function.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// `n` mask values, each `scale` with probability `keep` and 0 otherwise.
+pub(crate) fn mask(n: usize, keep: f64, seed: u64) -> Vec<f32> {
+    let threshold = (keep * (1u64 << 24) as f64) as u32;
+    let scale = (1.0 / keep) as f32;
+    let mut out = vec![0.0f32; n];
+    out.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let mut state = mix(seed ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            for pair in chunk.chunks_mut(2) {
+                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let z = mix(state);
+                for (i, o) in pair.iter_mut().enumerate() {
+                    let u = ((z >> (32 * i)) as u32) >> 8;
+                    *o = if u < threshold { scale } else { 0.0 };
+                }
+            }
+        });
+    out
+}
+
+/// Fused [`crate::dropout`] (the caller has checked that autodiff is on and `p > 0`).
+pub(crate) fn dropout<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    p: f64,
+) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    if mode::<B>().is_none() || !all_f32(&[x.dtype()]) {
+        return Err(x);
+    }
+    let device = x.device();
+    let draw: Vec<f32> = Tensor::<B, 1>::random([2], Distribution::Default, &device)
+        .into_data()
+        .to_vec()
+        .unwrap_or_default();
+    let seed = draw.iter().fold(0u64, |acc, u| {
+        (acc << 24) ^ ((u * (1u32 << 24) as f32) as u64)
+    });
+    let shape = x.dims();
+    let m = mask(shape.iter().product(), 1.0 - p, seed);
+    Ok(x * Tensor::from_data(TensorData::new(m, shape), &device))
+}

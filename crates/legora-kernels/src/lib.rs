@@ -1,0 +1,149 @@
+//! # legora-kernels
+//!
+//! The transformer ops legora's models spend their time in, each behind one generic
+//! function that works on any burn backend:
+//!
+//! | op | what |
+//! |---|---|
+//! | [`attention`] | scaled dot-product attention, grouped-query heads, additive mask |
+//! | [`rms_norm`] | transformers' `LlamaRMSNorm` (f32 statistics) |
+//! | [`rotary`] | rotate-half RoPE (`apply_rotary_pos_emb`) |
+//! | [`swiglu`] | `silu(gate) · up` |
+//! | [`next_token_nll`] | per-token negative log-likelihood of the next token |
+//! | [`dropout`] | inverted dropout, training only |
+//!
+//! Every op has a **reference path** ([`reference`]) written with burn tensor ops: it is
+//! what GPU backends and `ndarray` run, and what the fast paths are tested against.
+//! With the `flex` feature (on by default), `Flex` and `Autodiff<Flex>` take **fused CPU
+//! kernels** instead: one multi-threaded pass per op (the matmuls inside attention go to
+//! `gemm` directly), and under autodiff one backward node per op with a hand-written
+//! gradient, instead of the 5–20 nodes (and as many full-size temporaries) the
+//! composition records. The dispatch is by type: no trait bound changes for callers.
+//!
+//! Only f32 tensors take the fused kernels; other dtypes take the reference path.
+
+pub mod reference;
+
+#[cfg(feature = "flex")]
+mod flex;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+
+/// Whether backend `B` runs the fused kernels (`Flex` and `Autodiff<Flex>` with the
+/// `flex` feature) rather than the reference path.
+pub fn has_fused_kernels<B: Backend>() -> bool {
+    #[cfg(feature = "flex")]
+    {
+        flex::mode::<B>().is_some()
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        false
+    }
+}
+
+/// Scaled dot-product attention with grouped-query heads (query head `j` reads
+/// kv head `j / (heads / kv_heads)`, as transformers' `repeat_kv`) and an additive mask
+/// (0 where allowed, a large negative value where not). The mask is a constant: it gets
+/// no gradient.
+///
+/// # Shapes
+/// - q: `[batch, seq, heads, head_dim]`
+/// - k, v: `[batch, total, kv_heads, head_dim]`
+/// - mask: `[batch, 1 or heads, seq, total]`
+/// - output: `[batch, seq, heads, head_dim]`
+pub fn attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Tensor<B, 4>,
+    scale: f64,
+) -> Tensor<B, 4> {
+    #[cfg(feature = "flex")]
+    let (q, k, v, mask) = match flex::attention(q, k, v, mask, scale) {
+        Ok(out) => return out,
+        Err(args) => args,
+    };
+    reference::attention(q, k, v, mask, scale)
+}
+
+/// RMSNorm as transformers' `LlamaRMSNorm`: `weight · x / sqrt(mean(x²) + ε)` over the
+/// last dimension.
+///
+/// # Shapes
+/// - x: `[..., hidden]`, weight: `[hidden]` → `[..., hidden]`
+pub fn rms_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, D> {
+    #[cfg(feature = "flex")]
+    let (x, weight) = match flex::rms_norm(x, weight, eps) {
+        Ok(out) => return out,
+        Err(args) => args,
+    };
+    reference::rms_norm(x, weight, eps)
+}
+
+/// Rotate-half rotary embedding (transformers' `apply_rotary_pos_emb`):
+/// `x·cos + rotate_half(x)·sin`, with `rotate_half(x) = [-x₂, x₁]`. `cos` and `sin` are
+/// constants: they get no gradient.
+///
+/// # Shapes
+/// - x: `[batch, seq, heads, head_dim]`, cos, sin: `[batch, seq, 1, head_dim]` → like x
+pub fn rotary<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
+    #[cfg(feature = "flex")]
+    let x = match flex::rotary(x, cos, sin) {
+        Ok(out) => return out,
+        Err(x) => x,
+    };
+    reference::rotary(x, cos, sin)
+}
+
+/// The SwiGLU gate: `silu(gate) · up`.
+///
+/// # Shapes
+/// - gate, up: same shape → same shape
+pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
+    #[cfg(feature = "flex")]
+    let (gate, up) = match flex::swiglu(gate, up) {
+        Ok(out) => return out,
+        Err(args) => args,
+    };
+    reference::swiglu(gate, up)
+}
+
+/// Negative log-likelihood of each next token: row `(i, t)` for `t < seq − 1` scores
+/// `targets[i·(seq−1) + t]` under `log_softmax(logits[i, t])`. The last position of each
+/// row predicts nothing. Targets must lie in `0..vocab` (callers check them).
+///
+/// # Shapes
+/// - logits: `[batch, seq, vocab]`, targets: `batch · (seq − 1)` → `[batch · (seq − 1)]`
+pub fn next_token_nll<B: Backend>(logits: Tensor<B, 3>, targets: &[i64]) -> Tensor<B, 1> {
+    #[cfg(feature = "flex")]
+    let logits = match flex::next_token_nll(logits, targets) {
+        Ok(out) => return out,
+        Err(logits) => logits,
+    };
+    reference::next_token_nll(logits, targets)
+}
+
+/// Inverted dropout: each element is kept with probability `1 − p` and scaled by
+/// `1 / (1 − p)`. Applied only when autodiff is on (training), as burn's `Dropout`.
+/// The mask comes from the backend's seeded generator, so `B::seed` makes it
+/// reproducible.
+///
+/// # Shapes
+/// - x: any → same
+pub fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, p: f64) -> Tensor<B, D> {
+    if p == 0.0 || !B::ad_enabled(&x.device()) {
+        return x;
+    }
+    #[cfg(feature = "flex")]
+    let x = match flex::dropout(x, p) {
+        Ok(out) => return out,
+        Err(x) => x,
+    };
+    reference::dropout(x, p)
+}

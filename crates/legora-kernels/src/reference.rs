@@ -1,0 +1,102 @@
+//! The reference path of every op: burn tensor ops only, so it runs on any backend and
+//! differentiates through burn's autodiff. The fused kernels are tested against it.
+
+use burn::tensor::activation::{log_softmax, silu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
+
+/// See [`crate::attention`].
+///
+/// # Shapes
+/// - q: `[batch, seq, heads, head_dim]`, k, v: `[batch, total, kv_heads, head_dim]`,
+///   mask: `[batch, 1 or heads, seq, total]` → `[batch, seq, heads, head_dim]`
+pub fn attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Tensor<B, 4>,
+    scale: f64,
+) -> Tensor<B, 4> {
+    let [b, s, h, hd] = q.dims();
+    let [_, t, kv, _] = k.dims();
+    let rep = h / kv;
+    // query_states.transpose(1, 2); repeat_kv without copying: the query heads of one kv
+    // group are stacked along seq.
+    let q = q.swap_dims(1, 2).reshape([b, kv, rep * s, hd]);
+    let k = k.swap_dims(1, 2);
+    let v = v.swap_dims(1, 2);
+    let scores = (q.matmul(k.swap_dims(2, 3)) * scale).reshape([b, h, s, t]);
+    let scores = scores + mask.expand([b, h, s, t]);
+    // attn_weights = softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    let dtype = scores.dtype();
+    let probs = softmax(scores.cast(DType::F32), 3).cast(dtype);
+    probs
+        .reshape([b, kv, rep * s, t])
+        .matmul(v)
+        .reshape([b, h, s, hd])
+        .swap_dims(1, 2)
+}
+
+/// See [`crate::rms_norm`].
+///
+/// # Shapes
+/// - x: `[..., hidden]`, weight: `[hidden]` → `[..., hidden]`
+pub fn rms_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, D> {
+    let dtype = x.dtype();
+    // hidden_states = hidden_states.to(torch.float32)
+    let xf = x.cast(DType::F32);
+    // variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    let var = xf.clone().powi_scalar(2).mean_dim(D - 1);
+    // hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+    let normed = xf * (var + eps).sqrt().recip();
+    // self.weight * hidden_states.to(input_dtype)
+    normed.cast(dtype) * weight.unsqueeze::<D>()
+}
+
+/// See [`crate::rotary`].
+///
+/// # Shapes
+/// - x: `[batch, seq, heads, head_dim]`, cos, sin: `[batch, seq, 1, head_dim]` → like x
+pub fn rotary<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
+    let d = x.dims()[3];
+    let x1 = x.clone().narrow(3, 0, d / 2);
+    let x2 = x.clone().narrow(3, d / 2, d / 2);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos.clone() + rotated * sin.clone()
+}
+
+/// See [`crate::swiglu`].
+///
+/// # Shapes
+/// - gate, up: same shape → same shape
+pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
+    silu(gate) * up
+}
+
+/// See [`crate::next_token_nll`].
+///
+/// # Shapes
+/// - logits: `[batch, seq, vocab]`, targets: `batch · (seq − 1)` → `[batch · (seq − 1)]`
+pub fn next_token_nll<B: Backend>(logits: Tensor<B, 3>, targets: &[i64]) -> Tensor<B, 1> {
+    let [b, s, v] = logits.dims();
+    let device = logits.device();
+    let n = b * (s - 1);
+    let logp = log_softmax(logits.narrow(1, 0, s - 1).reshape([n, v]), 1);
+    let idx: Tensor<B, 2, Int> =
+        Tensor::from_data(TensorData::new(targets.to_vec(), [n, 1]), &device);
+    logp.gather(1, idx).reshape([n]).neg()
+}
+
+/// See [`crate::dropout`] (this one always applies the mask).
+///
+/// # Shapes
+/// - x: any → same
+pub fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, p: f64) -> Tensor<B, D> {
+    let keep = 1.0 - p;
+    let mask = x.random_like(Distribution::Bernoulli(keep));
+    x * mask * (1.0 / keep)
+}

@@ -1,0 +1,263 @@
+//! Every fused kernel against its reference path on random inputs: forward values on
+//! `Flex` and `Autodiff<Flex>`, and the gradient of every input under autodiff.
+
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Tensor, TensorData};
+use legora_kernels::{self as k, reference};
+
+type Ad = Autodiff<Flex>;
+
+fn random(shape: &[usize], seed: u64) -> TensorData {
+    Flex::seed(&Default::default(), seed);
+    Tensor::<Flex, 1>::random(
+        [shape.iter().product::<usize>()],
+        Distribution::Normal(0.0, 1.0),
+        &Default::default(),
+    )
+    .into_data()
+    .convert::<f32>()
+    .clone()
+    .to_vec::<f32>()
+    .map(|v| TensorData::new(v, shape.to_vec()))
+    .unwrap()
+}
+
+fn leaf<const D: usize>(d: &TensorData) -> Tensor<Ad, D> {
+    Tensor::<Ad, D>::from_data(d.clone(), &Default::default()).require_grad()
+}
+
+fn plain<const D: usize>(d: &TensorData) -> Tensor<Flex, D> {
+    Tensor::from_data(d.clone(), &Default::default())
+}
+
+fn assert_close(what: &str, a: TensorData, b: TensorData, tol: f32) {
+    assert_eq!(a.shape, b.shape, "{what}: shapes");
+    let (a, b) = (a.to_vec::<f32>().unwrap(), b.to_vec::<f32>().unwrap());
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst <= tol,
+        "{what}: max relative difference {worst} > {tol}"
+    );
+}
+
+/// `Σ out ⊙ w` for a fixed random `w`, so every output element has its own gradient.
+fn probe<const D: usize>(out: Tensor<Ad, D>, seed: u64) -> Tensor<Ad, 1> {
+    let w = random(&out.dims(), seed);
+    (out * Tensor::from_data(w, &Default::default())).sum()
+}
+
+#[test]
+fn flex_backends_take_the_fused_kernels() {
+    assert!(k::has_fused_kernels::<Flex>());
+    assert!(k::has_fused_kernels::<Ad>());
+}
+
+fn check_attention(b: usize, s: usize, t: usize, h: usize, kv: usize, mask_heads: usize) {
+    let hd = 8;
+    let (q, kk, v) = (
+        random(&[b, s, h, hd], 1),
+        random(&[b, t, kv, hd], 2),
+        random(&[b, t, kv, hd], 3),
+    );
+    // A causal-with-past mask plus some masked keys per row: 0 allowed, -1e9 not.
+    let past = t - s;
+    let m: Vec<f32> = (0..b * mask_heads * s * t)
+        .map(|i| {
+            let (j, row) = (i % t, (i / t) % s);
+            let hidden = j > past + row || (i * 7919) % 11 == 0 && j != 0;
+            if hidden {
+                -1e9
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mask = TensorData::new(m, [b, mask_heads, s, t]);
+    let scale = (hd as f64).powf(-0.5);
+    let what = format!("attention b{b} s{s} t{t} h{h} kv{kv} mask{mask_heads}");
+
+    let fused = k::attention(plain(&q), plain(&kk), plain(&v), plain(&mask), scale);
+    let refr = reference::attention(plain(&q), plain(&kk), plain(&v), plain(&mask), scale);
+    assert_close(&what, fused.into_data(), refr.into_data(), 1e-5);
+
+    let run = |fused: bool| {
+        let (q, kk, v) = (leaf::<4>(&q), leaf::<4>(&kk), leaf::<4>(&v));
+        let m = Tensor::<Ad, 4>::from_data(mask.clone(), &Default::default());
+        let out = if fused {
+            k::attention(q.clone(), kk.clone(), v.clone(), m, scale)
+        } else {
+            reference::attention(q.clone(), kk.clone(), v.clone(), m, scale)
+        };
+        let grads = probe(out.clone(), 9).backward();
+        let g = |x: &Tensor<Ad, 4>| x.grad(&grads).unwrap().into_data();
+        (out.into_data(), g(&q), g(&kk), g(&v))
+    };
+    let (f, r) = (run(true), run(false));
+    assert_close(&format!("{what} out"), f.0, r.0, 1e-5);
+    assert_close(&format!("{what} dq"), f.1, r.1, 1e-4);
+    assert_close(&format!("{what} dk"), f.2, r.2, 1e-4);
+    assert_close(&format!("{what} dv"), f.3, r.3, 1e-4);
+}
+
+#[test]
+fn attention_matches_reference() {
+    check_attention(2, 5, 5, 4, 2, 1); // grouped-query, one mask for all heads
+    check_attention(2, 3, 7, 4, 4, 4); // multi-head, cached keys, a mask per head
+    check_attention(1, 6, 6, 6, 1, 6); // multi-query
+}
+
+#[test]
+fn rms_norm_matches_reference_with_a_trainable_weight() {
+    let (x, w) = (random(&[2, 3, 16], 4), random(&[16], 5));
+    let fused = k::rms_norm(plain::<3>(&x), plain(&w), 1e-6);
+    let refr = reference::rms_norm(plain::<3>(&x), plain(&w), 1e-6);
+    assert_close("rms_norm", fused.into_data(), refr.into_data(), 1e-5);
+    let run = |fused: bool| {
+        let (x, w) = (leaf::<3>(&x), leaf::<1>(&w));
+        let out = if fused {
+            k::rms_norm(x.clone(), w.clone(), 1e-6)
+        } else {
+            reference::rms_norm(x.clone(), w.clone(), 1e-6)
+        };
+        let grads = probe(out.clone(), 6).backward();
+        (
+            out.into_data(),
+            x.grad(&grads).unwrap().into_data(),
+            w.grad(&grads).unwrap().into_data(),
+        )
+    };
+    let (f, r) = (run(true), run(false));
+    assert_close("rms_norm out", f.0, r.0, 1e-5);
+    assert_close("rms_norm dx", f.1, r.1, 1e-4);
+    assert_close("rms_norm dweight", f.2, r.2, 1e-4);
+}
+
+#[test]
+fn rotary_matches_reference() {
+    let (x, c, s) = (
+        random(&[2, 5, 3, 8], 7),
+        random(&[2, 5, 1, 8], 8),
+        random(&[2, 5, 1, 8], 9),
+    );
+    let fused = k::rotary(plain(&x), &plain(&c), &plain(&s));
+    let refr = reference::rotary(plain(&x), &plain(&c), &plain(&s));
+    assert_close("rotary", fused.into_data(), refr.into_data(), 1e-6);
+    let run = |fused: bool| {
+        let x = leaf::<4>(&x);
+        let (c, s) = (plain_ad(&c), plain_ad(&s));
+        let out = if fused {
+            k::rotary(x.clone(), &c, &s)
+        } else {
+            reference::rotary(x.clone(), &c, &s)
+        };
+        let grads = probe(out.clone(), 10).backward();
+        (out.into_data(), x.grad(&grads).unwrap().into_data())
+    };
+    let (f, r) = (run(true), run(false));
+    assert_close("rotary out", f.0, r.0, 1e-6);
+    assert_close("rotary dx", f.1, r.1, 1e-5);
+}
+
+fn plain_ad<const D: usize>(d: &TensorData) -> Tensor<Ad, D> {
+    Tensor::from_data(d.clone(), &Default::default())
+}
+
+#[test]
+fn swiglu_matches_reference() {
+    // Long enough to be split across parallel chunks.
+    let (g, u) = (random(&[3, 20_000], 11), random(&[3, 20_000], 12));
+    let fused = k::swiglu(plain::<2>(&g), plain(&u));
+    let refr = reference::swiglu(plain::<2>(&g), plain(&u));
+    assert_close("swiglu", fused.into_data(), refr.into_data(), 1e-6);
+    let run = |fused: bool| {
+        let (g, u) = (leaf::<2>(&g), leaf::<2>(&u));
+        let out = if fused {
+            k::swiglu(g.clone(), u.clone())
+        } else {
+            reference::swiglu(g.clone(), u.clone())
+        };
+        let grads = probe(out.clone(), 13).backward();
+        (
+            out.into_data(),
+            g.grad(&grads).unwrap().into_data(),
+            u.grad(&grads).unwrap().into_data(),
+        )
+    };
+    let (f, r) = (run(true), run(false));
+    assert_close("swiglu out", f.0, r.0, 1e-6);
+    assert_close("swiglu dgate", f.1, r.1, 1e-5);
+    assert_close("swiglu dup", f.2, r.2, 1e-5);
+}
+
+#[test]
+fn next_token_nll_matches_reference() {
+    let (b, s, v) = (3, 6, 37);
+    let logits = random(&[b, s, v], 14);
+    let targets: Vec<i64> = (0..b * (s - 1)).map(|i| (i * 13 % v) as i64).collect();
+    let fused = k::next_token_nll(plain(&logits), &targets);
+    let refr = reference::next_token_nll(plain(&logits), &targets);
+    assert_close("nll", fused.into_data(), refr.into_data(), 1e-5);
+    let run = |fused: bool| {
+        let x = leaf::<3>(&logits);
+        let out = if fused {
+            k::next_token_nll(x.clone(), &targets)
+        } else {
+            reference::next_token_nll(x.clone(), &targets)
+        };
+        let grads = probe(out.clone(), 15).backward();
+        (out.into_data(), x.grad(&grads).unwrap().into_data())
+    };
+    let (f, r) = (run(true), run(false));
+    assert_close("nll out", f.0, r.0, 1e-5);
+    assert_close("nll dlogits", f.1, r.1, 1e-5);
+}
+
+#[test]
+fn out_of_range_targets_take_the_reference_path_and_its_error() {
+    // The fused kernel refuses them (it would index out of bounds); the reference path
+    // then decides, exactly as without the kernels.
+    let logits = random(&[1, 3, 5], 16);
+    let ok = k::next_token_nll(plain(&logits), &[4, 0]);
+    assert_eq!(ok.dims(), [2]);
+}
+
+#[test]
+fn dropout_keeps_the_expected_fraction_scales_and_follows_the_seed() {
+    let device = Default::default();
+    let n = 200_000;
+    let x = Tensor::<Ad, 2>::ones([2, n / 2], &device).require_grad();
+    Ad::seed(&device, 42);
+    let a = k::dropout(x.clone(), 0.25);
+    Ad::seed(&device, 42);
+    let b = k::dropout(x.clone(), 0.25);
+    let c = k::dropout(x.clone(), 0.25);
+    let (av, bv, cv) = (
+        a.clone().into_data().to_vec::<f32>().unwrap(),
+        b.into_data().to_vec::<f32>().unwrap(),
+        c.into_data().to_vec::<f32>().unwrap(),
+    );
+    assert_eq!(av, bv, "same seed, same mask");
+    assert_ne!(av, cv, "the generator moves on");
+    let kept = av.iter().filter(|v| **v != 0.0).count() as f64 / n as f64;
+    assert!((kept - 0.75).abs() < 0.01, "kept fraction {kept}");
+    assert!(av
+        .iter()
+        .all(|v| *v == 0.0 || (*v - 1.0 / 0.75).abs() < 1e-6));
+    // The gradient is the mask itself.
+    let grads = a.sum().backward();
+    assert_eq!(
+        x.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap(),
+        av
+    );
+    // Off without autodiff.
+    let y = Tensor::<Flex, 1>::ones([8], &device);
+    assert_eq!(
+        k::dropout(y, 0.5).into_data().to_vec::<f32>().unwrap(),
+        vec![1.0; 8]
+    );
+}
