@@ -5,6 +5,7 @@
 //!
 //! | op | what |
 //! |---|---|
+//! | [`lora_linear`] | `x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ` (a frozen linear with one LoRA adapter) |
 //! | [`attention`] | scaled dot-product attention, grouped-query heads, additive mask |
 //! | [`rms_norm`] | transformers' `LlamaRMSNorm` (f32 statistics) |
 //! | [`rotary`] | rotate-half RoPE (`apply_rotary_pos_emb`) |
@@ -41,6 +42,41 @@ pub fn has_fused_kernels<B: Backend>() -> bool {
     {
         false
     }
+}
+
+/// One LoRA adapter on a linear layer, for [`lora_linear`]: PEFT's `lora_A.weight`
+/// `[r, in]`, `lora_B.weight` `[out, r]`, its scaling and dropout.
+#[derive(Debug, Clone)]
+pub struct LoraTerm<B: Backend> {
+    /// `lora_A.weight`, `[r, in]`.
+    pub lora_a: Tensor<B, 2>,
+    /// `lora_B.weight`, `[out, r]`.
+    pub lora_b: Tensor<B, 2>,
+    /// `lora_alpha / r` (or `/ sqrt(r)` with rsLoRA).
+    pub scale: f64,
+    /// Dropout on the adapter's input, training only.
+    pub dropout: f64,
+}
+
+/// A linear layer with one LoRA adapter, computed in activation space:
+/// `x·Wᵀ + b + scale·(dropout(x)·Aᵀ)·Bᵀ` (PEFT's `lora.Linear.forward`). Every input may
+/// be trainable; with a frozen base only `x`, `A` and `B` get gradients.
+///
+/// # Shapes
+/// - x: `[N, in]`, weight: `[out, in]`, bias: `[out]`, lora_a: `[r, in]`,
+///   lora_b: `[out, r]` → `[N, out]`
+pub fn lora_linear<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    lora: LoraTerm<B>,
+) -> Tensor<B, 2> {
+    #[cfg(feature = "flex")]
+    let (x, weight, bias, lora) = match flex::lora_linear(x, weight, bias, lora) {
+        Ok(out) => return out,
+        Err(args) => args,
+    };
+    reference::lora_linear(x, weight, bias, lora)
 }
 
 /// Scaled dot-product attention with grouped-query heads (query head `j` reads

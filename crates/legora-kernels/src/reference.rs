@@ -5,6 +5,27 @@ use burn::tensor::activation::{log_softmax, silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
 
+/// See [`crate::lora_linear`].
+///
+/// # Shapes
+/// - x: `[N, in]`, weight: `[out, in]`, bias: `[out]`, lora_a: `[r, in]`,
+///   lora_b: `[out, r]` → `[N, out]`
+pub fn lora_linear<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    lora: crate::LoraTerm<B>,
+) -> Tensor<B, 2> {
+    let y = x.clone().matmul(weight.transpose());
+    let y = match bias {
+        Some(b) => y + b.unsqueeze_dim(0),
+        None => y,
+    };
+    // lora_B(lora_A(dropout(x))) * scaling, the scale on the rank-r intermediate.
+    let h = crate::dropout(x, lora.dropout).matmul(lora.lora_a.transpose()) * lora.scale;
+    y + h.matmul(lora.lora_b.transpose())
+}
+
 /// See [`crate::attention`].
 ///
 /// # Shapes

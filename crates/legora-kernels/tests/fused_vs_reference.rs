@@ -3,25 +3,31 @@
 
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use legora_kernels::{self as k, reference};
 
 type Ad = Autodiff<Flex>;
 
+/// Standard-normal-ish values (sum of four uniforms, centred and scaled) from a local
+/// SplitMix64: tests run in parallel and must not share the backend's global generator.
 fn random(shape: &[usize], seed: u64) -> TensorData {
-    Flex::seed(&Default::default(), seed);
-    Tensor::<Flex, 1>::random(
-        [shape.iter().product::<usize>()],
-        Distribution::Normal(0.0, 1.0),
-        &Default::default(),
-    )
-    .into_data()
-    .convert::<f32>()
-    .clone()
-    .to_vec::<f32>()
-    .map(|v| TensorData::new(v, shape.to_vec()))
-    .unwrap()
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut uniform = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32
+    };
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| ((0..4).map(|_| uniform()).sum::<f32>() - 2.0) * 1.7)
+        .collect();
+    TensorData::new(v, shape.to_vec())
 }
+
+/// Serializes the tests that seed the backend's global generator (dropout masks).
+static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn leaf<const D: usize>(d: &TensorData) -> Tensor<Ad, D> {
     Tensor::<Ad, D>::from_data(d.clone(), &Default::default()).require_grad()
@@ -228,6 +234,7 @@ fn out_of_range_targets_take_the_reference_path_and_its_error() {
 
 #[test]
 fn dropout_keeps_the_expected_fraction_scales_and_follows_the_seed() {
+    let _seeded = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
     let device = Default::default();
     let n = 200_000;
     let x = Tensor::<Ad, 2>::ones([2, n / 2], &device).require_grad();
@@ -260,4 +267,102 @@ fn dropout_keeps_the_expected_fraction_scales_and_follows_the_seed() {
         k::dropout(y, 0.5).into_data().to_vec::<f32>().unwrap(),
         vec![1.0; 8]
     );
+}
+
+/// `(out, [d x, d weight, d bias, d lora_A, d lora_B])` of one LoRA linear, fused or
+/// reference; `trainable_base` makes the weight and bias leaves that need gradients.
+fn run_lora_linear(
+    fused: bool,
+    inputs: &[TensorData; 5],
+    bias: bool,
+    trainable_base: bool,
+    dropout: f64,
+) -> (TensorData, Vec<Option<TensorData>>) {
+    let [x, w, b, a, bb] = inputs;
+    let w: Tensor<Ad, 2> = if trainable_base { leaf(w) } else { plain_ad(w) };
+    let b: Option<Tensor<Ad, 1>> = bias.then(|| if trainable_base { leaf(b) } else { plain_ad(b) });
+    let (x, a, bb) = (leaf::<2>(x), leaf::<2>(a), leaf::<2>(bb));
+    let term = k::LoraTerm {
+        lora_a: a.clone(),
+        lora_b: bb.clone(),
+        scale: 2.5,
+        dropout,
+    };
+    Ad::seed(&Default::default(), 77);
+    let out = if fused {
+        k::lora_linear(x.clone(), w.clone(), b.clone(), term)
+    } else {
+        reference::lora_linear(x.clone(), w.clone(), b.clone(), term)
+    };
+    let grads = probe(out.clone(), 21).backward();
+    let g2 = |t: &Tensor<Ad, 2>| t.grad(&grads).map(|g| g.into_data());
+    let gb = b
+        .as_ref()
+        .and_then(|t| t.grad(&grads))
+        .map(|g| g.into_data());
+    (out.into_data(), vec![g2(&x), g2(&w), gb, g2(&a), g2(&bb)])
+}
+
+#[test]
+fn lora_linear_matches_reference() {
+    // 150 rows: three row blocks, the last one partial.
+    let (n, din, dout, r) = (150, 24, 40, 4);
+    let inputs = [
+        random(&[n, din], 30),
+        random(&[dout, din], 31),
+        random(&[dout], 32),
+        random(&[r, din], 33),
+        random(&[dout, r], 34),
+    ];
+    let fused = k::lora_linear(
+        plain(&inputs[0]),
+        plain(&inputs[1]),
+        Some(plain(&inputs[2])),
+        k::LoraTerm {
+            lora_a: plain(&inputs[3]),
+            lora_b: plain(&inputs[4]),
+            scale: 2.5,
+            dropout: 0.1,
+        },
+    );
+    let refr = reference::lora_linear(
+        plain(&inputs[0]),
+        plain(&inputs[1]),
+        Some(plain(&inputs[2])),
+        k::LoraTerm {
+            lora_a: plain(&inputs[3]),
+            lora_b: plain(&inputs[4]),
+            scale: 2.5,
+            dropout: 0.1,
+        },
+    );
+    assert_close(
+        "lora_linear (no autodiff, no dropout)",
+        fused.into_data(),
+        refr.into_data(),
+        1e-5,
+    );
+
+    let names = ["dx", "dweight", "dbias", "dlora_A", "dlora_B"];
+    // Everything trainable, no dropout; frozen base with dropout (the mask drawn again
+    // in the backward must be the forward's); no bias.
+    for (bias, trainable_base, dropout) in
+        [(true, true, 0.0), (true, false, 0.3), (false, false, 0.0)]
+    {
+        let what =
+            format!("lora_linear bias={bias} trainable_base={trainable_base} dropout={dropout}");
+        let f = run_lora_linear(true, &inputs, bias, trainable_base, dropout);
+        let r = run_lora_linear(false, &inputs, bias, trainable_base, dropout);
+        assert_close(&format!("{what} out"), f.0, r.0, 1e-4);
+        for ((name, fg), rg) in names.iter().zip(f.1).zip(r.1) {
+            assert_eq!(
+                fg.is_some(),
+                rg.is_some(),
+                "{what} {name}: which inputs have gradients"
+            );
+            if let (Some(fg), Some(rg)) = (fg, rg) {
+                assert_close(&format!("{what} {name}"), fg, rg, 1e-4);
+            }
+        }
+    }
 }

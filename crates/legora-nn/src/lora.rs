@@ -55,6 +55,25 @@ pub(crate) fn base_linear<B: Backend>(
     }
 }
 
+/// `x·Wᵀ + b + adapter(x)` as one [`legora_kernels::lora_linear`] op.
+///
+/// # Shapes
+/// - x: `[N, in]`, weight: `[out, in]`, bias: `[out]` → `[N, out]`
+pub(crate) fn adapted_linear<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: &Param<Tensor<B, 2>>,
+    bias: &Option<Param<Tensor<B, 1>>>,
+    adapter: &LoraAdapter<B>,
+) -> Tensor<B, 2> {
+    let term = legora_kernels::LoraTerm {
+        lora_a: adapter.lora_A.val(),
+        lora_b: adapter.lora_B.val(),
+        scale: adapter.scaling(),
+        dropout: adapter.lora_dropout,
+    };
+    legora_kernels::lora_linear(x, weight.val(), bias.as_ref().map(|b| b.val()), term)
+}
+
 /// Make a frozen parameter (no gradient, no optimizer state).
 pub(crate) fn frozen<B: Backend, const D: usize>(t: Tensor<B, D>) -> Param<Tensor<B, D>> {
     Param::from_tensor(t).set_require_grad(false)
@@ -457,6 +476,19 @@ impl<B: Backend> LoraLinear<B> {
         self.insert_adapter(new_name, adapter)
     }
 
+    /// The adapters that take part in `forward`: active, not merged, not disabled.
+    fn live_adapters(&self) -> impl Iterator<Item = &LoraAdapter<B>> {
+        let on = !self.state.disabled;
+        self.state
+            .names
+            .iter()
+            .zip(&self.adapters)
+            .filter(move |(name, _)| {
+                on && self.state.active.contains(name) && !self.state.merged.contains(name)
+            })
+            .map(|(_, adapter)| adapter)
+    }
+
     /// Apply the layer.
     ///
     /// # Shapes
@@ -464,13 +496,15 @@ impl<B: Backend> LoraLinear<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let (x, dims) = flatten(x);
         let (_, d_out) = self.dims();
+        let mut live = self.live_adapters();
+        if let (Some(adapter), None) = (live.next(), live.next()) {
+            // One adapter (the training case): one fused op.
+            let y = adapted_linear(x, &self.weight, &self.bias, adapter);
+            return unflatten(y, dims, d_out);
+        }
         let mut y = base_linear(x.clone(), &self.weight, &self.bias);
-        if !self.state.disabled {
-            for (name, adapter) in self.state.names.iter().zip(&self.adapters) {
-                if self.state.active.contains(name) && !self.state.merged.contains(name) {
-                    y = y + adapter.forward(x.clone());
-                }
-            }
+        for adapter in self.live_adapters() {
+            y = y + adapter.forward(x.clone());
         }
         unflatten(y, dims, d_out)
     }

@@ -20,7 +20,9 @@ use burn::tensor::{Tensor, TensorData};
 
 use crate::config::AdapterSpec;
 use crate::error::{NnError, Result};
-use crate::lora::{base_linear, check_dims, flatten, frozen, lora_dropout, unflatten, LoraAdapter};
+use crate::lora::{
+    adapted_linear, base_linear, check_dims, flatten, frozen, lora_dropout, unflatten, LoraAdapter,
+};
 use crate::router::{Router, RouterOutput};
 
 /// One-hot gates for task-routed training: row `b` of a `[batch, seq]` input uses
@@ -228,8 +230,8 @@ impl<B: Backend> MoeLinear<B> {
         })?;
         let (x, dims) = flatten(x);
         let (_, d_out) = self.dims();
-        let y = base_linear(x.clone(), &self.weight, &self.bias);
-        Ok(unflatten(y + expert.forward(x), dims, d_out))
+        let y = adapted_linear(x, &self.weight, &self.bias, expert);
+        Ok(unflatten(y, dims, d_out))
     }
 
     /// Reference forward: a plain loop over experts (MixLoRA style). Same math as

@@ -55,7 +55,7 @@ impl Dims {
 /// Every pointer must address the whole strided matrix it describes, and `dst` must not
 /// be written by anyone else meanwhile.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm(
+pub(crate) unsafe fn gemm(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     dst_rs: usize,

@@ -1,7 +1,7 @@
-//! Dropout masks drawn on the host with SplitMix64 (two elements per 64-bit draw, in
-//! parallel chunks) instead of one `Bernoulli` sample per element from the backend's
-//! ChaCha generator. One 48-bit seed per mask comes from the backend's generator, so
-//! `B::seed` still makes every mask reproducible, independent of the thread count.
+//! Dropout masks drawn on the host with a counter-based SplitMix64 (in parallel chunks)
+//! instead of one `Bernoulli` sample per element from the backend's ChaCha generator.
+//! One 48-bit seed per mask comes from the backend's generator, so `B::seed` still makes
+//! every mask reproducible, independent of the thread count.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor, TensorData};
@@ -9,8 +9,8 @@ use rayon::prelude::*;
 
 use super::{all_f32, mode};
 
-/// Elements per independently seeded chunk.
-const CHUNK: usize = 1 << 13;
+/// The golden-ratio increment of SplitMix64.
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// SplitMix64's output function.
 fn mix(mut z: u64) -> u64 {
@@ -19,25 +19,41 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// `n` mask values, each `scale` with probability `keep` and 0 otherwise.
-pub(crate) fn mask(n: usize, keep: f64, seed: u64) -> Vec<f32> {
+/// Elements `start..start + out.len()` of the mask of `seed`: each `1/keep` with
+/// probability `keep`, else 0. Counter-based (element `i` depends on `seed` and `i`
+/// only), so any range can be drawn, or drawn again, on its own.
+pub(crate) fn mask_range(seed: u64, keep: f64, start: usize, out: &mut [f32]) {
     let threshold = (keep * (1u64 << 24) as f64) as u32;
     let scale = (1.0 / keep) as f32;
+    for (i, o) in out.iter_mut().enumerate() {
+        let z = mix(seed.wrapping_add(((start + i) as u64).wrapping_mul(GOLDEN)));
+        *o = if ((z >> 40) as u32) < threshold {
+            scale
+        } else {
+            0.0
+        };
+    }
+}
+
+/// `n` mask values of [`mask_range`], drawn in parallel.
+pub(crate) fn mask(n: usize, keep: f64, seed: u64) -> Vec<f32> {
+    const CHUNK: usize = 1 << 13;
     let mut out = vec![0.0f32; n];
     out.par_chunks_mut(CHUNK)
         .enumerate()
-        .for_each(|(c, chunk)| {
-            let mut state = mix(seed ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            for pair in chunk.chunks_mut(2) {
-                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                let z = mix(state);
-                for (i, o) in pair.iter_mut().enumerate() {
-                    let u = ((z >> (32 * i)) as u32) >> 8;
-                    *o = if u < threshold { scale } else { 0.0 };
-                }
-            }
-        });
+        .for_each(|(c, chunk)| mask_range(seed, keep, c * CHUNK, chunk));
     out
+}
+
+/// A fresh 48-bit mask seed from backend `B`'s seeded generator (so `B::seed` governs it).
+pub(crate) fn draw_seed<B: Backend>(device: &B::Device) -> u64 {
+    let draw: Vec<f32> = Tensor::<B, 1>::random([2], Distribution::Default, device)
+        .into_data()
+        .to_vec()
+        .unwrap_or_default();
+    draw.iter().fold(0u64, |acc, u| {
+        (acc << 24) ^ ((u * (1u32 << 24) as f32) as u64)
+    })
 }
 
 /// Fused [`crate::dropout`] (the caller has checked that autodiff is on and `p > 0`).
@@ -49,13 +65,7 @@ pub(crate) fn dropout<B: Backend, const D: usize>(
         return Err(x);
     }
     let device = x.device();
-    let draw: Vec<f32> = Tensor::<B, 1>::random([2], Distribution::Default, &device)
-        .into_data()
-        .to_vec()
-        .unwrap_or_default();
-    let seed = draw.iter().fold(0u64, |acc, u| {
-        (acc << 24) ^ ((u * (1u32 << 24) as f32) as u64)
-    });
+    let seed = draw_seed::<B>(&device);
     let shape = x.dims();
     let m = mask(shape.iter().product(), 1.0 - p, seed);
     Ok(x * Tensor::from_data(TensorData::new(m, shape), &device))

@@ -8,6 +8,7 @@
 mod attention;
 mod dropout;
 mod elementwise;
+mod linear;
 mod nll;
 
 use std::any::{Any, TypeId};
@@ -23,6 +24,7 @@ use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 pub(crate) use attention::attention;
 pub(crate) use dropout::dropout;
 pub(crate) use elementwise::{rms_norm, rotary, swiglu};
+pub(crate) use linear::lora_linear;
 pub(crate) use nll::next_token_nll;
 
 /// The training backend the kernels differentiate.
