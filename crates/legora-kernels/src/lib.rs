@@ -6,6 +6,7 @@
 //! | op | what |
 //! |---|---|
 //! | [`lora_linear`] | `x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ` (a frozen linear with one LoRA adapter) |
+//! | [`routed_lora_linear`] | the same with task-routed experts, each row through its own |
 //! | [`attention`] | scaled dot-product attention, grouped-query heads, additive mask |
 //! | [`rms_norm`] | transformers' `LlamaRMSNorm` (f32 statistics) |
 //! | [`rotary`] | rotate-half RoPE (`apply_rotary_pos_emb`) |
@@ -71,12 +72,57 @@ pub fn lora_linear<B: Backend>(
     bias: Option<Tensor<B, 1>>,
     lora: LoraTerm<B>,
 ) -> Tensor<B, 2> {
+    let rank = lora.lora_a.dims()[0];
+    let routed = RoutedLora {
+        lora_a: lora.lora_a,
+        lora_b: lora.lora_b,
+        rank,
+        scales: vec![lora.scale],
+        dropout: lora.dropout,
+        experts: None,
+    };
+    routed_lora_linear(x, weight, bias, routed)
+}
+
+/// Task-routed LoRA experts on one linear layer, for [`routed_lora_linear`]: the experts'
+/// `lora_A` stacked along rows, `lora_B` along columns (all of rank `rank`), their
+/// scalings, one dropout rate, and the expert of every row.
+#[derive(Debug, Clone)]
+pub struct RoutedLora<B: Backend> {
+    /// `A_cat = cat(lora_A_e)`, `[E·r, in]`.
+    pub lora_a: Tensor<B, 2>,
+    /// `B_cat = cat(lora_B_e, dim 1)`, `[out, E·r]`.
+    pub lora_b: Tensor<B, 2>,
+    /// `r`, every expert's rank.
+    pub rank: usize,
+    /// Each expert's scaling.
+    pub scales: Vec<f64>,
+    /// Dropout on the experts' input (one mask), training only.
+    pub dropout: f64,
+    /// Expert of each row (`N` entries, each `< E`); `None`: expert 0 for every row.
+    pub experts: Option<Vec<usize>>,
+}
+
+/// A linear layer where each row goes through its own LoRA expert:
+/// `y_i = x_i·Wᵀ + b + s_e·(dropout(x_i)·A_eᵀ)·B_eᵀ` with `e` = `experts[i]` — what the
+/// stacked mixture computes with one-hot gates, without the zero-gated experts' work
+/// (mLoRA's BatchLoRA: several adapters trained in one pass over one frozen base).
+///
+/// # Shapes
+/// - x: `[N, in]`, weight: `[out, in]`, bias: `[out]`, lora_a: `[E·r, in]`,
+///   lora_b: `[out, E·r]` → `[N, out]`
+pub fn routed_lora_linear<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    lora: RoutedLora<B>,
+) -> Tensor<B, 2> {
     #[cfg(feature = "flex")]
     let (x, weight, bias, lora) = match flex::lora_linear(x, weight, bias, lora) {
         Ok(out) => return out,
         Err(args) => args,
     };
-    reference::lora_linear(x, weight, bias, lora)
+    reference::routed_lora_linear(x, weight, bias, lora)
 }
 
 /// Scaled dot-product attention with grouped-query heads (query head `j` reads

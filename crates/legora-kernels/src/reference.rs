@@ -26,6 +26,37 @@ pub fn lora_linear<B: Backend>(
     y + h.matmul(lora.lora_b.transpose())
 }
 
+/// See [`crate::routed_lora_linear`]: the stacked-rank mixture with one-hot gates,
+/// `y = x·Wᵀ + b + ((dropout(x)·A_catᵀ) ⊙ g)·B_catᵀ`, `g[i, e·r..(e+1)·r] = s_e` for
+/// the row's expert `e`, 0 elsewhere.
+///
+/// # Shapes
+/// - x: `[N, in]`, weight: `[out, in]`, bias: `[out]`, lora_a: `[E·r, in]`,
+///   lora_b: `[out, E·r]` → `[N, out]`
+pub fn routed_lora_linear<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    lora: crate::RoutedLora<B>,
+) -> Tensor<B, 2> {
+    let [n, _] = x.dims();
+    let device = x.device();
+    let (r, e) = (lora.rank, lora.scales.len());
+    let mut g = vec![0f32; n * e * r];
+    for (i, row) in g.chunks_mut(e * r).enumerate() {
+        let ex = lora.experts.as_ref().map_or(0, |v| v[i]);
+        row[ex * r..(ex + 1) * r].fill(lora.scales[ex] as f32);
+    }
+    let g: Tensor<B, 2> = Tensor::from_data(TensorData::new(g, [n, e * r]), &device);
+    let y = x.clone().matmul(weight.transpose());
+    let y = match bias {
+        Some(b) => y + b.unsqueeze_dim(0),
+        None => y,
+    };
+    let h = crate::dropout(x, lora.dropout).matmul(lora.lora_a.transpose()) * g;
+    y + h.matmul(lora.lora_b.transpose())
+}
+
 /// See [`crate::attention`].
 ///
 /// # Shapes

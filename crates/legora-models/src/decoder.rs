@@ -253,6 +253,8 @@ struct Ctx<B: Backend> {
     /// Real-token mask of the new positions, `[batch·seq]`.
     token_mask: Option<Tensor<B, 1>>,
     task_ids: Option<Vec<usize>>,
+    /// The task of every new token (`task_ids` repeated over the sequence), `[batch·seq]`.
+    row_experts: Option<std::sync::Arc<[usize]>>,
 }
 
 impl<B: Backend> Ctx<B> {
@@ -507,6 +509,7 @@ impl<B: Backend> DecoderLayer<B> {
             gates: None,
             mask: ctx.token_mask.clone(),
             expert: ctx.single_task(),
+            row_experts: ctx.row_experts.clone(),
         };
         let attn_first = self.attn_has_mixture();
         if attn_first {
@@ -737,12 +740,18 @@ impl<B: Backend> CausalLm<B> {
             .attention_mask
             .as_ref()
             .map(|m| m.clone().narrow(1, past, s).float().reshape([b * s]));
+        let row_experts = input.task_ids.as_ref().map(|ids| {
+            ids.iter()
+                .flat_map(|&t| std::iter::repeat_n(t, s))
+                .collect::<std::sync::Arc<[usize]>>()
+        });
         let ctx = Ctx {
             cos,
             sin,
             masks,
             token_mask,
             task_ids: input.task_ids,
+            row_experts,
         };
 
         let ids = input.input_ids.reshape([b * s]);
@@ -764,6 +773,7 @@ impl<B: Backend> CausalLm<B> {
         let h = self.model.norm.forward(h);
         let head_gates = GateCtx {
             expert: ctx.single_task(),
+            row_experts: ctx.row_experts.clone(),
             gates: match &self.lm_head {
                 Proj::Moe(m) if m.num_experts() > 0 => ctx.gates(s, m.num_experts(), &device)?,
                 _ => None,

@@ -78,6 +78,9 @@ pub(crate) struct GateCtx<B: Backend> {
     pub mask: Option<Tensor<B, 1>>,
     /// Task-routed with every row on this one expert: mixture slots run it alone.
     pub expert: Option<usize>,
+    /// Task-routed: the expert of every token `[N]`; mixture slots run each token
+    /// through its own expert only.
+    pub row_experts: Option<std::sync::Arc<[usize]>>,
 }
 
 impl<B: Backend> Proj<B> {
@@ -220,8 +223,11 @@ impl<B: Backend> Proj<B> {
                             let y = m.forward_expert(x, e).map_err(ModelError::layer(path()))?;
                             return Ok((y, None));
                         }
-                        let y = m.forward(x, g.clone()).map_err(ModelError::layer(path()))?;
-                        Ok((y, None))
+                        let y = match &ctx.row_experts {
+                            Some(rows) => m.forward_tasks(x, rows),
+                            None => m.forward(x, g.clone()),
+                        };
+                        Ok((y.map_err(ModelError::layer(path()))?, None))
                     }
                     (_, Some(_)) => {
                         let (y, out) = m

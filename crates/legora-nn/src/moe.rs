@@ -211,6 +211,53 @@ impl<B: Backend> MoeLinear<B> {
         Ok(unflatten(y + h.matmul(b_cat.transpose()), dims, d_out))
     }
 
+    /// Task-routed forward: row `i` through expert `experts[i]` alone — what
+    /// [`forward`](Self::forward) computes with one-hot gates, without the zero-gated
+    /// experts' work (mLoRA's BatchLoRA). Experts of different ranks take the gated path.
+    ///
+    /// # Shapes
+    /// - x: `[..., in]` (N tokens), experts: N indices `< E` → `[..., out]`
+    pub fn forward_tasks<const D: usize>(
+        &self,
+        x: Tensor<B, D>,
+        experts: &[usize],
+    ) -> Result<Tensor<B, D>> {
+        let dims = x.dims();
+        let n: usize = dims[..D - 1].iter().product();
+        let e = self.num_experts();
+        check_dims("experts", &[n], &[experts.len()])?;
+        if let Some((row, bad)) = experts.iter().enumerate().find(|(_, i)| **i >= e) {
+            return Err(NnError::config(
+                format!("expert of row {row}"),
+                format!("an expert index < {e}"),
+                bad,
+            ));
+        }
+        let rank = self.experts.first().map_or(0, |x| x.rank());
+        if self.experts.iter().any(|x| x.rank() != rank) {
+            let mut g = vec![0f32; n * e];
+            experts
+                .iter()
+                .enumerate()
+                .for_each(|(i, &x)| g[i * e + x] = 1.0);
+            let g = Tensor::from_data(TensorData::new(g, [n, e]), &x.device());
+            return self.forward(x, g);
+        }
+        let (x, dims) = flatten(x);
+        let (_, d_out) = self.dims();
+        let lora = legora_kernels::RoutedLora {
+            lora_a: Tensor::cat(self.experts.iter().map(|x| x.lora_A.val()).collect(), 0),
+            lora_b: Tensor::cat(self.experts.iter().map(|x| x.lora_B.val()).collect(), 1),
+            rank,
+            scales: self.experts.iter().map(|x| x.scaling()).collect(),
+            dropout: self.dropout(),
+            experts: Some(experts.to_vec()),
+        };
+        let bias = self.bias.as_ref().map(|b| b.val());
+        let y = legora_kernels::routed_lora_linear(x, self.weight.val(), bias, lora);
+        Ok(unflatten(y, dims, d_out))
+    }
+
     /// Every token through expert `e` alone: what [`forward`](Self::forward) computes
     /// with one-hot gates on `e`, without the other experts' (zero-gated) work — the
     /// task-routed path when every row of a batch belongs to one task.
@@ -281,7 +328,18 @@ impl<B: Backend> MoeLinear<B> {
     pub fn forward_task(&self, x: Tensor<B, 3>, ids: &[usize]) -> Result<Tensor<B, 3>> {
         let [b, s, _] = x.dims();
         check_dims("task ids", &[b], &[ids.len()])?;
-        let gates = task_gates(ids, s, self.num_experts(), &x.device())?;
-        self.forward(x, gates)
+        let e = self.num_experts();
+        if let Some((row, id)) = ids.iter().enumerate().find(|(_, i)| **i >= e) {
+            return Err(NnError::config(
+                format!("task id of row {row}"),
+                format!("an expert index < {e}"),
+                id,
+            ));
+        }
+        let rows: Vec<usize> = ids
+            .iter()
+            .flat_map(|&t| std::iter::repeat_n(t, s))
+            .collect();
+        self.forward_tasks(x, &rows)
     }
 }

@@ -276,8 +276,15 @@ fn moe_fast_path_equals_loop_reference() {
 
 #[test]
 fn task_routed_equals_each_row_through_its_own_expert() {
+    // Equal ranks take the fused routed kernel, unequal ones the gated stacked path.
+    for ranks in [[4, 4, 4], [4, 2, 8]] {
+        task_routed_rows_match_single_adapters(&ranks);
+    }
+}
+
+fn task_routed_rows_match_single_adapters(ranks: &[usize]) {
     let (d_in, d_out) = (16, 12);
-    let layer = moe(&[4, 2, 8], d_in, d_out);
+    let layer = moe(ranks, d_in, d_out);
     let ids = [2usize, 0, 1, 2];
     let x = randn([4, 5, d_in], 1.0);
     let y = vals(layer.forward_task(x.clone(), &ids).unwrap());

@@ -8,8 +8,8 @@ use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::{
-    ad_of, all_f32, backward, contiguous, data, flex_of, from_ad, from_flex, mode, record, tensor,
-    value_of, Mode, SendPtr,
+    ad_of, all_f32, backward, contiguous, data, flex_of, from_ad, from_flex, math, mode, record,
+    tensor, value_of, Mode, SendPtr,
 };
 
 /// The attention problem's sizes.
@@ -95,12 +95,9 @@ fn softmax_rows(p: &mut [f32], mask: &[f32], t: usize) {
             *x += m;
             max = max.max(*x);
         }
-        let mut sum = 0.0f32;
-        for x in row.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
-        }
-        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|x| *x -= max);
+        math::exp_in_place(row);
+        let inv = 1.0 / math::sum(row);
         row.iter_mut().for_each(|x| *x *= inv);
     }
 }
@@ -114,40 +111,44 @@ fn forward(
     d: Dims,
     keep: bool,
 ) -> (Vec<f32>, Vec<f32>) {
-    let mut out = vec![0.0f32; d.b * d.s * d.h * d.hd];
-    let mut probs = vec![0.0f32; if keep { d.b * d.h * d.s * d.t } else { 0 }];
+    // Every element of `out` and `probs` is written by a gemm below (which does not read
+    // its destination): no zeroing pass.
+    let mut out: Vec<f32> = Vec::with_capacity(d.b * d.s * d.h * d.hd);
+    let mut probs: Vec<f32> = Vec::with_capacity(if keep { d.b * d.h * d.s * d.t } else { 0 });
     let (out_p, probs_p) = (SendPtr(out.as_mut_ptr()), SendPtr(probs.as_mut_ptr()));
     let (qs, kvs) = (d.h * d.hd, d.kv * d.hd);
     (0..d.b * d.h).into_par_iter().for_each(|task| {
         let (bi, hh) = (task / d.h, task % d.h);
         let g = hh / d.rep();
         let mut scratch = Vec::new();
-        let p: &mut [f32] = if keep {
+        let p_ptr = if keep {
             // SAFETY: head (bi, hh) owns its [s, t] block of `probs`.
-            unsafe { std::slice::from_raw_parts_mut(probs_p.get().add(d.p_off(bi, hh)), d.s * d.t) }
+            unsafe { probs_p.get().add(d.p_off(bi, hh)) }
         } else {
             scratch.resize(d.s * d.t, 0.0);
-            &mut scratch
+            scratch.as_mut_ptr()
         };
         let (qp, kp, vp) = (
             q[d.q_off(bi, hh)..].as_ptr(),
             k[d.kv_off(bi, g)..].as_ptr(),
             v[d.kv_off(bi, g)..].as_ptr(),
         );
-        // SAFETY: the strided views lie inside q, k, v (offsets from `Dims`), and head
-        // (bi, hh) owns its rows of `out`.
-        unsafe {
+        // SAFETY: the strided views lie inside q, k, v (offsets from `Dims`); head (bi, hh)
+        // owns its [s, t] block of probs and its rows of `out`; the gemm writes all of the
+        // block before the slice over it is made.
+        let p = unsafe {
             // scores = scale · Q·Kᵀ
             gemm(
                 (d.s, d.t, d.hd),
-                p.as_mut_ptr(),
+                p_ptr,
                 d.t,
                 false,
                 (qp, qs, 1),
                 (kp, 1, kvs),
                 d.scale,
             );
-        }
+            std::slice::from_raw_parts_mut(p_ptr, d.s * d.t)
+        };
         softmax_rows(p, &mask[d.mask_off(bi, hh)..][..d.s * d.t], d.t);
         unsafe {
             // out = P·V
@@ -163,6 +164,11 @@ fn forward(
             );
         }
     });
+    // SAFETY: every (batch, head) task wrote its blocks of both (see above).
+    unsafe {
+        out.set_len(out.capacity());
+        probs.set_len(probs.capacity());
+    }
     (out, probs)
 }
 
@@ -238,7 +244,7 @@ fn attention_backward(
                 );
             }
             for (dsr, pr) in ds.chunks_mut(d.t).zip(ph.chunks(d.t)) {
-                let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                let dot = math::dot(dsr, pr);
                 dsr.iter_mut()
                     .zip(pr)
                     .for_each(|(x, pv)| *x = pv * (*x - dot));

@@ -20,18 +20,35 @@ fn mix(mut z: u64) -> u64 {
 }
 
 /// Elements `start..start + out.len()` of the mask of `seed`: each `1/keep` with
-/// probability `keep`, else 0. Counter-based (element `i` depends on `seed` and `i`
-/// only), so any range can be drawn, or drawn again, on its own.
+/// probability `keep`, else 0. Counter-based (element `i` takes 24 bits of half `i % 2`
+/// of `mix(seed + (i / 2)·golden)`, so it depends on `seed` and `i` only): any range can
+/// be drawn, or drawn again, on its own.
 pub(crate) fn mask_range(seed: u64, keep: f64, start: usize, out: &mut [f32]) {
     let threshold = (keep * (1u64 << 24) as f64) as u32;
     let scale = (1.0 / keep) as f32;
-    for (i, o) in out.iter_mut().enumerate() {
-        let z = mix(seed.wrapping_add(((start + i) as u64).wrapping_mul(GOLDEN)));
-        *o = if ((z >> 40) as u32) < threshold {
+    let pick = |z: u64, half: usize| {
+        if (((z >> (32 * half)) as u32) >> 8) < threshold {
             scale
         } else {
             0.0
-        };
+        }
+    };
+    let draw = |pair: usize| mix(seed.wrapping_add((pair as u64).wrapping_mul(GOLDEN)));
+    let (mut i, end) = (start, start + out.len());
+    let mut rest: &mut [f32] = out;
+    if i % 2 == 1 && i < end {
+        rest[0] = pick(draw(i / 2), 1);
+        rest = &mut rest[1..];
+        i += 1;
+    }
+    let mut pairs = rest.chunks_exact_mut(2);
+    for (k, pair) in (&mut pairs).enumerate() {
+        let z = draw(i / 2 + k);
+        pair[0] = pick(z, 0);
+        pair[1] = pick(z, 1);
+    }
+    if let [last] = pairs.into_remainder() {
+        *last = pick(draw((end - 1) / 2), 0);
     }
 }
 
@@ -69,4 +86,27 @@ pub(crate) fn dropout<B: Backend, const D: usize>(
     let shape = x.dims();
     let m = mask(shape.iter().product(), 1.0 - p, seed);
     Ok(x * Tensor::from_data(TensorData::new(m, shape), &device))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_range_draws_the_same_elements_as_the_whole_mask() {
+        let whole = mask(1001, 0.7, 5);
+        for (start, len) in [
+            (0, 1001),
+            (1, 10),
+            (2, 9),
+            (3, 1),
+            (500, 501),
+            (999, 2),
+            (1000, 1),
+        ] {
+            let mut part = vec![0.0f32; len];
+            mask_range(5, 0.7, start, &mut part);
+            assert_eq!(part, whole[start..start + len], "range {start}..+{len}");
+        }
+    }
 }

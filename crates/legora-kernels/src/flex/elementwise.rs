@@ -6,6 +6,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 
+use super::math::sigmoid;
 use super::{
     ad_of, all_f32, backward, contiguous, data, flex_of, from_ad, from_flex, mode, record, tensor,
     value_of, Mode,
@@ -287,10 +288,6 @@ pub(crate) fn rotary<B: Backend>(
 pub(crate) struct SwigluState {
     gate: FlexTensor,
     up: FlexTensor,
-}
-
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
 }
 
 /// `silu(g)·u`.

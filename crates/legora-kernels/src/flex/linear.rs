@@ -1,10 +1,14 @@
-//! Fused LoRA linear: `y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ` as one op.
+//! Fused LoRA linear: `y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ` as one op, for one adapter or
+//! for task-routed experts (each row through its own expert only, mLoRA's BatchLoRA:
+//! no zero-gated work for the other experts).
 //!
 //! The frozen product goes to one multi-threaded gemm writing over the broadcast bias; the
 //! rank-`r` path runs per block of rows in parallel (the skinny `[N, in]·[in, r]` products
 //! are below burn-flex's threading threshold and would run on one core), accumulating
 //! straight into `y`. The dropout mask is counter-based, so the backward draws it again
 //! from its seed instead of keeping an `[N, in]` copy of it.
+
+use std::sync::Arc;
 
 use burn::backend::flex::FlexTensor;
 use burn::tensor::backend::Backend;
@@ -21,50 +25,86 @@ use super::{
 /// Rows per parallel block of the rank-`r` path.
 const BLOCK: usize = 64;
 
-/// Sizes and settings of one fused LoRA linear.
-#[derive(Clone, Copy, Debug)]
+/// Sizes and settings of one fused LoRA linear: `E` experts of rank `r` stacked as
+/// `A_cat [E·r, in]`, `B_cat [out, E·r]` (one adapter: `E = 1`), each row on one expert.
+#[derive(Clone, Debug)]
 pub(crate) struct Dims {
     n: usize,
     d_in: usize,
     d_out: usize,
     r: usize,
-    scale: f32,
+    /// Scale of each expert.
+    scales: Arc<[f32]>,
+    /// Expert of each row; `None`: every row on expert 0.
+    experts: Option<Arc<[usize]>>,
     /// Keep probability and mask seed, when dropout is on.
     dropout: Option<(f64, u64)>,
 }
 
 impl Dims {
-    /// Rows `start..start + rows` of `x`, with this op's dropout applied (into `buf`).
+    /// Columns of the stacked ranks, `E·r`.
+    fn er(&self) -> usize {
+        self.scales.len() * self.r
+    }
+
+    /// `(start, rows, expert)` blocks of at most [`BLOCK`] rows on one expert each.
+    fn blocks(&self) -> Vec<(usize, usize, usize)> {
+        let expert = |row: usize| self.experts.as_ref().map_or(0, |e| e[row]);
+        let mut out = Vec::with_capacity(self.n / BLOCK + 1);
+        let mut start = 0;
+        while start < self.n {
+            let e = expert(start);
+            let mut end = start + 1;
+            while end < self.n && end - start < BLOCK && expert(end) == e {
+                end += 1;
+            }
+            out.push((start, end - start, e));
+            start = end;
+        }
+        out
+    }
+
+    /// The dropout mask of rows `start..start + rows` (`None` without dropout).
+    fn mask(&self, start: usize, rows: usize) -> Option<Vec<f32>> {
+        self.dropout.map(|(keep, seed)| {
+            let mut m = vec![0.0f32; rows * self.d_in];
+            mask_range(seed, keep, start * self.d_in, &mut m);
+            m
+        })
+    }
+
+    /// Rows `start..start + rows` of `x`, times `mask` when there is one (into `buf`).
     fn dropped<'a>(
         &self,
         x: &'a [f32],
         start: usize,
         rows: usize,
+        mask: Option<&[f32]>,
         buf: &'a mut Vec<f32>,
     ) -> &'a [f32] {
         let xb = &x[start * self.d_in..(start + rows) * self.d_in];
-        match self.dropout {
+        match mask {
             None => xb,
-            Some((keep, seed)) => {
-                buf.resize(xb.len(), 0.0);
-                mask_range(seed, keep, start * self.d_in, buf);
-                buf.iter_mut().zip(xb).for_each(|(m, v)| *m *= v);
+            Some(m) => {
+                buf.clear();
+                buf.extend(xb.iter().zip(m).map(|(v, mv)| v * mv));
                 buf
             }
         }
     }
 }
 
-/// `(y, h)` with `h = s·drop(x)·Aᵀ` `[n, r]` (kept for the backward).
+/// `(y, h)` with `h = s_e·drop(x)·A_eᵀ` `[n, r]` for each row's expert `e` (kept for the
+/// backward).
 fn forward(
     x: &[f32],
     w: &[f32],
     bias: Option<&[f32]>,
     a: &[f32],
     b: &[f32],
-    d: Dims,
+    d: &Dims,
 ) -> (Vec<f32>, Vec<f32>) {
-    let (n, din, dout, r) = (d.n, d.d_in, d.d_out, d.r);
+    let (n, din, dout, r, er) = (d.n, d.d_in, d.d_out, d.r, d.er());
     let mut y = match bias {
         Some(bias) => bias.repeat(n),
         None => vec![0.0f32; n * dout],
@@ -82,35 +122,36 @@ fn forward(
         );
     }
     let mut h = vec![0.0f32; n * r];
-    y.par_chunks_mut(BLOCK * dout)
-        .zip(h.par_chunks_mut(BLOCK * r))
-        .enumerate()
-        .for_each(|(i, (yb, hb))| {
-            let rows = yb.len() / dout;
-            let mut buf = Vec::new();
-            let xd = d.dropped(x, i * BLOCK, rows, &mut buf);
-            // SAFETY: block-local slices of the sizes given.
-            unsafe {
-                gemm(
-                    (rows, r, din),
-                    hb.as_mut_ptr(),
-                    r,
-                    false,
-                    (xd.as_ptr(), din, 1),
-                    (a.as_ptr(), 1, din),
-                    d.scale,
-                );
-                gemm(
-                    (rows, dout, r),
-                    yb.as_mut_ptr(),
-                    dout,
-                    true,
-                    (hb.as_ptr(), r, 1),
-                    (b.as_ptr(), 1, r),
-                    1.0,
-                );
-            }
-        });
+    let (y_p, h_p) = (SendPtr(y.as_mut_ptr()), SendPtr(h.as_mut_ptr()));
+    d.blocks().into_par_iter().for_each(|(start, rows, e)| {
+        let mut buf = Vec::new();
+        let mask = d.mask(start, rows);
+        let xd = d.dropped(x, start, rows, mask.as_deref(), &mut buf);
+        // SAFETY: block (start, rows) owns those rows of y and h; A_e is rows e·r.. of
+        // A_cat, B_e columns e·r.. of B_cat (row stride E·r).
+        unsafe {
+            let (yb, hb) = (y_p.get().add(start * dout), h_p.get().add(start * r));
+            let (ae, be) = (a.as_ptr().add(e * r * din), b.as_ptr().add(e * r));
+            gemm(
+                (rows, r, din),
+                hb,
+                r,
+                false,
+                (xd.as_ptr(), din, 1),
+                (ae, 1, din),
+                d.scales[e],
+            );
+            gemm(
+                (rows, dout, r),
+                yb,
+                dout,
+                true,
+                (hb, r, 1),
+                (be, 1, er),
+                1.0,
+            );
+        }
+    });
     (y, h)
 }
 
@@ -162,16 +203,16 @@ pub(crate) struct LinearState {
     dims: Dims,
 }
 
-/// Gradients of `[x, weight, bias, lora_A, lora_B]`:
-/// `dh = dY·B`, `dx = dY·W + s·(dh·A) ⊙ mask`, `dA = s·dhᵀ·drop(x)`, `dB = dYᵀ·h`,
-/// `dW = dYᵀ·x`, `dbias = Σ_rows dY`.
+/// Gradients of `[x, weight, bias, A_cat, B_cat]`, per block on expert `e`:
+/// `dh = dY·B_e`, `dx = dY·W + s_e·(dh·A_e) ⊙ mask`, `dA_e = s_e·dhᵀ·drop(x)`,
+/// `dB_e = dYᵀ·h`; and `dW = dYᵀ·x`, `dbias = Σ_rows dY`.
 fn linear_backward(
     grad: &FlexTensor,
     st: &LinearState,
     needs: [bool; 5],
 ) -> [Option<FlexTensor>; 5] {
-    let d = st.dims;
-    let (n, din, dout, r) = (d.n, d.d_in, d.d_out, d.r);
+    let d = &st.dims;
+    let (n, din, dout, r, er) = (d.n, d.d_in, d.d_out, d.r, d.er());
     let (dy, x, w, a, b, h) = (
         data(grad),
         data(&st.x),
@@ -196,39 +237,43 @@ fn linear_backward(
         }
     }
     let dx_p = SendPtr(dx.as_mut_ptr());
-    let (da, db) = (0..n.div_ceil(BLOCK))
+    let (da, db) = d
+        .blocks()
         .into_par_iter()
-        .map(|i| {
-            let (start, rows) = (i * BLOCK, BLOCK.min(n - i * BLOCK));
+        .map(|(start, rows, e)| {
+            let s = d.scales[e];
             let dyb = &dy[start * dout..];
+            let mask = d.mask(start, rows);
             let mut dh = vec![0.0f32; rows * r];
-            let mut da = vec![0.0f32; if needs[3] { r * din } else { 0 }];
-            let mut db = vec![0.0f32; if needs[4] { dout * r } else { 0 }];
-            // SAFETY: block-local views; block i owns rows start..start+rows of dx.
+            let mut da = vec![0.0f32; if needs[3] { er * din } else { 0 }];
+            let mut db = vec![0.0f32; if needs[4] { dout * er } else { 0 }];
+            // SAFETY: block-local views; the block owns rows start..start+rows of dx; A_e,
+            // B_e as in `forward`; its partial dA/dB are its own.
             unsafe {
+                let (ae, be) = (a.as_ptr().add(e * r * din), b.as_ptr().add(e * r));
                 gemm(
                     (rows, r, dout),
                     dh.as_mut_ptr(),
                     r,
                     false,
                     (dyb.as_ptr(), dout, 1),
-                    (b.as_ptr(), r, 1),
+                    (be, er, 1),
                     1.0,
                 );
                 if needs[0] {
                     let dxb =
                         std::slice::from_raw_parts_mut(dx_p.get().add(start * din), rows * din);
-                    match d.dropout {
+                    match &mask {
                         None => gemm(
                             (rows, din, r),
                             dxb.as_mut_ptr(),
                             din,
                             true,
                             (dh.as_ptr(), r, 1),
-                            (a.as_ptr(), din, 1),
-                            d.scale,
+                            (ae, din, 1),
+                            s,
                         ),
-                        Some((keep, seed)) => {
+                        Some(m) => {
                             let mut t = vec![0.0f32; rows * din];
                             gemm(
                                 (rows, din, r),
@@ -236,36 +281,36 @@ fn linear_backward(
                                 din,
                                 false,
                                 (dh.as_ptr(), r, 1),
-                                (a.as_ptr(), din, 1),
-                                d.scale,
+                                (ae, din, 1),
+                                s,
                             );
-                            let mut m = vec![0.0f32; rows * din];
-                            mask_range(seed, keep, start * din, &mut m);
                             dxb.iter_mut()
-                                .zip(t.iter().zip(&m))
+                                .zip(t.iter().zip(m))
                                 .for_each(|(o, (tv, mv))| *o += tv * mv);
                         }
                     }
                 }
                 if needs[3] {
                     let mut buf = Vec::new();
-                    let xd = d.dropped(x, start, rows, &mut buf);
+                    let xd = d.dropped(x, start, rows, mask.as_deref(), &mut buf);
+                    let dst = da.as_mut_ptr().add(e * r * din);
                     gemm(
                         (r, din, rows),
-                        da.as_mut_ptr(),
+                        dst,
                         din,
                         false,
                         (dh.as_ptr(), 1, r),
                         (xd.as_ptr(), din, 1),
-                        d.scale,
+                        s,
                     );
                 }
                 if needs[4] {
                     let hb = &h[start * r..];
+                    let dst = db.as_mut_ptr().add(e * r);
                     gemm(
                         (dout, r, rows),
-                        db.as_mut_ptr(),
-                        r,
+                        dst,
+                        er,
                         false,
                         (dyb.as_ptr(), 1, dout),
                         (hb.as_ptr(), r, 1),
@@ -305,12 +350,13 @@ fn linear_backward(
             .for_each(|row| s.iter_mut().zip(row).for_each(|(a, v)| *a += v));
         tensor(s, &[dout])
     });
+    let or_zeros = |v: Vec<f32>, len: usize| if v.is_empty() { vec![0.0; len] } else { v };
     [
         needs[0].then(|| tensor(dx, &[n, din])),
         dw,
         dbias,
-        needs[3].then(|| tensor(da, &[r, din])),
-        needs[4].then(|| tensor(db, &[dout, r])),
+        needs[3].then(|| tensor(or_zeros(da, er * din), &[er, din])),
+        needs[4].then(|| tensor(or_zeros(db, dout * er), &[dout, er])),
     ]
 }
 
@@ -329,25 +375,26 @@ type Args<B> = (
     Tensor<B, 2>,
     Tensor<B, 2>,
     Option<Tensor<B, 1>>,
-    crate::LoraTerm<B>,
+    crate::RoutedLora<B>,
 );
 
-/// Fused [`crate::lora_linear`].
+/// Fused [`crate::lora_linear`] / [`crate::routed_lora_linear`].
 pub(crate) fn lora_linear<B: Backend>(
     x: Tensor<B, 2>,
     weight: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
-    lora: crate::LoraTerm<B>,
+    lora: crate::RoutedLora<B>,
 ) -> Result<Tensor<B, 2>, Args<B>> {
     let Some(mode) = mode::<B>() else {
         return Err((x, weight, bias, lora));
     };
-    let ([n, din], [dout, win], [r, ain], [bout, br]) = (
+    let ([n, din], [dout, win], [ar, ain], [bout, br]) = (
         x.dims(),
         weight.dims(),
         lora.lora_a.dims(),
         lora.lora_b.dims(),
     );
+    let e = lora.scales.len();
     let mut dtypes = vec![
         x.dtype(),
         weight.dtype(),
@@ -356,11 +403,17 @@ pub(crate) fn lora_linear<B: Backend>(
     ];
     dtypes.extend(bias.as_ref().map(|b| b.dtype()));
     let fits = all_f32(&dtypes)
+        && e > 0
         && win == din
         && ain == din
         && bout == dout
-        && br == r
-        && bias.as_ref().is_none_or(|b| b.dims() == [dout]);
+        && ar == br
+        && ar == e * lora.rank
+        && bias.as_ref().is_none_or(|b| b.dims() == [dout])
+        && lora
+            .experts
+            .as_ref()
+            .is_none_or(|ex| ex.len() == n && ex.iter().all(|&i| i < e));
     if !fits {
         return Err((x, weight, bias, lora));
     }
@@ -371,10 +424,12 @@ pub(crate) fn lora_linear<B: Backend>(
         n,
         d_in: din,
         d_out: dout,
-        r,
-        scale: lora.scale as f32,
+        r: lora.rank,
+        scales: lora.scales.iter().map(|s| *s as f32).collect(),
+        experts: lora.experts.map(Arc::from),
         dropout,
     };
+    let r = lora.rank;
     Ok(match mode {
         Mode::Plain => {
             let [x, w, a, b] =
@@ -386,7 +441,7 @@ pub(crate) fn lora_linear<B: Backend>(
                 bias.as_ref().map(data),
                 data(&a),
                 data(&b),
-                dims,
+                &dims,
             );
             from_flex(tensor(y, &[n, dout]))
         }
@@ -407,14 +462,14 @@ pub(crate) fn lora_linear<B: Backend>(
                 |tracked| {
                     let bias = has_bias.then(|| data(&ba.primitive));
                     let (x, w, a, b) = (&xa.primitive, &wa.primitive, &aa.primitive, &bb.primitive);
-                    let (y, h) = forward(data(x), data(w), bias, data(a), data(b), dims);
+                    let (y, h) = forward(data(x), data(w), bias, data(a), data(b), &dims);
                     let state = tracked.then(|| LinearState {
                         x: x.clone(),
                         w: w.clone(),
                         a: a.clone(),
                         b: b.clone(),
                         h: tensor(h, &[n, r]),
-                        dims,
+                        dims: dims.clone(),
                     });
                     (tensor(y, &[n, dout]), state)
                 },

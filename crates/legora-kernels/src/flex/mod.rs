@@ -9,6 +9,7 @@ mod attention;
 mod dropout;
 mod elementwise;
 mod linear;
+mod math;
 mod nll;
 
 use std::any::{Any, TypeId};

@@ -6,7 +6,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 
-use super::elementwise::par_rows;
+use super::math;
+use super::SendPtr;
 use super::{
     ad_of, backward, contiguous, data, flex_of, from_ad, from_flex, mode, record, tensor, Mode,
 };
@@ -33,7 +34,9 @@ fn forward(logits: &[f32], targets: &[usize], s: usize, v: usize) -> (Vec<f32>, 
         .map(|(r, &tgt)| {
             let row = &logits[logits_row(r, s) * v..][..v];
             let max = row.iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x));
-            let sum: f32 = row.iter().map(|x| (x - max).exp()).sum();
+            let mut buf: Vec<f32> = row.iter().map(|x| x - max).collect();
+            math::exp_in_place(&mut buf);
+            let sum = math::sum(&buf);
             let lse = max + sum.ln();
             (lse - row[tgt], lse)
         })
@@ -47,22 +50,29 @@ fn nll_backward(grad: &FlexTensor, st: &NllState, needs: [bool; 1]) -> [Option<F
         let shape = st.logits.layout().shape();
         let (s, v) = (shape[1], shape[2]);
         let (x, dy) = (data(&st.logits), data(grad));
-        let mut dl = vec![0.0f32; x.len()];
-        par_rows(&mut dl, v, |first, chunk| {
-            for (j, out) in chunk.chunks_mut(v).enumerate() {
-                let row = first + j;
+        // Every row is written below (zeros for the last positions): no zeroing pass.
+        let mut dl: Vec<f32> = Vec::with_capacity(x.len());
+        let dl_p = SendPtr(dl.as_mut_ptr());
+        (0..x.len() / v)
+            .into_par_iter()
+            .with_min_len(4)
+            .for_each(|row| {
+                // SAFETY: row `row` of `dl` belongs to this task alone.
+                let out = unsafe { dl_p.get().add(row * v) };
                 if row % s == s - 1 {
-                    continue;
+                    unsafe { std::ptr::write_bytes(out, 0, v) };
+                    return;
                 }
                 let r = row / s * (s - 1) + row % s;
                 let (g, lse) = (dy[r], st.lse[r]);
                 let xr = &x[row * v..][..v];
-                out.iter_mut()
-                    .zip(xr)
-                    .for_each(|(o, xv)| *o = g * (xv - lse).exp());
-                out[st.targets[r]] -= g;
-            }
-        });
+                for (j, xv) in xr.iter().enumerate() {
+                    unsafe { out.add(j).write(g * math::exp(xv - lse)) };
+                }
+                unsafe { *out.add(st.targets[r]) -= g };
+            });
+        // SAFETY: all rows written above.
+        unsafe { dl.set_len(x.len()) };
         tensor(dl, shape)
     })]
 }
