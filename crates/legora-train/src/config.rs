@@ -153,6 +153,12 @@ pub struct DataSection {
     /// always runs whole batches, since its load-balancing loss spans the tasks).
     #[serde(default)]
     pub pad_per_task: bool,
+    /// In the `experts` stage, each task's rows of a batch run forward *and backward* on
+    /// their own, one task after another, their gradients summed before the optimizer
+    /// step: the same gradients as the whole batch, with only one task's activations
+    /// alive at a time (peak memory of one task's rows instead of all of them).
+    #[serde(default)]
+    pub backward_per_task: bool,
 }
 
 impl Default for DataSection {
@@ -164,6 +170,7 @@ impl Default for DataSection {
             packing: false,
             pad_to_multiple_of: None,
             pad_per_task: false,
+            backward_per_task: false,
         }
     }
 }

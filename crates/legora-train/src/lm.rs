@@ -41,6 +41,11 @@ pub struct LmModel<B: Backend> {
     /// longest row (`Lm` and `TaskRouted` only; the loss is the same, the padding less).
     #[module(skip)]
     pub pad_per_task: bool,
+    /// `TaskRouted` only: hand the trainer each task's rows as a micro-batch of its own
+    /// (forward and backward per task, gradients summed; see
+    /// [`TrainModel::micro_batches`]).
+    #[module(skip)]
+    pub backward_per_task: bool,
 }
 
 impl<B: Backend> LmModel<B> {
@@ -50,7 +55,14 @@ impl<B: Backend> LmModel<B> {
             model,
             objective,
             pad_per_task: false,
+            backward_per_task: false,
         }
+    }
+
+    /// Forward and backward per task (see [`LmModel::backward_per_task`]).
+    pub fn with_backward_per_task(mut self, on: bool) -> Self {
+        self.backward_per_task = on;
+        self
     }
 
     /// Pad each task's rows separately (see [`LmModel::pad_per_task`]).
@@ -182,6 +194,23 @@ fn weighted_sum<B: Backend>(x: Tensor<B, 1>, w: &[f32]) -> Tensor<B, 1> {
 }
 
 impl<B: Backend> TrainModel<B> for LmModel<B> {
+    /// With `backward_per_task` and the `TaskRouted` objective (a sum of per-task
+    /// means), each task's rows with targets; otherwise the batch as is.
+    fn micro_batches(&self, batch: Batch) -> Vec<Batch> {
+        let several_tasks = batch
+            .task_ids
+            .iter()
+            .any(|t| Some(t) != batch.task_ids.first());
+        if !(self.backward_per_task && several_tasks && self.objective == Objective::TaskRouted) {
+            return vec![batch];
+        }
+        batch
+            .split_by_task()
+            .into_iter()
+            .filter(|part| part.num_target_tokens() > 0)
+            .collect()
+    }
+
     fn forward_loss(
         &self,
         batch: &Batch,

@@ -336,7 +336,8 @@ pub fn run_pipeline<B: AutodiffBackend>(
             .map_err(|e| other(e, "experts"))?;
         let settings = stage.settings(StageKind::Experts)?;
         let model = LmModel::new(experts_model, Objective::TaskRouted)
-            .with_pad_per_task(cfg.file.data.pad_per_task);
+            .with_pad_per_task(cfg.file.data.pad_per_task)
+            .with_backward_per_task(cfg.file.data.backward_per_task);
         stage.run("experts", settings, false, model, callback, device)?
     };
     if !options.eval_only {

@@ -96,6 +96,15 @@ pub trait TrainModel<B: Backend>: Module<B> {
         batch: &Batch,
         ctx: &StepContext<'_>,
     ) -> std::result::Result<StepOutput<B>, ModelError>;
+
+    /// Parts of `batch` whose objectives sum to the batch's objective (so their
+    /// gradients sum to its gradient). The trainer runs forward and backward part by
+    /// part, so only one part's activations are alive at a time; logged terms are
+    /// combined weighted by each part's share of the target tokens. Default: the batch
+    /// whole.
+    fn micro_batches(&self, batch: Batch) -> Vec<Batch> {
+        vec![batch]
+    }
 }
 
 /// Progress hooks (the CLI drives its progress bars with them). All methods have empty
@@ -380,32 +389,45 @@ impl<'a> Trainer<'a> {
                     micro_step: micro,
                     training: true,
                 };
-                let out = model
-                    .forward_loss(&batch, &ctx)
-                    .map_err(|e| TrainError::Model {
-                        stage: self.stage.clone(),
-                        step,
-                        message: e.to_string(),
-                    })?;
-                for (name, t) in &out.terms {
-                    *terms.entry(name.clone()).or_default() += scalar(t.clone()) / accum as f64;
-                }
-                let loss = out.loss;
-                let lv = scalar(loss.clone());
-                if !lv.is_finite() {
-                    return Err(non_finite(step, "loss", lv, &last_checkpoint));
-                }
-                loss_sum += lv;
-                let scaled = if accum > 1 {
-                    loss.div_scalar(accum as f64)
-                } else {
-                    loss
-                };
-                let grads = GradientsParams::from_grads(scaled.backward(), &model);
-                if accum == 1 {
-                    grads_single = Some(grads);
-                } else {
-                    accumulator.accumulate(&model, grads);
+                let parts = model.micro_batches(batch);
+                let part_tokens: Vec<usize> = parts.iter().map(|p| p.num_target_tokens()).collect();
+                let all_tokens: usize = part_tokens.iter().sum();
+                let single = accum == 1 && parts.len() == 1;
+                for (part, part_tokens) in parts.iter().zip(&part_tokens) {
+                    // a part's logged terms weigh by its share of the target tokens
+                    let share = if parts.len() == 1 || all_tokens == 0 {
+                        1.0 / parts.len() as f64
+                    } else {
+                        *part_tokens as f64 / all_tokens as f64
+                    };
+                    let out = model
+                        .forward_loss(part, &ctx)
+                        .map_err(|e| TrainError::Model {
+                            stage: self.stage.clone(),
+                            step,
+                            message: e.to_string(),
+                        })?;
+                    for (name, t) in &out.terms {
+                        *terms.entry(name.clone()).or_default() +=
+                            scalar(t.clone()) * share / accum as f64;
+                    }
+                    let loss = out.loss;
+                    let lv = scalar(loss.clone());
+                    if !lv.is_finite() {
+                        return Err(non_finite(step, "loss", lv, &last_checkpoint));
+                    }
+                    loss_sum += lv;
+                    let scaled = if accum > 1 {
+                        loss.div_scalar(accum as f64)
+                    } else {
+                        loss
+                    };
+                    let grads = GradientsParams::from_grads(scaled.backward(), &model);
+                    if single {
+                        grads_single = Some(grads);
+                    } else {
+                        accumulator.accumulate(&model, grads);
+                    }
                 }
             }
             let mut grads = grads_single.unwrap_or_else(|| accumulator.grads());

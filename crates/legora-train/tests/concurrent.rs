@@ -35,6 +35,13 @@ fn vals(t: burn::tensor::Tensor<Flex, 2>) -> Vec<f32> {
 
 #[test]
 fn concurrent_experts_equal_experts_trained_alone() {
+    // whole batches, and forward + backward per task with summed gradients
+    for per_task in [false, true] {
+        concurrent_equals_alone(per_task);
+    }
+}
+
+fn concurrent_equals_alone(per_task: bool) {
     let tok = ByteTokenizer;
     let opts = TokenizeOptions::new(64);
     let names = ["beta", "alpha"];
@@ -82,10 +89,10 @@ fn concurrent_experts_equal_experts_trained_alone() {
     )
     .unwrap();
     settings.batch_size = 4;
-    let dir = tempdir("concurrent");
+    let dir = tempdir(&format!("concurrent-{per_task}"));
     let res = Trainer::new("experts", &dir, settings.clone())
         .run(
-            LmModel::new(model, Objective::TaskRouted),
+            LmModel::new(model, Objective::TaskRouted).with_backward_per_task(per_task),
             &mut loader,
             &[],
             &Default::default(),
@@ -129,7 +136,7 @@ fn concurrent_experts_equal_experts_trained_alone() {
         .unwrap();
         let mut s = settings.clone();
         s.batch_size = 2;
-        let dir = tempdir(name);
+        let dir = tempdir(&format!("{name}-{per_task}"));
         let res = Trainer::new("alone", &dir, s)
             .run(
                 LmModel::new(alone, Objective::Lm),
@@ -157,7 +164,10 @@ fn concurrent_experts_equal_experts_trained_alone() {
                     .iter()
                     .zip(&y)
                     .fold(0f32, |d, (p, q)| d.max((p - q).abs()));
-                assert!(diff < 1e-5, "{name} at {p}: max diff {diff}");
+                assert!(
+                    diff < 1e-5,
+                    "{name} at {p} (per_task {per_task}): max diff {diff}"
+                );
             }
             // and training really moved it
             let init = match initial.slot(&p).unwrap() {

@@ -68,7 +68,9 @@ fn grads_of(m: &CausalLm<AD>, loss: Tensor<AD, 1>) -> Vec<f32> {
             Proj::Moe(x) => {
                 for e in &x.experts {
                     for t in [e.lora_A.val(), e.lora_B.val()] {
-                        out.extend(t.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap());
+                        // an expert no row of the batch reached has no gradient: zeros
+                        let g = t.grad(&grads).unwrap_or_else(|| t.zeros_like().inner());
+                        out.extend(g.into_data().to_vec::<f32>().unwrap());
                     }
                 }
             }
@@ -117,4 +119,46 @@ fn per_task_passes_give_the_padded_batch_loss_and_gradients() {
             "{objective:?}: grad diff {d}"
         );
     }
+}
+
+#[test]
+fn backward_per_task_parts_sum_to_the_batch_loss_and_gradients() {
+    let batch = batch();
+    let ctx = StepContext {
+        stage: "t",
+        step: 0,
+        micro_step: 0,
+        training: true,
+    };
+    let m = mixture(&["a", "b"], true);
+    let whole = LmModel::new(m.clone(), Objective::TaskRouted);
+    let split = LmModel::new(m, Objective::TaskRouted).with_backward_per_task(true);
+    assert_eq!(whole.micro_batches(batch.clone()).len(), 1);
+    let parts = split.micro_batches(batch.clone());
+    assert_eq!(parts.len(), 2, "one part per task");
+    for p in &parts {
+        assert!(p.task_ids.iter().all(|t| *t == p.task_ids[0]));
+    }
+    let l1 = whole.forward_loss(&batch, &ctx).unwrap().loss;
+    let v1 = l1.clone().into_scalar();
+    let g1 = grads_of(&whole.model, l1);
+    // forward and backward part by part, gradients summed (what the trainer does)
+    let (mut v2, mut g2) = (0.0f32, vec![0.0f32; g1.len()]);
+    for p in &parts {
+        let l = split.forward_loss(p, &ctx).unwrap().loss;
+        v2 += l.clone().into_scalar();
+        for (acc, g) in g2.iter_mut().zip(grads_of(&split.model, l)) {
+            *acc += g;
+        }
+    }
+    assert!((v1 - v2).abs() < 1e-5, "loss {v1} vs {v2}");
+    let d = g1
+        .iter()
+        .zip(&g2)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let scale = g1.iter().fold(0f32, |m, a| m.max(a.abs()));
+    assert!(scale > 0.0 && d < 1e-5 * scale.max(1.0), "grad diff {d}");
+    // the Lm objective (a token mean over the whole batch) is never split
+    let lm = LmModel::new(mixture(&["a"], false), Objective::Lm).with_backward_per_task(true);
+    assert_eq!(lm.micro_batches(batch).len(), 1);
 }

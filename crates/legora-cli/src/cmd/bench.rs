@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Context};
 use burn::module::AutodiffModule;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use legora::data::{derive_seed, Batch, Rng};
 use legora::models::{CausalLm, Config};
@@ -40,16 +40,20 @@ pub enum CaseName {
     /// 4 LoRA experts r=8 on all seven projections, a top-2 router per layer + aux loss.
     #[value(name = "S-moe")]
     SMoe,
-    /// 3 task-routed experts trained in one run (batch 3 × batch rows).
+    /// 3 task-routed experts trained in one run (batch 3 × batch rows), forward and
+    /// backward per task within each step (`[data] backward_per_task`).
     #[value(name = "S-concurrent")]
     SConcurrent,
+    /// The same with the whole 3 × batch rows in one forward and backward pass.
+    #[value(name = "S-concurrent-batched")]
+    SConcurrentBatched,
     /// The same 3 experts trained one after another (batch rows each, steps each).
     #[value(name = "S-concurrent-seq")]
     SConcurrentSeq,
     /// S-qv on the tiny shape (hidden 32, 2 layers, vocab 64, batch 2 × seq 16).
     #[value(name = "tiny")]
     Tiny,
-    /// S-qv, S-all, S-moe, S-concurrent, S-concurrent-seq.
+    /// S-qv, S-all, S-moe, S-concurrent, S-concurrent-batched, S-concurrent-seq.
     #[value(name = "all")]
     All,
 }
@@ -57,7 +61,7 @@ pub enum CaseName {
 /// Arguments of `legora bench`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Cases to run, comma-separated or repeated: S-qv, S-all, S-moe, S-concurrent,
+    /// Cases to run, comma-separated or repeated: S-qv, S-all, S-moe, S-concurrent, S-concurrent-batched,
     /// S-concurrent-seq, tiny, or all (every S- case).
     #[arg(long, value_delimiter = ',', required = true)]
     pub case: Vec<CaseName>,
@@ -139,8 +143,9 @@ enum Kind {
     Lora(&'static [&'static str]),
     /// `experts` LoRA experts on all seven projections, top-k routers, aux loss.
     Moe { experts: usize, top_k: usize },
-    /// `experts` task-routed experts in one run, `batch` rows each.
-    Concurrent { experts: usize },
+    /// `experts` task-routed experts in one run, `batch` rows each; forward and backward
+    /// per task with `per_task`, else over the whole batch at once.
+    Concurrent { experts: usize, per_task: bool },
     /// `experts` single-adapter runs one after another, `batch` rows each.
     Sequential { experts: usize },
 }
@@ -160,6 +165,7 @@ impl CaseName {
                 CaseName::SAll,
                 CaseName::SMoe,
                 CaseName::SConcurrent,
+                CaseName::SConcurrentBatched,
                 CaseName::SConcurrentSeq,
             ],
             c => vec![c],
@@ -172,6 +178,7 @@ impl CaseName {
             CaseName::SAll => "S-all",
             CaseName::SMoe => "S-moe",
             CaseName::SConcurrent => "S-concurrent",
+            CaseName::SConcurrentBatched => "S-concurrent-batched",
             CaseName::SConcurrentSeq => "S-concurrent-seq",
             CaseName::Tiny => "tiny",
             CaseName::All => "all",
@@ -186,7 +193,14 @@ impl CaseName {
                 experts: 4,
                 top_k: 2,
             },
-            CaseName::SConcurrent => Kind::Concurrent { experts: 3 },
+            CaseName::SConcurrent => Kind::Concurrent {
+                experts: 3,
+                per_task: true,
+            },
+            CaseName::SConcurrentBatched => Kind::Concurrent {
+                experts: 3,
+                per_task: false,
+            },
             CaseName::SConcurrentSeq => Kind::Sequential { experts: 3 },
         }
     }
@@ -278,19 +292,36 @@ where
             training: true,
         };
         let t0 = Instant::now();
-        let out = model
-            .forward_loss(&batch, &ctx)
-            .map_err(|e| anyhow!("step {step}: {e}"))?;
-        // the trainer reads every logged term and the loss before backward
-        for (_, term) in &out.terms {
-            scalar(term.clone());
+        // as the trainer: forward and backward per micro-batch part, gradients summed
+        let (mut fwd, mut bwd, mut loss) = (0.0, 0.0, 0.0);
+        let mut grads: Option<GradientsParams> = None;
+        let mut accumulator = GradientsAccumulator::<LmModel<B>>::new();
+        let parts = model.micro_batches(batch);
+        let several = parts.len() > 1;
+        for part in &parts {
+            let ta = Instant::now();
+            let out = model
+                .forward_loss(part, &ctx)
+                .map_err(|e| anyhow!("step {step}: {e}"))?;
+            // the trainer reads every logged term and the loss before backward
+            for (_, term) in &out.terms {
+                scalar(term.clone());
+            }
+            loss += scalar(out.loss.clone());
+            let tb = Instant::now();
+            let g = GradientsParams::from_grads(out.loss.backward(), &model);
+            if several {
+                accumulator.accumulate(&model, g);
+            } else {
+                grads = Some(g);
+            }
+            fwd += (tb - ta).as_secs_f64();
+            bwd += tb.elapsed().as_secs_f64();
         }
-        let loss = scalar(out.loss.clone());
         if !loss.is_finite() {
             anyhow::bail!("step {step}: the loss is {loss}");
         }
-        let t1 = Instant::now();
-        let mut grads = GradientsParams::from_grads(out.loss.backward(), &model);
+        let mut grads = grads.unwrap_or_else(|| accumulator.grads());
         let t2 = Instant::now();
         let norm = clip_grad_norm::<B, _>(&model, &mut grads, 1.0);
         if !norm.is_finite() {
@@ -303,7 +334,7 @@ where
         if step >= warmup {
             let d = |a: Instant, b: Instant| (b - a).as_secs_f64();
             t.steps.push(d(t0, t4));
-            t.phases.push([d(t0, t1), d(t1, t2), d(t2, t3), d(t3, t4)]);
+            t.phases.push([fwd, bwd, d(t2, t3), d(t3, t4)]);
         }
         t.last_loss = loss;
     }
@@ -439,10 +470,11 @@ fn run_case<B: AutodiffBackend>(
             let m = mixture(base, experts, Some(&rc))?;
             (b, experts, run(LmModel::new(m, objective), b, args.seed)?)
         }
-        Kind::Concurrent { experts } => {
+        Kind::Concurrent { experts, per_task } => {
             // as the `experts` stage of `legora train`: one adapter per task, turned into
             // a mixture without routers, rows routed by their task id
-            let m = LmModel::new(mixture(base, experts, None)?, Objective::TaskRouted);
+            let m = LmModel::new(mixture(base, experts, None)?, Objective::TaskRouted)
+                .with_backward_per_task(per_task);
             (b * experts, experts, run(m, b * experts, args.seed)?)
         }
         Kind::Sequential { experts } => {
