@@ -293,10 +293,11 @@ pub(crate) struct SwigluState {
 /// `silu(g)·u`.
 fn swiglu_forward(g: &[f32], u: &[f32]) -> Vec<f32> {
     let mut y = vec![0.0f32; g.len()];
-    par_rows(&mut y, 1, |first, chunk| {
-        for (j, o) in chunk.iter_mut().enumerate() {
-            let (gv, uv) = (g[first + j], u[first + j]);
-            *o = gv * sigmoid(gv) * uv;
+    par_rows(&mut y, 1, |first, out| {
+        let n = out.len();
+        let (g, u) = (&g[first..first + n], &u[first..first + n]);
+        for i in 0..n {
+            out[i] = g[i] * sigmoid(g[i]) * u[i];
         }
     });
     y
@@ -310,33 +311,24 @@ fn swiglu_backward(
 ) -> [Option<FlexTensor>; 2] {
     let (dy, g, u) = (data(grad), data(&st.gate), data(&st.up));
     let n = g.len();
-    let mut dg = vec![0.0f32; if needs[0] { n } else { 0 }];
-    let mut du = vec![0.0f32; if needs[1] { n } else { 0 }];
-    let per = |i: usize| {
-        let sg = sigmoid(g[i]);
-        (
-            dy[i] * u[i] * sg * (1.0 + g[i] * (1.0 - sg)),
-            dy[i] * g[i] * sg,
-        )
-    };
-    match needs {
-        [true, true] => par_rows2(&mut dg, &mut du, 1, |first, a, b| {
-            for (j, (x, y)) in a.iter_mut().zip(b.iter_mut()).enumerate() {
-                (*x, *y) = per(first + j);
-            }
-        }),
-        [true, false] => par_rows(&mut dg, 1, |first, a| {
-            a.iter_mut()
-                .enumerate()
-                .for_each(|(j, x)| *x = per(first + j).0)
-        }),
-        [false, true] => par_rows(&mut du, 1, |first, b| {
-            b.iter_mut()
-                .enumerate()
-                .for_each(|(j, y)| *y = per(first + j).1)
-        }),
-        [false, false] => {}
-    }
+    // Both gradients are computed (one pass, equal-length slices so the loop vectorizes);
+    // an unneeded one is dropped.
+    let mut dg = vec![0.0f32; n];
+    let mut du = vec![0.0f32; n];
+    par_rows2(&mut dg, &mut du, 1, |first, a, b| {
+        let m = a.len();
+        let (g, u, dy, b) = (
+            &g[first..first + m],
+            &u[first..first + m],
+            &dy[first..first + m],
+            &mut b[..m],
+        );
+        for i in 0..m {
+            let sg = sigmoid(g[i]);
+            a[i] = dy[i] * u[i] * sg * (1.0 + g[i] * (1.0 - sg));
+            b[i] = dy[i] * g[i] * sg;
+        }
+    });
     let shape = grad.layout().shape();
     [
         needs[0].then(|| tensor(dg, shape)),
