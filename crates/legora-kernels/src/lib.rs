@@ -7,6 +7,7 @@
 //! |---|---|
 //! | [`lora_linear`] | `x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ` (a frozen linear with one LoRA adapter) |
 //! | [`routed_lora_linear`] | the same with task-routed experts, each row through its own |
+//! | [`gated_lora_linear`] | router-gated experts in the stacked-rank form |
 //! | [`attention`] | scaled dot-product attention, grouped-query heads, additive mask |
 //! | [`rms_norm`] | transformers' `LlamaRMSNorm` (f32 statistics) |
 //! | [`rotary`] | rotate-half RoPE (`apply_rotary_pos_emb`) |
@@ -123,6 +124,46 @@ pub fn routed_lora_linear<B: Backend>(
         Err(args) => args,
     };
     reference::routed_lora_linear(x, weight, bias, lora)
+}
+
+/// Router-gated LoRA experts on one linear layer, for [`gated_lora_linear`]: the
+/// experts' `lora_A` stacked along rows, `lora_B` along columns (all of rank `rank`),
+/// their scalings, one dropout rate, and the gates `[N, E]` (differentiable).
+#[derive(Debug, Clone)]
+pub struct GatedLora<B: Backend> {
+    /// `A_cat = cat(lora_A_e)`, `[E·r, in]`.
+    pub lora_a: Tensor<B, 2>,
+    /// `B_cat = cat(lora_B_e, dim 1)`, `[out, E·r]`.
+    pub lora_b: Tensor<B, 2>,
+    /// `r`, every expert's rank.
+    pub rank: usize,
+    /// Each expert's scaling.
+    pub scales: Vec<f64>,
+    /// Dropout on the experts' input (one mask), training only.
+    pub dropout: f64,
+    /// Gate of each row for each expert, `[N, E]`.
+    pub gates: Tensor<B, 2>,
+}
+
+/// A mixture of LoRA experts on a linear layer in the stacked-rank form (two skinny
+/// products for any number of experts): `x·Wᵀ + b + ((dropout(x)·A_catᵀ) ⊙ G)·B_catᵀ` with
+/// `G[i, e·r..(e+1)·r] = gates[i, e]·s_e`. Gradients reach the gates (router training).
+///
+/// # Shapes
+/// - x: `[N, in]`, weight: `[out, in]`, bias: `[out]`, lora_a: `[E·r, in]`,
+///   lora_b: `[out, E·r]`, gates: `[N, E]` → `[N, out]`
+pub fn gated_lora_linear<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    lora: GatedLora<B>,
+) -> Tensor<B, 2> {
+    #[cfg(feature = "flex")]
+    let (x, weight, bias, lora) = match flex::gated_lora_linear(x, weight, bias, lora) {
+        Ok(out) => return out,
+        Err(args) => args,
+    };
+    reference::gated_lora_linear(x, weight, bias, lora)
 }
 
 /// Scaled dot-product attention with grouped-query heads (query head `j` reads

@@ -57,6 +57,35 @@ pub fn routed_lora_linear<B: Backend>(
     y + h.matmul(lora.lora_b.transpose())
 }
 
+/// See [`crate::gated_lora_linear`].
+///
+/// # Shapes
+/// - x: `[N, in]`, weight: `[out, in]`, bias: `[out]`, lora_a: `[E·r, in]`,
+///   lora_b: `[out, E·r]`, gates: `[N, E]` → `[N, out]`
+pub fn gated_lora_linear<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    lora: crate::GatedLora<B>,
+) -> Tensor<B, 2> {
+    let device = x.device();
+    let (r, e) = (lora.rank, lora.scales.len());
+    // [E, E·r]: expert e's scale over its r columns
+    let mut m = vec![0f32; e * e * r];
+    for (k, s) in lora.scales.iter().enumerate() {
+        m[k * e * r + k * r..k * e * r + (k + 1) * r].fill(*s as f32);
+    }
+    let expand: Tensor<B, 2> = Tensor::from_data(TensorData::new(m, [e, e * r]), &device);
+    let g = lora.gates.matmul(expand);
+    let y = x.clone().matmul(weight.transpose());
+    let y = match bias {
+        Some(b) => y + b.unsqueeze_dim(0),
+        None => y,
+    };
+    let h = crate::dropout(x, lora.dropout).matmul(lora.lora_a.transpose()) * g;
+    y + h.matmul(lora.lora_b.transpose())
+}
+
 /// See [`crate::attention`].
 ///
 /// # Shapes

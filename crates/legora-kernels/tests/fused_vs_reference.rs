@@ -288,6 +288,7 @@ fn run_lora_linear(
         scale: 2.5,
         dropout,
     };
+    let _seeded = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
     Ad::seed(&Default::default(), 77);
     let out = if fused {
         k::lora_linear(x.clone(), w.clone(), b.clone(), term)
@@ -417,5 +418,59 @@ fn routed_lora_linear_matches_reference() {
         assert_close(&format!("{what} dx"), f.1, rf.1, 1e-4);
         assert_close(&format!("{what} dA_cat"), f.2, rf.2, 1e-4);
         assert_close(&format!("{what} dB_cat"), f.3, rf.3, 1e-4);
+    }
+}
+
+#[test]
+fn gated_lora_linear_matches_reference() {
+    // Four experts of rank 3, soft gates with some exact zeros (top-k), 150 rows (three
+    // row blocks, the last partial); gradients reach the gates.
+    let (n, din, dout, r, e) = (150, 24, 40, 3, 4);
+    let mut gates = random(&[n, e], 50).to_vec::<f32>().unwrap();
+    gates.iter_mut().enumerate().for_each(|(i, g)| {
+        *g = if i % 3 == 0 { 0.0 } else { g.abs() / 2.0 };
+    });
+    let gates = TensorData::new(gates, [n, e]);
+    let inputs = [
+        random(&[n, din], 51),
+        random(&[dout, din], 52),
+        random(&[dout], 53),
+        random(&[e * r, din], 54),
+        random(&[dout, e * r], 55),
+    ];
+    for dropout in [0.0, 0.2] {
+        let run = |fused: bool| {
+            let [x, w, b, a, bb] = &inputs;
+            let (x, a, bb, g) = (leaf::<2>(x), leaf::<2>(a), leaf::<2>(bb), leaf::<2>(&gates));
+            let lora = k::GatedLora {
+                lora_a: a.clone(),
+                lora_b: bb.clone(),
+                rank: r,
+                scales: vec![0.5, 2.0, 4.0, 1.0],
+                dropout,
+                gates: g.clone(),
+            };
+            let (w, b) = (plain_ad::<2>(w), Some(plain_ad::<1>(b)));
+            let _seeded = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
+            Ad::seed(&Default::default(), 79);
+            let out = if fused {
+                k::gated_lora_linear(x.clone(), w, b, lora)
+            } else {
+                reference::gated_lora_linear(x.clone(), w, b, lora)
+            };
+            let grads = probe(out.clone(), 56).backward();
+            let gr = |t: &Tensor<Ad, 2>| t.grad(&grads).unwrap().into_data();
+            (out.into_data(), [gr(&x), gr(&a), gr(&bb), gr(&g)])
+        };
+        let (f, rf) = (run(true), run(false));
+        let what = format!("gated_lora_linear dropout={dropout}");
+        assert_close(&format!("{what} out"), f.0, rf.0, 1e-4);
+        for ((name, fg), rg) in ["dx", "dA_cat", "dB_cat", "dgates"]
+            .iter()
+            .zip(f.1)
+            .zip(rf.1)
+        {
+            assert_close(&format!("{what} {name}"), fg, rg, 1e-4);
+        }
     }
 }

@@ -200,12 +200,28 @@ impl<B: Backend> MoeLinear<B> {
         let [n, _] = x.dims();
         self.check_gates(n, &gates)?;
         let (_, d_out) = self.dims();
-        let y = base_linear(x.clone(), &self.weight, &self.bias);
         if self.experts.is_empty() {
+            let y = base_linear(x, &self.weight, &self.bias);
             return Ok(unflatten(y, dims, d_out));
         }
         let a_cat = Tensor::cat(self.experts.iter().map(|e| e.lora_A.val()).collect(), 0);
         let b_cat = Tensor::cat(self.experts.iter().map(|e| e.lora_B.val()).collect(), 1);
+        let rank = self.experts[0].rank();
+        if self.experts.iter().all(|e| e.rank() == rank) {
+            // one fused op (the same product; gradients reach the gates)
+            let lora = legora_kernels::GatedLora {
+                lora_a: a_cat,
+                lora_b: b_cat,
+                rank,
+                scales: self.experts.iter().map(|e| e.scaling()).collect(),
+                dropout: self.dropout(),
+                gates,
+            };
+            let bias = self.bias.as_ref().map(|b| b.val());
+            let y = legora_kernels::gated_lora_linear(x, self.weight.val(), bias, lora);
+            return Ok(unflatten(y, dims, d_out));
+        }
+        let y = base_linear(x.clone(), &self.weight, &self.bias);
         let g = gates.matmul(self.expansion(&x.device()));
         let h = lora_dropout(x, self.dropout()).matmul(a_cat.transpose()) * g;
         Ok(unflatten(y + h.matmul(b_cat.transpose()), dims, d_out))

@@ -23,27 +23,27 @@ use super::{
 };
 
 /// Rows per parallel block of the rank-`r` path.
-const BLOCK: usize = 64;
+pub(crate) const BLOCK: usize = 64;
 
 /// Sizes and settings of one fused LoRA linear: `E` experts of rank `r` stacked as
 /// `A_cat [E·r, in]`, `B_cat [out, E·r]` (one adapter: `E = 1`), each row on one expert.
 #[derive(Clone, Debug)]
 pub(crate) struct Dims {
-    n: usize,
-    d_in: usize,
-    d_out: usize,
-    r: usize,
+    pub(crate) n: usize,
+    pub(crate) d_in: usize,
+    pub(crate) d_out: usize,
+    pub(crate) r: usize,
     /// Scale of each expert.
-    scales: Arc<[f32]>,
+    pub(crate) scales: Arc<[f32]>,
     /// Expert of each row; `None`: every row on expert 0.
-    experts: Option<Arc<[usize]>>,
+    pub(crate) experts: Option<Arc<[usize]>>,
     /// Keep probability and mask seed, when dropout is on.
-    dropout: Option<(f64, u64)>,
+    pub(crate) dropout: Option<(f64, u64)>,
 }
 
 impl Dims {
     /// Columns of the stacked ranks, `E·r`.
-    fn er(&self) -> usize {
+    pub(crate) fn er(&self) -> usize {
         self.scales.len() * self.r
     }
 
@@ -65,7 +65,7 @@ impl Dims {
     }
 
     /// The dropout mask of rows `start..start + rows` (`None` without dropout).
-    fn mask(&self, start: usize, rows: usize) -> Option<Vec<f32>> {
+    pub(crate) fn mask(&self, start: usize, rows: usize) -> Option<Vec<f32>> {
         self.dropout.map(|(keep, seed)| {
             let mut m = vec![0.0f32; rows * self.d_in];
             mask_range(seed, keep, start * self.d_in, &mut m);
@@ -74,7 +74,7 @@ impl Dims {
     }
 
     /// Rows `start..start + rows` of `x`, times `mask` when there is one (into `buf`).
-    fn dropped<'a>(
+    pub(crate) fn dropped<'a>(
         &self,
         x: &'a [f32],
         start: usize,
@@ -105,22 +105,7 @@ fn forward(
     d: &Dims,
 ) -> (Vec<f32>, Vec<f32>) {
     let (n, din, dout, r, er) = (d.n, d.d_in, d.d_out, d.r, d.er());
-    let mut y = match bias {
-        Some(bias) => bias.repeat(n),
-        None => vec![0.0f32; n * dout],
-    };
-    // SAFETY: x [n, din], w [dout, din] read as Wᵀ, y [n, dout].
-    unsafe {
-        gemm_par(
-            (n, dout, din),
-            y.as_mut_ptr(),
-            dout,
-            bias.is_some(),
-            (x.as_ptr(), din, 1),
-            (w.as_ptr(), 1, din),
-            1.0,
-        );
-    }
+    let mut y = base_forward(x, w, bias, n, din, dout);
     let mut h = vec![0.0f32; n * r];
     let (y_p, h_p) = (SendPtr(y.as_mut_ptr()), SendPtr(h.as_mut_ptr()));
     d.blocks().into_par_iter().for_each(|(start, rows, e)| {
@@ -160,7 +145,7 @@ fn forward(
 /// # Safety
 /// As [`gemm`].
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_par(
+pub(crate) unsafe fn gemm_par(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     dst_rs: usize,
@@ -221,21 +206,11 @@ fn linear_backward(
         data(&st.b),
         data(&st.h),
     );
-    let mut dx = vec![0.0f32; if needs[0] { n * din } else { 0 }];
-    if needs[0] {
-        // SAFETY: dy [n, dout], w [dout, din], dx [n, din].
-        unsafe {
-            gemm_par(
-                (n, din, dout),
-                dx.as_mut_ptr(),
-                din,
-                false,
-                (dy.as_ptr(), dout, 1),
-                (w.as_ptr(), din, 1),
-                1.0,
-            );
-        }
-    }
+    let mut dx = if needs[0] {
+        base_dx(dy, w, n, din, dout)
+    } else {
+        Vec::new()
+    };
     let dx_p = SendPtr(dx.as_mut_ptr());
     let (da, db) = d
         .blocks()
@@ -328,28 +303,8 @@ fn linear_backward(
                 (a1, b1)
             },
         );
-    let dw = needs[1].then(|| {
-        let mut dw = vec![0.0f32; dout * din];
-        // SAFETY: dy [n, dout] read as dYᵀ, x [n, din], dw [dout, din].
-        unsafe {
-            gemm_par(
-                (dout, din, n),
-                dw.as_mut_ptr(),
-                din,
-                false,
-                (dy.as_ptr(), 1, dout),
-                (x.as_ptr(), din, 1),
-                1.0,
-            );
-        }
-        tensor(dw, &[dout, din])
-    });
-    let dbias = needs[2].then(|| {
-        let mut s = vec![0.0f32; dout];
-        dy.chunks(dout)
-            .for_each(|row| s.iter_mut().zip(row).for_each(|(a, v)| *a += v));
-        tensor(s, &[dout])
-    });
+    let dw = needs[1].then(|| base_dw(dy, x, n, din, dout));
+    let dbias = needs[2].then(|| bias_grad(dy, dout));
     let or_zeros = |v: Vec<f32>, len: usize| if v.is_empty() { vec![0.0; len] } else { v };
     [
         needs[0].then(|| tensor(dx, &[n, din])),
@@ -360,8 +315,81 @@ fn linear_backward(
     ]
 }
 
+/// The frozen part's output `bias + x·Wᵀ` `[n, dout]` (one multi-threaded gemm writing
+/// over the broadcast bias).
+pub(crate) fn base_forward(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    n: usize,
+    din: usize,
+    dout: usize,
+) -> Vec<f32> {
+    let mut y = match bias {
+        Some(bias) => bias.repeat(n),
+        None => vec![0.0f32; n * dout],
+    };
+    // SAFETY: x [n, din], w [dout, din] read as Wᵀ, y [n, dout].
+    unsafe {
+        gemm_par(
+            (n, dout, din),
+            y.as_mut_ptr(),
+            dout,
+            bias.is_some(),
+            (x.as_ptr(), din, 1),
+            (w.as_ptr(), 1, din),
+            1.0,
+        );
+    }
+    y
+}
+
+/// `dY·W`, `[n, din]`: the input gradient of the frozen part.
+pub(crate) fn base_dx(dy: &[f32], w: &[f32], n: usize, din: usize, dout: usize) -> Vec<f32> {
+    let mut dx = vec![0.0f32; n * din];
+    // SAFETY: dy [n, dout], w [dout, din], dx [n, din].
+    unsafe {
+        gemm_par(
+            (n, din, dout),
+            dx.as_mut_ptr(),
+            din,
+            false,
+            (dy.as_ptr(), dout, 1),
+            (w.as_ptr(), din, 1),
+            1.0,
+        );
+    }
+    dx
+}
+
+/// `dYᵀ·x`, the weight gradient `[dout, din]` (only for a trainable base).
+pub(crate) fn base_dw(dy: &[f32], x: &[f32], n: usize, din: usize, dout: usize) -> FlexTensor {
+    let mut dw = vec![0.0f32; dout * din];
+    // SAFETY: dy [n, dout] read as dYᵀ, x [n, din], dw [dout, din].
+    unsafe {
+        gemm_par(
+            (dout, din, n),
+            dw.as_mut_ptr(),
+            din,
+            false,
+            (dy.as_ptr(), 1, dout),
+            (x.as_ptr(), din, 1),
+            1.0,
+        );
+    }
+    tensor(dw, &[dout, din])
+}
+
+/// `Σ_rows dY`, the bias gradient `[dout]`.
+pub(crate) fn bias_grad(dy: &[f32], dout: usize) -> FlexTensor {
+    let mut s = vec![0.0f32; dout];
+    dy.chunks(dout)
+        .for_each(|row| s.iter_mut().zip(row).for_each(|(a, v)| *a += v));
+    tensor(s, &[dout])
+}
+
 /// `acc += part` (an empty `acc` takes `part` as is).
-fn add_into(acc: &mut Vec<f32>, part: Vec<f32>) {
+pub(crate) fn add_into(acc: &mut Vec<f32>, part: Vec<f32>) {
     if acc.is_empty() {
         *acc = part;
     } else {

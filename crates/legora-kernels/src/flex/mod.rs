@@ -8,6 +8,7 @@
 mod attention;
 mod dropout;
 mod elementwise;
+mod gated;
 mod linear;
 mod math;
 mod nll;
@@ -25,6 +26,7 @@ use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 pub(crate) use attention::attention;
 pub(crate) use dropout::dropout;
 pub(crate) use elementwise::{rms_norm, rotary, swiglu};
+pub(crate) use gated::gated_lora_linear;
 pub(crate) use linear::lora_linear;
 pub(crate) use nll::next_token_nll;
 
