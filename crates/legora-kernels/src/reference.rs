@@ -5,6 +5,22 @@ use burn::tensor::activation::{log_softmax, silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
 
+/// `x·Wᵀ + b`, the frozen part of every LoRA linear.
+///
+/// # Shapes
+/// - x: `[N, in]`, weight: `[out, in]`, bias: `[out]` → `[N, out]`
+fn frozen_linear<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, 2> {
+    let y = x.matmul(weight.transpose());
+    match bias {
+        Some(b) => y + b.unsqueeze_dim(0),
+        None => y,
+    }
+}
+
 /// See [`crate::lora_linear`].
 ///
 /// # Shapes
@@ -16,11 +32,7 @@ pub fn lora_linear<B: Backend>(
     bias: Option<Tensor<B, 1>>,
     lora: crate::LoraTerm<B>,
 ) -> Tensor<B, 2> {
-    let y = x.clone().matmul(weight.transpose());
-    let y = match bias {
-        Some(b) => y + b.unsqueeze_dim(0),
-        None => y,
-    };
+    let y = frozen_linear(x.clone(), weight, bias);
     // lora_B(lora_A(dropout(x))) * scaling, the scale on the rank-r intermediate.
     let h = crate::dropout(x, lora.dropout).matmul(lora.lora_a.transpose()) * lora.scale;
     y + h.matmul(lora.lora_b.transpose())
@@ -48,11 +60,7 @@ pub fn routed_lora_linear<B: Backend>(
         row[ex * r..(ex + 1) * r].fill(lora.scales[ex] as f32);
     }
     let g: Tensor<B, 2> = Tensor::from_data(TensorData::new(g, [n, e * r]), &device);
-    let y = x.clone().matmul(weight.transpose());
-    let y = match bias {
-        Some(b) => y + b.unsqueeze_dim(0),
-        None => y,
-    };
+    let y = frozen_linear(x.clone(), weight, bias);
     let h = crate::dropout(x, lora.dropout).matmul(lora.lora_a.transpose()) * g;
     y + h.matmul(lora.lora_b.transpose())
 }
@@ -77,11 +85,7 @@ pub fn gated_lora_linear<B: Backend>(
     }
     let expand: Tensor<B, 2> = Tensor::from_data(TensorData::new(m, [e, e * r]), &device);
     let g = lora.gates.matmul(expand);
-    let y = x.clone().matmul(weight.transpose());
-    let y = match bias {
-        Some(b) => y + b.unsqueeze_dim(0),
-        None => y,
-    };
+    let y = frozen_linear(x.clone(), weight, bias);
     let h = crate::dropout(x, lora.dropout).matmul(lora.lora_a.transpose()) * g;
     y + h.matmul(lora.lora_b.transpose())
 }

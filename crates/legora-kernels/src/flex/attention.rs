@@ -8,8 +8,8 @@ use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::{
-    ad_of, all_f32, backward, contiguous, data, flex_of, from_ad, from_flex, math, mode, record,
-    tensor, value_of, Mode, SendPtr,
+    ad_of, all_f32, backward, contiguous, data, flex_of, from_ad, from_flex, gemm, math, mode,
+    record, tensor, value_of, Mode, SendPtr,
 };
 
 /// The attention problem's sizes.
@@ -46,45 +46,6 @@ impl Dims {
         let mh = if self.mask_heads == 1 { 0 } else { hh };
         (bi * self.mask_heads + mh) * self.s * self.t
     }
-}
-
-/// `dst[m×n] (+)= beta·(lhs·rhs)` for row-major `dst` with row stride `dst_rs`; `lhs` and
-/// `rhs` given as (pointer, row stride, column stride).
-///
-/// # Safety
-/// Every pointer must address the whole strided matrix it describes, and `dst` must not
-/// be written by anyone else meanwhile.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: (*const f32, usize, usize),
-    rhs: (*const f32, usize, usize),
-    beta: f32,
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        accumulate,
-        lhs.0,
-        lhs.2 as isize,
-        lhs.1 as isize,
-        rhs.0,
-        rhs.2 as isize,
-        rhs.1 as isize,
-        if accumulate { 1.0 } else { 0.0 },
-        beta,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
 }
 
 /// Row-wise softmax of `scores + mask`, in place.

@@ -10,8 +10,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 
-use super::attention::gemm;
 use super::dropout::draw_seed;
+use super::gemm;
 use super::linear::{add_into, base_dw, base_dx, base_forward, bias_grad, Dims, BLOCK};
 use super::{
     ad_of, all_f32, backward, contiguous, data, flex_of, from_ad, from_flex, mode, record, tensor,

@@ -15,12 +15,12 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 
-use super::attention::gemm;
 use super::dropout::{draw_seed, mask_range};
 use super::{
     ad_of, all_f32, backward, contiguous, data, flex_of, from_ad, from_flex, mode, record, tensor,
     Mode, SendPtr,
 };
+use super::{gemm, gemm_with};
 
 /// Rows per parallel block of the rank-`r` path.
 pub(crate) const BLOCK: usize = 64;
@@ -138,43 +138,6 @@ fn forward(
         }
     });
     (y, h)
-}
-
-/// A gemm that may use every core (for the full-size frozen products).
-///
-/// # Safety
-/// As [`gemm`].
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_par(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: (*const f32, usize, usize),
-    rhs: (*const f32, usize, usize),
-    beta: f32,
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        accumulate,
-        lhs.0,
-        lhs.2 as isize,
-        lhs.1 as isize,
-        rhs.0,
-        rhs.2 as isize,
-        rhs.1 as isize,
-        if accumulate { 1.0 } else { 0.0 },
-        beta,
-        false,
-        false,
-        false,
-        gemm::Parallelism::Rayon(0),
-    )
 }
 
 /// State of the backward: inputs, `h` and the sizes (with the mask seed).
@@ -331,7 +294,8 @@ pub(crate) fn base_forward(
     };
     // SAFETY: x [n, din], w [dout, din] read as Wᵀ, y [n, dout].
     unsafe {
-        gemm_par(
+        gemm_with(
+            gemm::Parallelism::Rayon(0),
             (n, dout, din),
             y.as_mut_ptr(),
             dout,
@@ -349,7 +313,8 @@ pub(crate) fn base_dx(dy: &[f32], w: &[f32], n: usize, din: usize, dout: usize) 
     let mut dx = vec![0.0f32; n * din];
     // SAFETY: dy [n, dout], w [dout, din], dx [n, din].
     unsafe {
-        gemm_par(
+        gemm_with(
+            gemm::Parallelism::Rayon(0),
             (n, din, dout),
             dx.as_mut_ptr(),
             din,
@@ -367,7 +332,8 @@ pub(crate) fn base_dw(dy: &[f32], x: &[f32], n: usize, din: usize, dout: usize) 
     let mut dw = vec![0.0f32; dout * din];
     // SAFETY: dy [n, dout] read as dYᵀ, x [n, din], dw [dout, din].
     unsafe {
-        gemm_par(
+        gemm_with(
+            gemm::Parallelism::Rayon(0),
             (dout, din, n),
             dw.as_mut_ptr(),
             din,

@@ -138,6 +138,72 @@ impl SendPtr {
     }
 }
 
+/// `dst[m×n] (+)= beta·(lhs·rhs)` for row-major `dst` with row stride `dst_rs`; `lhs` and
+/// `rhs` given as (pointer, row stride, column stride); on the calling thread.
+///
+/// # Safety
+/// Every pointer must address the whole strided matrix it describes, and `dst` must not
+/// be written by anyone else meanwhile.
+pub(crate) unsafe fn gemm(
+    mnk: (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+    beta: f32,
+) {
+    gemm_with(
+        gemm::Parallelism::None,
+        mnk,
+        dst,
+        dst_rs,
+        accumulate,
+        lhs,
+        rhs,
+        beta,
+    )
+}
+
+/// [`gemm`] with a chosen parallelism (`Rayon(0)`: every core, for the full-size frozen
+/// products).
+///
+/// # Safety
+/// As [`gemm`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_with(
+    parallelism: gemm::Parallelism,
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+    beta: f32,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs.0,
+        lhs.2 as isize,
+        lhs.1 as isize,
+        rhs.0,
+        rhs.2 as isize,
+        rhs.1 as isize,
+        if accumulate { 1.0 } else { 0.0 },
+        beta,
+        false,
+        false,
+        false,
+        parallelism,
+    )
+}
+
 /// A differentiable op of `N` tracked inputs for `Autodiff<Flex>`: `forward` runs the
 /// kernel (returning the output and, when the op is tracked, the state its backward
 /// needs), and `B: Backward` turns that state and the output gradient into the inputs'
