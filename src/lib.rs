@@ -5,6 +5,8 @@
 //! `use legora::prelude::*;`.
 //!
 //! - [`nn`]: `LoraLinear`, `Router`, `MoeLinear`, PEFT's `LoraConfig`.
+//! - [`kernels`]: the hot ops (LoRA linear, attention, RMSNorm, RoPE, SwiGLU, NLL,
+//!   dropout): fused CPU kernels on burn-flex, a burn-ops reference path elsewhere.
 //! - [`models`]: Llama / Qwen2 / Mistral with adapter slots, KV-cache generation, scoring.
 //! - [`hub`]: HF model folders, PEFT adapter folders, mixture folders, merged export, and
 //!   the PEFT-like facade (`PretrainedModel`, `get_peft_model`, `PeftModel`).
@@ -18,6 +20,7 @@
 
 pub use legora_data as data;
 pub use legora_hub as hub;
+pub use legora_kernels as kernels;
 pub use legora_models as models;
 pub use legora_nn as nn;
 pub use legora_plugin_api as plugin_api;
