@@ -2,7 +2,7 @@
 
     cargo build --release -p legora-cli
     ~/.cache/legora-venv/bin/python bench/compare_peft.py [--steps 8] [--warmup 2] [--threads N]
-        [--cases S-qv,S-all,S-moe,S-concurrent] [--json-out results.jsonl]
+        [--cases S-qv,S-all,S-moe,S-concurrent] [--repeat N] [--json-out results.jsonl]
 
 Each run is a fresh subprocess (so its peak RSS is its own): first the PyTorch side of a
 case (this script with --worker), then `target/release/legora bench --case <case> --json`.
@@ -246,6 +246,9 @@ def main():
     ap.add_argument("--legora", default=str(ROOT / "target" / "release" / "legora"),
                     help="the legora binary (default target/release/legora)")
     ap.add_argument("--json-out", help="also write every run's JSON line to this file")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs of each side per case, alternating PyTorch and legora; the "
+                         "table shows each side's median (default 1)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -257,8 +260,8 @@ def main():
         raise SystemExit(f"unknown case(s) {bad}; cases: {', '.join(CASES)}")
     if not Path(args.legora).is_file():
         raise SystemExit(f"{args.legora} not found: run `cargo build --release -p legora-cli` first")
-    if args.steps < 1 or args.warmup < 0:
-        raise SystemExit("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.repeat < 1:
+        raise SystemExit("--steps and --repeat must be >= 1 and --warmup >= 0")
     t = str(args.threads)
     env = dict(os.environ, OMP_NUM_THREADS=t, MKL_NUM_THREADS=t, RAYON_NUM_THREADS=t)
     common = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
@@ -271,16 +274,33 @@ def main():
 
     rows = []
     legora = {}
+    def median_run(runs):
+        """The run with the median tokens/s; its peak RSS replaced by the median RSS."""
+        runs = sorted(runs, key=lambda r: r["tokens_per_s"])
+        mid = dict(runs[(len(runs) - 1) // 2])
+        rss = sorted(r["peak_rss_mb"] or 0.0 for r in runs)
+        mid["peak_rss_mb"] = rss[(len(rss) - 1) // 2]
+        return mid
+
     for case in cases:
-        pt = record(run_json([sys.executable, str(Path(__file__).resolve()), "--worker", case,
-                              "--threads", t] + common, env))
-        lg = record(run_json([args.legora, "bench", "--case", case, "--json"] + common, env))
+        # alternate the two sides, so a slow spell of a noisy machine hits both
+        pts, lgs = [], []
+        extras = {"S-concurrent-batched": [], "S-concurrent-seq": []}
+        for _ in range(args.repeat):
+            pts.append(record(run_json([sys.executable, str(Path(__file__).resolve()),
+                                        "--worker", case, "--threads", t] + common, env)))
+            lgs.append(record(run_json([args.legora, "bench", "--case", case, "--json"]
+                                       + common, env)))
+            if case == "S-concurrent":
+                for extra, runs in extras.items():
+                    runs.append(record(run_json(
+                        [args.legora, "bench", "--case", extra, "--json"] + common, env)))
+        pt, lg = median_run(pts), median_run(lgs)
         legora[case] = lg
         rows.append((case, pt, lg))
         if case == "S-concurrent":
-            for extra in ("S-concurrent-batched", "S-concurrent-seq"):
-                legora[extra] = record(run_json(
-                    [args.legora, "bench", "--case", extra, "--json"] + common, env))
+            for extra, runs in extras.items():
+                legora[extra] = median_run(runs)
     if args.json_out:
         Path(args.json_out).write_text("".join(json.dumps(r) + "\n" for r in records))
 
@@ -288,7 +308,8 @@ def main():
     print()
     print(f"CPU: {cpu_name()}, {args.threads} threads; legora {rows[0][2]['backend'] if rows else '?'}"
           f" backend; torch {pt0.get('torch')}, transformers {pt0.get('transformers')}, "
-          f"peft {pt0.get('peft')}; {args.steps} timed steps after {args.warmup} warmup")
+          f"peft {pt0.get('peft')}; {args.steps} timed steps after {args.warmup} warmup"
+          + (f"; median of {args.repeat} alternating runs per side" if args.repeat > 1 else ""))
     print()
     print("| case | PyTorch tok/s | legora tok/s | tok/s ratio (legora/PyTorch) "
           "| PyTorch peak RSS MB | legora peak RSS MB | RSS ratio (legora/PyTorch) |")
