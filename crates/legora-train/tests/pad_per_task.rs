@@ -60,6 +60,16 @@ fn batch() -> legora_data::Batch {
     Batcher::for_tokenizer(&tok).collate(&rows).unwrap()
 }
 
+/// The context of a first training step.
+fn training_step() -> StepContext<'static> {
+    StepContext {
+        stage: "t",
+        step: 0,
+        micro_step: 0,
+        training: true,
+    }
+}
+
 fn grads_of(m: &CausalLm<AD>, loss: Tensor<AD, 1>) -> Vec<f32> {
     let grads = loss.backward();
     let mut out = Vec::new();
@@ -92,12 +102,7 @@ fn grads_of(m: &CausalLm<AD>, loss: Tensor<AD, 1>) -> Vec<f32> {
 #[test]
 fn per_task_passes_give_the_padded_batch_loss_and_gradients() {
     let batch = batch();
-    let ctx = StepContext {
-        stage: "t",
-        step: 0,
-        micro_step: 0,
-        training: true,
-    };
+    let ctx = training_step();
     for (objective, routed) in [(Objective::TaskRouted, true), (Objective::Lm, false)] {
         let m = mixture(&["a", "b"], routed);
         let one = LmModel::new(m.clone(), objective);
@@ -124,12 +129,7 @@ fn per_task_passes_give_the_padded_batch_loss_and_gradients() {
 #[test]
 fn backward_per_task_parts_sum_to_the_batch_loss_and_gradients() {
     let batch = batch();
-    let ctx = StepContext {
-        stage: "t",
-        step: 0,
-        micro_step: 0,
-        training: true,
-    };
+    let ctx = training_step();
     let m = mixture(&["a", "b"], true);
     let whole = LmModel::new(m.clone(), Objective::TaskRouted);
     let split = LmModel::new(m, Objective::TaskRouted).with_backward_per_task(true);

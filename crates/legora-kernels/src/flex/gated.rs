@@ -3,19 +3,19 @@
 //! the stacked-rank form (two skinny products for any number of experts), with the
 //! gates differentiable (router training).
 
-use std::sync::Arc;
-
 use burn::backend::flex::FlexTensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
-use super::dropout::draw_seed;
 use super::gemm;
-use super::linear::{add_into, base_dw, base_dx, base_forward, bias_grad, Dims, BLOCK};
+use super::linear::{
+    ad_inputs, add_input_grad, base_dw, base_dx, base_forward, bias_grad, fit, stacked_grad,
+    sum_partials, Dims, BLOCK,
+};
 use super::{
-    ad_of, all_f32, backward, contiguous, data, flex_of, from_ad, from_flex, mode, record, tensor,
-    Mode, SendPtr,
+    ad_of, backward, contiguous, data, flex_of, from_ad, from_flex, mode, record, tensor, Mode,
+    SendPtr,
 };
 
 /// `G` rows `start..start + rows`: each expert's gate times its scale over its `r` columns.
@@ -114,118 +114,82 @@ fn gated_backward(grad: &FlexTensor, st: &GatedState, needs: [bool; 6]) -> [Opti
     };
     let mut dg = vec![0.0f32; if needs[5] { n * e } else { 0 }];
     let (dx_p, dg_p) = (SendPtr(dx.as_mut_ptr()), SendPtr(dg.as_mut_ptr()));
-    let (da, db) = (0..n.div_ceil(BLOCK))
-        .into_par_iter()
-        .map(|i| {
-            let (start, rows) = (i * BLOCK, BLOCK.min(n - i * BLOCK));
-            let (dyb, ub) = (&dy[start * dout..], &u[start * er..(start + rows) * er]);
-            let g = expanded_gates(gates, d, start, rows);
-            let mask = d.mask(start, rows);
-            let mut dh = vec![0.0f32; rows * er];
-            // SAFETY: block-local views; the block owns its rows of dx and d gates.
-            unsafe {
+    let partials = (0..n.div_ceil(BLOCK)).into_par_iter().map(|i| {
+        let (start, rows) = (i * BLOCK, BLOCK.min(n - i * BLOCK));
+        let (dyb, ub) = (&dy[start * dout..], &u[start * er..(start + rows) * er]);
+        let g = expanded_gates(gates, d, start, rows);
+        let mask = d.mask(start, rows);
+        let mut dh = vec![0.0f32; rows * er];
+        // SAFETY: block-local views; the block owns its rows of dx and d gates.
+        unsafe {
+            gemm(
+                (rows, er, dout),
+                dh.as_mut_ptr(),
+                er,
+                false,
+                (dyb.as_ptr(), dout, 1),
+                (b.as_ptr(), er, 1),
+                1.0,
+            );
+        }
+        if needs[5] {
+            for row in 0..rows {
+                for k in 0..e {
+                    let cols = row * er + k * r..row * er + (k + 1) * r;
+                    let v: f32 = ub[cols.clone()]
+                        .iter()
+                        .zip(&dh[cols])
+                        .map(|(p, q)| p * q)
+                        .sum();
+                    unsafe { *dg_p.get().add((start + row) * e + k) = v * d.scales[k] };
+                }
+            }
+        }
+        // du = dh ⊙ G, in place
+        dh.iter_mut().zip(&g).for_each(|(v, gv)| *v *= gv);
+        let du = dh;
+        let mut da = vec![0.0f32; if needs[3] { er * din } else { 0 }];
+        let mut db = vec![0.0f32; if needs[4] { dout * er } else { 0 }];
+        unsafe {
+            if needs[0] {
+                let dxb = std::slice::from_raw_parts_mut(dx_p.get().add(start * din), rows * din);
+                add_input_grad(dxb, &du, er, a.as_ptr(), din, 1.0, mask.as_deref());
+            }
+            if needs[3] {
+                let mut buf = Vec::new();
+                let xd = d.dropped(x, start, rows, mask.as_deref(), &mut buf);
                 gemm(
-                    (rows, er, dout),
-                    dh.as_mut_ptr(),
-                    er,
+                    (er, din, rows),
+                    da.as_mut_ptr(),
+                    din,
                     false,
-                    (dyb.as_ptr(), dout, 1),
-                    (b.as_ptr(), er, 1),
+                    (du.as_ptr(), 1, er),
+                    (xd.as_ptr(), din, 1),
                     1.0,
                 );
             }
-            if needs[5] {
-                for row in 0..rows {
-                    for k in 0..e {
-                        let cols = row * er + k * r..row * er + (k + 1) * r;
-                        let v: f32 = ub[cols.clone()]
-                            .iter()
-                            .zip(&dh[cols])
-                            .map(|(p, q)| p * q)
-                            .sum();
-                        unsafe { *dg_p.get().add((start + row) * e + k) = v * d.scales[k] };
-                    }
-                }
+            if needs[4] {
+                let h: Vec<f32> = ub.iter().zip(&g).map(|(p, q)| p * q).collect();
+                gemm(
+                    (dout, er, rows),
+                    db.as_mut_ptr(),
+                    er,
+                    false,
+                    (dyb.as_ptr(), 1, dout),
+                    (h.as_ptr(), er, 1),
+                    1.0,
+                );
             }
-            // du = dh ⊙ G, in place
-            dh.iter_mut().zip(&g).for_each(|(v, gv)| *v *= gv);
-            let du = dh;
-            let mut da = vec![0.0f32; if needs[3] { er * din } else { 0 }];
-            let mut db = vec![0.0f32; if needs[4] { dout * er } else { 0 }];
-            unsafe {
-                if needs[0] {
-                    let dxb =
-                        std::slice::from_raw_parts_mut(dx_p.get().add(start * din), rows * din);
-                    match &mask {
-                        None => gemm(
-                            (rows, din, er),
-                            dxb.as_mut_ptr(),
-                            din,
-                            true,
-                            (du.as_ptr(), er, 1),
-                            (a.as_ptr(), din, 1),
-                            1.0,
-                        ),
-                        Some(m) => {
-                            let mut t = vec![0.0f32; rows * din];
-                            gemm(
-                                (rows, din, er),
-                                t.as_mut_ptr(),
-                                din,
-                                false,
-                                (du.as_ptr(), er, 1),
-                                (a.as_ptr(), din, 1),
-                                1.0,
-                            );
-                            dxb.iter_mut()
-                                .zip(t.iter().zip(m))
-                                .for_each(|(o, (tv, mv))| *o += tv * mv);
-                        }
-                    }
-                }
-                if needs[3] {
-                    let mut buf = Vec::new();
-                    let xd = d.dropped(x, start, rows, mask.as_deref(), &mut buf);
-                    gemm(
-                        (er, din, rows),
-                        da.as_mut_ptr(),
-                        din,
-                        false,
-                        (du.as_ptr(), 1, er),
-                        (xd.as_ptr(), din, 1),
-                        1.0,
-                    );
-                }
-                if needs[4] {
-                    let h: Vec<f32> = ub.iter().zip(&g).map(|(p, q)| p * q).collect();
-                    gemm(
-                        (dout, er, rows),
-                        db.as_mut_ptr(),
-                        er,
-                        false,
-                        (dyb.as_ptr(), 1, dout),
-                        (h.as_ptr(), er, 1),
-                        1.0,
-                    );
-                }
-            }
-            (da, db)
-        })
-        .reduce(
-            || (Vec::new(), Vec::new()),
-            |(mut a1, mut b1), (a2, b2)| {
-                add_into(&mut a1, a2);
-                add_into(&mut b1, b2);
-                (a1, b1)
-            },
-        );
-    let or_zeros = |v: Vec<f32>, len: usize| if v.is_empty() { vec![0.0; len] } else { v };
+        }
+        (da, db)
+    });
+    let (da, db) = sum_partials(partials);
     [
         needs[0].then(|| tensor(dx, &[n, din])),
         needs[1].then(|| base_dw(dy, x, n, din, dout)),
         needs[2].then(|| bias_grad(dy, dout)),
-        needs[3].then(|| tensor(or_zeros(da, er * din), &[er, din])),
-        needs[4].then(|| tensor(or_zeros(db, dout * er), &[dout, er])),
+        needs[3].then(|| stacked_grad(da, [er, din])),
+        needs[4].then(|| stacked_grad(db, [dout, er])),
         needs[5].then(|| tensor(dg, &[n, e])),
     ]
 }
@@ -249,49 +213,25 @@ pub(crate) fn gated_lora_linear<B: Backend>(
     let Some(mode) = mode::<B>() else {
         return Err((x, weight, bias, lora));
     };
-    let ([n, din], [dout, win], [ar, ain], [bout, br]) = (
-        x.dims(),
-        weight.dims(),
-        lora.lora_a.dims(),
-        lora.lora_b.dims(),
+    let n = x.dims()[0];
+    let gates_fit = lora.gates.dtype() == DType::F32 && lora.gates.dims() == [n, lora.scales.len()];
+    let lora_ab = (&lora.lora_a, &lora.lora_b);
+    let (rank, scales) = (lora.rank, &lora.scales);
+    let fitted = fit(
+        mode,
+        &x,
+        &weight,
+        bias.as_ref(),
+        lora_ab,
+        rank,
+        scales,
+        lora.dropout,
+        gates_fit,
     );
-    let e = lora.scales.len();
-    let mut dtypes = vec![
-        x.dtype(),
-        weight.dtype(),
-        lora.lora_a.dtype(),
-        lora.lora_b.dtype(),
-        lora.gates.dtype(),
-    ];
-    dtypes.extend(bias.as_ref().map(|b| b.dtype()));
-    let fits = all_f32(&dtypes)
-        && e > 0
-        && win == din
-        && ain == din
-        && bout == dout
-        && ar == br
-        && ar == e * lora.rank
-        && lora.gates.dims() == [n, e]
-        && bias.as_ref().is_none_or(|b| b.dims() == [dout]);
-    if !fits {
+    let Some(dims) = fitted else {
         return Err((x, weight, bias, lora));
-    }
-    let device = x.device();
-    let dropout = (mode == Mode::Autodiff && lora.dropout > 0.0)
-        .then(|| (1.0 - lora.dropout, draw_seed::<B>(&device)));
-    let dims = Dims {
-        n,
-        d_in: din,
-        d_out: dout,
-        r: lora.rank,
-        scales: lora
-            .scales
-            .iter()
-            .map(|s| *s as f32)
-            .collect::<Arc<[f32]>>(),
-        experts: None,
-        dropout,
     };
+    let dout = dims.d_out;
     let er = dims.er();
     Ok(match mode {
         Mode::Plain => {
@@ -311,41 +251,36 @@ pub(crate) fn gated_lora_linear<B: Backend>(
             from_flex(tensor(y, &[n, dout]))
         }
         Mode::Autodiff => {
-            let has_bias = bias.is_some();
-            let bias = bias.unwrap_or_else(|| Tensor::zeros([dout], &device));
-            let mut t = [
-                ad_of(x),
-                ad_of(weight),
-                ad_of(bias),
-                ad_of(lora.lora_a),
-                ad_of(lora.lora_b),
-                ad_of(lora.gates),
-            ];
-            for p in t.iter_mut() {
-                p.primitive = contiguous(p.primitive.clone());
-            }
-            let [xa, wa, ba, aa, bb, ga] = &t;
-            from_ad(record(GatedBackward, [xa, wa, ba, aa, bb, ga], |tracked| {
-                let bias = has_bias.then(|| data(&ba.primitive));
-                let (x, w, a, b, g) = (
-                    &xa.primitive,
-                    &wa.primitive,
-                    &aa.primitive,
-                    &bb.primitive,
-                    &ga.primitive,
-                );
-                let (y, u) = forward(data(x), data(w), bias, data(a), data(b), data(g), &dims);
-                let state = tracked.then(|| GatedState {
-                    x: x.clone(),
-                    w: w.clone(),
-                    a: a.clone(),
-                    b: b.clone(),
-                    gates: g.clone(),
-                    u: tensor(u, &[n, er]),
-                    dims: dims.clone(),
-                });
-                (tensor(y, &[n, dout]), state)
-            }))
+            let ([xa, wa, ba, aa, bb], has_bias) =
+                ad_inputs(x, weight, bias, lora.lora_a, lora.lora_b);
+            let mut ga = ad_of(lora.gates);
+            ga.primitive = contiguous(ga.primitive);
+            let ga = &ga;
+            from_ad(record(
+                GatedBackward,
+                [&xa, &wa, &ba, &aa, &bb, ga],
+                |tracked| {
+                    let bias = has_bias.then(|| data(&ba.primitive));
+                    let (x, w, a, b, g) = (
+                        &xa.primitive,
+                        &wa.primitive,
+                        &aa.primitive,
+                        &bb.primitive,
+                        &ga.primitive,
+                    );
+                    let (y, u) = forward(data(x), data(w), bias, data(a), data(b), data(g), &dims);
+                    let state = tracked.then(|| GatedState {
+                        x: x.clone(),
+                        w: w.clone(),
+                        a: a.clone(),
+                        b: b.clone(),
+                        gates: g.clone(),
+                        u: tensor(u, &[n, er]),
+                        dims: dims.clone(),
+                    });
+                    (tensor(y, &[n, dout]), state)
+                },
+            ))
         }
     })
 }

@@ -20,7 +20,7 @@ use super::{
     ad_of, all_f32, backward, contiguous, data, flex_of, from_ad, from_flex, mode, record, tensor,
     Mode, SendPtr,
 };
-use super::{gemm, gemm_with};
+use super::{gemm, gemm_with, AdTensor};
 
 /// Rows per parallel block of the rank-`r` path.
 pub(crate) const BLOCK: usize = 64;
@@ -175,106 +175,69 @@ fn linear_backward(
         Vec::new()
     };
     let dx_p = SendPtr(dx.as_mut_ptr());
-    let (da, db) = d
-        .blocks()
-        .into_par_iter()
-        .map(|(start, rows, e)| {
-            let s = d.scales[e];
-            let dyb = &dy[start * dout..];
-            let mask = d.mask(start, rows);
-            let mut dh = vec![0.0f32; rows * r];
-            let mut da = vec![0.0f32; if needs[3] { er * din } else { 0 }];
-            let mut db = vec![0.0f32; if needs[4] { dout * er } else { 0 }];
-            // SAFETY: block-local views; the block owns rows start..start+rows of dx; A_e,
-            // B_e as in `forward`; its partial dA/dB are its own.
-            unsafe {
-                let (ae, be) = (a.as_ptr().add(e * r * din), b.as_ptr().add(e * r));
+    let partials = d.blocks().into_par_iter().map(|(start, rows, e)| {
+        let s = d.scales[e];
+        let dyb = &dy[start * dout..];
+        let mask = d.mask(start, rows);
+        let mut dh = vec![0.0f32; rows * r];
+        let mut da = vec![0.0f32; if needs[3] { er * din } else { 0 }];
+        let mut db = vec![0.0f32; if needs[4] { dout * er } else { 0 }];
+        // SAFETY: block-local views; the block owns rows start..start+rows of dx; A_e,
+        // B_e as in `forward`; its partial dA/dB are its own.
+        unsafe {
+            let (ae, be) = (a.as_ptr().add(e * r * din), b.as_ptr().add(e * r));
+            gemm(
+                (rows, r, dout),
+                dh.as_mut_ptr(),
+                r,
+                false,
+                (dyb.as_ptr(), dout, 1),
+                (be, er, 1),
+                1.0,
+            );
+            if needs[0] {
+                let dxb = std::slice::from_raw_parts_mut(dx_p.get().add(start * din), rows * din);
+                add_input_grad(dxb, &dh, r, ae, din, s, mask.as_deref());
+            }
+            if needs[3] {
+                let mut buf = Vec::new();
+                let xd = d.dropped(x, start, rows, mask.as_deref(), &mut buf);
+                let dst = da.as_mut_ptr().add(e * r * din);
                 gemm(
-                    (rows, r, dout),
-                    dh.as_mut_ptr(),
-                    r,
+                    (r, din, rows),
+                    dst,
+                    din,
                     false,
-                    (dyb.as_ptr(), dout, 1),
-                    (be, er, 1),
+                    (dh.as_ptr(), 1, r),
+                    (xd.as_ptr(), din, 1),
+                    s,
+                );
+            }
+            if needs[4] {
+                let hb = &h[start * r..];
+                let dst = db.as_mut_ptr().add(e * r);
+                gemm(
+                    (dout, r, rows),
+                    dst,
+                    er,
+                    false,
+                    (dyb.as_ptr(), 1, dout),
+                    (hb.as_ptr(), r, 1),
                     1.0,
                 );
-                if needs[0] {
-                    let dxb =
-                        std::slice::from_raw_parts_mut(dx_p.get().add(start * din), rows * din);
-                    match &mask {
-                        None => gemm(
-                            (rows, din, r),
-                            dxb.as_mut_ptr(),
-                            din,
-                            true,
-                            (dh.as_ptr(), r, 1),
-                            (ae, din, 1),
-                            s,
-                        ),
-                        Some(m) => {
-                            let mut t = vec![0.0f32; rows * din];
-                            gemm(
-                                (rows, din, r),
-                                t.as_mut_ptr(),
-                                din,
-                                false,
-                                (dh.as_ptr(), r, 1),
-                                (ae, din, 1),
-                                s,
-                            );
-                            dxb.iter_mut()
-                                .zip(t.iter().zip(m))
-                                .for_each(|(o, (tv, mv))| *o += tv * mv);
-                        }
-                    }
-                }
-                if needs[3] {
-                    let mut buf = Vec::new();
-                    let xd = d.dropped(x, start, rows, mask.as_deref(), &mut buf);
-                    let dst = da.as_mut_ptr().add(e * r * din);
-                    gemm(
-                        (r, din, rows),
-                        dst,
-                        din,
-                        false,
-                        (dh.as_ptr(), 1, r),
-                        (xd.as_ptr(), din, 1),
-                        s,
-                    );
-                }
-                if needs[4] {
-                    let hb = &h[start * r..];
-                    let dst = db.as_mut_ptr().add(e * r);
-                    gemm(
-                        (dout, r, rows),
-                        dst,
-                        er,
-                        false,
-                        (dyb.as_ptr(), 1, dout),
-                        (hb.as_ptr(), r, 1),
-                        1.0,
-                    );
-                }
             }
-            (da, db)
-        })
-        .reduce(
-            || (Vec::new(), Vec::new()),
-            |(mut a1, mut b1), (a2, b2)| {
-                add_into(&mut a1, a2);
-                add_into(&mut b1, b2);
-                (a1, b1)
-            },
-        );
+        }
+        (da, db)
+    });
+    let (da, db) = sum_partials(partials);
     let dw = needs[1].then(|| base_dw(dy, x, n, din, dout));
     let dbias = needs[2].then(|| bias_grad(dy, dout));
-    let or_zeros = |v: Vec<f32>, len: usize| if v.is_empty() { vec![0.0; len] } else { v };
     [
         needs[0].then(|| tensor(dx, &[n, din])),
         dw,
         dbias,
-        needs[3].then(|| tensor(or_zeros(da, er * din), &[er, din])),
-        needs[4].then(|| tensor(or_zeros(db, dout * er), &[dout, er])),
+        needs[3].then(|| stacked_grad(da, [er, din])),
+        needs[4].then(|| stacked_grad(db, [dout, er])),
     ]
 }
 
@@ -354,8 +317,140 @@ pub(crate) fn bias_grad(dy: &[f32], dout: usize) -> FlexTensor {
     tensor(s, &[dout])
 }
 
+/// The sizes of a stacked LoRA linear when every tensor is f32 and the shapes agree
+/// (`x [n, in]`, `weight [out, in]`, `bias [out]`, `A_cat [E·r, in]`, `B_cat [out, E·r]`)
+/// and the caller's own checks (`extra_fits`) hold; then, in training, the dropout seed is
+/// drawn. `None`: the reference path takes the op (and no seed is drawn).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn fit<B: Backend>(
+    mode: Mode,
+    x: &Tensor<B, 2>,
+    weight: &Tensor<B, 2>,
+    bias: Option<&Tensor<B, 1>>,
+    (a, b): (&Tensor<B, 2>, &Tensor<B, 2>),
+    rank: usize,
+    scales: &[f64],
+    dropout: f64,
+    extra_fits: bool,
+) -> Option<Dims> {
+    let ([n, din], [dout, win], [ar, ain], [bout, br]) =
+        (x.dims(), weight.dims(), a.dims(), b.dims());
+    let mut dtypes = vec![x.dtype(), weight.dtype(), a.dtype(), b.dtype()];
+    dtypes.extend(bias.map(|b| b.dtype()));
+    let fits = extra_fits
+        && all_f32(&dtypes)
+        && !scales.is_empty()
+        && win == din
+        && ain == din
+        && bout == dout
+        && ar == br
+        && ar == scales.len() * rank
+        && bias.is_none_or(|b| b.dims() == [dout]);
+    if !fits {
+        return None;
+    }
+    let dropout = (mode == Mode::Autodiff && dropout > 0.0)
+        .then(|| (1.0 - dropout, draw_seed::<B>(&x.device())));
+    Some(Dims {
+        n,
+        d_in: din,
+        d_out: dout,
+        r: rank,
+        scales: scales.iter().map(|s| *s as f32).collect(),
+        experts: None,
+        dropout,
+    })
+}
+
+/// The autodiff primitives of `[x, weight, bias, A_cat, B_cat]`, contiguous, with a
+/// zero bias standing in when there is none (an op's parents are a fixed list), and
+/// whether there was one.
+pub(crate) fn ad_inputs<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    a: Tensor<B, 2>,
+    b: Tensor<B, 2>,
+) -> ([AdTensor; 5], bool) {
+    let has_bias = bias.is_some();
+    let dout = weight.dims()[0];
+    let bias = bias.unwrap_or_else(|| Tensor::zeros([dout], &x.device()));
+    let mut t = [ad_of(x), ad_of(weight), ad_of(bias), ad_of(a), ad_of(b)];
+    for p in t.iter_mut() {
+        p.primitive = contiguous(p.primitive.clone());
+    }
+    (t, has_bias)
+}
+
+/// `dx_rows += beta·(lhs·A) ⊙ mask` (no mask: without it) for `lhs [rows, k]` and the
+/// `k` rows of `A` at `a` (row stride `din`).
+///
+/// # Safety
+/// `a` must address `k` rows of `din` elements; `dxb` holds `rows · din`.
+pub(crate) unsafe fn add_input_grad(
+    dxb: &mut [f32],
+    lhs: &[f32],
+    k: usize,
+    a: *const f32,
+    din: usize,
+    beta: f32,
+    mask: Option<&[f32]>,
+) {
+    let rows = dxb.len() / din;
+    match mask {
+        None => gemm(
+            (rows, din, k),
+            dxb.as_mut_ptr(),
+            din,
+            true,
+            (lhs.as_ptr(), k, 1),
+            (a, din, 1),
+            beta,
+        ),
+        Some(m) => {
+            let mut t = vec![0.0f32; rows * din];
+            gemm(
+                (rows, din, k),
+                t.as_mut_ptr(),
+                din,
+                false,
+                (lhs.as_ptr(), k, 1),
+                (a, din, 1),
+                beta,
+            );
+            dxb.iter_mut()
+                .zip(t.iter().zip(m))
+                .for_each(|(o, (tv, mv))| *o += tv * mv);
+        }
+    }
+}
+
+/// The sum of the row blocks' partial `(dA_cat, dB_cat)` (empty when not needed).
+pub(crate) fn sum_partials(
+    parts: impl ParallelIterator<Item = (Vec<f32>, Vec<f32>)>,
+) -> (Vec<f32>, Vec<f32>) {
+    parts.reduce(
+        || (Vec::new(), Vec::new()),
+        |(mut a1, mut b1), (a2, b2)| {
+            add_into(&mut a1, a2);
+            add_into(&mut b1, b2);
+            (a1, b1)
+        },
+    )
+}
+
+/// A summed stacked gradient as a tensor (zeros when no block contributed).
+pub(crate) fn stacked_grad(v: Vec<f32>, shape: [usize; 2]) -> FlexTensor {
+    let v = if v.is_empty() {
+        vec![0.0; shape[0] * shape[1]]
+    } else {
+        v
+    };
+    tensor(v, &shape)
+}
+
 /// `acc += part` (an empty `acc` takes `part` as is).
-pub(crate) fn add_into(acc: &mut Vec<f32>, part: Vec<f32>) {
+fn add_into(acc: &mut Vec<f32>, part: Vec<f32>) {
     if acc.is_empty() {
         *acc = part;
     } else {
@@ -382,47 +477,29 @@ pub(crate) fn lora_linear<B: Backend>(
     let Some(mode) = mode::<B>() else {
         return Err((x, weight, bias, lora));
     };
-    let ([n, din], [dout, win], [ar, ain], [bout, br]) = (
-        x.dims(),
-        weight.dims(),
-        lora.lora_a.dims(),
-        lora.lora_b.dims(),
+    let n = x.dims()[0];
+    let experts_fit = lora
+        .experts
+        .as_ref()
+        .is_none_or(|ex| ex.len() == n && ex.iter().all(|&i| i < lora.scales.len()));
+    let lora_ab = (&lora.lora_a, &lora.lora_b);
+    let (rank, scales) = (lora.rank, &lora.scales);
+    let fitted = fit(
+        mode,
+        &x,
+        &weight,
+        bias.as_ref(),
+        lora_ab,
+        rank,
+        scales,
+        lora.dropout,
+        experts_fit,
     );
-    let e = lora.scales.len();
-    let mut dtypes = vec![
-        x.dtype(),
-        weight.dtype(),
-        lora.lora_a.dtype(),
-        lora.lora_b.dtype(),
-    ];
-    dtypes.extend(bias.as_ref().map(|b| b.dtype()));
-    let fits = all_f32(&dtypes)
-        && e > 0
-        && win == din
-        && ain == din
-        && bout == dout
-        && ar == br
-        && ar == e * lora.rank
-        && bias.as_ref().is_none_or(|b| b.dims() == [dout])
-        && lora
-            .experts
-            .as_ref()
-            .is_none_or(|ex| ex.len() == n && ex.iter().all(|&i| i < e));
-    if !fits {
+    let Some(mut dims) = fitted else {
         return Err((x, weight, bias, lora));
-    }
-    let device = x.device();
-    let dropout = (mode == Mode::Autodiff && lora.dropout > 0.0)
-        .then(|| (1.0 - lora.dropout, draw_seed::<B>(&device)));
-    let dims = Dims {
-        n,
-        d_in: din,
-        d_out: dout,
-        r: lora.rank,
-        scales: lora.scales.iter().map(|s| *s as f32).collect(),
-        experts: lora.experts.map(Arc::from),
-        dropout,
     };
+    dims.experts = lora.experts.map(Arc::from);
+    let dout = dims.d_out;
     let r = lora.rank;
     Ok(match mode {
         Mode::Plain => {
@@ -440,16 +517,8 @@ pub(crate) fn lora_linear<B: Backend>(
             from_flex(tensor(y, &[n, dout]))
         }
         Mode::Autodiff => {
-            let has_bias = bias.is_some();
-            let bias = bias.unwrap_or_else(|| Tensor::zeros([dout], &device));
-            let mut xa = ad_of(x);
-            let mut wa = ad_of(weight);
-            let mut ba = ad_of(bias);
-            let mut aa = ad_of(lora.lora_a);
-            let mut bb = ad_of(lora.lora_b);
-            for t in [&mut xa, &mut wa, &mut ba, &mut aa, &mut bb] {
-                t.primitive = contiguous(t.primitive.clone());
-            }
+            let ([xa, wa, ba, aa, bb], has_bias) =
+                ad_inputs(x, weight, bias, lora.lora_a, lora.lora_b);
             from_ad(record(
                 LinearBackward,
                 [&xa, &wa, &ba, &aa, &bb],

@@ -33,7 +33,7 @@ pub(crate) use nll::next_token_nll;
 /// The training backend the kernels differentiate.
 type AdFlex = Autodiff<Flex>;
 /// `Autodiff<Flex>`'s tensor: the inner `FlexTensor` (`.primitive`) and its graph node.
-type AdTensor = burn::tensor::ops::FloatTensor<AdFlex>;
+pub(crate) type AdTensor = burn::tensor::ops::FloatTensor<AdFlex>;
 
 /// Which fused implementation, if any, serves backend `B`.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
