@@ -25,7 +25,11 @@
 //!
 //! Only f32 tensors take the fused kernels; other dtypes take the reference path.
 
+mod error;
+pub mod quant;
 pub mod reference;
+
+pub use error::{KernelError, Result};
 
 #[cfg(feature = "flex")]
 mod flex;
