@@ -4,7 +4,9 @@
 //! backend. This facade re-exports the workspace crates; most users only need
 //! `use legora::prelude::*;`.
 //!
-//! - [`nn`]: `LoraLinear`, `Router`, `MoeLinear`, PEFT's `LoraConfig`.
+//! - [`config`]: the shared settings: PEFT's `LoraConfig`, `RouterConfig`, the projections
+//!   (`Proj`) and slot ids (`SlotId`), chat messages.
+//! - [`nn`]: `LoraLinear`, `Router`, `MoeLinear` and the expert selection `Experts`.
 //! - [`kernels`]: the hot ops (LoRA linear, attention, RMSNorm, RoPE, SwiGLU, NLL,
 //!   dropout): fused CPU kernels on burn-flex, a burn-ops reference path elsewhere.
 //! - [`models`]: Llama / Qwen2 / Mistral with adapter slots, KV-cache generation, scoring.
@@ -18,6 +20,7 @@
 //! Backends are cargo features: `flex` (default, CPU), `ndarray`, `wgpu`, `cuda`; the
 //! [`backend`] module names the ones compiled in.
 
+pub use legora_config as config;
 pub use legora_data as data;
 pub use legora_hub as hub;
 pub use legora_kernels as kernels;
@@ -42,19 +45,23 @@ pub mod backend {
 
 /// The names most programs use.
 pub mod prelude {
+    pub use legora_config::{
+        AdapterSpec, InitLoraWeights, LoraConfig, Message, Proj, Role, RouterConfig, RouterPooling,
+        RoutingStrategy, SlotId, TargetModules,
+    };
+
     pub use legora_nn::{
-        task_gates, trainable_parameters, AdapterSpec, Combination, InitLoraWeights, LoraAdapter,
-        LoraConfig, LoraLinear, MoeLinear, NnError, ParamReport, Router, RouterConfig,
-        RouterOutput, RoutingStrategy, TargetModules,
+        trainable_parameters, Combination, Experts, LoraAdapter, LoraLinear, MoeLinear, NnError,
+        ParamReport, Router, RouterOutput,
     };
 
     pub use legora_models::{
-        CausalLm, CausalLmOutput, Config, GenerationConfig, KvCache, LmInput, ModelError, Proj,
-        Routing, Score,
+        CausalLm, CausalLmOutput, Config, GenerationConfig, KvCache, LmInput, ModelError, Routing,
+        Score, Slot,
     };
 
     pub use legora_hub::{
         get_peft_model, load_adapter, load_mixture, save_adapter, save_mixture, ChatTemplate,
-        FloatDtype, HubError, Message, MoeConfig, PeftModel, PretrainedModel,
+        FloatDtype, HubError, MoeConfig, PeftModel, PretrainedModel,
     };
 }

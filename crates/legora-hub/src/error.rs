@@ -129,9 +129,12 @@ impl HubError {
         move |source| Self::Model { path, source }
     }
 
-    pub(crate) fn nn(path: impl Into<PathBuf>) -> impl FnOnce(NnError) -> Self {
+    pub(crate) fn nn<E: Into<NnError>>(path: impl Into<PathBuf>) -> impl FnOnce(E) -> Self {
         let path = path.into();
-        move |source| Self::Nn { path, source }
+        move |source| Self::Nn {
+            path,
+            source: source.into(),
+        }
     }
 
     pub(crate) fn adapter(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {

@@ -32,5 +32,5 @@ pub use peft::{
     adapter_dir, derive_config, list_adapters, load_adapter, peft_config_json, read_adapter,
     save_adapter, AdapterFiles, ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_PREFIX, PEFT_FORMAT_VERSION,
 };
-pub use tokenizer::{decode, encode, load_tokenizer, ChatTemplate, Message};
+pub use tokenizer::{decode, encode, load_tokenizer, ChatTemplate, Message, Role};
 pub use tokenizers::Tokenizer;

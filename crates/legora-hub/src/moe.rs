@@ -14,7 +14,7 @@ use std::path::Path;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
-use legora_models::{CausalLm, Proj};
+use legora_models::{CausalLm, Slot, SlotId};
 use legora_nn::{LoraConfig, Router, RouterConfig};
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +37,31 @@ fn default_router_input() -> String {
     "input_layernorm".into()
 }
 
+/// The values of `router_input`.
+const ROUTER_INPUTS: [&str; 3] = [
+    "input_layernorm",
+    "post_attention_layernorm",
+    "first_mixture_block",
+];
+
+/// What the routers of `layers` read in `model` (see [`MoeConfig::router_input`]).
+fn router_input<B: Backend>(model: &CausalLm<B>, layers: &[usize]) -> String {
+    let attn = |i: usize| {
+        legora_models::Proj::ALL.into_iter().any(|p| {
+            p.is_attention() && model.slot(SlotId::layer(i, p)).is_ok_and(Slot::is_mixture)
+        })
+    };
+    match (
+        layers.iter().all(|&i| attn(i)),
+        layers.iter().any(|&i| attn(i)),
+    ) {
+        (true, _) => "input_layernorm",
+        (false, false) => "post_attention_layernorm",
+        (false, true) => "first_mixture_block",
+    }
+    .to_string()
+}
+
 /// moe_config.json.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MoeConfig {
@@ -55,7 +80,10 @@ pub struct MoeConfig {
     /// Decoder layers with a router (keys `model.layers.{i}.router.weight`).
     #[serde(default)]
     pub layers: Vec<usize>,
-    /// What the routers read: the output of each layer's `input_layernorm`.
+    /// What the routers read: the output of each router layer's `input_layernorm` when
+    /// its attention projections hold experts, else of its `post_attention_layernorm`
+    /// (the input of the first block holding a mixture); `first_mixture_block` when the
+    /// layers differ.
     #[serde(default = "default_router_input")]
     pub router_input: String,
     /// The base model the experts were trained on.
@@ -93,9 +121,9 @@ impl MoeConfig {
         if unique.len() != self.experts.len() {
             return bad(format!("`experts` has duplicates: {:?}", self.experts));
         }
-        if self.router_input != "input_layernorm" {
+        if !ROUTER_INPUTS.contains(&self.router_input.as_str()) {
             return bad(format!(
-                "`router_input` \"{}\" is not supported (\"input_layernorm\" is)",
+                "`router_input`: expected one of {ROUTER_INPUTS:?}, found \"{}\"",
                 self.router_input
             ));
         }
@@ -132,10 +160,7 @@ pub fn load_mixture<B: Backend>(model: &mut CausalLm<B>, dir: &Path) -> Result<M
         let file = SafetensorsFile::open(&r_path)?;
         let hidden = model.config().hidden_size;
         let device = model.model.embed_tokens.device();
-        let with_slots: BTreeSet<usize> = slots
-            .iter()
-            .filter_map(|p| legora_models::layer_of(p))
-            .collect();
+        let with_slots: BTreeSet<usize> = slots.iter().filter_map(SlotId::layer_index).collect();
         for &i in &with_slots {
             if !cfg.layers.contains(&i) {
                 return Err(HubError::Json {
@@ -166,6 +191,16 @@ pub fn load_mixture<B: Backend>(model: &mut CausalLm<B>, dir: &Path) -> Result<M
                 .map_err(HubError::model(&r_path))?;
         }
     }
+    let found = router_input(model, &cfg.layers);
+    if cfg.router.is_some() && found != cfg.router_input {
+        return Err(HubError::Json {
+            path: cfg_path,
+            message: format!(
+                "`router_input` says \"{}\", but with these experts the routers read \"{found}\"",
+                cfg.router_input
+            ),
+        });
+    }
     Ok(cfg)
 }
 
@@ -178,8 +213,8 @@ pub fn save_mixture<B: Backend>(
     base_model_name_or_path: Option<String>,
 ) -> Result<MoeConfig> {
     let mut experts: Option<Vec<String>> = None;
-    for path in model.slot_paths() {
-        if let Ok(Proj::Moe(m)) = model.slot(&path) {
+    for (path, slot) in model.slots() {
+        if let Slot::Moe(m) = slot {
             let names = m.expert_names().to_vec();
             match &experts {
                 None => experts = Some(names),
@@ -209,7 +244,8 @@ pub fn save_mixture<B: Backend>(
         save_adapter(&as_lora, name, &cfg, &dir.join("experts").join(name))?;
     }
     let routers = model.layer_routers();
-    let router = routers.first().map(|(_, r)| r.config());
+    let layers: Vec<usize> = routers.iter().map(|(i, _)| *i).collect();
+    let router = routers.first().map(|(_, r)| r.config().clone());
     if !routers.is_empty() {
         let tensors: Vec<_> = routers
             .iter()
@@ -228,7 +264,7 @@ pub fn save_mixture<B: Backend>(
         experts,
         router,
         layers: routers.iter().map(|(i, _)| *i).collect(),
-        router_input: default_router_input(),
+        router_input: router_input(model, &layers),
         base_model_name_or_path,
         extra: Default::default(),
     };
@@ -244,17 +280,18 @@ trait MixtureToLora: Sized {
 
 impl<B: Backend> MixtureToLora for CausalLm<B> {
     fn unload_mixture_to_lora(mut self, experts: &[String]) -> legora_models::Result<Self> {
-        for path in self.slot_paths() {
-            let slot = self.slot_mut(&path)?;
-            if let Proj::Moe(m) = slot {
+        for (id, slot) in self.slots_mut() {
+            if let Slot::Moe(m) = slot {
                 let mut lora =
                     legora_nn::LoraLinear::new(m.weight.val(), m.bias.as_ref().map(|b| b.val()))
-                        .map_err(legora_models::ModelError::layer(path.clone()))?;
-                for (name, e) in experts.iter().zip(&m.experts) {
-                    lora.insert_adapter(name, e.clone())
-                        .map_err(legora_models::ModelError::layer(path.clone()))?;
+                        .map_err(legora_models::ModelError::layer(id))?;
+                for (e, name) in experts.iter().enumerate() {
+                    if let Some(a) = m.expert(e) {
+                        lora.insert_adapter(name, a.clone())
+                            .map_err(legora_models::ModelError::layer(id))?;
+                    }
                 }
-                *slot = Proj::Lora(lora);
+                *slot = Slot::Lora(lora);
             }
         }
         Ok(self)

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
-use legora_models::{slot_name, CausalLm, ModelError};
+use legora_models::{CausalLm, ModelError, SlotId};
 use legora_nn::{LoraAdapter, LoraConfig, TargetModules};
 use serde_json::Value;
 
@@ -118,7 +118,7 @@ pub fn load_adapter<B: Backend>(
 ) -> Result<LoraConfig> {
     let files = read_adapter(dir)?;
     let cfg = files.config.clone();
-    if model.target_paths(&cfg).is_empty() {
+    if model.target_slots(&cfg).is_empty() {
         return Err(HubError::Model {
             path: dir.join(ADAPTER_CONFIG),
             source: ModelError::NoTargetMatched {
@@ -139,7 +139,11 @@ pub fn load_adapter<B: Backend>(
     for (path, a, b) in files.modules {
         let key_a = format!("{KEY_PREFIX}{path}.lora_A.weight");
         let key_b = format!("{KEY_PREFIX}{path}.lora_B.weight");
-        let slot = model.slot(&path).map_err(|_| {
+        let slot = path
+            .parse::<SlotId>()
+            .ok()
+            .and_then(|id| Some((id, model.slot(id).ok()?)));
+        let (id, slot) = slot.ok_or_else(|| {
             HubError::adapter(
                 &w_path,
                 format!(
@@ -169,7 +173,7 @@ pub fn load_adapter<B: Backend>(
             d_out,
         )
         .map_err(HubError::nn(&w_path))?;
-        adapters.push((path, adapter));
+        adapters.push((id, adapter));
     }
     model
         .insert_adapter(name, adapters)
@@ -268,7 +272,7 @@ pub fn save_adapter<B: Backend>(
     // PEFT expands "all-linear" into the module paths it matched before saving.
     let mut cfg = cfg.clone();
     if matches!(&cfg.target_modules, Some(TargetModules::Pattern(p)) if p == "all-linear") {
-        let paths = modules.iter().map(|(p, _)| p.clone()).collect();
+        let paths = modules.iter().map(|(id, _)| id.to_string()).collect();
         cfg.target_modules = Some(TargetModules::List(paths));
     }
     let mut tensors = Vec::with_capacity(modules.len() * 2);
@@ -356,16 +360,16 @@ pub fn derive_config<B: Backend>(
     cfg.lora_dropout = first.lora_dropout;
     cfg.rank_pattern.clear();
     cfg.alpha_pattern.clear();
-    for (path, a) in &modules {
+    for (id, a) in &modules {
         if a.rank() != cfg.r {
-            cfg.rank_pattern.insert(path.clone(), a.rank());
+            cfg.rank_pattern.insert(id.to_string(), a.rank());
         }
         if a.lora_alpha != cfg.lora_alpha {
-            cfg.alpha_pattern.insert(path.clone(), a.lora_alpha);
+            cfg.alpha_pattern.insert(id.to_string(), a.lora_alpha);
         }
     }
-    let paths: BTreeSet<String> = modules.iter().map(|(p, _)| p.clone()).collect();
-    cfg.target_modules = Some(target_list(&model.slot_paths(), &paths));
+    let ids: BTreeSet<SlotId> = modules.iter().map(|(id, _)| *id).collect();
+    cfg.target_modules = Some(target_list(&model.slot_ids(), &ids));
     cfg.layers_to_transform = None;
     cfg.layers_pattern = None;
     cfg
@@ -373,16 +377,16 @@ pub fn derive_config<B: Backend>(
 
 /// `target_modules` naming exactly `paths`: the short names when they select exactly
 /// these modules, else the full paths (as PEFT writes for expanded `all-linear`).
-pub(crate) fn target_list(all: &[String], paths: &BTreeSet<String>) -> TargetModules {
-    let names: BTreeSet<&str> = paths.iter().map(|p| slot_name(p)).collect();
-    let selected: BTreeSet<String> = all
+pub(crate) fn target_list(all: &[SlotId], ids: &BTreeSet<SlotId>) -> TargetModules {
+    let names: BTreeSet<&str> = ids.iter().map(SlotId::name).collect();
+    let selected: BTreeSet<SlotId> = all
         .iter()
-        .filter(|p| names.contains(slot_name(p)))
-        .cloned()
+        .filter(|id| names.contains(id.name()))
+        .copied()
         .collect();
-    if &selected == paths {
+    if &selected == ids {
         TargetModules::List(names.into_iter().map(String::from).collect())
     } else {
-        TargetModules::List(paths.iter().cloned().collect())
+        TargetModules::List(ids.iter().map(SlotId::to_string).collect())
     }
 }

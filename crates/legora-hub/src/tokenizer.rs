@@ -6,9 +6,9 @@
 //! `apply_chat_template` does: `trim_blocks` and `lstrip_blocks` on, `bos_token` /
 //! `eos_token` and `raise_exception` in scope, Python string methods available.
 
+pub use legora_config::{Message, Role};
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
@@ -44,25 +44,6 @@ pub fn decode(tokenizer: &Tokenizer, ids: &[u32]) -> Result<String> {
             path: PathBuf::from("tokenizer.json"),
             message: e.to_string(),
         })
-}
-
-/// One chat message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct Message {
-    /// `system`, `user`, `assistant`, ...
-    pub role: String,
-    /// The text.
-    pub content: String,
-}
-
-impl Message {
-    /// A message.
-    pub fn new(role: &str, content: &str) -> Self {
-        Self {
-            role: role.into(),
-            content: content.into(),
-        }
-    }
 }
 
 /// A model's chat template with the special tokens it refers to.

@@ -260,10 +260,7 @@ fn mixture_folder_round_trip() {
         )
         .unwrap();
     // Task-routed: row 0 through expert 0 (PEFT's adapter) gives PEFT's logits for row 0.
-    let out = m
-        .model()
-        .forward(r.batch().with_task_ids(vec![0, 0]))
-        .unwrap();
+    let out = m.model().forward(r.batch().with_task_ids(&[0, 0])).unwrap();
     assert!(out.routing.is_empty(), "task ids bypass the routers");
     let d = r.max_diff(out.logits, "logits_qv");
     assert!(d < TOL, "task-routed expert 0: {d}");

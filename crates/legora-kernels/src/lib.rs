@@ -5,9 +5,8 @@
 //!
 //! | op | what |
 //! |---|---|
-//! | [`lora_linear`] | `x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ` (a frozen linear with one LoRA adapter) |
-//! | [`routed_lora_linear`] | the same with task-routed experts, each row through its own |
-//! | [`gated_lora_linear`] | router-gated experts in the stacked-rank form |
+//! | [`stacked_lora_linear`] | a frozen linear with E LoRA experts in the stacked-rank form: one expert, each row through its own ([`Gating::Rows`]), or router gates ([`Gating::Dense`]) |
+//! | [`lora_linear`] | `x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ`, the one-adapter case |
 //! | [`attention`] | scaled dot-product attention, grouped-query heads, additive mask |
 //! | [`rms_norm`] | transformers' `LlamaRMSNorm` (f32 statistics) |
 //! | [`rotary`] | rotate-half RoPE (`apply_rotary_pos_emb`) |
@@ -65,8 +64,9 @@ pub struct LoraTerm<B: Backend> {
 }
 
 /// A linear layer with one LoRA adapter, computed in activation space:
-/// `x·Wᵀ + b + scale·(dropout(x)·Aᵀ)·Bᵀ` (PEFT's `lora.Linear.forward`). Every input may
-/// be trainable; with a frozen base only `x`, `A` and `B` get gradients.
+/// `x·Wᵀ + b + scale·(dropout(x)·Aᵀ)·Bᵀ` (PEFT's `lora.Linear.forward`): the
+/// [`stacked_lora_linear`] of one expert. Every input may be trainable; with a frozen base
+/// only `x`, `A` and `B` get gradients.
 ///
 /// # Shapes
 /// - x: `[N, in]`, weight: `[out, in]`, bias: `[out]`, lora_a: `[r, in]`,
@@ -78,96 +78,72 @@ pub fn lora_linear<B: Backend>(
     lora: LoraTerm<B>,
 ) -> Tensor<B, 2> {
     let rank = lora.lora_a.dims()[0];
-    let routed = RoutedLora {
+    let stacked = StackedLora {
         lora_a: lora.lora_a,
         lora_b: lora.lora_b,
-        rank,
+        ranks: vec![rank],
         scales: vec![lora.scale],
         dropout: lora.dropout,
-        experts: None,
+        gating: Gating::Single(0),
     };
-    routed_lora_linear(x, weight, bias, routed)
+    stacked_lora_linear(x, weight, bias, stacked)
 }
 
-/// Task-routed LoRA experts on one linear layer, for [`routed_lora_linear`]: the experts'
-/// `lora_A` stacked along rows, `lora_B` along columns (all of rank `rank`), their
-/// scalings, one dropout rate, and the expert of every row.
+/// How the rows of a [`stacked_lora_linear`] use its experts.
 #[derive(Debug, Clone)]
-pub struct RoutedLora<B: Backend> {
-    /// `A_cat = cat(lora_A_e)`, `[E·r, in]`.
+pub enum Gating<B: Backend> {
+    /// Every row through expert `e` alone.
+    Single(usize),
+    /// Row `i` through expert `rows[i]` alone, or through the frozen base alone for
+    /// `None` — mLoRA's BatchLoRA: several adapters in one pass over one frozen base,
+    /// without the other experts' (zero-gated) work.
+    Rows(std::sync::Arc<[Option<usize>]>),
+    /// Row `i` mixes every expert `e` with weight `gates[i, e]`, `[N, E]` (a router's
+    /// gates); gradients reach the gates.
+    Dense(Tensor<B, 2>),
+}
+
+/// E LoRA experts on one linear layer, stacked: every expert's `lora_A` along rows,
+/// `lora_B` along columns (ranks may differ), their scalings, one dropout rate (one
+/// mask), and how rows use them.
+#[derive(Debug, Clone)]
+pub struct StackedLora<B: Backend> {
+    /// `A_cat = cat(lora_A_e)`, `[R, in]` with `R = Σ_e r_e`.
     pub lora_a: Tensor<B, 2>,
-    /// `B_cat = cat(lora_B_e, dim 1)`, `[out, E·r]`.
+    /// `B_cat = cat(lora_B_e, dim 1)`, `[out, R]`.
     pub lora_b: Tensor<B, 2>,
-    /// `r`, every expert's rank.
-    pub rank: usize,
+    /// `r_e` of each expert, in stacking order.
+    pub ranks: Vec<usize>,
     /// Each expert's scaling.
     pub scales: Vec<f64>,
     /// Dropout on the experts' input (one mask), training only.
     pub dropout: f64,
-    /// Expert of each row (`N` entries, each `< E`); `None`: expert 0 for every row.
-    pub experts: Option<Vec<usize>>,
+    /// Which experts each row uses.
+    pub gating: Gating<B>,
 }
 
-/// A linear layer where each row goes through its own LoRA expert:
-/// `y_i = x_i·Wᵀ + b + s_e·(dropout(x_i)·A_eᵀ)·B_eᵀ` with `e` = `experts[i]` — what the
-/// stacked mixture computes with one-hot gates, without the zero-gated experts' work
-/// (mLoRA's BatchLoRA: several adapters trained in one pass over one frozen base).
+/// A frozen linear layer with a stack of LoRA experts, in activation space:
+/// `y = x·Wᵀ + b + ((dropout(x)·A_catᵀ) ⊙ G)·B_catᵀ` where `G[i, cols(e)] = g_ie·s_e`
+/// and `g_ie` is 1 for the row's expert ([`Gating::Single`], [`Gating::Rows`]) or the
+/// row's gate ([`Gating::Dense`]). One adapter is the case `E = 1`; a router-gated
+/// mixture costs two skinny products for any E; task-routed rows only pay their own
+/// expert.
 ///
 /// # Shapes
-/// - x: `[N, in]`, weight: `[out, in]`, bias: `[out]`, lora_a: `[E·r, in]`,
-///   lora_b: `[out, E·r]` → `[N, out]`
-pub fn routed_lora_linear<B: Backend>(
+/// - x: `[N, in]`, weight: `[out, in]`, bias: `[out]`, lora_a: `[R, in]`,
+///   lora_b: `[out, R]`, dense gates: `[N, E]` → `[N, out]`
+pub fn stacked_lora_linear<B: Backend>(
     x: Tensor<B, 2>,
     weight: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
-    lora: RoutedLora<B>,
+    lora: StackedLora<B>,
 ) -> Tensor<B, 2> {
     #[cfg(feature = "flex")]
-    let (x, weight, bias, lora) = match flex::lora_linear(x, weight, bias, lora) {
+    let (x, weight, bias, lora) = match flex::stacked_lora_linear(x, weight, bias, lora) {
         Ok(out) => return out,
         Err(args) => args,
     };
-    reference::routed_lora_linear(x, weight, bias, lora)
-}
-
-/// Router-gated LoRA experts on one linear layer, for [`gated_lora_linear`]: the
-/// experts' `lora_A` stacked along rows, `lora_B` along columns (all of rank `rank`),
-/// their scalings, one dropout rate, and the gates `[N, E]` (differentiable).
-#[derive(Debug, Clone)]
-pub struct GatedLora<B: Backend> {
-    /// `A_cat = cat(lora_A_e)`, `[E·r, in]`.
-    pub lora_a: Tensor<B, 2>,
-    /// `B_cat = cat(lora_B_e, dim 1)`, `[out, E·r]`.
-    pub lora_b: Tensor<B, 2>,
-    /// `r`, every expert's rank.
-    pub rank: usize,
-    /// Each expert's scaling.
-    pub scales: Vec<f64>,
-    /// Dropout on the experts' input (one mask), training only.
-    pub dropout: f64,
-    /// Gate of each row for each expert, `[N, E]`.
-    pub gates: Tensor<B, 2>,
-}
-
-/// A mixture of LoRA experts on a linear layer in the stacked-rank form (two skinny
-/// products for any number of experts): `x·Wᵀ + b + ((dropout(x)·A_catᵀ) ⊙ G)·B_catᵀ` with
-/// `G[i, e·r..(e+1)·r] = gates[i, e]·s_e`. Gradients reach the gates (router training).
-///
-/// # Shapes
-/// - x: `[N, in]`, weight: `[out, in]`, bias: `[out]`, lora_a: `[E·r, in]`,
-///   lora_b: `[out, E·r]`, gates: `[N, E]` → `[N, out]`
-pub fn gated_lora_linear<B: Backend>(
-    x: Tensor<B, 2>,
-    weight: Tensor<B, 2>,
-    bias: Option<Tensor<B, 1>>,
-    lora: GatedLora<B>,
-) -> Tensor<B, 2> {
-    #[cfg(feature = "flex")]
-    let (x, weight, bias, lora) = match flex::gated_lora_linear(x, weight, bias, lora) {
-        Ok(out) => return out,
-        Err(args) => args,
-    };
-    reference::gated_lora_linear(x, weight, bias, lora)
+    reference::stacked_lora_linear(x, weight, bias, lora)
 }
 
 /// Scaled dot-product attention with grouped-query heads (query head `j` reads

@@ -38,53 +38,50 @@ pub fn lora_linear<B: Backend>(
     y + h.matmul(lora.lora_b.transpose())
 }
 
-/// See [`crate::routed_lora_linear`]: the stacked-rank mixture with one-hot gates,
-/// `y = x·Wᵀ + b + ((dropout(x)·A_catᵀ) ⊙ g)·B_catᵀ`, `g[i, e·r..(e+1)·r] = s_e` for
-/// the row's expert `e`, 0 elsewhere.
+/// See [`crate::stacked_lora_linear`]: `y = x·Wᵀ + b + ((dropout(x)·A_catᵀ) ⊙ G)·B_catᵀ`
+/// with `G [N, R]` built from the gating (on the host for one-hot rows, as
+/// `gates · expand` for dense gates, so gradients reach them).
 ///
 /// # Shapes
-/// - x: `[N, in]`, weight: `[out, in]`, bias: `[out]`, lora_a: `[E·r, in]`,
-///   lora_b: `[out, E·r]` → `[N, out]`
-pub fn routed_lora_linear<B: Backend>(
+/// - x: `[N, in]`, weight: `[out, in]`, bias: `[out]`, lora_a: `[R, in]`,
+///   lora_b: `[out, R]`, dense gates: `[N, E]` → `[N, out]`
+pub fn stacked_lora_linear<B: Backend>(
     x: Tensor<B, 2>,
     weight: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
-    lora: crate::RoutedLora<B>,
+    lora: crate::StackedLora<B>,
 ) -> Tensor<B, 2> {
     let [n, _] = x.dims();
     let device = x.device();
-    let (r, e) = (lora.rank, lora.scales.len());
-    let mut g = vec![0f32; n * e * r];
-    for (i, row) in g.chunks_mut(e * r).enumerate() {
-        let ex = lora.experts.as_ref().map_or(0, |v| v[i]);
-        row[ex * r..(ex + 1) * r].fill(lora.scales[ex] as f32);
-    }
-    let g: Tensor<B, 2> = Tensor::from_data(TensorData::new(g, [n, e * r]), &device);
-    let y = frozen_linear(x.clone(), weight, bias);
-    let h = crate::dropout(x, lora.dropout).matmul(lora.lora_a.transpose()) * g;
-    y + h.matmul(lora.lora_b.transpose())
-}
-
-/// See [`crate::gated_lora_linear`].
-///
-/// # Shapes
-/// - x: `[N, in]`, weight: `[out, in]`, bias: `[out]`, lora_a: `[E·r, in]`,
-///   lora_b: `[out, E·r]`, gates: `[N, E]` → `[N, out]`
-pub fn gated_lora_linear<B: Backend>(
-    x: Tensor<B, 2>,
-    weight: Tensor<B, 2>,
-    bias: Option<Tensor<B, 1>>,
-    lora: crate::GatedLora<B>,
-) -> Tensor<B, 2> {
-    let device = x.device();
-    let (r, e) = (lora.rank, lora.scales.len());
-    // [E, E·r]: expert e's scale over its r columns
-    let mut m = vec![0f32; e * e * r];
-    for (k, s) in lora.scales.iter().enumerate() {
-        m[k * e * r + k * r..k * e * r + (k + 1) * r].fill(*s as f32);
-    }
-    let expand: Tensor<B, 2> = Tensor::from_data(TensorData::new(m, [e, e * r]), &device);
-    let g = lora.gates.matmul(expand);
+    let e = lora.ranks.len();
+    let big_r: usize = lora.ranks.iter().sum();
+    let offsets: Vec<usize> = (0..e).map(|k| lora.ranks[..k].iter().sum()).collect();
+    let columns = |k: usize| offsets[k]..offsets[k] + lora.ranks[k];
+    let g: Tensor<B, 2> = match &lora.gating {
+        crate::Gating::Dense(gates) => {
+            // [E, R]: expert k's scale over its columns
+            let mut m = vec![0f32; e * big_r];
+            for (k, s) in lora.scales.iter().enumerate() {
+                m[k * big_r..(k + 1) * big_r][columns(k)].fill(*s as f32);
+            }
+            let expand = Tensor::from_data(TensorData::new(m, [e, big_r]), &device);
+            gates.clone().matmul(expand)
+        }
+        gating => {
+            let mut m = vec![0f32; n * big_r];
+            for (i, row) in m.chunks_mut(big_r).enumerate() {
+                let expert = match gating {
+                    crate::Gating::Single(k) => Some(*k),
+                    crate::Gating::Rows(rows) => rows[i],
+                    crate::Gating::Dense(_) => None,
+                };
+                if let Some(k) = expert {
+                    row[columns(k)].fill(lora.scales[k] as f32);
+                }
+            }
+            Tensor::from_data(TensorData::new(m, [n, big_r]), &device)
+        }
+    };
     let y = frozen_linear(x.clone(), weight, bias);
     let h = crate::dropout(x, lora.dropout).matmul(lora.lora_a.transpose()) * g;
     y + h.matmul(lora.lora_b.transpose())

@@ -392,28 +392,28 @@ fn routed_lora_linear_matches_reference() {
         let run = |fused: bool| {
             let [x, w, b, a, bb] = &inputs;
             let (x, a, bb) = (leaf::<2>(x), leaf::<2>(a), leaf::<2>(bb));
-            let lora = k::RoutedLora {
+            let lora = k::StackedLora {
                 lora_a: a.clone(),
                 lora_b: bb.clone(),
-                rank: r,
+                ranks: vec![r; e],
                 scales: vec![0.5, 2.0, 4.0],
                 dropout,
-                experts: Some(experts.clone()),
+                gating: k::Gating::Rows(experts.iter().map(|&i| Some(i)).collect()),
             };
             let (w, b) = (plain_ad::<2>(w), Some(plain_ad::<1>(b)));
             let _seeded = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
             Ad::seed(&Default::default(), 78);
             let out = if fused {
-                k::routed_lora_linear(x.clone(), w, b, lora)
+                k::stacked_lora_linear(x.clone(), w, b, lora)
             } else {
-                reference::routed_lora_linear(x.clone(), w, b, lora)
+                reference::stacked_lora_linear(x.clone(), w, b, lora)
             };
             let grads = probe(out.clone(), 45).backward();
             let g = |t: &Tensor<Ad, 2>| t.grad(&grads).unwrap().into_data();
             (out.into_data(), g(&x), g(&a), g(&bb))
         };
         let (f, rf) = (run(true), run(false));
-        let what = format!("routed_lora_linear dropout={dropout}");
+        let what = format!("stacked_lora_linear rows dropout={dropout}");
         assert_close(&format!("{what} out"), f.0, rf.0, 1e-4);
         assert_close(&format!("{what} dx"), f.1, rf.1, 1e-4);
         assert_close(&format!("{what} dA_cat"), f.2, rf.2, 1e-4);
@@ -442,28 +442,28 @@ fn gated_lora_linear_matches_reference() {
         let run = |fused: bool| {
             let [x, w, b, a, bb] = &inputs;
             let (x, a, bb, g) = (leaf::<2>(x), leaf::<2>(a), leaf::<2>(bb), leaf::<2>(&gates));
-            let lora = k::GatedLora {
+            let lora = k::StackedLora {
                 lora_a: a.clone(),
                 lora_b: bb.clone(),
-                rank: r,
+                ranks: vec![r; e],
                 scales: vec![0.5, 2.0, 4.0, 1.0],
                 dropout,
-                gates: g.clone(),
+                gating: k::Gating::Dense(g.clone()),
             };
             let (w, b) = (plain_ad::<2>(w), Some(plain_ad::<1>(b)));
             let _seeded = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
             Ad::seed(&Default::default(), 79);
             let out = if fused {
-                k::gated_lora_linear(x.clone(), w, b, lora)
+                k::stacked_lora_linear(x.clone(), w, b, lora)
             } else {
-                reference::gated_lora_linear(x.clone(), w, b, lora)
+                reference::stacked_lora_linear(x.clone(), w, b, lora)
             };
             let grads = probe(out.clone(), 56).backward();
             let gr = |t: &Tensor<Ad, 2>| t.grad(&grads).unwrap().into_data();
             (out.into_data(), [gr(&x), gr(&a), gr(&bb), gr(&g)])
         };
         let (f, rf) = (run(true), run(false));
-        let what = format!("gated_lora_linear dropout={dropout}");
+        let what = format!("stacked_lora_linear dense dropout={dropout}");
         assert_close(&format!("{what} out"), f.0, rf.0, 1e-4);
         for ((name, fg), rg) in ["dx", "dA_cat", "dB_cat", "dgates"]
             .iter()
@@ -472,5 +472,120 @@ fn gated_lora_linear_matches_reference() {
         {
             assert_close(&format!("{what} {name}"), fg, rg, 1e-4);
         }
+    }
+}
+
+#[test]
+fn stacked_lora_linear_mixed_ranks_and_base_rows_match_reference() {
+    // Experts of ranks 2, 5 and 3 (different ranks, as experts from different presets);
+    // routed rows include rows on no expert (the base alone, `None`), and dense gates
+    // mix all three. 133 rows: blocks split at expert changes and a partial last block.
+    let (n, din, dout) = (133, 20, 36);
+    let ranks = vec![2, 5, 3];
+    let big_r: usize = ranks.iter().sum();
+    let rows: Vec<Option<usize>> = (0..n)
+        .map(|i| match i % 23 {
+            0..=4 => None,
+            5..=12 => Some(1),
+            13..=17 => Some(0),
+            _ => Some(2),
+        })
+        .collect();
+    let mut gates = random(&[n, 3], 60).to_vec::<f32>().unwrap();
+    gates.iter_mut().for_each(|g| *g = g.abs() / 3.0);
+    let gates = TensorData::new(gates, [n, 3]);
+    let inputs = [
+        random(&[n, din], 61),
+        random(&[dout, din], 62),
+        random(&[dout], 63),
+        random(&[big_r, din], 64),
+        random(&[dout, big_r], 65),
+    ];
+    for (dense, dropout) in [(false, 0.0), (false, 0.25), (true, 0.0), (true, 0.25)] {
+        let run = |fused: bool| {
+            let [x, w, b, a, bb] = &inputs;
+            let (x, a, bb, g) = (leaf::<2>(x), leaf::<2>(a), leaf::<2>(bb), leaf::<2>(&gates));
+            let gating = if dense {
+                k::Gating::Dense(g.clone())
+            } else {
+                k::Gating::Rows(rows.clone().into())
+            };
+            let lora = k::StackedLora {
+                lora_a: a.clone(),
+                lora_b: bb.clone(),
+                ranks: ranks.clone(),
+                scales: vec![1.5, 0.25, 3.0],
+                dropout,
+                gating,
+            };
+            let (w, b) = (plain_ad::<2>(w), Some(plain_ad::<1>(b)));
+            let _seeded = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
+            Ad::seed(&Default::default(), 80);
+            let out = if fused {
+                k::stacked_lora_linear(x.clone(), w, b, lora)
+            } else {
+                reference::stacked_lora_linear(x.clone(), w, b, lora)
+            };
+            let grads = probe(out.clone(), 66).backward();
+            let gr = |t: &Tensor<Ad, 2>| t.grad(&grads).map(|g| g.into_data());
+            (out.into_data(), [gr(&x), gr(&a), gr(&bb), gr(&g)])
+        };
+        let (f, rf) = (run(true), run(false));
+        let what = format!("stacked_lora_linear mixed ranks dense={dense} dropout={dropout}");
+        assert_close(&format!("{what} out"), f.0, rf.0, 1e-4);
+        for ((name, fg), rg) in ["dx", "dA_cat", "dB_cat", "dgates"]
+            .iter()
+            .zip(f.1)
+            .zip(rf.1)
+        {
+            assert_eq!(
+                fg.is_some(),
+                rg.is_some(),
+                "{what} {name}: gradient presence"
+            );
+            if let (Some(fg), Some(rg)) = (fg, rg) {
+                assert_close(&format!("{what} {name}"), fg, rg, 1e-4);
+            }
+        }
+    }
+}
+
+#[test]
+fn stacked_lora_linear_backward_is_deterministic() {
+    // The partial gradients of many row blocks are summed in a fixed order: the same
+    // inputs give the same bits, run after run (here 8 runs, many blocks, several threads).
+    let (n, din, dout, r, e) = (64 * 40 + 7, 32, 48, 4, 3);
+    let rows: Vec<Option<usize>> = (0..n).map(|i| Some((i / 200) % e)).collect();
+    let inputs = [
+        random(&[n, din], 70),
+        random(&[dout, din], 71),
+        random(&[e * r, din], 72),
+        random(&[dout, e * r], 73),
+    ];
+    let run = || {
+        let [x, w, a, bb] = &inputs;
+        let (a, bb) = (leaf::<2>(a), leaf::<2>(bb));
+        let lora = k::StackedLora {
+            lora_a: a.clone(),
+            lora_b: bb.clone(),
+            ranks: vec![r; e],
+            scales: vec![1.0, 2.0, 0.5],
+            dropout: 0.0,
+            gating: k::Gating::Rows(rows.clone().into()),
+        };
+        let out = k::stacked_lora_linear(plain_ad::<2>(x), plain_ad::<2>(w), None, lora);
+        let grads = probe(out, 74).backward();
+        let bits = |t: &Tensor<Ad, 2>| {
+            let v = t.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap();
+            v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>()
+        };
+        (bits(&a), bits(&bb))
+    };
+    let first = run();
+    for _ in 0..7 {
+        assert!(
+            run() == first,
+            "the gradients changed between identical runs"
+        );
     }
 }

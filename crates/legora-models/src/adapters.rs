@@ -1,117 +1,141 @@
 //! PEFT-style adapter management on a [`CausalLm`]: every projection is an adapter slot
-//! addressed by its HF module path, targets are chosen with
-//! [`LoraConfig::is_target`], and the PEFT verbs (`add_adapter`, `set_adapter`,
-//! `add_weighted_adapter`, `merge_and_unload`, ...) act on every slot at once.
+//! addressed by its [`SlotId`] (shown and parsed as its HF module path), targets are
+//! chosen with [`LoraConfig::is_target`], and the PEFT verbs (`add_adapter`,
+//! `set_adapter`, `add_weighted_adapter`, `merge_and_unload`, ...) act on every slot at
+//! once.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::TensorData;
-use legora_nn::{Combination, LoraAdapter, LoraConfig, NnError, Router, RouterConfig};
+use legora_nn::{
+    Combination, LoraAdapter, LoraConfig, LoraLinear, NnError, Proj, Router, RouterConfig, SlotId,
+};
 
-use crate::decoder::CausalLm;
+use crate::decoder::{CausalLm, DecoderLayer};
 use crate::error::{ModelError, Result};
-use crate::slot::Proj;
+use crate::slot::Slot;
 
-/// The seven projections of a decoder layer, as `(block, name)`.
-pub const LAYER_SLOTS: [(&str, &str); 7] = [
-    ("self_attn", "q_proj"),
-    ("self_attn", "k_proj"),
-    ("self_attn", "v_proj"),
-    ("self_attn", "o_proj"),
-    ("mlp", "gate_proj"),
-    ("mlp", "up_proj"),
-    ("mlp", "down_proj"),
-];
+impl<B: Backend> DecoderLayer<B> {
+    /// The slot of projection `p`.
+    pub fn proj(&self, p: Proj) -> &Slot<B> {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        match p {
+            Proj::QProj => &a.q_proj,
+            Proj::KProj => &a.k_proj,
+            Proj::VProj => &a.v_proj,
+            Proj::OProj => &a.o_proj,
+            Proj::GateProj => &m.gate_proj,
+            Proj::UpProj => &m.up_proj,
+            Proj::DownProj => &m.down_proj,
+        }
+    }
 
-/// The last component of a module path (`q_proj` for `model.layers.0.self_attn.q_proj`).
-pub fn slot_name(path: &str) -> &str {
-    path.rsplit('.').next().unwrap_or(path)
-}
+    /// The slot of projection `p`, mutably.
+    pub fn proj_mut(&mut self, p: Proj) -> &mut Slot<B> {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        match p {
+            Proj::QProj => &mut a.q_proj,
+            Proj::KProj => &mut a.k_proj,
+            Proj::VProj => &mut a.v_proj,
+            Proj::OProj => &mut a.o_proj,
+            Proj::GateProj => &mut m.gate_proj,
+            Proj::UpProj => &mut m.up_proj,
+            Proj::DownProj => &mut m.down_proj,
+        }
+    }
 
-/// The layer index of `model.layers.{i}.…`.
-pub fn layer_of(path: &str) -> Option<usize> {
-    path.strip_prefix("model.layers.")?
-        .split('.')
-        .next()?
-        .parse()
-        .ok()
+    /// Every projection's slot, mutably, in [`Proj::ALL`] order.
+    fn projs_mut(&mut self) -> [(Proj, &mut Slot<B>); 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            (Proj::QProj, &mut a.q_proj),
+            (Proj::KProj, &mut a.k_proj),
+            (Proj::VProj, &mut a.v_proj),
+            (Proj::OProj, &mut a.o_proj),
+            (Proj::GateProj, &mut m.gate_proj),
+            (Proj::UpProj, &mut m.up_proj),
+            (Proj::DownProj, &mut m.down_proj),
+        ]
+    }
 }
 
 impl<B: Backend> CausalLm<B> {
-    /// Every adapter slot's module path, in model order (`lm_head` last).
-    pub fn slot_paths(&self) -> Vec<String> {
-        let mut v: Vec<String> = (0..self.model.layers.len())
-            .flat_map(|i| {
-                LAYER_SLOTS
-                    .iter()
-                    .map(move |(blk, n)| format!("model.layers.{i}.{blk}.{n}"))
-            })
-            .collect();
-        v.push("lm_head".into());
-        v
+    /// Every adapter slot's id, in model order (`lm_head` last).
+    pub fn slot_ids(&self) -> Vec<SlotId> {
+        SlotId::all(self.model.layers.len()).collect()
     }
 
-    /// The slot at `path`.
-    pub fn slot(&self, path: &str) -> Result<&Proj<B>> {
-        let unknown = || ModelError::UnknownModule { path: path.into() };
-        if path == "lm_head" {
-            return Ok(&self.lm_head);
+    /// Every slot with its id, in model order.
+    pub fn slots(&self) -> Vec<(SlotId, &Slot<B>)> {
+        let mut out: Vec<(SlotId, &Slot<B>)> = Vec::new();
+        for (layer, l) in self.model.layers.iter().enumerate() {
+            out.extend(Proj::ALL.map(|p| (SlotId::layer(layer, p), l.proj(p))));
         }
-        let i = layer_of(path).ok_or_else(unknown)?;
-        let layer = self.model.layers.get(i).ok_or_else(unknown)?;
-        let (a, m) = (&layer.self_attn, &layer.mlp);
-        let rest = path
-            .strip_prefix(&format!("model.layers.{i}."))
-            .ok_or_else(unknown)?;
-        Ok(match rest {
-            "self_attn.q_proj" => &a.q_proj,
-            "self_attn.k_proj" => &a.k_proj,
-            "self_attn.v_proj" => &a.v_proj,
-            "self_attn.o_proj" => &a.o_proj,
-            "mlp.gate_proj" => &m.gate_proj,
-            "mlp.up_proj" => &m.up_proj,
-            "mlp.down_proj" => &m.down_proj,
-            _ => return Err(unknown()),
-        })
+        out.push((SlotId::LmHead, &self.lm_head));
+        out
     }
 
-    /// The slot at `path`, mutably.
-    pub fn slot_mut(&mut self, path: &str) -> Result<&mut Proj<B>> {
-        let unknown = || ModelError::UnknownModule { path: path.into() };
-        if path == "lm_head" {
-            return Ok(&mut self.lm_head);
+    /// Every slot with its id, mutably, in model order.
+    pub fn slots_mut(&mut self) -> Vec<(SlotId, &mut Slot<B>)> {
+        let mut out: Vec<(SlotId, &mut Slot<B>)> = Vec::new();
+        for (layer, l) in self.model.layers.iter_mut().enumerate() {
+            out.extend(l.projs_mut().map(|(p, s)| (SlotId::layer(layer, p), s)));
         }
-        let i = layer_of(path).ok_or_else(unknown)?;
-        let rest = path
-            .strip_prefix(&format!("model.layers.{i}."))
-            .ok_or_else(unknown)?
-            .to_string();
-        let layer = self.model.layers.get_mut(i).ok_or_else(unknown)?;
-        let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
-        Ok(match rest.as_str() {
-            "self_attn.q_proj" => &mut a.q_proj,
-            "self_attn.k_proj" => &mut a.k_proj,
-            "self_attn.v_proj" => &mut a.v_proj,
-            "self_attn.o_proj" => &mut a.o_proj,
-            "mlp.gate_proj" => &mut m.gate_proj,
-            "mlp.up_proj" => &mut m.up_proj,
-            "mlp.down_proj" => &mut m.down_proj,
-            _ => return Err(unknown()),
-        })
+        out.push((SlotId::LmHead, &mut self.lm_head));
+        out
     }
 
-    /// The module paths `config` targets (PEFT's `check_target_module_exists`).
-    pub fn target_paths(&self, config: &LoraConfig) -> Vec<String> {
-        self.slot_paths()
+    /// The slot at `id` (an error when the layer does not exist).
+    pub fn slot(&self, id: SlotId) -> Result<&Slot<B>> {
+        match id {
+            SlotId::LmHead => Ok(&self.lm_head),
+            SlotId::Layer { layer, proj } => self
+                .model
+                .layers
+                .get(layer)
+                .map(|l| l.proj(proj))
+                .ok_or_else(|| ModelError::UnknownModule {
+                    path: id.to_string(),
+                }),
+        }
+    }
+
+    /// The slot at `id`, mutably.
+    pub fn slot_mut(&mut self, id: SlotId) -> Result<&mut Slot<B>> {
+        match id {
+            SlotId::LmHead => Ok(&mut self.lm_head),
+            SlotId::Layer { layer, proj } => self
+                .model
+                .layers
+                .get_mut(layer)
+                .map(|l| l.proj_mut(proj))
+                .ok_or_else(|| ModelError::UnknownModule {
+                    path: id.to_string(),
+                }),
+        }
+    }
+
+    /// The slot at an HF module path (`model.layers.0.self_attn.q_proj`, `lm_head`): the
+    /// string boundary for files and users.
+    pub fn slot_at(&self, path: &str) -> Result<&Slot<B>> {
+        let id = path.parse().map_err(|_| ModelError::UnknownModule {
+            path: path.to_string(),
+        })?;
+        self.slot(id)
+    }
+
+    /// The slots `config` targets (PEFT's `check_target_module_exists` on their paths).
+    pub fn target_slots(&self, config: &LoraConfig) -> Vec<SlotId> {
+        self.slot_ids()
             .into_iter()
-            .filter(|p| config.is_target(p, p == "lm_head"))
+            .filter(|id| config.is_target(&id.to_string(), id.is_output_head()))
             .collect()
     }
 
-    fn checked_targets(&self, name: &str, config: &LoraConfig) -> Result<Vec<String>> {
+    fn checked_targets(&self, name: &str, config: &LoraConfig) -> Result<Vec<SlotId>> {
         config
             .validate()
-            .map_err(ModelError::layer(format!("adapter `{name}`")))?;
-        let targets = self.target_paths(config);
+            .map_err(|e| ModelError::layer(format!("adapter `{name}`"))(e.into()))?;
+        let targets = self.target_slots(config);
         if targets.is_empty() {
             return Err(ModelError::NoTargetMatched {
                 adapter: name.into(),
@@ -123,33 +147,33 @@ impl<B: Backend> CausalLm<B> {
 
     /// Add a freshly initialised adapter `name` on every module `config` targets
     /// (PEFT `add_adapter`). The model's first adapter becomes active; later ones are
-    /// added inactive. Returns the paths.
-    pub fn add_adapter(&mut self, name: &str, config: &LoraConfig) -> Result<Vec<String>> {
+    /// added inactive. Returns the slots.
+    pub fn add_adapter(&mut self, name: &str, config: &LoraConfig) -> Result<Vec<SlotId>> {
         let targets = self.checked_targets(name, config)?;
         let active = self.active_after_insert(name)?;
-        for path in &targets {
-            let spec = config.spec_for(path);
-            let lora = self.slot_mut(path)?.as_lora_mut(path)?;
+        for &id in &targets {
+            let spec = config.spec_for(&id.to_string());
+            let lora = self.slot_mut(id)?.as_lora_mut(id)?;
             lora.add_adapter(name, &spec)
-                .map_err(ModelError::layer(path.clone()))?;
-            activate(lora, &active, path)?;
+                .map_err(ModelError::layer(id))?;
+            activate(lora, &active, id)?;
         }
         Ok(targets)
     }
 
-    /// Insert an adapter read from disk: `(module path, adapter)` for each module it
-    /// covers. Activation follows [`add_adapter`](Self::add_adapter).
+    /// Insert an adapter read from disk: `(slot, adapter)` for each module it covers.
+    /// Activation follows [`add_adapter`](Self::add_adapter).
     pub fn insert_adapter(
         &mut self,
         name: &str,
-        modules: Vec<(String, LoraAdapter<B>)>,
+        modules: Vec<(SlotId, LoraAdapter<B>)>,
     ) -> Result<()> {
         let active = self.active_after_insert(name)?;
-        for (path, adapter) in modules {
-            let lora = self.slot_mut(&path)?.as_lora_mut(&path)?;
+        for (id, adapter) in modules {
+            let lora = self.slot_mut(id)?.as_lora_mut(id)?;
             lora.insert_adapter(name, adapter)
-                .map_err(ModelError::layer(path.clone()))?;
-            activate(lora, &active, &path)?;
+                .map_err(ModelError::layer(id))?;
+            activate(lora, &active, id)?;
         }
         Ok(())
     }
@@ -174,8 +198,8 @@ impl<B: Backend> CausalLm<B> {
     /// Adapter names held by any slot, in order of first appearance.
     pub fn adapter_names(&self) -> Vec<String> {
         let mut names: Vec<String> = Vec::new();
-        for p in self.slot_paths() {
-            if let Ok(Proj::Lora(l)) = self.slot(&p) {
+        for (_, slot) in self.slots() {
+            if let Slot::Lora(l) = slot {
                 for n in l.adapter_names() {
                     if !names.contains(n) {
                         names.push(n.clone());
@@ -189,8 +213,8 @@ impl<B: Backend> CausalLm<B> {
     /// The active adapters (PEFT `active_adapters`).
     pub fn active_adapters(&self) -> Vec<String> {
         let mut names: Vec<String> = Vec::new();
-        for p in self.slot_paths() {
-            if let Ok(Proj::Lora(l)) = self.slot(&p) {
+        for (_, slot) in self.slots() {
+            if let Slot::Lora(l) = slot {
                 for n in l.active_adapters() {
                     if !names.contains(n) {
                         names.push(n.clone());
@@ -201,40 +225,25 @@ impl<B: Backend> CausalLm<B> {
         names
     }
 
-    /// `(path, adapter)` for every slot holding adapter `name`.
-    pub fn adapter_modules(&self, name: &str) -> Vec<(String, &LoraAdapter<B>)> {
-        self.slot_paths()
+    /// `(slot, adapter)` for every slot holding adapter `name`.
+    pub fn adapter_modules(&self, name: &str) -> Vec<(SlotId, &LoraAdapter<B>)> {
+        self.slots()
             .into_iter()
-            .filter_map(|p| match self.slot(&p) {
-                Ok(Proj::Lora(l)) => l.adapter(name).ok().map(|a| (p.clone(), a)),
+            .filter_map(|(id, slot)| match slot {
+                Slot::Lora(l) => l.adapter(name).ok().map(|a| (id, a)),
                 _ => None,
             })
             .collect()
     }
 
-    fn lora_slots_mut(&mut self) -> Vec<(String, &mut legora_nn::LoraLinear<B>)> {
-        let mut out = Vec::new();
-        for (i, layer) in self.model.layers.iter_mut().enumerate() {
-            let a = &mut layer.self_attn;
-            let m = &mut layer.mlp;
-            for (n, p) in [
-                ("self_attn.q_proj", &mut a.q_proj),
-                ("self_attn.k_proj", &mut a.k_proj),
-                ("self_attn.v_proj", &mut a.v_proj),
-                ("self_attn.o_proj", &mut a.o_proj),
-                ("mlp.gate_proj", &mut m.gate_proj),
-                ("mlp.up_proj", &mut m.up_proj),
-                ("mlp.down_proj", &mut m.down_proj),
-            ] {
-                if let Proj::Lora(l) = p {
-                    out.push((format!("model.layers.{i}.{n}"), l));
-                }
-            }
-        }
-        if let Proj::Lora(l) = &mut self.lm_head {
-            out.push(("lm_head".into(), l));
-        }
-        out
+    fn lora_slots_mut(&mut self) -> Vec<(SlotId, &mut LoraLinear<B>)> {
+        self.slots_mut()
+            .into_iter()
+            .filter_map(|(id, slot)| match slot {
+                Slot::Lora(l) => Some((id, l)),
+                _ => None,
+            })
+            .collect()
     }
 
     fn require_adapter(&self, name: &str) -> Result<()> {
@@ -332,8 +341,8 @@ impl<B: Backend> CausalLm<B> {
     /// `merge_and_unload`). A tied `lm_head` that received a delta is untied.
     pub fn merge_and_unload(mut self) -> Result<Self> {
         let head_adapted = self.lm_head.is_adapted();
-        for path in self.slot_paths() {
-            self.slot_mut(&path)?.merge_and_unload(&path)?;
+        for (id, slot) in self.slots_mut() {
+            slot.merge_and_unload(id)?;
         }
         if head_adapted && self.config().tie_word_embeddings {
             self.config_mut().tie_word_embeddings = false;
@@ -343,10 +352,8 @@ impl<B: Backend> CausalLm<B> {
 
     /// Drop every adapter, expert and router without merging (PEFT `unload`).
     pub fn unload(mut self) -> Self {
-        for path in self.slot_paths() {
-            if let Ok(slot) = self.slot_mut(&path) {
-                slot.unload();
-            }
+        for (_, slot) in self.slots_mut() {
+            slot.unload();
         }
         for layer in &mut self.model.layers {
             layer.router = None;
@@ -354,15 +361,16 @@ impl<B: Backend> CausalLm<B> {
         self
     }
 
-    /// Turn LoRA adapters `experts` into a mixture: every slot holding them becomes a
-    /// [`legora_nn::MoeLinear`] with those experts (in this order), and each decoder
-    /// layer that has a mixture slot gets a router from `router` (if given). Every slot
-    /// must hold all the experts or none. Returns the mixture slots' paths.
+    /// Turn LoRA adapters `experts` into a mixture: every slot holding any of them
+    /// becomes a [`legora_nn::MoeLinear`] over all of them (in this order; an expert that
+    /// does not adapt a module is absent there and contributes nothing), and each decoder
+    /// layer that has a mixture slot gets a router from `router` (if given). Returns the
+    /// mixture slots.
     pub fn adapters_to_mixture(
         &mut self,
         experts: &[&str],
         router: Option<&RouterConfig>,
-    ) -> Result<Vec<String>> {
+    ) -> Result<Vec<SlotId>> {
         if experts.is_empty() {
             return Err(ModelError::Input(
                 "a mixture needs at least one expert".into(),
@@ -371,82 +379,37 @@ impl<B: Backend> CausalLm<B> {
         for n in experts {
             self.require_adapter(n)?;
         }
-        let device = self.model.embed_tokens.device();
-        let mut moe_paths = Vec::new();
-        for path in self.slot_paths() {
-            let slot = self.slot_mut(&path)?;
-            let Proj::Lora(l) = slot else { continue };
-            let held: Vec<&str> = experts
-                .iter()
-                .copied()
-                .filter(|n| l.adapter_names().iter().any(|h| h == n))
-                .collect();
-            if held.is_empty() {
-                continue;
+        let mut moe_slots = Vec::new();
+        for (id, slot) in self.slots_mut() {
+            if let Some(moe) = mixture_of(slot, id, experts)? {
+                *slot = Slot::Moe(moe);
+                moe_slots.push(id);
             }
-            if held.len() != experts.len() {
-                let missing: Vec<&str> = experts
-                    .iter()
-                    .copied()
-                    .filter(|n| !held.contains(n))
-                    .collect();
-                return Err(ModelError::InvalidState(format!(
-                    "{path}: experts {missing:?} have no adapter on this module while {held:?} do; \
-                     every expert of a mixture must target the same modules"
-                )));
-            }
-            if !l.merged_adapters().is_empty() {
-                return Err(ModelError::InvalidState(format!(
-                    "{path}: unmerge adapters before building a mixture"
-                )));
-            }
-            let adapters: Vec<LoraAdapter<B>> = experts
-                .iter()
-                .map(|n| l.adapter(n).cloned())
-                .collect::<legora_nn::Result<_>>()
-                .map_err(ModelError::layer(path.clone()))?;
-            let others: Vec<String> = l
-                .adapter_names()
-                .iter()
-                .filter(|n| !experts.contains(&n.as_str()))
-                .cloned()
-                .collect();
-            if !others.is_empty() {
-                return Err(ModelError::InvalidState(format!(
-                    "{path}: also holds adapters {others:?} that are not experts; delete them first"
-                )));
-            }
-            let mut moe =
-                legora_nn::MoeLinear::new(l.weight.val(), l.bias.as_ref().map(|b| b.val()))
-                    .map_err(ModelError::layer(path.clone()))?;
-            for (n, a) in experts.iter().zip(adapters) {
-                moe.insert_expert(n, a)
-                    .map_err(ModelError::layer(path.clone()))?;
-            }
-            *slot = Proj::Moe(moe);
-            moe_paths.push(path);
         }
         if let Some(rc) = router {
-            if rc.num_experts != experts.len() {
-                return Err(ModelError::Input(format!(
-                    "router num_experts = {}, but {} experts were given",
-                    rc.num_experts,
-                    experts.len()
-                )));
-            }
-            let hidden = self.config().hidden_size;
-            for path in &moe_paths {
-                if let Some(i) = layer_of(path) {
-                    if self.model.layers[i].router.is_none() {
-                        let r = rc
-                            .init::<B>(hidden, &device)
-                            .map_err(ModelError::layer(format!("model.layers.{i}.router")))?;
-                        self.model.layers[i].router = Some(r);
-                    }
-                }
+            self.add_layer_routers(&moe_slots, experts.len(), rc)?;
+        }
+        Ok(moe_slots)
+    }
+
+    /// A router from `rc` on every decoder layer of `slots` that has none yet.
+    fn add_layer_routers(&mut self, slots: &[SlotId], e: usize, rc: &RouterConfig) -> Result<()> {
+        if rc.num_experts != e {
+            return Err(ModelError::Input(format!(
+                "router num_experts = {}, but {e} experts were given",
+                rc.num_experts
+            )));
+        }
+        let hidden = self.config().hidden_size;
+        let device = self.model.embed_tokens.device();
+        for layer in slots.iter().filter_map(SlotId::layer_index) {
+            if self.model.layers[layer].router.is_none() {
+                let r = Router::init(rc, hidden, &device)
+                    .map_err(ModelError::layer(format!("model.layers.{layer}.router")))?;
+                self.model.layers[layer].router = Some(r);
             }
         }
-        Ok(moe_paths)
+        Ok(())
     }
 
     /// Set (or replace) the router of decoder layer `layer`; its input size must be
@@ -493,9 +456,8 @@ impl<B: Backend> CausalLm<B> {
                 format!("{p}.input_layernorm.weight"),
                 layer.input_layernorm.weight.val().into_data(),
             ));
-            for (blk, n) in LAYER_SLOTS {
-                let path = format!("{p}.{blk}.{n}");
-                push_slot(&mut out, &path, self.slot(&path)?)?;
+            for proj in Proj::ALL {
+                push_slot(&mut out, SlotId::layer(i, proj), layer.proj(proj))?;
             }
             out.push((
                 format!("{p}.post_attention_layernorm.weight"),
@@ -507,7 +469,7 @@ impl<B: Backend> CausalLm<B> {
             self.model.norm.weight.val().into_data(),
         ));
         if !self.config().tie_word_embeddings {
-            push_slot(&mut out, "lm_head", &self.lm_head)?;
+            push_slot(&mut out, SlotId::LmHead, &self.lm_head)?;
         } else if self.lm_head.is_adapted() {
             return Err(ModelError::InvalidState(
                 "lm_head holds adapters: merge_and_unload before exporting".into(),
@@ -518,32 +480,69 @@ impl<B: Backend> CausalLm<B> {
 }
 
 /// Make a slot's active set the model's, restricted to the adapters the slot holds.
-fn activate<B: Backend>(
-    lora: &mut legora_nn::LoraLinear<B>,
-    active: &[String],
-    path: &str,
-) -> Result<()> {
+fn activate<B: Backend>(lora: &mut LoraLinear<B>, active: &[String], id: SlotId) -> Result<()> {
     let held: Vec<&str> = active
         .iter()
         .map(String::as_str)
         .filter(|n| lora.adapter_names().iter().any(|h| h == n))
         .collect();
-    lora.set_adapter(&held).map_err(ModelError::layer(path))
+    lora.set_adapter(&held).map_err(ModelError::layer(id))
+}
+
+/// The mixture a LoRA slot becomes when it holds any of `experts` (`None`: it holds none,
+/// or is not a LoRA slot). It must hold nothing else and nothing merged.
+fn mixture_of<B: Backend>(
+    slot: &Slot<B>,
+    id: SlotId,
+    experts: &[&str],
+) -> Result<Option<legora_nn::MoeLinear<B>>> {
+    let Slot::Lora(l) = slot else {
+        return Ok(None);
+    };
+    let holds = |n: &str| l.adapter_names().iter().any(|h| h == n);
+    if !experts.iter().any(|n| holds(n)) {
+        return Ok(None);
+    }
+    if !l.merged_adapters().is_empty() {
+        return Err(ModelError::InvalidState(format!(
+            "{id}: unmerge adapters before building a mixture"
+        )));
+    }
+    let others: Vec<&String> = l
+        .adapter_names()
+        .iter()
+        .filter(|n| !experts.contains(&n.as_str()))
+        .collect();
+    if !others.is_empty() {
+        return Err(ModelError::InvalidState(format!(
+            "{id}: also holds adapters {others:?} that are not experts; delete them first"
+        )));
+    }
+    let mut moe = legora_nn::MoeLinear::new(l.weight.val(), l.bias.as_ref().map(|b| b.val()))
+        .map_err(ModelError::layer(id))?;
+    for n in experts {
+        let added = match l.adapter(n) {
+            Ok(a) => moe.insert_expert(n, a.clone()),
+            Err(_) => moe.insert_absent_expert(n),
+        };
+        added.map_err(ModelError::layer(id))?;
+    }
+    Ok(Some(moe))
 }
 
 fn push_slot<B: Backend>(
     out: &mut Vec<(String, TensorData)>,
-    path: &str,
-    p: &Proj<B>,
+    id: SlotId,
+    p: &Slot<B>,
 ) -> Result<()> {
     if p.is_adapted() {
         return Err(ModelError::InvalidState(format!(
-            "{path} holds adapters: merge_and_unload (or unload) before exporting base weights"
+            "{id} holds adapters: merge_and_unload (or unload) before exporting base weights"
         )));
     }
-    out.push((format!("{path}.weight"), p.weight().into_data()));
+    out.push((format!("{id}.weight"), p.weight().into_data()));
     if let Some(b) = p.bias() {
-        out.push((format!("{path}.bias"), b.into_data()));
+        out.push((format!("{id}.bias"), b.into_data()));
     }
     Ok(())
 }

@@ -6,6 +6,7 @@
 //! optional `rope_scaling` (`{"type" | "rope_type", "factor", ...}`), which is what most
 //! checkpoints on the Hub still carry.
 
+use legora_nn::{Proj, SlotId};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
@@ -308,21 +309,37 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// `(out, in)` of the linear at module path suffix `name` (`q_proj`, `lm_head`, ...).
-    pub fn linear_dims(&self, name: &str) -> Option<(usize, usize)> {
+    /// `(out_features, in_features)` of projection `proj`.
+    pub fn proj_dims(&self, proj: Proj) -> (usize, usize) {
         let h = self.hidden_size;
         let q = self.num_attention_heads * self.head_dim;
         let kv = self.num_key_value_heads * self.head_dim;
         let i = self.intermediate_size;
-        Some(match name {
-            "q_proj" => (q, h),
-            "k_proj" | "v_proj" => (kv, h),
-            "o_proj" => (h, q),
-            "gate_proj" | "up_proj" => (i, h),
-            "down_proj" => (h, i),
-            "lm_head" => (self.vocab_size, h),
-            _ => return None,
-        })
+        match proj {
+            Proj::QProj => (q, h),
+            Proj::KProj | Proj::VProj => (kv, h),
+            Proj::OProj => (h, q),
+            Proj::GateProj | Proj::UpProj => (i, h),
+            Proj::DownProj => (h, i),
+        }
+    }
+
+    /// `(out_features, in_features)` of the slot `id` (`lm_head`: `(vocab, hidden)`).
+    pub fn slot_dims(&self, id: SlotId) -> (usize, usize) {
+        match id.proj() {
+            Some(p) => self.proj_dims(p),
+            None => (self.vocab_size, self.hidden_size),
+        }
+    }
+
+    /// Whether projection `proj` has a bias (Qwen2's q/k/v, `attention_bias`,
+    /// `mlp_bias`).
+    pub fn proj_bias(&self, proj: Proj) -> bool {
+        match proj {
+            Proj::QProj | Proj::KProj | Proj::VProj => self.qkv_bias,
+            Proj::OProj => self.o_bias,
+            _ => self.mlp_bias,
+        }
     }
 }
 

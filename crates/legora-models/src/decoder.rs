@@ -7,11 +7,11 @@
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use legora_nn::{task_gates, Router, RouterOutput, RouterPooling};
+use legora_nn::{Experts, Proj, Router, RouterOutput, RouterPooling, SlotId};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::slot::{GateCtx, Proj};
+use crate::slot::Slot;
 use crate::weights::{Init, WeightSource};
 
 /// Additive mask value for disallowed keys: finite, so fully masked rows (left padding)
@@ -85,13 +85,13 @@ impl<B: Backend> KvCache<B> {
 #[derive(Module, Debug)]
 pub struct SelfAttention<B: Backend> {
     /// `[heads·head_dim, hidden]`.
-    pub q_proj: Proj<B>,
+    pub q_proj: Slot<B>,
     /// `[kv_heads·head_dim, hidden]`.
-    pub k_proj: Proj<B>,
+    pub k_proj: Slot<B>,
     /// `[kv_heads·head_dim, hidden]`.
-    pub v_proj: Proj<B>,
+    pub v_proj: Slot<B>,
     /// `[hidden, heads·head_dim]`.
-    pub o_proj: Proj<B>,
+    pub o_proj: Slot<B>,
     /// Query heads.
     pub num_heads: usize,
     /// Key/value heads.
@@ -106,11 +106,11 @@ pub struct SelfAttention<B: Backend> {
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
     /// `[intermediate, hidden]`.
-    pub gate_proj: Proj<B>,
+    pub gate_proj: Slot<B>,
     /// `[intermediate, hidden]`.
-    pub up_proj: Proj<B>,
+    pub up_proj: Slot<B>,
     /// `[hidden, intermediate]`.
-    pub down_proj: Proj<B>,
+    pub down_proj: Slot<B>,
 }
 
 /// One pre-norm decoder layer, with an optional mixture router (MixLoRA style: one
@@ -146,7 +146,7 @@ pub struct CausalLm<B: Backend> {
     /// The decoder.
     pub model: DecoderModel<B>,
     /// Output head `[vocab, hidden]` (shares `embed_tokens` when tied).
-    pub lm_head: Proj<B>,
+    pub lm_head: Slot<B>,
     #[module(skip)]
     config: ModelConfig,
 }
@@ -162,9 +162,10 @@ pub struct LmInput<B: Backend> {
     /// Positions `[batch, seq]`. `None`: derived from the mask as `generate` does
     /// (`cumsum(mask) - 1`, so left padding does not shift positions), or `past..past+seq`.
     pub position_ids: Option<Tensor<B, 2, Int>>,
-    /// Task-routed mixtures: row `b` uses expert `task_ids[b]` in every mixture slot
-    /// (overrides routers). `None`: mixtures are gated by their routers.
-    pub task_ids: Option<Vec<usize>>,
+    /// Which experts every mixture slot uses, over the `batch · seq` new tokens
+    /// (overrides routers): per-token ids (task-routed), one expert, or fixed gates.
+    /// `None`: mixtures are gated by their routers.
+    pub experts: Option<Experts<B>>,
 }
 
 impl<B: Backend> LmInput<B> {
@@ -174,7 +175,7 @@ impl<B: Backend> LmInput<B> {
             input_ids,
             attention_mask: None,
             position_ids: None,
-            task_ids: None,
+            experts: None,
         }
     }
 
@@ -205,9 +206,23 @@ impl<B: Backend> LmInput<B> {
         self
     }
 
-    /// Route row `b` to expert `ids[b]` in every mixture slot.
-    pub fn with_task_ids(mut self, ids: Vec<usize>) -> Self {
-        self.task_ids = Some(ids);
+    /// Route row `b` of the batch to expert `ids[b]` in every mixture slot (one
+    /// [`Experts::Single`] when every row names the same expert).
+    pub fn with_task_ids(self, ids: &[usize]) -> Self {
+        let [batch, seq] = self.input_ids.dims();
+        let experts = match ids.first() {
+            Some(&e) if ids.len() == batch && ids.iter().all(|&t| t == e) => Experts::Single(e),
+            _ => {
+                let ids: Vec<Option<usize>> = ids.iter().map(|&t| Some(t)).collect();
+                Experts::per_batch_row(&ids, seq)
+            }
+        };
+        self.with_experts(experts)
+    }
+
+    /// Select the experts of every mixture slot explicitly.
+    pub fn with_experts(mut self, experts: Experts<B>) -> Self {
+        self.experts = Some(experts);
         self
     }
 }
@@ -217,9 +232,8 @@ impl<B: Backend> LmInput<B> {
 pub struct Routing<B: Backend> {
     /// Decoder layer (`None` for `lm_head`).
     pub layer: Option<usize>,
-    /// `None` for the layer's router, else the slot path relative to the layer
-    /// (`mlp.up_proj`) or `lm_head` for a router owned by that slot.
-    pub module: Option<String>,
+    /// `None` for the layer's router, else the slot owning the router.
+    pub slot: Option<SlotId>,
     /// Gates, probabilities and losses.
     pub output: RouterOutput<B>,
 }
@@ -252,9 +266,8 @@ struct Ctx<B: Backend> {
     masks: Vec<(Option<usize>, Tensor<B, 4>)>,
     /// Real-token mask of the new positions, `[batch·seq]`.
     token_mask: Option<Tensor<B, 1>>,
-    task_ids: Option<Vec<usize>>,
-    /// The task of every new token (`task_ids` repeated over the sequence), `[batch·seq]`.
-    row_experts: Option<std::sync::Arc<[usize]>>,
+    /// The input's expert selection (overrides routers).
+    experts: Option<Experts<B>>,
 }
 
 impl<B: Backend> Ctx<B> {
@@ -267,25 +280,12 @@ impl<B: Backend> Ctx<B> {
             .1
     }
 
-    /// The task of every row, when routed by task and all rows share one.
-    fn single_task(&self) -> Option<usize> {
-        let ids = self.task_ids.as_ref()?;
-        let first = *ids.first()?;
-        ids.iter().all(|t| *t == first).then_some(first)
-    }
-
-    fn gates(
-        &self,
-        seq: usize,
-        num_experts: usize,
-        device: &B::Device,
-    ) -> Result<Option<Tensor<B, 2>>> {
-        match &self.task_ids {
-            None => Ok(None),
-            Some(ids) => task_gates(ids, seq, num_experts, device)
-                .map(Some)
-                .map_err(|e| ModelError::Input(e.to_string())),
-        }
+    /// The selection for slots whose layer has no router: the input's, else each
+    /// slot's own router.
+    fn slot_experts(&self) -> Experts<B> {
+        self.experts.clone().unwrap_or_else(|| Experts::Router {
+            mask: self.token_mask.clone(),
+        })
     }
 }
 
@@ -321,34 +321,24 @@ impl<B: Backend> SelfAttention<B> {
         &self,
         x: Tensor<B, 3>,
         ctx: &Ctx<B>,
-        gates: &GateCtx<B>,
+        experts: &Experts<B>,
         cache: Option<&mut Option<LayerCache<B>>>,
         layer: usize,
         routing: &mut Vec<Routing<B>>,
     ) -> Result<Tensor<B, 3>> {
         let [b, s, _] = x.dims();
         let (h, kv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let mut run = |p: &Proj<B>, name: &str, x: Tensor<B, 3>| {
-            let (y, r) = p.forward(x, gates, &|| {
-                format!("model.layers.{layer}.self_attn.{name}")
-            })?;
-            if let Some(output) = r {
-                routing.push(Routing {
-                    layer: Some(layer),
-                    module: Some(format!("self_attn.{name}")),
-                    output,
-                });
-            }
-            Ok::<_, ModelError>(y)
+        let mut run = |p: &Slot<B>, proj: Proj, x: Tensor<B, 3>| {
+            run_slot(p, x, experts, SlotId::layer(layer, proj), routing)
         };
         // query_states = self.q_proj(hidden_states).view(hidden_shape); the heads stay on
         // dim 2 (`[batch, seq, heads, head_dim]`): the attention kernel reads them in place,
         // so transformers' transpose(1, 2) and repeat_kv are never materialised.
-        let q = run(&self.q_proj, "q_proj", x.clone())?.reshape([b, s, h, hd]);
+        let q = run(&self.q_proj, Proj::QProj, x.clone())?.reshape([b, s, h, hd]);
         let q = legora_kernels::rotary(q, &ctx.cos, &ctx.sin);
-        let k = run(&self.k_proj, "k_proj", x.clone())?.reshape([b, s, kv, hd]);
+        let k = run(&self.k_proj, Proj::KProj, x.clone())?.reshape([b, s, kv, hd]);
         let k = legora_kernels::rotary(k, &ctx.cos, &ctx.sin);
-        let v = run(&self.v_proj, "v_proj", x)?.reshape([b, s, kv, hd]);
+        let v = run(&self.v_proj, Proj::VProj, x)?.reshape([b, s, kv, hd]);
         let (k, v) = match cache {
             Some(slot) => {
                 let (k, v) = match slot.take() {
@@ -367,7 +357,7 @@ impl<B: Backend> SelfAttention<B> {
         let mask = ctx.mask(self.sliding_window).clone();
         let out = legora_kernels::attention(q, k, v, mask, (hd as f64).powf(-0.5));
         let out = out.reshape([b, s, h * hd]);
-        run(&self.o_proj, "o_proj", out)
+        run(&self.o_proj, Proj::OProj, out)
     }
 }
 
@@ -377,25 +367,21 @@ impl<B: Backend> Mlp<B> {
     fn forward(
         &self,
         x: Tensor<B, 3>,
-        gates: &GateCtx<B>,
+        experts: &Experts<B>,
         layer: usize,
         routing: &mut Vec<Routing<B>>,
     ) -> Result<Tensor<B, 3>> {
-        let mut run = |p: &Proj<B>, name: &str, x: Tensor<B, 3>| {
-            let (y, r) = p.forward(x, gates, &|| format!("model.layers.{layer}.mlp.{name}"))?;
-            if let Some(output) = r {
-                routing.push(Routing {
-                    layer: Some(layer),
-                    module: Some(format!("mlp.{name}")),
-                    output,
-                });
-            }
-            Ok::<_, ModelError>(y)
+        let mut run = |p: &Slot<B>, proj: Proj, x: Tensor<B, 3>| {
+            run_slot(p, x, experts, SlotId::layer(layer, proj), routing)
         };
         // down_proj(act_fn(gate_proj(x)) * up_proj(x))
-        let g = run(&self.gate_proj, "gate_proj", x.clone())?;
-        let u = run(&self.up_proj, "up_proj", x)?;
-        run(&self.down_proj, "down_proj", legora_kernels::swiglu(g, u))
+        let g = run(&self.gate_proj, Proj::GateProj, x.clone())?;
+        let u = run(&self.up_proj, Proj::UpProj, x)?;
+        run(
+            &self.down_proj,
+            Proj::DownProj,
+            legora_kernels::swiglu(g, u),
+        )
     }
 }
 
@@ -428,33 +414,58 @@ fn prefix_mean<B: Backend>(
     sum / count.clamp_min(1.0)
 }
 
-impl<B: Backend> DecoderLayer<B> {
-    /// Experts per mixture slot of this layer (`None` when it has no mixture).
-    fn num_experts(&self) -> Option<usize> {
-        let m = &self.mlp;
-        self.attn_slots()
-            .into_iter()
-            .chain([&m.gate_proj, &m.up_proj, &m.down_proj])
-            .find_map(|p| match p {
-                Proj::Moe(m) if m.num_experts() > 0 => Some(m.num_experts()),
-                _ => None,
-            })
-    }
+/// The RMSNorm whose weight is `name`.
+fn norm<B: Backend>(
+    c: &ModelConfig,
+    name: &str,
+    init: &mut Init<'_>,
+    device: &B::Device,
+) -> Result<RmsNorm<B>> {
+    Ok(RmsNorm {
+        weight: Param::from_tensor(init.load::<B, 1>(name, [c.hidden_size], device)?)
+            .set_require_grad(false),
+        eps: c.rms_norm_eps,
+    })
+}
 
-    fn attn_slots(&self) -> [&Proj<B>; 4] {
-        let a = &self.self_attn;
-        [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]
+/// Apply one slot, recording the output of a router the slot owns.
+///
+/// # Shapes
+/// - x: `[batch, seq, in]` → `[batch, seq, out]`
+fn run_slot<B: Backend>(
+    slot: &Slot<B>,
+    x: Tensor<B, 3>,
+    experts: &Experts<B>,
+    id: SlotId,
+    routing: &mut Vec<Routing<B>>,
+) -> Result<Tensor<B, 3>> {
+    let (y, r) = slot.forward(x, experts, id)?;
+    if let Some(output) = r {
+        routing.push(Routing {
+            layer: id.layer_index(),
+            slot: Some(id),
+            output,
+        });
+    }
+    Ok(y)
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// Whether any projection holds a mixture.
+    fn has_mixture(&self) -> bool {
+        Proj::ALL.into_iter().any(|p| self.proj(p).is_mixture())
     }
 
     /// Whether any attention projection holds a mixture.
     fn attn_has_mixture(&self) -> bool {
-        self.attn_slots()
+        Proj::ALL
             .into_iter()
-            .any(|p| matches!(p, Proj::Moe(m) if m.num_experts() > 0))
+            .any(|p| p.is_attention() && self.proj(p).is_mixture())
     }
 
-    /// Gates of this layer's mixture slots for the normalized input `x` of the first
-    /// block that holds a mixture: task gates when routed by task, else the router's.
+    /// The experts of this layer's mixture slots for the normalized input `x` of the
+    /// first block that holds a mixture: the input's selection when it has one, else the
+    /// layer router's gates, else each slot's own router.
     fn route(
         &self,
         x: &Tensor<B, 3>,
@@ -462,16 +473,11 @@ impl<B: Backend> DecoderLayer<B> {
         layer: usize,
         pool: Option<&mut Option<PoolCache<B>>>,
         routing: &mut Vec<Routing<B>>,
-    ) -> Result<Option<Tensor<B, 2>>> {
+    ) -> Experts<B> {
         let [b, s, d] = x.dims();
-        let Some(e) = self.num_experts() else {
-            return Ok(None);
-        };
-        if let Some(g) = ctx.gates(s, e, &x.device())? {
-            return Ok(Some(g));
-        }
-        let Some(router) = self.router.as_ref() else {
-            return Ok(None);
+        let router = match (&ctx.experts, &self.router) {
+            (None, Some(r)) if self.has_mixture() => r,
+            _ => return ctx.slot_experts(),
         };
         let input = match router.pooling() {
             RouterPooling::Token => x.clone(),
@@ -481,10 +487,10 @@ impl<B: Backend> DecoderLayer<B> {
         let g = out.gates.clone();
         routing.push(Routing {
             layer: Some(layer),
-            module: None,
+            slot: None,
             output: out,
         });
-        Ok(Some(g))
+        Experts::Gates(g)
     }
 
     /// The router reads the normalized input of the first block holding a mixture: the
@@ -505,24 +511,19 @@ impl<B: Backend> DecoderLayer<B> {
     ) -> Result<Tensor<B, 3>> {
         let mut pool = pool;
         let x = self.input_layernorm.forward(h.clone());
-        let mut gates = GateCtx {
-            gates: None,
-            mask: ctx.token_mask.clone(),
-            expert: ctx.single_task(),
-            row_experts: ctx.row_experts.clone(),
-        };
         let attn_first = self.attn_has_mixture();
+        let mut experts = ctx.slot_experts();
         if attn_first {
-            gates.gates = self.route(&x, ctx, layer, pool.take(), routing)?;
+            experts = self.route(&x, ctx, layer, pool.take(), routing);
         }
         let h = h + self
             .self_attn
-            .forward(x, ctx, &gates, cache, layer, routing)?;
+            .forward(x, ctx, &experts, cache, layer, routing)?;
         let x = self.post_attention_layernorm.forward(h.clone());
         if !attn_first {
-            gates.gates = self.route(&x, ctx, layer, pool, routing)?;
+            experts = self.route(&x, ctx, layer, pool, routing);
         }
-        Ok(h + self.mlp.forward(x, &gates, layer, routing)?)
+        Ok(h + self.mlp.forward(x, &experts, layer, routing)?)
     }
 }
 
@@ -545,65 +546,19 @@ impl<B: Backend> CausalLm<B> {
         config.validate()?;
         let c = &config;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
-        {
-            let mut proj =
-                |name: String, (out, inp): (usize, usize), bias: bool| -> Result<Proj<B>> {
-                    let w = init.load::<B, 2>(&format!("{name}.weight"), [out, inp], device)?;
-                    let b = if bias {
-                        Some(init.load::<B, 1>(&format!("{name}.bias"), [out], device)?)
-                    } else {
-                        None
-                    };
-                    Ok(Proj::linear(w, b))
-                };
-            let dims = |n: &str| c.linear_dims(n).expect("known projection");
-            for i in 0..c.num_hidden_layers {
-                let p = format!("model.layers.{i}");
-                let self_attn = SelfAttention {
-                    q_proj: proj(format!("{p}.self_attn.q_proj"), dims("q_proj"), c.qkv_bias)?,
-                    k_proj: proj(format!("{p}.self_attn.k_proj"), dims("k_proj"), c.qkv_bias)?,
-                    v_proj: proj(format!("{p}.self_attn.v_proj"), dims("v_proj"), c.qkv_bias)?,
-                    o_proj: proj(format!("{p}.self_attn.o_proj"), dims("o_proj"), c.o_bias)?,
-                    num_heads: c.num_attention_heads,
-                    num_kv_heads: c.num_key_value_heads,
-                    head_dim: c.head_dim,
-                    sliding_window: c.sliding_windows[i],
-                };
-                let mlp = Mlp {
-                    gate_proj: proj(format!("{p}.mlp.gate_proj"), dims("gate_proj"), c.mlp_bias)?,
-                    up_proj: proj(format!("{p}.mlp.up_proj"), dims("up_proj"), c.mlp_bias)?,
-                    down_proj: proj(format!("{p}.mlp.down_proj"), dims("down_proj"), c.mlp_bias)?,
-                };
-                layers.push((p, self_attn, mlp));
-            }
+        for i in 0..c.num_hidden_layers {
+            layers.push(Self::build_layer(c, i, &mut init, device)?);
         }
-        let mut norm = |name: String| -> Result<RmsNorm<B>> {
-            Ok(RmsNorm {
-                weight: Param::from_tensor(init.load::<B, 1>(&name, [c.hidden_size], device)?)
-                    .set_require_grad(false),
-                eps: c.rms_norm_eps,
-            })
-        };
-        let mut built = Vec::with_capacity(layers.len());
-        for (p, self_attn, mlp) in layers {
-            built.push(DecoderLayer {
-                self_attn,
-                mlp,
-                input_layernorm: norm(format!("{p}.input_layernorm.weight"))?,
-                post_attention_layernorm: norm(format!("{p}.post_attention_layernorm.weight"))?,
-                router: None,
-            });
-        }
-        let final_norm = norm("model.norm.weight".into())?;
+        let final_norm = norm(c, "model.norm.weight", &mut init, device)?;
         let embed = init.load::<B, 2>(
             "model.embed_tokens.weight",
             [c.vocab_size, c.hidden_size],
             device,
         )?;
         let lm_head = if c.tie_word_embeddings {
-            Proj::linear(embed.clone(), None)
+            Slot::linear(embed.clone(), None)
         } else {
-            Proj::linear(
+            Slot::linear(
                 init.load::<B, 2>("lm_head.weight", [c.vocab_size, c.hidden_size], device)?,
                 None,
             )
@@ -611,12 +566,101 @@ impl<B: Backend> CausalLm<B> {
         Ok(Self {
             model: DecoderModel {
                 embed_tokens: Param::from_tensor(embed).set_require_grad(false),
-                layers: built,
+                layers,
                 norm: final_norm,
             },
             lm_head,
             config,
         })
+    }
+
+    /// Decoder layer `i`: its seven projections and two norms.
+    fn build_layer(
+        c: &ModelConfig,
+        i: usize,
+        init: &mut Init<'_>,
+        device: &B::Device,
+    ) -> Result<DecoderLayer<B>> {
+        let mut proj = |proj: Proj| -> Result<Slot<B>> {
+            let name = SlotId::layer(i, proj);
+            let (out, inp) = c.proj_dims(proj);
+            let w = init.load::<B, 2>(&format!("{name}.weight"), [out, inp], device)?;
+            let b = if c.proj_bias(proj) {
+                Some(init.load::<B, 1>(&format!("{name}.bias"), [out], device)?)
+            } else {
+                None
+            };
+            Ok(Slot::linear(w, b))
+        };
+        let self_attn = SelfAttention {
+            q_proj: proj(Proj::QProj)?,
+            k_proj: proj(Proj::KProj)?,
+            v_proj: proj(Proj::VProj)?,
+            o_proj: proj(Proj::OProj)?,
+            num_heads: c.num_attention_heads,
+            num_kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            sliding_window: c.sliding_windows[i],
+        };
+        let mlp = Mlp {
+            gate_proj: proj(Proj::GateProj)?,
+            up_proj: proj(Proj::UpProj)?,
+            down_proj: proj(Proj::DownProj)?,
+        };
+        let p = format!("model.layers.{i}");
+        Ok(DecoderLayer {
+            self_attn,
+            mlp,
+            input_layernorm: norm(c, &format!("{p}.input_layernorm.weight"), init, device)?,
+            post_attention_layernorm: norm(
+                c,
+                &format!("{p}.post_attention_layernorm.weight"),
+                init,
+                device,
+            )?,
+            router: None,
+        })
+    }
+
+    /// The experts of the model's mixture slots (`None` when it has none).
+    pub fn num_experts(&self) -> Option<usize> {
+        self.slots().into_iter().find_map(|(_, slot)| match slot {
+            Slot::Moe(m) if m.num_experts() > 0 => Some(m.num_experts()),
+            _ => None,
+        })
+    }
+
+    /// Check an input's expert selection against the batch and the mixture: one id per
+    /// new token, every id an expert of the mixture (task ids name experts).
+    fn check_experts(&self, experts: Option<&Experts<B>>, b: usize, s: usize) -> Result<()> {
+        let e = self.num_experts().unwrap_or(0);
+        let bad = |token: usize, id: usize| {
+            ModelError::Input(format!(
+                "task id of row {}: expected an expert index < {e} (the mixture's expert \
+                 count), found {id}",
+                token / s
+            ))
+        };
+        match experts {
+            Some(Experts::PerRow(ids)) => {
+                if ids.len() != b * s {
+                    return Err(ModelError::Input(format!(
+                        "{} expert ids for {b}×{s} tokens (one per new token)",
+                        ids.len()
+                    )));
+                }
+                match ids
+                    .iter()
+                    .enumerate()
+                    .find(|(_, id)| id.is_some_and(|i| i >= e))
+                {
+                    Some((t, id)) => Err(bad(t, id.unwrap_or(0))),
+                    None => Ok(()),
+                }
+            }
+            Some(Experts::Single(id)) if *id >= e => Err(bad(0, *id)),
+            _ => Ok(()),
+        }
     }
 
     /// The runtime config.
@@ -637,7 +681,7 @@ impl<B: Backend> CausalLm<B> {
     ///
     /// # Shapes
     /// - input_ids: `[batch, seq]`, attention_mask: `[batch, seq]`, position_ids:
-    ///   `[batch, seq]`, task_ids: `[batch]` → logits `[batch, seq, vocab]`, one
+    ///   `[batch, seq]`, experts over `batch · seq` tokens → logits `[batch, seq, vocab]`, one
     ///   [`Routing`] per router that ran
     pub fn forward(&self, input: LmInput<B>) -> Result<CausalLmOutput<B>> {
         self.forward_impl(input, None)
@@ -647,7 +691,8 @@ impl<B: Backend> CausalLm<B> {
     ///
     /// # Shapes
     /// - input_ids: `[batch, seq]`, attention_mask: `[batch, cache.len() + seq]`,
-    ///   position_ids: `[batch, seq]`, task_ids: `[batch]` → logits `[batch, seq, vocab]`
+    ///   position_ids: `[batch, seq]`, experts over `batch · seq` tokens → logits
+    ///   `[batch, seq, vocab]`
     pub fn forward_cached(
         &self,
         input: LmInput<B>,
@@ -693,14 +738,7 @@ impl<B: Backend> CausalLm<B> {
                 )));
             }
         }
-        if let Some(ids) = &input.task_ids {
-            if ids.len() != b {
-                return Err(ModelError::Input(format!(
-                    "{} task ids for a batch of {b} rows",
-                    ids.len()
-                )));
-            }
-        }
+        self.check_experts(input.experts.as_ref(), b, s)?;
         let positions = match (input.position_ids, &input.attention_mask) {
             (Some(p), _) => p,
             // position_ids = attention_mask.long().cumsum(-1) - 1; masked_fill_(mask == 0, 1)
@@ -740,18 +778,12 @@ impl<B: Backend> CausalLm<B> {
             .attention_mask
             .as_ref()
             .map(|m| m.clone().narrow(1, past, s).float().reshape([b * s]));
-        let row_experts = input.task_ids.as_ref().map(|ids| {
-            ids.iter()
-                .flat_map(|&t| std::iter::repeat_n(t, s))
-                .collect::<std::sync::Arc<[usize]>>()
-        });
         let ctx = Ctx {
             cos,
             sin,
             masks,
             token_mask,
-            task_ids: input.task_ids,
-            row_experts,
+            experts: input.experts,
         };
 
         let ids = input.input_ids.reshape([b * s]);
@@ -771,25 +803,8 @@ impl<B: Backend> CausalLm<B> {
             h = layer.forward(h, &ctx, slot, pool, i, &mut routing)?;
         }
         let h = self.model.norm.forward(h);
-        let head_gates = GateCtx {
-            expert: ctx.single_task(),
-            row_experts: ctx.row_experts.clone(),
-            gates: match &self.lm_head {
-                Proj::Moe(m) if m.num_experts() > 0 => ctx.gates(s, m.num_experts(), &device)?,
-                _ => None,
-            },
-            mask: ctx.token_mask.clone(),
-        };
-        let (logits, r) = self
-            .lm_head
-            .forward(h, &head_gates, &|| "lm_head".to_string())?;
-        if let Some(output) = r {
-            routing.push(Routing {
-                layer: None,
-                module: Some("lm_head".into()),
-                output,
-            });
-        }
+        let experts = ctx.slot_experts();
+        let logits = run_slot(&self.lm_head, h, &experts, SlotId::LmHead, &mut routing)?;
         if let Some(c) = cache {
             c.len = total;
         }

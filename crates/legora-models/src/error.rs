@@ -124,8 +124,8 @@ impl ModelError {
     }
 
     /// Wrap a layer error with its module path.
-    pub fn layer(path: impl Into<String>) -> impl FnOnce(NnError) -> Self {
-        let path = path.into();
+    pub fn layer(path: impl std::fmt::Display) -> impl FnOnce(NnError) -> Self {
+        let path = path.to_string();
         move |source| Self::Layer {
             path,
             source: Box::new(source),

@@ -286,7 +286,7 @@ impl<B: Backend> CausalLm<B> {
         let mut input = LmInput::new(Tensor::from_data(TensorData::new(ids, [b, len]), &device))
             .with_attention_mask(mask_t.clone());
         if let Some(t) = task_ids {
-            input = input.with_task_ids(t.to_vec());
+            input = input.with_task_ids(t);
         }
         let mut cache = self.new_cache();
         let mut rng = StdRng::seed_from_u64(cfg.seed.unwrap_or(0));
@@ -325,7 +325,7 @@ impl<B: Backend> CausalLm<B> {
             input = LmInput::new(Tensor::from_data(TensorData::new(next, [b, 1]), &device))
                 .with_attention_mask(mask_t.clone());
             if let Some(t) = task_ids {
-                input = input.with_task_ids(t.to_vec());
+                input = input.with_task_ids(t);
             }
         }
         Ok(out)

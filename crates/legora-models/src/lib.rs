@@ -7,13 +7,14 @@
 //!   (q/k/v bias), [`mistral`] (sliding window, honoured); the shared decoder is in
 //!   [`decoder`]: GQA, RoPE (`rotate_half`, `rope_theta`), RMSNorm, SwiGLU, tied or
 //!   untied embeddings, causal + padding masks, a KV cache;
-//! - every projection (`q_proj k_proj v_proj o_proj gate_proj up_proj down_proj
-//!   lm_head`) is an adapter slot ([`Proj`]): a frozen linear, a [`legora_nn::LoraLinear`]
-//!   or a [`legora_nn::MoeLinear`], chosen by PEFT matching on the HF module path;
+//! - every projection ([`Proj::ALL`] and `lm_head`) is an adapter [`Slot`] addressed by
+//!   its [`SlotId`]: a frozen linear, a [`legora_nn::LoraLinear`] or a
+//!   [`legora_nn::MoeLinear`], chosen by PEFT matching on the HF module path;
 //! - mixtures are gated per decoder layer (MixLoRA style: one router per layer reading
-//!   the layer's normalized hidden state, shared by its mixture slots) or by per-row task
-//!   ids passed in [`LmInput::task_ids`]; every router's output (aux losses included) is
-//!   returned in [`CausalLmOutput::routing`];
+//!   the layer's normalized hidden state, shared by its mixture slots), by a slot's own
+//!   router, or by the input's [`Experts`] selection ([`LmInput::with_task_ids`],
+//!   [`LmInput::with_experts`]); every router's output (aux losses included) is returned
+//!   in [`CausalLmOutput::routing`];
 //! - [`CausalLm::generate`]: greedy / sampled decoding, batched with left padding.
 //!
 //! ```
@@ -27,7 +28,7 @@
 //! let device = Default::default();
 //! let mut model = CausalLm::<Flex>::random(cfg.resolve().unwrap(), 0.1, &device).unwrap();
 //! let paths = model.add_adapter("default", &LoraConfig::new(4, 8.0, &["q_proj", "v_proj"])).unwrap();
-//! assert_eq!(paths[0], "model.layers.0.self_attn.q_proj");
+//! assert_eq!(paths[0].to_string(), "model.layers.0.self_attn.q_proj");
 //! let input = LmInput::from_tokens(&[vec![1, 2, 3]], &device).unwrap();
 //! let out = model.forward(input).unwrap();
 //! assert_eq!(out.logits.dims(), [1, 3, 50]);
@@ -48,7 +49,6 @@ mod score;
 mod slot;
 mod weights;
 
-pub use adapters::{layer_of, slot_name, LAYER_SLOTS};
 pub use config::{Config, Family, ModelConfig, RopeParameters, TokenIds};
 pub use decoder::{CausalLm, CausalLmOutput, KvCache, LmInput, Routing};
 pub use error::{ModelError, Result};
@@ -56,7 +56,8 @@ pub use generate::{
     apply_repetition_penalty, argmax, next_token, sample, softmax, top_k_filter, top_p_filter,
     GenerationConfig,
 };
+pub use legora_nn::{Experts, Proj, SlotId};
 pub use rope::{Rope, RopeKind};
 pub use score::Score;
-pub use slot::{FrozenLinear, Proj};
+pub use slot::{FrozenLinear, Slot};
 pub use weights::{SourceError, WeightSource};

@@ -53,7 +53,7 @@ impl<B: Backend> CausalLm<B> {
             let s = chunk.len();
             let mut input = LmInput::from_tokens(&[chunk.to_vec()], &device)?;
             if let Some(t) = task_id {
-                input = input.with_task_ids(vec![t]);
+                input = input.with_task_ids(&[t]);
             }
             let logits = self.forward(input)?.logits; // [1, s, vocab]
             let logp = log_softmax(

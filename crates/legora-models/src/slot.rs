@@ -1,11 +1,12 @@
-//! Adapter slots: every projection of the model is a [`Proj`], which holds a plain
+//! Adapter slots: every projection of the model is a [`Slot`], which holds a plain
 //! frozen linear, a [`LoraLinear`] (named PEFT adapters) or a [`MoeLinear`] (a mixture
-//! of LoRA experts). Which one is chosen by PEFT-style matching on the HF module path.
+//! of LoRA experts). Which one is chosen by PEFT-style matching on the HF module path;
+//! where a slot sits is its [`SlotId`].
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
-use legora_nn::{LoraLinear, MoeLinear, RouterOutput};
+use legora_nn::{Experts, LoraLinear, MoeLinear, RouterOutput, SlotId};
 
 use crate::error::{ModelError, Result};
 
@@ -60,7 +61,7 @@ fn plain_linear<B: Backend, const D: usize>(
 
 /// One projection of the model: the adapter slot.
 #[derive(Module, Debug)]
-pub enum Proj<B: Backend> {
+pub enum Slot<B: Backend> {
     /// No adapter.
     Linear(FrozenLinear<B>),
     /// Named LoRA adapters (PEFT `lora.Linear`).
@@ -69,41 +70,27 @@ pub enum Proj<B: Backend> {
     Moe(MoeLinear<B>),
 }
 
-/// Gates a mixture slot receives from its decoder layer (task-routed or layer router).
-#[derive(Debug, Clone, Default)]
-pub(crate) struct GateCtx<B: Backend> {
-    /// Gates `[N, E]` shared by the layer's mixture slots.
-    pub gates: Option<Tensor<B, 2>>,
-    /// 1 = real token, 0 = padding, `[N]` (for routers owned by a slot).
-    pub mask: Option<Tensor<B, 1>>,
-    /// Task-routed with every row on this one expert: mixture slots run it alone.
-    pub expert: Option<usize>,
-    /// Task-routed: the expert of every token `[N]`; mixture slots run each token
-    /// through its own expert only.
-    pub row_experts: Option<std::sync::Arc<[usize]>>,
-}
-
-impl<B: Backend> Proj<B> {
+impl<B: Backend> Slot<B> {
     /// A plain frozen slot.
     pub fn linear(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
-        Proj::Linear(FrozenLinear::new(weight, bias))
+        Slot::Linear(FrozenLinear::new(weight, bias))
     }
 
     /// The current base weight `[out, in]` (with any merged adapters folded in).
     pub fn weight(&self) -> Tensor<B, 2> {
         match self {
-            Proj::Linear(l) => l.weight.val(),
-            Proj::Lora(l) => l.weight.val(),
-            Proj::Moe(m) => m.weight.val(),
+            Slot::Linear(l) => l.weight.val(),
+            Slot::Lora(l) => l.weight.val(),
+            Slot::Moe(m) => m.weight.val(),
         }
     }
 
     /// The base bias `[out]`.
     pub fn bias(&self) -> Option<Tensor<B, 1>> {
         let b = match self {
-            Proj::Linear(l) => &l.bias,
-            Proj::Lora(l) => &l.bias,
-            Proj::Moe(m) => &m.bias,
+            Slot::Linear(l) => &l.bias,
+            Slot::Lora(l) => &l.bias,
+            Slot::Moe(m) => &m.bias,
         };
         b.as_ref().map(|p| p.val())
     }
@@ -116,57 +103,57 @@ impl<B: Backend> Proj<B> {
 
     /// The LoRA layer of this slot, turning a plain slot into one with no adapters.
     /// A mixture slot is refused: a module is either LoRA or a mixture.
-    pub fn as_lora_mut(&mut self, path: &str) -> Result<&mut LoraLinear<B>> {
-        if let Proj::Linear(l) = self {
+    pub fn as_lora_mut(&mut self, id: SlotId) -> Result<&mut LoraLinear<B>> {
+        if let Slot::Linear(l) = self {
             let lora = LoraLinear::new(l.weight.val(), l.bias.as_ref().map(|b| b.val()))
-                .map_err(ModelError::layer(path))?;
-            *self = Proj::Lora(lora);
+                .map_err(ModelError::layer(id))?;
+            *self = Slot::Lora(lora);
         }
         match self {
-            Proj::Lora(l) => Ok(l),
+            Slot::Lora(l) => Ok(l),
             _ => Err(ModelError::InvalidState(format!(
-                "{path} holds a mixture of experts: LoRA adapters and a mixture cannot share a module"
+                "{id} holds a mixture of experts: LoRA adapters and a mixture cannot share a module"
             ))),
         }
     }
 
     /// The mixture layer of this slot, turning a plain slot into one with no experts.
     /// A slot with LoRA adapters is refused.
-    pub fn as_moe_mut(&mut self, path: &str) -> Result<&mut MoeLinear<B>> {
+    pub fn as_moe_mut(&mut self, id: SlotId) -> Result<&mut MoeLinear<B>> {
         match self {
-            Proj::Linear(l) => {
+            Slot::Linear(l) => {
                 let moe = MoeLinear::new(l.weight.val(), l.bias.as_ref().map(|b| b.val()))
-                    .map_err(ModelError::layer(path))?;
-                *self = Proj::Moe(moe);
+                    .map_err(ModelError::layer(id))?;
+                *self = Slot::Moe(moe);
             }
-            Proj::Lora(l) if l.adapter_names().is_empty() => {
+            Slot::Lora(l) if l.adapter_names().is_empty() => {
                 let moe = MoeLinear::new(l.weight.val(), l.bias.as_ref().map(|b| b.val()))
-                    .map_err(ModelError::layer(path))?;
-                *self = Proj::Moe(moe);
+                    .map_err(ModelError::layer(id))?;
+                *self = Slot::Moe(moe);
             }
             _ => {}
         }
         match self {
-            Proj::Moe(m) => Ok(m),
+            Slot::Moe(m) => Ok(m),
             _ => Err(ModelError::InvalidState(format!(
-                "{path} holds LoRA adapters: LoRA adapters and a mixture cannot share a module"
+                "{id} holds LoRA adapters: LoRA adapters and a mixture cannot share a module"
             ))),
         }
     }
 
     /// Fold active LoRA adapters into the weight and drop every adapter (PEFT
     /// `merge_and_unload`). Mixtures cannot be merged (their gates depend on the token).
-    pub fn merge_and_unload(&mut self, path: &str) -> Result<()> {
+    pub fn merge_and_unload(&mut self, id: SlotId) -> Result<()> {
         let merged = match self {
-            Proj::Linear(_) => return Ok(()),
-            Proj::Lora(l) => {
+            Slot::Linear(_) => return Ok(()),
+            Slot::Lora(l) => {
                 let l = l.clone();
-                let (w, b) = l.merge_and_unload().map_err(ModelError::layer(path))?;
-                Proj::linear(w, b)
+                let (w, b) = l.merge_and_unload().map_err(ModelError::layer(id))?;
+                Slot::linear(w, b)
             }
-            Proj::Moe(_) => {
+            Slot::Moe(_) => {
                 return Err(ModelError::InvalidState(format!(
-                    "{path} holds a mixture of experts, which cannot be merged into one weight \
+                    "{id} holds a mixture of experts, which cannot be merged into one weight \
                      (its gates depend on each token); export the experts instead"
                 )))
             }
@@ -178,13 +165,13 @@ impl<B: Backend> Proj<B> {
     /// Drop every adapter / expert without merging (PEFT `unload`).
     pub fn unload(&mut self) {
         let plain = match self {
-            Proj::Linear(_) => return,
-            Proj::Lora(l) => {
+            Slot::Linear(_) => return,
+            Slot::Lora(l) => {
                 let mut l = l.clone();
                 l.unmerge();
-                Proj::linear(l.weight.val(), l.bias.map(|b| b.val()))
+                Slot::linear(l.weight.val(), l.bias.map(|b| b.val()))
             }
-            Proj::Moe(m) => Proj::linear(m.weight.val(), m.bias.as_ref().map(|b| b.val())),
+            Slot::Moe(m) => Slot::linear(m.weight.val(), m.bias.as_ref().map(|b| b.val())),
         };
         *self = plain;
     }
@@ -192,13 +179,19 @@ impl<B: Backend> Proj<B> {
     /// Whether the slot holds any adapter or expert.
     pub fn is_adapted(&self) -> bool {
         match self {
-            Proj::Linear(_) => false,
-            Proj::Lora(l) => !l.adapter_names().is_empty(),
-            Proj::Moe(m) => m.num_experts() > 0,
+            Slot::Linear(_) => false,
+            Slot::Lora(l) => !l.adapter_names().is_empty(),
+            Slot::Moe(m) => m.num_experts() > 0,
         }
     }
 
-    /// Apply the slot. Mixture slots use the layer's gates, else their own router.
+    /// Whether the slot holds a mixture with at least one expert.
+    pub fn is_mixture(&self) -> bool {
+        matches!(self, Slot::Moe(m) if m.num_experts() > 0)
+    }
+
+    /// Apply the slot; a mixture slot uses the experts `experts` selects (its own router
+    /// for [`Experts::Router`]).
     ///
     /// # Shapes
     /// - x: `[batch, seq, in]` → (`[batch, seq, out]`, the slot router's output over
@@ -206,48 +199,14 @@ impl<B: Backend> Proj<B> {
     pub(crate) fn forward(
         &self,
         x: Tensor<B, 3>,
-        ctx: &GateCtx<B>,
-        path: &dyn Fn() -> String,
+        experts: &Experts<B>,
+        id: SlotId,
     ) -> Result<(Tensor<B, 3>, Option<RouterOutput<B>>)> {
         match self {
-            Proj::Linear(l) => Ok((l.forward(x), None)),
-            Proj::Lora(l) => Ok((l.forward(x), None)),
-            Proj::Moe(m) => {
-                if m.num_experts() == 0 {
-                    return Ok((plain_linear(x, &m.weight, &m.bias), None));
-                }
-                match (&ctx.gates, &m.router) {
-                    (Some(g), _) if g.dims()[1] == m.num_experts() => {
-                        if let Some(e) = ctx.expert {
-                            // one-hot gates on `e` for every token: expert `e` alone
-                            let y = m.forward_expert(x, e).map_err(ModelError::layer(path()))?;
-                            return Ok((y, None));
-                        }
-                        let y = match &ctx.row_experts {
-                            Some(rows) => m.forward_tasks(x, rows),
-                            None => m.forward(x, g.clone()),
-                        };
-                        Ok((y.map_err(ModelError::layer(path()))?, None))
-                    }
-                    (_, Some(_)) => {
-                        let (y, out) = m
-                            .forward_routed(x, ctx.mask.clone())
-                            .map_err(ModelError::layer(path()))?;
-                        Ok((y, Some(out)))
-                    }
-                    (Some(g), None) => Err(ModelError::Input(format!(
-                        "{}: the layer's gates have {} experts, this mixture has {}",
-                        path(),
-                        g.dims()[1],
-                        m.num_experts()
-                    ))),
-                    (None, None) => Err(ModelError::Input(format!(
-                        "{}: a mixture slot needs gates: pass task ids, or give the layer \
-                         (or the slot) a router",
-                        path()
-                    ))),
-                }
-            }
+            Slot::Linear(l) => Ok((l.forward(x), None)),
+            Slot::Lora(l) => Ok((l.forward(x), None)),
+            Slot::Moe(m) if m.num_experts() == 0 => Ok((plain_linear(x, &m.weight, &m.bias), None)),
+            Slot::Moe(m) => m.forward(x, experts).map_err(ModelError::layer(id)),
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{Int, Tensor, TensorData};
-use legora_models::{CausalLm, Config, GenerationConfig, LmInput, ModelError, Proj};
+use legora_models::{CausalLm, Config, GenerationConfig, LmInput, ModelError, Slot};
 use legora_nn::{
     Combination, InitLoraWeights, LayersToTransform, LoraConfig, RouterConfig, RouterPooling,
 };
@@ -153,8 +153,8 @@ fn adapters_follow_peft_semantics() {
     let paths = m.add_adapter("a", &lora(4, &["q_proj", "v_proj"])).unwrap();
     assert_eq!(paths.len(), 4);
     assert!(matches!(
-        m.slot("model.layers.0.self_attn.k_proj").unwrap(),
-        Proj::Linear(_)
+        m.slot_at("model.layers.0.self_attn.k_proj").unwrap(),
+        Slot::Linear(_)
     ));
     let with_a = m.forward(ids(&[ROW.to_vec()])).unwrap().logits;
     assert!(
@@ -203,9 +203,9 @@ fn adapters_follow_peft_semantics() {
     m.set_adapter(&["a"]).unwrap();
     let merged = m.clone().merge_and_unload().unwrap();
     assert!(merged
-        .slot_paths()
+        .slots()
         .iter()
-        .all(|p| matches!(merged.slot(p).unwrap(), Proj::Linear(_))));
+        .all(|(_, slot)| matches!(slot, Slot::Linear(_))));
     assert!(max_diff(with_a, merged.forward(ids(&[ROW.to_vec()])).unwrap().logits) < 1e-5);
     assert!(
         max_diff(
@@ -223,7 +223,7 @@ fn targeting_follows_peft_matching() {
     let mut cfg = lora(2, &["q_proj"]);
     cfg.layers_to_transform = Some(LayersToTransform::One(1));
     assert_eq!(
-        m.add_adapter("l1", &cfg).unwrap(),
+        hf_paths(m.add_adapter("l1", &cfg).unwrap()),
         vec!["model.layers.1.self_attn.q_proj"]
     );
     let mut all = lora(2, &[]);
@@ -231,7 +231,7 @@ fn targeting_follows_peft_matching() {
     let paths = m.add_adapter("all", &all).unwrap();
     assert_eq!(paths.len(), 14, "all-linear: 7 per layer, not lm_head");
     let head = m.add_adapter("head", &lora(2, &["lm_head"])).unwrap();
-    assert_eq!(head, vec!["lm_head"]);
+    assert_eq!(hf_paths(head), vec!["lm_head"]);
     assert!(
         m.add_adapter("all", &lora(2, &["q_proj"])).is_err(),
         "duplicate name"
@@ -273,7 +273,7 @@ fn task_routed_mixture_equals_each_expert_alone() {
     assert_eq!(paths.len(), 4);
     assert_eq!(m.layer_routers().len(), 2);
     // Row 0 → expert 1, row 1 → expert 0, in one pass.
-    let out = m.forward(ids(&rows).with_task_ids(vec![1, 0])).unwrap();
+    let out = m.forward(ids(&rows).with_task_ids(&[1, 0])).unwrap();
     assert!(out.routing.is_empty() && out.aux_loss().is_none());
     let d0 = max_diff(
         out.logits.clone().narrow(0, 0, 1),
@@ -287,7 +287,7 @@ fn task_routed_mixture_equals_each_expert_alone() {
     // Every row on one task: the slots run that expert alone (no zero-gated work for
     // the others); same logits as the one-hot gates of a mixed batch and as the adapter.
     for (e, reference) in single.iter().enumerate() {
-        let out = m.forward(ids(&rows).with_task_ids(vec![e, e])).unwrap();
+        let out = m.forward(ids(&rows).with_task_ids(&[e, e])).unwrap();
         let d = max_diff(out.logits, reference.clone());
         assert!(d < 1e-5, "expert {e} alone: {d}");
     }
@@ -298,12 +298,12 @@ fn task_routed_mixture_equals_each_expert_alone() {
         out.routing.iter().map(|r| r.layer).collect::<Vec<_>>(),
         vec![Some(0), Some(1)]
     );
-    assert!(out.routing.iter().all(|r| r.module.is_none()));
+    assert!(out.routing.iter().all(|r| r.slot.is_none()));
     assert_eq!(out.routing[0].output.gates.dims(), [2 * ROW.len(), 2]);
     assert!(out.aux_loss().unwrap().into_scalar() > 0.0);
     // Bad task ids are errors, not panics.
-    assert!(m.forward(ids(&rows).with_task_ids(vec![0])).is_err());
-    assert!(m.forward(ids(&rows).with_task_ids(vec![0, 2])).is_err());
+    assert!(m.forward(ids(&rows).with_task_ids(&[0])).is_err());
+    assert!(m.forward(ids(&rows).with_task_ids(&[0, 2])).is_err());
     assert!(
         m.clone().merge_and_unload().is_err(),
         "a mixture cannot be merged"
@@ -318,14 +318,40 @@ fn mixture_without_router_needs_task_ids() {
     m.adapters_to_mixture(&["e0", "e1"], None).unwrap();
     let e = m.forward(ids(&[ROW.to_vec()])).unwrap_err();
     assert!(e.to_string().contains("task ids"), "{e}");
-    assert!(m
-        .forward(ids(&[ROW.to_vec()]).with_task_ids(vec![1]))
-        .is_ok());
-    // Experts on different modules cannot form one mixture.
+    assert!(m.forward(ids(&[ROW.to_vec()]).with_task_ids(&[1])).is_ok());
+}
+
+#[test]
+fn experts_on_different_modules_form_one_mixture() {
+    // Experts from different presets: other ranks and other target modules. A slot
+    // holds the experts that target it; a row's expert that is absent there runs the
+    // base, so each row still equals its expert alone.
     let mut m = model("llama", "");
     m.add_adapter("e0", &lora(2, &["v_proj"])).unwrap();
-    m.add_adapter("e1", &lora(2, &["q_proj"])).unwrap();
-    assert!(m.adapters_to_mixture(&["e0", "e1"], None).is_err());
+    m.add_adapter("e1", &lora(3, &["q_proj", "down_proj"]))
+        .unwrap();
+    let rows = vec![ROW.to_vec(), ROW.iter().rev().copied().collect()];
+    let mut single = Vec::new();
+    for e in ["e0", "e1"] {
+        m.set_adapter(&[e]).unwrap();
+        single.push(m.forward(ids(&rows)).unwrap().logits);
+    }
+    let slots = m.adapters_to_mixture(&["e0", "e1"], None).unwrap();
+    assert_eq!(slots.len(), 2 * 3, "v, q and down in each of two layers");
+    let out = m.forward(ids(&rows).with_task_ids(&[1, 0])).unwrap();
+    let d0 = max_diff(
+        out.logits.clone().narrow(0, 0, 1),
+        single[1].clone().narrow(0, 0, 1),
+    );
+    let d1 = max_diff(
+        out.logits.narrow(0, 1, 1),
+        single[0].clone().narrow(0, 1, 1),
+    );
+    assert!(d0 < 1e-5 && d1 < 1e-5, "{d0} {d1}");
+    for (e, reference) in single.iter().enumerate() {
+        let out = m.forward(ids(&rows).with_task_ids(&[e, e])).unwrap();
+        assert!(max_diff(out.logits, reference.clone()) < 1e-5, "expert {e}");
+    }
 }
 
 #[test]
@@ -355,7 +381,7 @@ fn bad_inputs_are_errors() {
         .generate(&[vec![400]], &GenerationConfig::greedy(2), None)
         .is_err());
     assert!(m.score(&[1], 8, None).is_err());
-    assert!(m.slot("model.layers.9.self_attn.q_proj").is_err());
+    assert!(m.slot_at("model.layers.9.self_attn.q_proj").is_err());
 }
 
 /// Layer-0 router probabilities of the last token of each row.
@@ -470,4 +496,9 @@ fn prefix_mean_router_ignores_left_padding_and_reads_the_prefix() {
             a.layer
         );
     }
+}
+
+/// Slot ids as HF paths.
+fn hf_paths(ids: Vec<legora_models::SlotId>) -> Vec<String> {
+    ids.into_iter().map(|i| i.to_string()).collect()
 }

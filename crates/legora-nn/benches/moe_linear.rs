@@ -12,7 +12,9 @@ use std::time::Instant;
 
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{Distribution, Tensor};
-use legora_nn::{AdapterSpec, InitLoraWeights, MoeLinear, RouterConfig};
+use legora_nn::{
+    reference, AdapterSpec, Experts, InitLoraWeights, MoeLinear, Router, RouterConfig,
+};
 
 type B = Autodiff<Flex>;
 
@@ -78,10 +80,8 @@ fn main() {
             .add_expert(&format!("e{e}"), &spec)
             .expect("valid expert");
     }
-    let router = RouterConfig::new(a.experts)
-        .with_top_k(a.top_k.min(a.experts))
-        .init(a.d, &device)
-        .expect("valid router");
+    let cfg = RouterConfig::new(a.experts).with_top_k(a.top_k.min(a.experts));
+    let router = Router::init(&cfg, a.d, &device).expect("valid router");
     let layer = layer.with_router(router).expect("router matches");
     let x = Tensor::<B, 2>::random([a.tokens, a.d], Distribution::Default, &device);
 
@@ -102,8 +102,10 @@ fn main() {
                 .expect("router")
                 .forward(xg.clone(), None);
             let y = match path {
-                "fast" => layer.forward(xg, out.gates),
-                _ => layer.forward_loop(xg, out.gates),
+                "fast" => layer
+                    .forward(xg, &Experts::Gates(out.gates))
+                    .map(|(y, _)| y),
+                _ => reference::moe_loop(&layer, xg, out.gates),
             }
             .expect("shapes match");
             let grads = (y.sum() + out.aux_loss).backward();

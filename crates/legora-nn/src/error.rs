@@ -1,31 +1,16 @@
 //! The one error type of `legora-nn`.
 
+use legora_config::ConfigError;
+
 /// Everything that can go wrong when building or running legora's layers.
 ///
 /// Each variant names the offending field, adapter or tensor together with the
 /// expected and the found value, so a message can be acted on without a debugger.
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 pub enum NnError {
-    /// A configuration field holds a value outside its domain.
-    #[error("invalid value for `{field}`: expected {expected}, found {found}")]
-    InvalidConfig {
-        /// The config key, with PEFT / MixLoRA spelling (e.g. `lora_dropout`).
-        field: String,
-        /// What would have been accepted.
-        expected: String,
-        /// What was given.
-        found: String,
-    },
-    /// A config option that PEFT knows but legora does not implement (yet).
-    #[error("unsupported option `{field}` = {found}: {reason}")]
-    Unsupported {
-        /// The config key.
-        field: String,
-        /// The given value.
-        found: String,
-        /// Why, and what to use instead.
-        reason: String,
-    },
+    /// A setting outside its domain, or one legora does not implement.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// A tensor did not have the shape the layer needs.
     #[error("shape mismatch for `{tensor}`: expected {expected:?}, found {found:?}")]
     ShapeMismatch {
@@ -59,17 +44,13 @@ pub enum NnError {
 pub type Result<T> = std::result::Result<T, NnError>;
 
 impl NnError {
-    /// Shorthand for [`NnError::InvalidConfig`].
+    /// Shorthand for [`ConfigError::InvalidConfig`].
     pub fn config(
         field: impl Into<String>,
         expected: impl Into<String>,
         found: impl std::fmt::Display,
     ) -> Self {
-        Self::InvalidConfig {
-            field: field.into(),
-            expected: expected.into(),
-            found: found.to_string(),
-        }
+        Self::Config(ConfigError::invalid(field, expected, found))
     }
 
     /// Shorthand for [`NnError::ShapeMismatch`].

@@ -9,7 +9,8 @@
 //! - [`Router`]: top-k / dense / switch gating with the load-balancing aux loss and z-loss.
 //! - [`MoeLinear`]: E experts over one frozen base in two matmuls (stacked ranks), a loop
 //!   reference, and task-routed mode for concurrent expert training.
-//! - [`LoraConfig`]: PEFT's `adapter_config.json`, read and written verbatim.
+//! - [`LoraConfig`], [`RouterConfig`], [`Proj`], [`SlotId`]: the shared settings of
+//!   `legora-config`, re-exported.
 //! - [`trainable_parameters`]: PEFT's `print_trainable_parameters()`.
 //!
 //! ```
@@ -27,18 +28,19 @@
 //! println!("{}", legora_nn::trainable_parameters(&layer)); // trainable params: 192 || ...
 //! ```
 
-mod config;
 mod error;
 mod lora;
 mod moe;
 mod params;
+pub mod reference;
 mod router;
 
-pub use config::{
-    AdapterSpec, InitLoraWeights, LayersPattern, LayersToTransform, LoraConfig, TargetModules,
-};
 pub use error::{NnError, Result};
+pub use legora_config::{
+    AdapterSpec, ConfigError, InitLoraWeights, LayersPattern, LayersToTransform, LoraConfig, Proj,
+    SlotId, TargetModules,
+};
 pub use lora::{Combination, LoraAdapter, LoraLinear};
-pub use moe::{task_gates, MoeLinear};
+pub use moe::{Experts, MoeLinear};
 pub use params::{trainable_parameters, ParamReport};
 pub use router::{Router, RouterConfig, RouterOutput, RouterPooling, RoutingStrategy};

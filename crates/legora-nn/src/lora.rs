@@ -13,8 +13,8 @@ use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 
-use crate::config::{AdapterSpec, InitLoraWeights};
 use crate::error::{NnError, Result};
+use legora_config::{AdapterSpec, InitLoraWeights};
 
 /// Flatten `[..., d]` to `[N, d]`, returning the leading dims for [`unflatten`].
 pub(crate) fn flatten<B: Backend, const D: usize>(x: Tensor<B, D>) -> (Tensor<B, 2>, [usize; D]) {

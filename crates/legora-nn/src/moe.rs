@@ -1,58 +1,66 @@
 //! `MoeLinear`: one frozen base linear and E LoRA experts mixed per token.
 //!
-//! Fast path (two matmuls whatever E is, no gather/scatter):
+//! Stacked form (two skinny products whatever E is, no gather/scatter):
 //!
 //! ```text
 //! A_cat = cat_e(A_e)            [R, in]   R = Σ_e r_e
 //! B_cat = cat_e(B_e)            [out, R]
-//! g     = (gates ⊙ scale) · M   [N, R]    M[e, j] = 1 iff rank column j belongs to expert e
-//! Δ     = ((dropout(x)·A_catᵀ) ⊙ g) · B_catᵀ
+//! G     = (gates ⊙ scale) · M   [N, R]    M[e, j] = 1 iff rank column j belongs to expert e
+//! Δ     = ((dropout(x)·A_catᵀ) ⊙ G) · B_catᵀ
 //! ```
 //!
 //! which is exactly `Σ_e gates_e · scale_e · (x·A_eᵀ)·B_eᵀ`, the reference loop kept in
-//! [`MoeLinear::forward_loop`]. Task-routed mode feeds one-hot gates built from per-row
-//! expert ids ([`task_gates`]), so E experts train concurrently over one base forward.
+//! [`crate::reference::moe_loop`]. Which experts a token uses is one [`Experts`] value:
+//! the layer's own router, given gates, one expert per row (task-routed training: E
+//! experts trained concurrently over one base forward) or one expert for all rows.
+//!
+//! A mixture's experts need not all adapt every module (experts from presets with other
+//! `target_modules`): a slot holds the experts that target it and knows the index of each
+//! in the mixture; an expert without an adapter here contributes nothing (its gate is
+//! ignored, its rows run the base).
 #![allow(non_snake_case)]
+
+use std::sync::Arc;
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
+use legora_config::AdapterSpec;
+use legora_kernels::{Gating, StackedLora};
 
-use crate::config::AdapterSpec;
 use crate::error::{NnError, Result};
-use crate::lora::{
-    adapted_linear, base_linear, check_dims, flatten, frozen, lora_dropout, unflatten, LoraAdapter,
-};
+use crate::lora::{check_dims, flatten, frozen, unflatten, LoraAdapter};
 use crate::router::{Router, RouterOutput};
 
-/// One-hot gates for task-routed training: row `b` of a `[batch, seq]` input uses
-/// expert `ids[b]` for all its tokens. Built on the host: no device sync.
-///
-/// # Shapes
-/// - ids: `[batch]` → `[batch · seq, E]`
-pub fn task_gates<B: Backend>(
-    ids: &[usize],
-    seq: usize,
-    num_experts: usize,
-    device: &B::Device,
-) -> Result<Tensor<B, 2>> {
-    let mut g = vec![0f32; ids.len() * seq * num_experts];
-    for (b, &id) in ids.iter().enumerate() {
-        if id >= num_experts {
-            return Err(NnError::config(
-                format!("task id of row {b}"),
-                format!("an expert index < {num_experts}"),
-                id,
-            ));
-        }
-        for t in 0..seq {
-            g[(b * seq + t) * num_experts + id] = 1.0;
-        }
+/// Which experts of a mixture each token uses: the one selection carried from the model
+/// input down to every mixture slot.
+#[derive(Debug, Clone)]
+pub enum Experts<B: Backend> {
+    /// The slot's own router decides; `mask` marks real tokens (1) and padding (0),
+    /// `[N]`, so padding stays out of the router's losses and statistics.
+    Router {
+        /// Real-token mask `[N]` (`None`: every token is real).
+        mask: Option<Tensor<B, 1>>,
+    },
+    /// Given gates `[N, E]` (a layer router's output); gradients reach them.
+    Gates(Tensor<B, 2>),
+    /// Row `i` of the flattened input through expert `ids[i]` alone, or the base alone
+    /// for `None` (task-routed training, per-request adapters).
+    PerRow(Arc<[Option<usize>]>),
+    /// Every row through expert `e` alone.
+    Single(usize),
+}
+
+impl<B: Backend> Experts<B> {
+    /// `Experts::PerRow` for `[batch, seq]` inputs where row `b` of the batch uses expert
+    /// `ids[b]` for all its `seq` tokens.
+    pub fn per_batch_row(ids: &[Option<usize>], seq: usize) -> Self {
+        let rows: Arc<[Option<usize>]> = ids
+            .iter()
+            .flat_map(|&t| std::iter::repeat_n(t, seq))
+            .collect();
+        Experts::PerRow(rows)
     }
-    Ok(Tensor::from_data(
-        TensorData::new(g, [ids.len() * seq, num_experts]),
-        device,
-    ))
 }
 
 /// A frozen linear with a mixture of LoRA experts.
@@ -62,12 +70,17 @@ pub struct MoeLinear<B: Backend> {
     pub weight: Param<Tensor<B, 2>>,
     /// Frozen base bias `[out]`.
     pub bias: Option<Param<Tensor<B, 1>>>,
-    /// The experts (each a plain LoRA adapter; ranks and alphas may differ).
+    /// The experts that adapt this module (each a plain LoRA adapter; ranks and alphas
+    /// may differ), in mixture order.
     pub experts: Vec<LoraAdapter<B>>,
     /// An optional router owned by this layer (otherwise gates come from outside).
     pub router: Option<Router<B>>,
+    /// Every expert of the mixture, in gate order (also those absent here).
     #[module(skip)]
     names: Vec<String>,
+    /// The mixture index of each entry of `experts`.
+    #[module(skip)]
+    index: Vec<usize>,
 }
 
 impl<B: Backend> MoeLinear<B> {
@@ -83,6 +96,7 @@ impl<B: Backend> MoeLinear<B> {
             experts: Vec::new(),
             router: None,
             names: Vec::new(),
+            index: Vec::new(),
         })
     }
 
@@ -92,14 +106,23 @@ impl<B: Backend> MoeLinear<B> {
         (i, o)
     }
 
-    /// Number of experts E.
+    /// Number of experts E of the mixture (the gates' width), also those without an
+    /// adapter on this module.
     pub fn num_experts(&self) -> usize {
-        self.experts.len()
+        self.names.len()
     }
 
     /// Expert names, in gate order.
     pub fn expert_names(&self) -> &[String] {
         &self.names
+    }
+
+    /// Expert `e`'s adapter on this module (`None` when it does not adapt it).
+    pub fn expert(&self, e: usize) -> Option<&LoraAdapter<B>> {
+        self.index
+            .iter()
+            .position(|&i| i == e)
+            .map(|k| &self.experts[k])
     }
 
     /// Add a freshly initialised expert.
@@ -113,9 +136,7 @@ impl<B: Backend> MoeLinear<B> {
     /// whatever it was before (e.g. an inactive, frozen adapter of a `LoraLinear`); freeze
     /// experts with [`set_experts_trainable`](Self::set_experts_trainable).
     pub fn insert_expert(&mut self, name: &str, adapter: LoraAdapter<B>) -> Result<()> {
-        if self.names.iter().any(|n| n == name) {
-            return Err(NnError::DuplicateAdapter { name: name.into() });
-        }
+        self.check_new_name(name)?;
         let (d_in, d_out) = self.dims();
         let r = adapter.rank();
         check_dims(
@@ -129,7 +150,23 @@ impl<B: Backend> MoeLinear<B> {
             &adapter.lora_B.dims(),
         )?;
         self.experts.push(adapter.set_trainable(true));
+        self.index.push(self.names.len());
         self.names.push(name.to_string());
+        Ok(())
+    }
+
+    /// Add an expert of the mixture that has no adapter on this module: its gate is
+    /// ignored here and its rows run the base.
+    pub fn insert_absent_expert(&mut self, name: &str) -> Result<()> {
+        self.check_new_name(name)?;
+        self.names.push(name.to_string());
+        Ok(())
+    }
+
+    fn check_new_name(&self, name: &str) -> Result<()> {
+        if self.names.iter().any(|n| n == name) {
+            return Err(NnError::DuplicateAdapter { name: name.into() });
+        }
         Ok(())
     }
 
@@ -156,27 +193,7 @@ impl<B: Backend> MoeLinear<B> {
         self
     }
 
-    fn check_gates(&self, n: usize, gates: &Tensor<B, 2>) -> Result<()> {
-        check_dims("gates", &[n, self.num_experts()], &gates.dims())
-    }
-
-    /// `[E, R]` matrix expanding per-expert gates (times scale) over rank columns.
-    fn expansion(&self, device: &B::Device) -> Tensor<B, 2> {
-        let ranks: Vec<usize> = self.experts.iter().map(|e| e.rank()).collect();
-        let total: usize = ranks.iter().sum();
-        let mut m = vec![0f32; self.num_experts() * total];
-        let mut col = 0;
-        for (e, (r, ex)) in ranks.iter().zip(&self.experts).enumerate() {
-            let s = ex.scaling() as f32;
-            for j in col..col + r {
-                m[e * total + j] = s;
-            }
-            col += r;
-        }
-        Tensor::from_data(TensorData::new(m, [self.num_experts(), total]), device)
-    }
-
-    /// The largest dropout among experts: the fast path shares one dropout mask.
+    /// The largest dropout among experts: the stacked form shares one dropout mask.
     fn dropout(&self) -> f64 {
         self.experts
             .iter()
@@ -184,178 +201,130 @@ impl<B: Backend> MoeLinear<B> {
             .fold(0.0, f64::max)
     }
 
-    /// Fast stacked-rank forward with given gates.
-    ///
-    /// All experts share one dropout mask (rate = the largest expert dropout), which is
-    /// the only difference from [`forward_loop`](Self::forward_loop) and only in training.
+    /// The position in `experts` of mixture expert `e`, checked against E.
+    fn local(&self, e: usize, what: &str) -> Result<Option<usize>> {
+        let n = self.num_experts();
+        if e >= n {
+            return Err(NnError::config(
+                what,
+                format!("an expert index < {n} (the mixture's expert count)"),
+                e,
+            ));
+        }
+        Ok(self.index.iter().position(|&i| i == e))
+    }
+
+    /// The kernel's gating for `experts` over `n` rows, in this slot's own expert order,
+    /// with the router's output when the slot routed itself.
+    fn gating(
+        &self,
+        x: &Tensor<B, 2>,
+        experts: &Experts<B>,
+    ) -> Result<(Gating<B>, Option<RouterOutput<B>>)> {
+        let n = x.dims()[0];
+        Ok(match experts {
+            Experts::Single(e) => match self.local(*e, "expert")? {
+                Some(k) => (Gating::Single(k), None),
+                None => (Gating::Rows(vec![None; n].into()), None),
+            },
+            Experts::PerRow(ids) => {
+                check_dims("experts per row", &[n], &[ids.len()])?;
+                let rows = ids
+                    .iter()
+                    .enumerate()
+                    .map(|(i, id)| match id {
+                        Some(e) => self.local(*e, &format!("expert of row {i}")),
+                        None => Ok(None),
+                    })
+                    .collect::<Result<Arc<[Option<usize>]>>>()?;
+                (Gating::Rows(rows), None)
+            }
+            Experts::Gates(g) => {
+                check_dims("gates", &[n, self.num_experts()], &g.dims())?;
+                (Gating::Dense(self.present_gates(g.clone())), None)
+            }
+            Experts::Router { mask } => {
+                let router = self.router.as_ref().ok_or_else(|| {
+                    NnError::InvalidState(
+                        "this mixture slot has no router: pass task ids (an expert per row), \
+                         gates or one expert, or give the layer (or the slot) a router"
+                            .into(),
+                    )
+                })?;
+                let out = router.forward(x.clone(), mask.clone());
+                let g = self.present_gates(out.gates.clone());
+                (Gating::Dense(g), Some(out))
+            }
+        })
+    }
+
+    /// The gate columns of the experts present here, `[N, E] → [N, E_here]`.
+    fn present_gates(&self, g: Tensor<B, 2>) -> Tensor<B, 2> {
+        if self.index.len() == self.num_experts() {
+            return g;
+        }
+        let idx: Vec<i64> = self.index.iter().map(|&i| i as i64).collect();
+        let n = idx.len();
+        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [n]), &g.device());
+        g.select(1, idx)
+    }
+
+    /// Apply the mixture: `x·Wᵀ + b + Σ_e g_e·s_e·(dropout(x)·A_eᵀ)·B_eᵀ` with the
+    /// experts chosen by `experts`, in the stacked form (one fused op). All experts share
+    /// one dropout mask (rate = the largest expert dropout).
     ///
     /// # Shapes
-    /// - x: `[..., in]` (N tokens), gates: `[N, E]` → `[..., out]`
+    /// - x: `[..., in]` (N tokens), gates `[N, E]`, ids `[N]`, mask `[N]` →
+    ///   (`[..., out]`, the router's output over N tokens when the slot routed itself)
     pub fn forward<const D: usize>(
         &self,
         x: Tensor<B, D>,
-        gates: Tensor<B, 2>,
-    ) -> Result<Tensor<B, D>> {
-        let (x, dims) = flatten(x);
-        let [n, _] = x.dims();
-        self.check_gates(n, &gates)?;
-        let (_, d_out) = self.dims();
-        if self.experts.is_empty() {
-            let y = base_linear(x, &self.weight, &self.bias);
-            return Ok(unflatten(y, dims, d_out));
-        }
-        let a_cat = Tensor::cat(self.experts.iter().map(|e| e.lora_A.val()).collect(), 0);
-        let b_cat = Tensor::cat(self.experts.iter().map(|e| e.lora_B.val()).collect(), 1);
-        let rank = self.experts[0].rank();
-        if self.experts.iter().all(|e| e.rank() == rank) {
-            // one fused op (the same product; gradients reach the gates)
-            let lora = legora_kernels::GatedLora {
-                lora_a: a_cat,
-                lora_b: b_cat,
-                rank,
-                scales: self.experts.iter().map(|e| e.scaling()).collect(),
-                dropout: self.dropout(),
-                gates,
-            };
-            let bias = self.bias.as_ref().map(|b| b.val());
-            let y = legora_kernels::gated_lora_linear(x, self.weight.val(), bias, lora);
-            return Ok(unflatten(y, dims, d_out));
-        }
-        let y = base_linear(x.clone(), &self.weight, &self.bias);
-        let g = gates.matmul(self.expansion(&x.device()));
-        let h = lora_dropout(x, self.dropout()).matmul(a_cat.transpose()) * g;
-        Ok(unflatten(y + h.matmul(b_cat.transpose()), dims, d_out))
-    }
-
-    /// Task-routed forward: row `i` through expert `experts[i]` alone — what
-    /// [`forward`](Self::forward) computes with one-hot gates, without the zero-gated
-    /// experts' work (mLoRA's BatchLoRA). Experts of different ranks take the gated path.
-    ///
-    /// # Shapes
-    /// - x: `[..., in]` (N tokens), experts: N indices `< E` → `[..., out]`
-    pub fn forward_tasks<const D: usize>(
-        &self,
-        x: Tensor<B, D>,
-        experts: &[usize],
-    ) -> Result<Tensor<B, D>> {
-        let dims = x.dims();
-        let n: usize = dims[..D - 1].iter().product();
-        let e = self.num_experts();
-        check_dims("experts", &[n], &[experts.len()])?;
-        if let Some((row, bad)) = experts.iter().enumerate().find(|(_, i)| **i >= e) {
-            return Err(NnError::config(
-                format!("expert of row {row}"),
-                format!("an expert index < {e}"),
-                bad,
-            ));
-        }
-        let rank = self.experts.first().map_or(0, |x| x.rank());
-        if self.experts.iter().any(|x| x.rank() != rank) {
-            let mut g = vec![0f32; n * e];
-            experts
-                .iter()
-                .enumerate()
-                .for_each(|(i, &x)| g[i * e + x] = 1.0);
-            let g = Tensor::from_data(TensorData::new(g, [n, e]), &x.device());
-            return self.forward(x, g);
-        }
+        experts: &Experts<B>,
+    ) -> Result<(Tensor<B, D>, Option<RouterOutput<B>>)> {
         let (x, dims) = flatten(x);
         let (_, d_out) = self.dims();
-        let lora = legora_kernels::RoutedLora {
-            lora_a: Tensor::cat(self.experts.iter().map(|x| x.lora_A.val()).collect(), 0),
-            lora_b: Tensor::cat(self.experts.iter().map(|x| x.lora_B.val()).collect(), 1),
-            rank,
-            scales: self.experts.iter().map(|x| x.scaling()).collect(),
-            dropout: self.dropout(),
-            experts: Some(experts.to_vec()),
-        };
+        let (gating, routed) = self.gating(&x, experts)?;
         let bias = self.bias.as_ref().map(|b| b.val());
-        let y = legora_kernels::routed_lora_linear(x, self.weight.val(), bias, lora);
-        Ok(unflatten(y, dims, d_out))
-    }
-
-    /// Every token through expert `e` alone: what [`forward`](Self::forward) computes
-    /// with one-hot gates on `e`, without the other experts' (zero-gated) work — the
-    /// task-routed path when every row of a batch belongs to one task.
-    ///
-    /// # Shapes
-    /// - x: `[..., in]` → `[..., out]`
-    pub fn forward_expert<const D: usize>(
-        &self,
-        x: Tensor<B, D>,
-        e: usize,
-    ) -> Result<Tensor<B, D>> {
-        let expert = self.experts.get(e).ok_or_else(|| {
-            NnError::InvalidState(format!(
-                "expert {e} requested, this mixture has {}",
-                self.num_experts()
-            ))
-        })?;
-        let (x, dims) = flatten(x);
-        let (_, d_out) = self.dims();
-        let y = adapted_linear(x, &self.weight, &self.bias, expert);
-        Ok(unflatten(y, dims, d_out))
-    }
-
-    /// Reference forward: a plain loop over experts (MixLoRA style). Same math as
-    /// [`forward`](Self::forward); kept to test the fast path against.
-    ///
-    /// # Shapes
-    /// - x: `[..., in]` (N tokens), gates: `[N, E]` → `[..., out]`
-    pub fn forward_loop<const D: usize>(
-        &self,
-        x: Tensor<B, D>,
-        gates: Tensor<B, 2>,
-    ) -> Result<Tensor<B, D>> {
-        let (x, dims) = flatten(x);
-        let [n, _] = x.dims();
-        self.check_gates(n, &gates)?;
-        let (_, d_out) = self.dims();
-        let mut y = base_linear(x.clone(), &self.weight, &self.bias);
-        for (e, expert) in self.experts.iter().enumerate() {
-            let g = gates.clone().narrow(1, e, 1);
-            y = y + expert.forward(x.clone()) * g;
+        let base = |x: Tensor<B, 2>| {
+            let y = x.matmul(self.weight.val().transpose());
+            match &bias {
+                Some(b) => y + b.clone().unsqueeze_dim(0),
+                None => y,
+            }
+        };
+        let (used, gating) = only_used(gating, self.experts.len());
+        let used: Vec<&LoraAdapter<B>> = used.iter().map(|&k| &self.experts[k]).collect();
+        if used.is_empty() {
+            return Ok((unflatten(base(x), dims, d_out), routed));
         }
-        Ok(unflatten(y, dims, d_out))
+        let lora = StackedLora {
+            lora_a: Tensor::cat(used.iter().map(|e| e.lora_A.val()).collect(), 0),
+            lora_b: Tensor::cat(used.iter().map(|e| e.lora_B.val()).collect(), 1),
+            ranks: used.iter().map(|e| e.rank()).collect(),
+            scales: used.iter().map(|e| e.scaling()).collect(),
+            dropout: self.dropout(),
+            gating,
+        };
+        let y = legora_kernels::stacked_lora_linear(x, self.weight.val(), bias, lora);
+        Ok((unflatten(y, dims, d_out), routed))
     }
+}
 
-    /// Forward with the layer's own router (mask: 1 = real token, 0 = padding).
-    ///
-    /// # Shapes
-    /// - x: `[..., in]` (N tokens), mask: `[N]` → (`[..., out]`, router output over N tokens)
-    pub fn forward_routed<const D: usize>(
-        &self,
-        x: Tensor<B, D>,
-        mask: Option<Tensor<B, 1>>,
-    ) -> Result<(Tensor<B, D>, RouterOutput<B>)> {
-        let router = self.router.as_ref().ok_or_else(|| {
-            NnError::InvalidState("this MoeLinear has no router: pass gates explicitly".into())
-        })?;
-        let (x2, _) = flatten(x.clone());
-        let out = router.forward(x2, mask);
-        let y = self.forward(x, out.gates.clone())?;
-        Ok((y, out))
-    }
-
-    /// Task-routed forward: row `b` of `x [batch, seq, in]` goes through expert `ids[b]`.
-    ///
-    /// # Shapes
-    /// - x: `[batch, seq, in]`, ids: `[batch]` → `[batch, seq, out]`
-    pub fn forward_task(&self, x: Tensor<B, 3>, ids: &[usize]) -> Result<Tensor<B, 3>> {
-        let [b, s, _] = x.dims();
-        check_dims("task ids", &[b], &[ids.len()])?;
-        let e = self.num_experts();
-        if let Some((row, id)) = ids.iter().enumerate().find(|(_, i)| **i >= e) {
-            return Err(NnError::config(
-                format!("task id of row {row}"),
-                format!("an expert index < {e}"),
-                id,
-            ));
+/// The experts a gating actually uses (in slot order) and the gating renumbered over
+/// them: rows and single-expert selections pass only their experts to the kernel, so an
+/// expert no row uses gets no gradient at all (as if trained alone), not a zero one.
+fn only_used<B: Backend>(gating: Gating<B>, num: usize) -> (Vec<usize>, Gating<B>) {
+    match gating {
+        Gating::Single(k) => (vec![k], Gating::Single(0)),
+        Gating::Rows(rows) => {
+            let mut seen = vec![false; num];
+            rows.iter().flatten().for_each(|&k| seen[k] = true);
+            let used: Vec<usize> = (0..num).filter(|&k| seen[k]).collect();
+            let mut new_id = vec![0; num];
+            used.iter().enumerate().for_each(|(j, &k)| new_id[k] = j);
+            let rows = rows.iter().map(|r| r.map(|k| new_id[k])).collect();
+            (used, Gating::Rows(rows))
         }
-        let rows: Vec<usize> = ids
-            .iter()
-            .flat_map(|&t| std::iter::repeat_n(t, s))
-            .collect();
-        self.forward_tasks(x, &rows)
+        dense @ Gating::Dense(_) => ((0..num).collect(), dense),
     }
 }

@@ -14,244 +14,9 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, IndexingUpdateOp, Int, Tensor};
-use serde::{Deserialize, Serialize};
+pub use legora_config::{RouterConfig, RouterPooling, RoutingStrategy};
 
 use crate::error::{NnError, Result};
-
-/// How router probabilities become gates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RoutingStrategy {
-    /// Top-k, renormalised.
-    TopK,
-    /// Soft mixture of all experts.
-    Dense,
-    /// Top-1 with the raw probability as gate.
-    Switch,
-}
-
-impl std::str::FromStr for RoutingStrategy {
-    type Err = NnError;
-
-    /// Accepts legora's names and MixLoRA's (`mixlora`, `mixlora-switch`).
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "topk" | "top_k" | "top-k" | "mixlora" => Ok(Self::TopK),
-            "dense" | "soft" => Ok(Self::Dense),
-            "switch" | "mixlora-switch" => Ok(Self::Switch),
-            other => Err(NnError::config(
-                "routing_strategy",
-                "one of \"topk\", \"dense\", \"switch\" (or MixLoRA's \"mixlora\", \"mixlora-switch\")",
-                format!("\"{other}\""),
-            )),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for RoutingStrategy {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-/// What each token's router reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RouterPooling {
-    /// The token's own hidden state (MixLoRA, Mixtral).
-    #[default]
-    Token,
-    /// The mean of the hidden states of every real token up to and including this one
-    /// (causal: position `t` reads positions `≤ t`, so cached decoding routes exactly as
-    /// a full forward). Routes a whole prompt consistently once its first words are read.
-    PrefixMean,
-}
-
-impl RouterPooling {
-    /// The config name (`token`, `prefix_mean`).
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Self::Token => "token",
-            Self::PrefixMean => "prefix_mean",
-        }
-    }
-}
-
-impl std::str::FromStr for RouterPooling {
-    type Err = NnError;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "token" => Ok(Self::Token),
-            "prefix_mean" => Ok(Self::PrefixMean),
-            other => Err(NnError::config(
-                "router_pooling",
-                "one of \"token\", \"prefix_mean\"",
-                format!("\"{other}\""),
-            )),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for RouterPooling {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-fn default_top_k() -> usize {
-    2
-}
-fn default_strategy() -> RoutingStrategy {
-    RoutingStrategy::TopK
-}
-fn default_aux() -> f64 {
-    0.01
-}
-fn default_init_range() -> f64 {
-    0.02
-}
-
-/// Router settings with MixLoRA's config names.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RouterConfig {
-    /// Number of experts `E`.
-    pub num_experts: usize,
-    /// Experts per token for `topk` (default 2).
-    #[serde(default = "default_top_k")]
-    pub top_k: usize,
-    /// `topk` (default), `dense` or `switch`.
-    #[serde(default = "default_strategy")]
-    pub routing_strategy: RoutingStrategy,
-    /// Load-balancing loss coefficient (default 0.01).
-    #[serde(default = "default_aux")]
-    pub router_aux_loss_coef: f64,
-    /// Std of the gate weight's normal init (default 0.02).
-    #[serde(default = "default_init_range")]
-    pub router_init_range: f64,
-    /// Multiplicative input jitter `U(1−ε, 1+ε)` in training (default 0 = off).
-    #[serde(default)]
-    pub jitter_noise: f64,
-    /// z-loss coefficient (default 0 = off; ST-MoE uses 1e-3).
-    #[serde(default)]
-    pub router_z_loss_coef: f64,
-    /// What the router reads per token (default `token`).
-    #[serde(default)]
-    pub router_pooling: RouterPooling,
-}
-
-impl RouterConfig {
-    /// `E` experts with MixLoRA's defaults (top-2, aux 0.01, init 0.02).
-    pub fn new(num_experts: usize) -> Self {
-        Self {
-            num_experts,
-            top_k: 2,
-            routing_strategy: RoutingStrategy::TopK,
-            router_aux_loss_coef: 0.01,
-            router_init_range: 0.02,
-            jitter_noise: 0.0,
-            router_z_loss_coef: 0.0,
-            router_pooling: RouterPooling::Token,
-        }
-    }
-
-    /// Set what the router reads.
-    pub fn with_pooling(mut self, pooling: RouterPooling) -> Self {
-        self.router_pooling = pooling;
-        self
-    }
-
-    /// Set the strategy.
-    pub fn with_strategy(mut self, s: RoutingStrategy) -> Self {
-        self.routing_strategy = s;
-        self
-    }
-
-    /// Set `top_k`.
-    pub fn with_top_k(mut self, k: usize) -> Self {
-        self.top_k = k;
-        self
-    }
-
-    /// Set the z-loss coefficient.
-    pub fn with_z_loss(mut self, coef: f64) -> Self {
-        self.router_z_loss_coef = coef;
-        self
-    }
-
-    /// Set the aux-loss coefficient.
-    pub fn with_aux_loss(mut self, coef: f64) -> Self {
-        self.router_aux_loss_coef = coef;
-        self
-    }
-
-    /// Set the jitter.
-    pub fn with_jitter(mut self, eps: f64) -> Self {
-        self.jitter_noise = eps;
-        self
-    }
-
-    /// The number of experts each token actually uses.
-    pub fn effective_k(&self) -> usize {
-        match self.routing_strategy {
-            RoutingStrategy::TopK => self.top_k,
-            RoutingStrategy::Dense => self.num_experts,
-            RoutingStrategy::Switch => 1,
-        }
-    }
-
-    /// Check `E ≥ 1`, `1 ≤ k ≤ E`, non-negative coefficients, `jitter ∈ [0, 1)`.
-    pub fn validate(&self) -> Result<()> {
-        if self.num_experts == 0 {
-            return Err(NnError::config("num_experts", ">= 1", self.num_experts));
-        }
-        if self.routing_strategy == RoutingStrategy::TopK
-            && (self.top_k == 0 || self.top_k > self.num_experts)
-        {
-            return Err(NnError::config(
-                "top_k",
-                format!("1 <= top_k <= num_experts ({})", self.num_experts),
-                self.top_k,
-            ));
-        }
-        for (field, v) in [
-            ("router_aux_loss_coef", self.router_aux_loss_coef),
-            ("router_z_loss_coef", self.router_z_loss_coef),
-        ] {
-            if !(v >= 0.0 && v.is_finite()) {
-                return Err(NnError::config(field, "a finite number >= 0", v));
-            }
-        }
-        if !(self.router_init_range > 0.0 && self.router_init_range.is_finite()) {
-            return Err(NnError::config(
-                "router_init_range",
-                "a finite number > 0",
-                self.router_init_range,
-            ));
-        }
-        if !(0.0..1.0).contains(&self.jitter_noise) {
-            return Err(NnError::config(
-                "jitter_noise",
-                "a value in [0, 1)",
-                self.jitter_noise,
-            ));
-        }
-        Ok(())
-    }
-
-    /// Build a router for `hidden`-sized inputs, gate weight ~ N(0, router_init_range).
-    pub fn init<B: Backend>(&self, hidden: usize, device: &B::Device) -> Result<Router<B>> {
-        self.validate()?;
-        let w = Tensor::random(
-            [self.num_experts, hidden],
-            Distribution::Normal(0.0, self.router_init_range),
-            device,
-        );
-        Router::from_weight(self, w)
-    }
-}
 
 /// Everything one routing call produces.
 #[derive(Debug, Clone)]
@@ -272,25 +37,16 @@ pub struct RouterOutput<B: Backend> {
     pub importance: Tensor<B, 1>,
 }
 
-/// The gate `Linear(hidden, E, bias=false)` plus its routing settings.
+/// The gate `Linear(hidden, E, bias=false)` plus its routing settings (parsed once, kept
+/// out of the module's records: only the weight is a parameter).
 #[derive(Module, Debug)]
 pub struct Router<B: Backend> {
     /// Gate weight `[E, hidden]` (MixLoRA / Mixtral `gate.weight`).
     pub weight: Param<Tensor<B, 2>>,
-    /// Top-k.
-    pub top_k: usize,
-    /// Strategy name (`topk`, `dense`, `switch`).
-    pub routing_strategy: String,
-    /// Aux-loss coefficient.
-    pub router_aux_loss_coef: f64,
-    /// z-loss coefficient.
-    pub router_z_loss_coef: f64,
-    /// Jitter ε.
-    pub jitter_noise: f64,
-    /// Init std (kept for export).
-    pub router_init_range: f64,
-    /// What the router reads (`token` or `prefix_mean`, see [`RouterPooling`]).
-    pub router_pooling: String,
+    /// Strategy, top-k, loss coefficients, jitter, pooling (`num_experts` = the weight's
+    /// first dimension).
+    #[module(skip)]
+    settings: RouterConfig,
 }
 
 /// `log Σ_e exp(x_e)` along dim 1, stable. `[N, E] → [N]`.
@@ -301,6 +57,17 @@ fn logsumexp<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 1> {
 }
 
 impl<B: Backend> Router<B> {
+    /// A new router for `hidden`-sized inputs, gate weight ~ N(0, `router_init_range`).
+    pub fn init(config: &RouterConfig, hidden: usize, device: &B::Device) -> Result<Self> {
+        config.validate()?;
+        let w = Tensor::random(
+            [config.num_experts, hidden],
+            Distribution::Normal(0.0, config.router_init_range),
+            device,
+        );
+        Self::from_weight(config, w)
+    }
+
     /// A router with a given gate weight `[E, hidden]`.
     pub fn from_weight(config: &RouterConfig, weight: Tensor<B, 2>) -> Result<Self> {
         config.validate()?;
@@ -314,16 +81,7 @@ impl<B: Backend> Router<B> {
         }
         Ok(Self {
             weight: Param::from_tensor(weight),
-            top_k: config.top_k,
-            routing_strategy: serde_json::to_value(config.routing_strategy)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_else(|| "topk".into()),
-            router_aux_loss_coef: config.router_aux_loss_coef,
-            router_z_loss_coef: config.router_z_loss_coef,
-            jitter_noise: config.jitter_noise,
-            router_init_range: config.router_init_range,
-            router_pooling: config.router_pooling.as_str().to_string(),
+            settings: config.clone(),
         })
     }
 
@@ -333,25 +91,13 @@ impl<B: Backend> Router<B> {
     }
 
     /// The settings as a [`RouterConfig`].
-    pub fn config(&self) -> RouterConfig {
-        RouterConfig {
-            num_experts: self.num_experts(),
-            top_k: self.top_k,
-            routing_strategy: self
-                .routing_strategy
-                .parse()
-                .unwrap_or(RoutingStrategy::TopK),
-            router_aux_loss_coef: self.router_aux_loss_coef,
-            router_init_range: self.router_init_range,
-            jitter_noise: self.jitter_noise,
-            router_z_loss_coef: self.router_z_loss_coef,
-            router_pooling: self.pooling(),
-        }
+    pub fn config(&self) -> &RouterConfig {
+        &self.settings
     }
 
     /// What the router reads per token.
     pub fn pooling(&self) -> RouterPooling {
-        self.router_pooling.parse().unwrap_or_default()
+        self.settings.router_pooling
     }
 
     /// Route tokens.
@@ -365,9 +111,9 @@ impl<B: Backend> Router<B> {
         let device = x.device();
         let [n, _] = x.dims();
         let e = self.num_experts();
-        let cfg = self.config();
-        let x = if self.jitter_noise > 0.0 && B::ad_enabled(&device) {
-            let eps = self.jitter_noise;
+        let cfg = &self.settings;
+        let x = if cfg.jitter_noise > 0.0 && B::ad_enabled(&device) {
+            let eps = cfg.jitter_noise;
             let noise = x.random_like(Distribution::Uniform(1.0 - eps, 1.0 + eps));
             x * noise
         } else {
@@ -403,10 +149,10 @@ impl<B: Backend> Router<B> {
         let load = (selected * m2.clone()).sum_dim(0).reshape([e]) / denom.clone();
         let importance = (probs.clone() * m2).sum_dim(0).reshape([e]) / denom.clone();
         let aux_loss = (load.clone().detach() * importance.clone()).sum()
-            * (self.router_aux_loss_coef * e as f64);
-        let z_loss = if self.router_z_loss_coef > 0.0 {
+            * (cfg.router_aux_loss_coef * e as f64);
+        let z_loss = if cfg.router_z_loss_coef > 0.0 {
             let z = logsumexp(logits.clone().cast(DType::F32)).cast(dtype);
-            (z.powi_scalar(2) * m).sum() / denom * self.router_z_loss_coef
+            (z.powi_scalar(2) * m).sum() / denom * cfg.router_z_loss_coef
         } else {
             Tensor::zeros([1], &device)
         };

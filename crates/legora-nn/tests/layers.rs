@@ -231,16 +231,18 @@ fn moe_fast_path_equals_loop_reference() {
                 continue;
             }
             let cfg = RouterConfig::new(e).with_top_k(k);
-            layer.router = Some(cfg.init(d_in, &Default::default()).unwrap());
+            layer.router = Some(Router::init(&cfg, d_in, &Default::default()).unwrap());
             let x = randn([3, 7, d_in], 1.0).require_grad();
             // one graph at a time: a backward pass consumes the graph it runs on,
             // including leaves shared with a graph built before it
-            let (fast, _) = layer.forward_routed(x.clone(), None).unwrap();
+            let (fast, _) = layer
+                .forward(x.clone(), &Experts::Router { mask: None })
+                .unwrap();
             let y_fast = vals(fast.clone());
             let gf = fast.sum().backward();
             let router = layer.router.as_ref().unwrap();
             let gates = router.forward(x.clone().reshape([21, d_in]), None).gates;
-            let slow = layer.forward_loop(x.clone(), gates).unwrap();
+            let slow = reference::moe_loop(&layer, x.clone(), gates).unwrap();
             assert_close(
                 &format!("E={e} k={k} y"),
                 &y_fast,
@@ -287,8 +289,11 @@ fn task_routed_rows_match_single_adapters(ranks: &[usize]) {
     let layer = moe(ranks, d_in, d_out);
     let ids = [2usize, 0, 1, 2];
     let x = randn([4, 5, d_in], 1.0);
-    let y = vals(layer.forward_task(x.clone(), &ids).unwrap());
-    assert!(layer.forward_expert(x.clone(), 3).is_err(), "no expert 3");
+    let y = vals(task_routed(&layer, x.clone(), &ids).unwrap());
+    assert!(
+        layer.forward(x.clone(), &Experts::Single(3)).is_err(),
+        "no expert 3"
+    );
     for (row, &id) in ids.iter().enumerate() {
         // the same expert alone, as a single LoraLinear
         let mut single =
@@ -303,7 +308,7 @@ fn task_routed_rows_match_single_adapters(ranks: &[usize]) {
         // the single-expert path (every row on one task) gives the same
         assert_close(
             &format!("row {row} alone"),
-            &vals(layer.forward_expert(xr, id).unwrap()),
+            &vals(layer.forward(xr, &Experts::Single(id)).unwrap().0),
             &want,
             1e-5,
         );
@@ -316,21 +321,24 @@ fn task_routed_rows_match_single_adapters(ranks: &[usize]) {
         );
     }
     assert!(matches!(
-        layer.forward_task(x, &[0, 1, 3, 0]),
-        Err(NnError::InvalidConfig { .. })
+        task_routed(&layer, x, &[0, 1, 3, 0]),
+        Err(NnError::Config(ConfigError::InvalidConfig { .. }))
     ));
+}
+
+/// Row `b` of `x [batch, seq, in]` through expert `ids[b]`.
+fn task_routed(layer: &MoeLinear<B>, x: Tensor<B, 3>, ids: &[usize]) -> Result<Tensor<B, 3>> {
+    let seq = x.dims()[1];
+    let ids: Vec<Option<usize>> = ids.iter().map(|&i| Some(i)).collect();
+    Ok(layer.forward(x, &Experts::per_batch_row(&ids, seq))?.0)
 }
 
 #[test]
 fn optimizer_step_moves_only_adapters_and_router() {
     let (d_in, d_out) = (16, 12);
     let mut layer = moe(&[4, 4], d_in, d_out);
-    layer.router = Some(
-        RouterConfig::new(2)
-            .with_top_k(1)
-            .init(d_in, &Default::default())
-            .unwrap(),
-    );
+    let cfg = RouterConfig::new(2).with_top_k(1);
+    layer.router = Some(Router::init(&cfg, d_in, &Default::default()).unwrap());
     let base_before = layer.weight.val().into_data();
     let bias_before = layer.bias.as_ref().unwrap().val().into_data();
     let a_before = vals(layer.experts[0].lora_A.val());
@@ -349,7 +357,8 @@ fn optimizer_step_moves_only_adapters_and_router() {
 
     let mut optim = AdamWConfig::new().init();
     let x = randn([2, 3, d_in], 1.0);
-    let (y, out) = layer.forward_routed(x, None).unwrap();
+    let (y, out) = layer.forward(x, &Experts::Router { mask: None }).unwrap();
+    let out = out.expect("the slot routed itself");
     let loss = y.powi_scalar(2).mean() + out.aux_loss;
     let grads = GradientsParams::from_grads(loss.backward(), &layer);
     let layer = optim.step(1e-2, layer, grads);
@@ -519,7 +528,7 @@ fn bad_shapes_and_configs_are_typed_errors() {
     assert_eq!(ok.routing_strategy, RoutingStrategy::Switch);
     let layer = moe(&[2, 2], 8, 6);
     let e = layer
-        .forward(randn([5, 8], 1.0), randn([5, 3], 1.0))
+        .forward(randn([5, 8], 1.0), &Experts::Gates(randn([5, 3], 1.0)))
         .unwrap_err();
     assert!(
         e.to_string().contains("gates") && e.to_string().contains("[5, 2]"),

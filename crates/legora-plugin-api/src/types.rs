@@ -11,6 +11,10 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub use legora_config::{
+    InitLoraWeights, LoraConfig, Message, Role, RouterConfig, RoutingStrategy, TargetModules,
+};
+
 /// Version of the JSON schema of requests, responses, manifests and presets.
 ///
 /// Bumped only on an incompatible change; new optional fields keep the number.
@@ -334,47 +338,6 @@ impl PresetInfo {
 // ---------------------------------------------------------------------------
 // Records
 // ---------------------------------------------------------------------------
-
-/// Speaker of a chat message (the OpenAI / HF chat-template roles).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// System prompt (persona, instructions).
-    System,
-    /// The user.
-    User,
-    /// The model; the turns a model is trained to produce.
-    Assistant,
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Role::System => "system",
-            Role::User => "user",
-            Role::Assistant => "assistant",
-        })
-    }
-}
-
-/// One chat message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Message {
-    /// Who speaks.
-    pub role: Role,
-    /// What is said.
-    pub content: String,
-}
-
-impl Message {
-    /// A message.
-    pub fn new(role: Role, content: impl Into<String>) -> Self {
-        Self {
-            role,
-            content: content.into(),
-        }
-    }
-}
 
 /// One training / evaluation example.
 ///
@@ -867,163 +830,25 @@ impl EvalOutput {
 // Presets
 // ---------------------------------------------------------------------------
 
-/// `target_modules` of a PEFT `LoraConfig`: a list of module-name suffixes or
-/// one regular expression matched against the full module path.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum TargetModules {
-    /// Module-name suffixes, e.g. `["q_proj", "v_proj"]`.
-    List(Vec<String>),
-    /// A regex over full module paths (PEFT's string form), or `all-linear`.
-    Pattern(String),
-}
-
-fn peft_lora() -> String {
-    "LORA".into()
-}
-fn bias_none() -> String {
-    "none".into()
-}
-fn causal_lm() -> Option<String> {
-    Some("CAUSAL_LM".into())
-}
-
-/// A LoRA configuration with PEFT's `adapter_config.json` keys, so a preset
-/// can be written out as (part of) a PEFT adapter config unchanged. Keys this
-/// type does not name (`rank_pattern`, `init_lora_weights`, ...) are kept in
-/// `extra` and round-trip.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LoraConfig {
-    /// Always `LORA`.
-    #[serde(default = "peft_lora")]
-    pub peft_type: String,
-    /// PEFT task type (`CAUSAL_LM`).
-    #[serde(default = "causal_lm", skip_serializing_if = "Option::is_none")]
-    pub task_type: Option<String>,
-    /// Rank of the update.
-    pub r: usize,
-    /// Scaling numerator: scale = `lora_alpha / r` (or `/ sqrt(r)` with rsLoRA).
-    pub lora_alpha: f64,
-    /// Dropout on the LoRA path.
-    #[serde(default)]
-    pub lora_dropout: f64,
-    /// Projections that get adapters.
-    pub target_modules: TargetModules,
-    /// Rank-stabilized scaling `lora_alpha / sqrt(r)`.
-    #[serde(default)]
-    pub use_rslora: bool,
-    /// Bias training: `none`, `all` or `lora_only`.
-    #[serde(default = "bias_none")]
-    pub bias: String,
-    /// True when the base weight is stored `[in, out]` (GPT-2 Conv1D).
-    #[serde(default)]
-    pub fan_in_fan_out: bool,
-    /// Extra modules trained fully and saved with the adapter.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub modules_to_save: Option<Vec<String>>,
-    /// Only these layer indices get adapters.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub layers_to_transform: Option<Vec<usize>>,
-    /// Other PEFT keys, kept as they are.
-    #[serde(flatten)]
-    pub extra: Map<String, Value>,
-}
-
-impl LoraConfig {
-    /// A config with PEFT's defaults for everything but rank, alpha and targets.
-    pub fn new(r: usize, lora_alpha: f64, target_modules: &[&str]) -> Self {
-        Self {
-            peft_type: peft_lora(),
-            task_type: causal_lm(),
-            r,
-            lora_alpha,
-            lora_dropout: 0.0,
-            target_modules: TargetModules::List(
-                target_modules.iter().map(|s| s.to_string()).collect(),
-            ),
-            use_rslora: false,
-            bias: bias_none(),
-            fan_in_fan_out: false,
-            modules_to_save: None,
-            layers_to_transform: None,
-            extra: Map::new(),
-        }
-    }
-
-    /// The factor the LoRA path is multiplied by: `lora_alpha / r`, or
-    /// `lora_alpha / sqrt(r)` with `use_rslora` (as in PEFT's `LoraLayer`).
-    pub fn scaling(&self) -> f64 {
-        let r = self.r as f64;
-        if self.use_rslora {
-            self.lora_alpha / r.sqrt()
-        } else {
-            self.lora_alpha / r
-        }
-    }
-}
-
-/// How a router turns gate logits into expert weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub enum RoutingStrategy {
-    /// Top-k experts per token, weights renormalized over the k.
-    #[default]
-    #[serde(rename = "topk")]
-    TopK,
-    /// Every expert, softmax weights (soft mixture).
-    #[serde(rename = "dense")]
-    Dense,
-    /// Top-1 (Switch Transformer), usually with a z-loss.
-    #[serde(rename = "switch")]
-    Switch,
-}
-
-fn default_top_k() -> usize {
-    2
-}
-fn default_aux_coef() -> f64 {
-    0.01
-}
-
-/// Mixture-of-LoRA-experts settings (router and experts).
+/// A mixture preset: the router settings (MixLoRA names, one definition shared with the
+/// rest of legora) and, optionally, the expert names (one per expert, often task names).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MixtureConfig {
-    /// Number of experts.
-    pub num_experts: usize,
-    /// Experts used per token (`topk` routing).
-    #[serde(default = "default_top_k")]
-    pub top_k: usize,
-    /// Routing strategy.
-    #[serde(default)]
-    pub routing_strategy: RoutingStrategy,
-    /// Load-balancing loss coefficient (Switch/Mixtral form).
-    #[serde(default = "default_aux_coef")]
-    pub router_aux_loss_coef: f64,
-    /// Router z-loss coefficient.
-    #[serde(default)]
-    pub router_z_loss_coef: f64,
-    /// Multiplicative jitter on router inputs during training.
-    #[serde(default)]
-    pub jitter_noise: f64,
-    /// Optional expert names (one per expert, often task names).
+    /// Router settings (`num_experts`, `top_k`, `routing_strategy`, loss coefficients,
+    /// jitter, pooling).
+    #[serde(flatten)]
+    pub router: RouterConfig,
+    /// Optional expert names (one per expert).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub experts: Vec<String>,
-    /// Other settings, kept as they are.
-    #[serde(flatten)]
-    pub extra: Map<String, Value>,
 }
 
 impl MixtureConfig {
     /// A top-k mixture with default coefficients.
     pub fn new(num_experts: usize, top_k: usize) -> Self {
         Self {
-            num_experts,
-            top_k,
-            routing_strategy: RoutingStrategy::TopK,
-            router_aux_loss_coef: default_aux_coef(),
-            router_z_loss_coef: 0.0,
-            jitter_noise: 0.0,
+            router: RouterConfig::new(num_experts).with_top_k(top_k),
             experts: Vec::new(),
-            extra: Map::new(),
         }
     }
 }
@@ -1068,42 +893,29 @@ impl Preset {
         }
     }
 
-    /// Checks ranges: `r > 0`, `lora_alpha > 0`, dropout in `[0, 1)`, and for a
-    /// mixture `1 <= top_k <= num_experts` and non-negative coefficients.
+    /// Checks the LoRA config as legora-config does (rank, alpha, dropout, targets,
+    /// supported options), a non-empty target list, and for a mixture the router
+    /// settings and one name per expert.
     pub fn validate(&self) -> Result<(), String> {
         let l = &self.lora;
-        if l.r == 0 {
-            return Err("lora.r must be > 0".into());
-        }
-        if !(l.lora_alpha > 0.0 && l.lora_alpha.is_finite()) {
+        l.validate().map_err(|e| format!("lora.{}", e))?;
+        if l.lora_alpha <= 0.0 {
             return Err("lora.lora_alpha must be a positive number".into());
         }
-        if !(0.0..1.0).contains(&l.lora_dropout) {
-            return Err("lora.lora_dropout must be in [0, 1)".into());
-        }
-        if let TargetModules::List(list) = &l.target_modules {
-            if list.is_empty() {
-                return Err("lora.target_modules is empty".into());
+        match &l.target_modules {
+            None => return Err("lora.target_modules is missing".into()),
+            Some(TargetModules::List(list)) if list.is_empty() => {
+                return Err("lora.target_modules is empty".into())
             }
+            _ => {}
         }
         if let Some(m) = &self.mixture {
-            if m.num_experts == 0 {
-                return Err("mixture.num_experts must be > 0".into());
-            }
-            if m.top_k == 0 || m.top_k > m.num_experts {
-                return Err(format!(
-                    "mixture.top_k must be in 1..={} (num_experts)",
-                    m.num_experts
-                ));
-            }
-            if m.router_aux_loss_coef < 0.0 || m.router_z_loss_coef < 0.0 || m.jitter_noise < 0.0 {
-                return Err("mixture coefficients must be >= 0".into());
-            }
-            if !m.experts.is_empty() && m.experts.len() != m.num_experts {
+            m.router.validate().map_err(|e| format!("mixture.{e}"))?;
+            if !m.experts.is_empty() && m.experts.len() != m.router.num_experts {
                 return Err(format!(
                     "mixture.experts names {} experts, num_experts is {}",
                     m.experts.len(),
-                    m.num_experts
+                    m.router.num_experts
                 ));
             }
         }
@@ -1146,7 +958,8 @@ mod tests {
         assert_eq!(c.r, 8);
         // rsLoRA: 16 / sqrt(8)
         assert!((c.scaling() - 16.0 / 8f64.sqrt()).abs() < 1e-12);
-        assert_eq!(c.extra.get("init_lora_weights"), Some(&Value::Bool(true)));
+        assert_eq!(c.init_lora_weights, InitLoraWeights::Default);
+        assert_eq!(c.extra.get("task_type"), Some(&Value::from("CAUSAL_LM")));
         let back = serde_json::to_value(&c).expect("serializes");
         assert_eq!(back["rank_pattern"], serde_json::json!({}));
         let regex: LoraConfig =
@@ -1154,7 +967,7 @@ mod tests {
                 .expect("parses");
         assert_eq!(
             regex.target_modules,
-            TargetModules::Pattern(".*proj".into())
+            Some(TargetModules::Pattern(".*proj".into()))
         );
         assert_eq!(regex.peft_type, "LORA");
     }

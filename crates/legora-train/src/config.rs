@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 
 use legora_data::{Mixing, Template, ValSplit};
 use legora_nn::{
-    InitLoraWeights, LayersPattern, LayersToTransform, LoraConfig, NnError, RouterConfig,
+    ConfigError, InitLoraWeights, LayersPattern, LayersToTransform, LoraConfig, RouterConfig,
     RouterPooling, RoutingStrategy, TargetModules,
 };
 use serde::{Deserialize, Serialize};
@@ -1118,26 +1118,8 @@ impl RunConfig {
         Ok(())
     }
 
-    fn nn_error(&self, section: &str, e: NnError) -> TrainError {
-        match e {
-            NnError::InvalidConfig {
-                field,
-                expected,
-                found,
-            } => self.error_at(
-                &format!("{section}.{field}"),
-                format!("expected {expected}, found {found}"),
-            ),
-            NnError::Unsupported {
-                field,
-                found,
-                reason,
-            } => self.error_at(
-                &format!("{section}.{field}"),
-                format!("unsupported value {found}: {reason}"),
-            ),
-            other => self.error_at(section, other.to_string()),
-        }
+    fn nn_error(&self, section: &str, e: ConfigError) -> TrainError {
+        self.error_at(&format!("{section}.{}", e.field()), e.message())
     }
 
     fn validate_stage(&self, key: &str, s: &StageSection, router: bool) -> Result<()> {

@@ -173,7 +173,7 @@ pub fn lm_input<B: Backend>(batch: &Batch, task_routed: bool, device: &B::Device
         .with_attention_mask(ints(&batch.attention_mask))
         .with_position_ids(ints(&batch.position_ids));
     if task_routed {
-        input.with_task_ids(batch.task_ids.clone())
+        input.with_task_ids(&batch.task_ids)
     } else {
         input
     }
@@ -259,7 +259,7 @@ impl<B: Backend> TrainModel<B> for LmModel<B> {
             let layer_routers: Vec<_> = out
                 .routing
                 .iter()
-                .filter(|r| r.module.is_none() && r.layer.is_some())
+                .filter(|r| r.slot.is_none() && r.layer.is_some())
                 .collect();
             if let Some(aux) = out.aux_loss() {
                 step.loss = step.loss + aux.clone();

@@ -21,7 +21,7 @@ use legora_data::{
     TokenizeOptions, IGNORE_INDEX,
 };
 use legora_hub::PretrainedModel;
-use legora_models::{CausalLm, GenerationConfig, Proj};
+use legora_models::{CausalLm, GenerationConfig, Slot};
 use legora_nn::trainable_parameters;
 use legora_plugin_api::{EvalRequest, ParseOptions};
 use legora_plugin_host::PluginHost;
@@ -199,19 +199,18 @@ fn val_sets(
 /// The layers holding mixture slots.
 fn moe_layers<B: Backend>(model: &CausalLm<B>) -> Vec<usize> {
     let mut layers: Vec<usize> = model
-        .slot_paths()
-        .iter()
-        .filter(|p| matches!(model.slot(p), Ok(Proj::Moe(_))))
-        .filter_map(|p| legora_models::layer_of(p))
+        .slots()
+        .into_iter()
+        .filter(|(_, slot)| matches!(slot, Slot::Moe(_)))
+        .filter_map(|(id, _)| id.layer_index())
         .collect();
     layers.dedup();
     layers
 }
 
 fn set_experts_trainable<B: Backend>(model: &mut CausalLm<B>, trainable: bool) -> Result<()> {
-    for p in model.slot_paths() {
-        let slot = model.slot_mut(&p).map_err(|e| other(e, &p))?;
-        if let Proj::Moe(m) = slot {
+    for (_, slot) in model.slots_mut() {
+        if let Slot::Moe(m) = slot {
             *m = m.clone().set_experts_trainable(trainable);
         }
     }
@@ -359,7 +358,7 @@ pub fn run_pipeline<B: AutodiffBackend>(
         moe_layers(&mixture)
     };
     for layer in new_routers {
-        let r = rc.init::<B>(base.config.hidden_size, device)?;
+        let r = legora_nn::Router::init(&rc, base.config.hidden_size, device)?;
         mixture
             .set_layer_router(layer, r)
             .map_err(|e| other(e, "router"))?;

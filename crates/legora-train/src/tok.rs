@@ -81,28 +81,17 @@ pub fn chat_template<B: Backend>(model: &PretrainedModel<B>) -> Result<Template,
     })?;
     let ct = Arc::new(ct);
     let f = move |r: &Record| -> Result<Rendered, String> {
-        let mut msgs: Vec<legora_hub::Message> = r
-            .messages
-            .iter()
-            .map(|m| {
-                let role = match m.role {
-                    Role::System => "system",
-                    Role::User => "user",
-                    Role::Assistant => "assistant",
-                };
-                legora_hub::Message::new(role, &m.content)
-            })
-            .collect();
+        let mut msgs: Vec<legora_hub::Message> = r.messages.to_vec();
         if msgs.is_empty() {
             let prompt = r.prompt.clone().unwrap_or_default();
-            msgs.push(legora_hub::Message::new("user", &prompt));
+            msgs.push(legora_hub::Message::new(Role::User, prompt));
             if let Some(c) = &r.completion {
-                msgs.push(legora_hub::Message::new("assistant", c));
+                msgs.push(legora_hub::Message::new(Role::Assistant, c.clone()));
             }
         }
         let split = msgs
             .iter()
-            .rposition(|m| m.role == "assistant")
+            .rposition(|m| m.role == Role::Assistant)
             .ok_or("the record has no assistant turn / completion to train on")?;
         let prompt = ct.render(&msgs[..split], true).map_err(|e| e.to_string())?;
         let full = ct

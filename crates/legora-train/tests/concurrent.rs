@@ -7,7 +7,7 @@ use burn::module::AutodiffModule;
 use legora_data::{
     prepare_task, Batcher, ByteTokenizer, Loader, Mixing, Record, Template, TokenizeOptions,
 };
-use legora_models::{CausalLm, Config, Proj};
+use legora_models::{CausalLm, Config, Slot};
 use legora_nn::{LoraConfig, TargetModules};
 use legora_train::{LmModel, Objective, TrainSettings, Trainer};
 
@@ -104,16 +104,16 @@ fn concurrent_equals_alone(per_task: bool) {
         // alone: a plain LoRA model holding only this expert's initial weights, fed only
         // this task's rows (balanced sampling gives each task the same order either way)
         let mut alone = initial.clone();
-        for p in initial.slot_paths() {
-            let Ok(Proj::Moe(m)) = initial.slot(&p) else {
+        for p in initial.slot_ids() {
+            let Ok(Slot::Moe(m)) = initial.slot(p) else {
                 continue;
             };
-            let base = alone.slot_mut(&p).unwrap();
+            let base = alone.slot_mut(p).unwrap();
             let mut l =
                 legora_nn::LoraLinear::new(m.weight.val(), m.bias.as_ref().map(|b| b.val()))
                     .unwrap();
             l.insert_adapter(name, m.experts[e].clone()).unwrap();
-            *base = Proj::Lora(l);
+            *base = Slot::Lora(l);
         }
         let mut single_loader = Loader::new(
             vec![(
@@ -147,11 +147,11 @@ fn concurrent_equals_alone(per_task: bool) {
             .unwrap();
         let alone = res.model.model.valid();
         let mut compared = 0;
-        for p in together.slot_paths() {
-            let Ok(Proj::Moe(m)) = together.slot(&p) else {
+        for p in together.slot_ids() {
+            let Ok(Slot::Moe(m)) = together.slot(p) else {
                 continue;
             };
-            let Ok(Proj::Lora(l)) = alone.slot(&p) else {
+            let Ok(Slot::Lora(l)) = alone.slot(p) else {
                 panic!("{p} lost its adapter")
             };
             let a = l.adapter(name).unwrap();
@@ -170,8 +170,8 @@ fn concurrent_equals_alone(per_task: bool) {
                 );
             }
             // and training really moved it
-            let init = match initial.slot(&p).unwrap() {
-                Proj::Moe(m0) => vals(m0.experts[e].lora_B.val().inner()),
+            let init = match initial.slot(p).unwrap() {
+                Slot::Moe(m0) => vals(m0.experts[e].lora_B.val().inner()),
                 _ => unreachable!(),
             };
             assert_ne!(init, vals(m.experts[e].lora_B.val()));

@@ -4,7 +4,7 @@
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::Tensor;
 use legora_data::{prepare_task, Batcher, ByteTokenizer, Record, Template, TokenizeOptions};
-use legora_models::{CausalLm, Config, Proj};
+use legora_models::{CausalLm, Config, Slot};
 use legora_nn::{LoraConfig, TargetModules};
 use legora_train::{LmModel, Objective, StepContext, TrainModel};
 
@@ -73,9 +73,9 @@ fn training_step() -> StepContext<'static> {
 fn grads_of(m: &CausalLm<AD>, loss: Tensor<AD, 1>) -> Vec<f32> {
     let grads = loss.backward();
     let mut out = Vec::new();
-    for p in m.slot_paths() {
-        match m.slot(&p).unwrap() {
-            Proj::Moe(x) => {
+    for p in m.slot_ids() {
+        match m.slot(p).unwrap() {
+            Slot::Moe(x) => {
                 for e in &x.experts {
                     for t in [e.lora_A.val(), e.lora_B.val()] {
                         // an expert no row of the batch reached has no gradient: zeros
@@ -84,7 +84,7 @@ fn grads_of(m: &CausalLm<AD>, loss: Tensor<AD, 1>) -> Vec<f32> {
                     }
                 }
             }
-            Proj::Lora(x) => {
+            Slot::Lora(x) => {
                 for e in x.adapter_names().iter().map(|n| x.adapter(n).unwrap()) {
                     for t in [e.lora_A.val(), e.lora_B.val()] {
                         if let Some(g) = t.grad(&grads) {

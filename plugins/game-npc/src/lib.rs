@@ -717,7 +717,7 @@ fn persona_preset() -> Preset {
     lora.lora_dropout = 0.1;
     lora.use_rslora = true;
     let mut mixture = MixtureConfig::new(4, 2);
-    mixture.jitter_noise = 0.01;
+    mixture.router.jitter_noise = 0.01;
     let mut preset = Preset::new(
         "persona",
         "In-character NPC dialogue: rsLoRA r=16 on all projections, 4 experts routed top-2",

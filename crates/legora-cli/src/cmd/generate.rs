@@ -193,7 +193,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .context("generation settings (--temperature, --top-p, --repetition-penalty)")?;
     if let Some(prompt) = &args.prompt {
         let (text, templated) = if args.chat_template {
-            let msgs = [Message::new("user", prompt)];
+            let msgs = [Message::new(Role::User, prompt)];
             (loaded.model.apply_chat_template(&msgs, true)?, true)
         } else {
             (prompt.clone(), false)
@@ -237,7 +237,7 @@ fn chat(m: &Loaded, gen: &GenerationConfig) -> anyhow::Result<()> {
             }
             _ => {}
         }
-        history.push(Message::new("user", line));
+        history.push(Message::new(Role::User, line));
         let (text, templated) = if has_template {
             (m.model.apply_chat_template(&history, true)?, true)
         } else {
@@ -252,7 +252,7 @@ fn chat(m: &Loaded, gen: &GenerationConfig) -> anyhow::Result<()> {
         let reply = reply.trim().to_string();
         println!("{reply}");
         std::io::stdout().flush().ok();
-        history.push(Message::new("assistant", &reply));
+        history.push(Message::new(Role::Assistant, reply.clone()));
     }
     Ok(())
 }
@@ -260,7 +260,7 @@ fn chat(m: &Loaded, gen: &GenerationConfig) -> anyhow::Result<()> {
 fn transcript(history: &[Message]) -> String {
     let mut s = String::new();
     for msg in history {
-        let who = if msg.role == "user" {
+        let who = if msg.role == Role::User {
             "User"
         } else {
             "Assistant"

@@ -70,8 +70,8 @@ fn model(dir: &Path) -> anyhow::Result<(String, Value)> {
     let dtype = Checkpoint::open(dir)?.dtype().unwrap_or_else(|| "?".into());
     let m = PretrainedModel::<Backend>::from_pretrained(dir, &device())?;
     let params = all_params(&m.model);
-    let slots = m.model.slot_paths();
-    let mut slot_names: Vec<&str> = slots.iter().map(|s| legora::models::slot_name(s)).collect();
+    let slots = m.model.slot_ids();
+    let mut slot_names: Vec<&str> = slots.iter().map(SlotId::name).collect();
     slot_names.sort();
     slot_names.dedup();
     let v = json!({

@@ -8,10 +8,9 @@
 mod attention;
 mod dropout;
 mod elementwise;
-mod gated;
-mod linear;
 mod math;
 mod nll;
+mod stacked;
 
 use std::any::{Any, TypeId};
 
@@ -26,9 +25,8 @@ use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 pub(crate) use attention::attention;
 pub(crate) use dropout::dropout;
 pub(crate) use elementwise::{rms_norm, rotary, swiglu};
-pub(crate) use gated::gated_lora_linear;
-pub(crate) use linear::lora_linear;
 pub(crate) use nll::next_token_nll;
+pub(crate) use stacked::stacked_lora_linear;
 
 /// The training backend the kernels differentiate.
 type AdFlex = Autodiff<Flex>;

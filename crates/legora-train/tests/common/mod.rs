@@ -12,7 +12,7 @@ use legora_data::{
     prepare_task, Batcher, ByteTokenizer, Loader, Mixing, Record, Rng, Template, TokenizeOptions,
     IGNORE_INDEX,
 };
-use legora_nn::{AdapterSpec, LoraAdapter, MoeLinear};
+use legora_nn::{AdapterSpec, Experts, LoraAdapter, MoeLinear};
 use legora_train::{ModelError, RoutingStats, StepContext, StepOutput, TrainModel};
 
 pub type Inner = Flex;
@@ -106,8 +106,10 @@ impl<B: Backend> TrainModel<B> for Toy<B> {
         let x: Tensor<B, 3> = tensor(x, [b, s, D_IN], &device);
         let t: Tensor<B, 3> = tensor(y, [b, s, D_OUT], &device);
         let mask: Tensor<B, 3> = tensor(m, [b, s, D_OUT], &device);
-        let h = self.l1.forward_task(x, &batch.task_ids)?.tanh();
-        let out = self.l2.forward_task(h, &batch.task_ids)?;
+        let ids: Vec<Option<usize>> = batch.task_ids.iter().map(|&t| Some(t)).collect();
+        let experts = Experts::per_batch_row(&ids, s);
+        let h = self.l1.forward(x, &experts)?.0.tanh();
+        let out = self.l2.forward(h, &experts)?.0;
         let count = mask.clone().sum();
         let mut loss = ((out - t).powi_scalar(2) * mask).sum() / count;
         if ctx.training && self.poison_at == Some(ctx.step) {

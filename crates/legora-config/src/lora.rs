@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{NnError, Result};
+use crate::error::{ConfigError, Result};
 
 /// Which modules receive an adapter (PEFT `target_modules`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -220,17 +220,17 @@ impl AdapterSpec {
     /// Check `r > 0`, `lora_dropout ∈ [0, 1)`, finite alpha.
     pub fn validate(&self) -> Result<()> {
         if self.r == 0 {
-            return Err(NnError::config("r", "a rank >= 1", self.r));
+            return Err(ConfigError::invalid("r", "a rank >= 1", self.r));
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
-            return Err(NnError::config(
+            return Err(ConfigError::invalid(
                 "lora_dropout",
                 "a probability in [0, 1)",
                 self.lora_dropout,
             ));
         }
         if !self.lora_alpha.is_finite() {
-            return Err(NnError::config(
+            return Err(ConfigError::invalid(
                 "lora_alpha",
                 "a finite number",
                 self.lora_alpha,
@@ -256,9 +256,15 @@ impl LoraConfig {
         }
     }
 
+    /// `lora_alpha / r`, or `lora_alpha / sqrt(r)` with `use_rslora` (PEFT's
+    /// `LoraLayer`), for modules without a `rank_pattern` / `alpha_pattern` entry.
+    pub fn scaling(&self) -> f64 {
+        self.spec_with(self.r, self.lora_alpha).scaling()
+    }
+
     /// Parse `adapter_config.json` text and validate it.
     pub fn from_json(text: &str) -> Result<Self> {
-        let cfg: Self = serde_json::from_str(text).map_err(|e| NnError::InvalidConfig {
+        let cfg: Self = serde_json::from_str(text).map_err(|e| ConfigError::InvalidConfig {
             field: "adapter_config.json".into(),
             expected: "a PEFT LoraConfig".into(),
             found: e.to_string(),
@@ -275,11 +281,15 @@ impl LoraConfig {
     /// Check every field legora interprets; errors name the field and the value.
     pub fn validate(&self) -> Result<()> {
         if self.peft_type != "LORA" {
-            return Err(NnError::config("peft_type", "\"LORA\"", &self.peft_type));
+            return Err(ConfigError::invalid(
+                "peft_type",
+                "\"LORA\"",
+                &self.peft_type,
+            ));
         }
         self.spec_with(self.r, self.lora_alpha).validate()?;
         if self.bias != "none" {
-            return Err(NnError::Unsupported {
+            return Err(ConfigError::Unsupported {
                 field: "bias".into(),
                 found: format!("\"{}\"", self.bias),
                 reason: "only \"none\" is supported (the base bias stays frozen)".into(),
@@ -287,7 +297,7 @@ impl LoraConfig {
         }
         if let Some(m) = &self.modules_to_save {
             if !m.is_empty() {
-                return Err(NnError::Unsupported {
+                return Err(ConfigError::Unsupported {
                     field: "modules_to_save".into(),
                     found: format!("{m:?}"),
                     reason: "fully trained extra modules are not supported; use LoRA targets"
@@ -297,7 +307,7 @@ impl LoraConfig {
         }
         for (key, &r) in &self.rank_pattern {
             if r == 0 {
-                return Err(NnError::config(
+                return Err(ConfigError::invalid(
                     format!("rank_pattern.{key}"),
                     "a rank >= 1",
                     r,
@@ -311,14 +321,14 @@ impl LoraConfig {
         if let Some(TargetModules::Pattern(p)) = &self.target_modules {
             if p != "all-linear" {
                 Regex::new(&format!("^(?:{p})$")).map_err(|e| {
-                    NnError::config("target_modules", "a valid regular expression", e)
+                    ConfigError::invalid("target_modules", "a valid regular expression", e)
                 })?;
             }
         }
         for flag in ["use_dora", "fan_in_fan_out", "lora_bias"] {
             if let Some(v) = self.extra.get(flag) {
                 if v.as_bool() == Some(true) {
-                    return Err(NnError::Unsupported {
+                    return Err(ConfigError::Unsupported {
                         field: flag.into(),
                         found: "true".into(),
                         reason: "not implemented by legora".into(),
@@ -431,7 +441,7 @@ fn ser_number_map<S: serde::Serializer>(
 
 fn pattern_regex(key: &str) -> Result<Regex> {
     Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
-        .map_err(|e| NnError::config(format!("pattern key `{key}`"), "a valid regex", e))
+        .map_err(|e| ConfigError::invalid(format!("pattern key `{key}`"), "a valid regex", e))
 }
 
 fn first_pattern_match<T: Copy>(patterns: &BTreeMap<String, T>, path: &str) -> Option<T> {
@@ -527,7 +537,7 @@ mod tests {
     fn bad_configs_name_field_and_value() {
         let e = LoraConfig::from_json(r#"{"r": 0}"#).unwrap_err();
         assert!(
-            matches!(&e, NnError::InvalidConfig { field, found, .. } if field == "r" && found == "0"),
+            matches!(&e, ConfigError::InvalidConfig { field, found, .. } if field == "r" && found == "0"),
             "{e}"
         );
         let e = LoraConfig::from_json(r#"{"lora_dropout": 1.0}"#).unwrap_err();
