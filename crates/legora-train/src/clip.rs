@@ -106,3 +106,37 @@ pub fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
         .and_then(|v| v.first().copied())
         .unwrap_or(f64::NAN)
 }
+
+struct Take<'a, B: AutodiffBackend> {
+    from: &'a mut GradientsParams,
+    into: GradientsParams,
+    ids: &'a std::collections::HashSet<burn::module::ParamId>,
+    _b: std::marker::PhantomData<B>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Take<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if self.ids.contains(&param.id) {
+            if let Some(g) = self.from.remove::<B::InnerBackend, D>(param.id) {
+                self.into.register::<B::InnerBackend, D>(param.id, g);
+            }
+        }
+    }
+}
+
+/// Move the gradients of the parameters `ids` out of `grads` (for a parameter group
+/// with its own learning rate).
+pub fn take_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
+    module: &M,
+    grads: &mut GradientsParams,
+    ids: &std::collections::HashSet<burn::module::ParamId>,
+) -> GradientsParams {
+    let mut v = Take::<B> {
+        from: grads,
+        into: GradientsParams::new(),
+        ids,
+        _b: std::marker::PhantomData,
+    };
+    module.visit(&mut v);
+    v.into
+}

@@ -10,11 +10,11 @@
 //! router jitter) is re-seeded at every optimizer step from `(seed, step)`, so a run
 //! stopped after step `k` and resumed takes the same steps as one that never stopped.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::module::{AutodiffModule, Module};
+use burn::module::{AutodiffModule, Module, ParamId};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
@@ -25,7 +25,7 @@ use crate::checkpoint::{
     latest_checkpoint, load_checkpoint, load_trainable, prune_checkpoints, save_checkpoint,
     save_trainable, AdamWOptimizer, TrainerState, CHECKPOINT_VERSION,
 };
-use crate::clip::{clip_grad_norm, global_grad_norm, scalar};
+use crate::clip::{clip_grad_norm, global_grad_norm, scalar, take_grads};
 use crate::config::TrainSettings;
 use crate::error::{Result, TrainError};
 use crate::metrics::{EvalMetrics, MetricLine, MetricsWriter, RoutingStats, TrainMetrics};
@@ -194,7 +194,54 @@ pub struct ValSet {
     pub batches: Vec<Batch>,
 }
 
-/// Runs one stage. Build with [`Trainer::new`], adjust, then [`Trainer::run`].
+/// A set of parameters trained with their own learning rate: `scale ×` the schedule's
+/// (a task's expert with the learning rate of its preset, LoRA+'s `B` matrices).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LrGroup {
+    /// What the group is (for logs and errors).
+    pub name: String,
+    /// Its parameters.
+    pub params: HashSet<ParamId>,
+    /// Multiplier of the stage's learning rate.
+    pub scale: f64,
+}
+
+/// Wall time of the parts of one optimizer step, seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepPhases {
+    /// Forward passes and loss reads.
+    pub forward: f64,
+    /// Backward passes (and gradient accumulation).
+    pub backward: f64,
+    /// Global-norm clipping.
+    pub clip: f64,
+    /// The optimizer update.
+    pub optim: f64,
+}
+
+/// What one optimizer step did ([`Trainer::step`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepReport {
+    /// Mean objective over the micro-batches.
+    pub loss: f64,
+    /// Logged terms, weighted as the objective.
+    pub terms: BTreeMap<String, f64>,
+    /// Learning rate of the step (before group scales).
+    pub lr: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Target tokens of the step's batches.
+    pub target_tokens: usize,
+    /// Tokens of the step's batches.
+    pub tokens: usize,
+    /// Rows of the step's batches.
+    pub rows: usize,
+    /// Where the time went.
+    pub phases: StepPhases,
+}
+
+/// Runs one stage. Build with [`Trainer::new`], adjust, then [`Trainer::run`] (or drive
+/// [`Trainer::step`] yourself, as `legora bench` does).
 pub struct Trainer<'a> {
     stage: String,
     dir: PathBuf,
@@ -203,6 +250,18 @@ pub struct Trainer<'a> {
     resume: bool,
     stop_after: Option<usize>,
     callback: Option<&'a mut dyn TrainCallback>,
+    groups: Vec<LrGroup>,
+}
+
+/// The state of a stage while it runs.
+struct Session {
+    state: TrainerState,
+    metrics: MetricsWriter,
+    last_checkpoint: Option<PathBuf>,
+    last_eval: Option<EvalMetrics>,
+    started: Instant,
+    start_step: usize,
+    rows_per_epoch: f64,
 }
 
 impl<'a> Trainer<'a> {
@@ -218,6 +277,7 @@ impl<'a> Trainer<'a> {
             resume: false,
             stop_after: None,
             callback: None,
+            groups: Vec::new(),
         }
     }
 
@@ -247,9 +307,199 @@ impl<'a> Trainer<'a> {
         self
     }
 
+    /// Parameter groups with their own learning rate (the others use the stage's).
+    pub fn lr_groups(mut self, groups: Vec<LrGroup>) -> Self {
+        self.groups = groups;
+        self
+    }
+
     /// The checkpoint folder.
     pub fn checkpoint_dir(&self) -> PathBuf {
         self.dir.join("checkpoints")
+    }
+
+    fn best_path(&self) -> PathBuf {
+        self.dir.join("best.safetensors")
+    }
+
+    /// The AdamW optimizer of the stage's settings.
+    pub fn optimizer<B, M>(&self) -> AdamWOptimizer<M, B>
+    where
+        B: AutodiffBackend,
+        M: AutodiffModule<B>,
+    {
+        let s = &self.settings;
+        AdamWConfig::new()
+            .with_beta_1(s.adam_beta1 as f32)
+            .with_beta_2(s.adam_beta2 as f32)
+            .with_epsilon(s.adam_epsilon as f32)
+            .with_weight_decay(s.weight_decay as f32)
+            .init()
+    }
+
+    /// The learning-rate schedule of the stage's settings.
+    pub fn schedule(&self) -> LrSchedule {
+        let s = &self.settings;
+        LrSchedule::new(s.learning_rate, s.warmup_steps, s.total_steps, s.schedule)
+            .with_min_ratio(s.min_lr_ratio)
+    }
+
+    /// One optimizer step `step` (0-based): the backend RNG seeded from `(seed, step)`,
+    /// `gradient_accumulation_steps` batches from `next_batch`, forward and backward per
+    /// micro-batch part (gradients summed), global-norm clipping, the NaN/inf guard, and
+    /// AdamW at the scheduled learning rate (times each [`LrGroup`]'s scale).
+    pub fn step<B, M>(
+        &self,
+        model: M,
+        optim: &mut AdamWOptimizer<M, B>,
+        step: usize,
+        next_batch: &mut dyn FnMut() -> Result<Batch>,
+        device: &B::Device,
+    ) -> Result<(M, StepReport)>
+    where
+        B: AutodiffBackend,
+        M: AutodiffModule<B> + TrainModel<B>,
+    {
+        let s = &self.settings;
+        B::seed(device, derive_seed(s.seed, &[step as u64]));
+        let lr = self.schedule().lr(step);
+        let (grads, mut report) = self.gradients(&model, step, next_batch)?;
+        let mut grads = grads;
+        report.lr = lr;
+        let t = Instant::now();
+        report.grad_norm = match s.max_grad_norm {
+            Some(max) => clip_grad_norm::<B, M>(&model, &mut grads, max),
+            None => global_grad_norm::<B, M>(&model, &grads),
+        };
+        if !report.grad_norm.is_finite() {
+            return Err(self.non_finite(step, "grad_norm", report.grad_norm));
+        }
+        report.phases.clip = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let mut model = model;
+        for g in &self.groups {
+            let part = take_grads::<B, M>(&model, &mut grads, &g.params);
+            model = optim.step(lr * g.scale, model, part);
+        }
+        model = optim.step(lr, model, grads);
+        B::sync(device).map_err(|e| TrainError::Model {
+            stage: self.stage.clone(),
+            step,
+            message: format!("backend sync failed: {e:?}"),
+        })?;
+        report.phases.optim = t.elapsed().as_secs_f64();
+        Ok((model, report))
+    }
+
+    /// The summed gradients of one step's micro-batches, and what they reported.
+    fn gradients<B, M>(
+        &self,
+        model: &M,
+        step: usize,
+        next_batch: &mut dyn FnMut() -> Result<Batch>,
+    ) -> Result<(GradientsParams, StepReport)>
+    where
+        B: AutodiffBackend,
+        M: AutodiffModule<B> + TrainModel<B>,
+    {
+        let accum = self.settings.gradient_accumulation_steps;
+        let mut report = StepReport {
+            loss: 0.0,
+            terms: BTreeMap::new(),
+            lr: 0.0,
+            grad_norm: 0.0,
+            target_tokens: 0,
+            tokens: 0,
+            rows: 0,
+            phases: StepPhases::default(),
+        };
+        let mut accumulator = GradientsAccumulator::<M>::new();
+        let mut single = None;
+        for micro in 0..accum {
+            let batch = next_batch()?;
+            report.target_tokens += batch.num_target_tokens();
+            report.tokens += batch.num_tokens();
+            report.rows += batch.batch_size;
+            let ctx = StepContext {
+                stage: &self.stage,
+                step,
+                micro_step: micro,
+                training: true,
+            };
+            let parts = model.micro_batches(batch);
+            let part_tokens: Vec<usize> = parts.iter().map(|p| p.num_target_tokens()).collect();
+            let all_tokens: usize = part_tokens.iter().sum();
+            let one = accum == 1 && parts.len() == 1;
+            for (part, tokens) in parts.iter().zip(&part_tokens) {
+                // a part's logged terms weigh by its share of the target tokens
+                let share = if parts.len() == 1 || all_tokens == 0 {
+                    1.0 / parts.len() as f64
+                } else {
+                    *tokens as f64 / all_tokens as f64
+                };
+                let grads = self.part_gradients(model, part, &ctx, share, &mut report)?;
+                if one {
+                    single = Some(grads);
+                } else {
+                    accumulator.accumulate(model, grads);
+                }
+            }
+        }
+        report.loss /= accum as f64;
+        let grads = single.unwrap_or_else(|| accumulator.grads());
+        Ok((grads, report))
+    }
+
+    /// Forward and backward of one micro-batch part.
+    fn part_gradients<B, M>(
+        &self,
+        model: &M,
+        part: &Batch,
+        ctx: &StepContext<'_>,
+        share: f64,
+        report: &mut StepReport,
+    ) -> Result<GradientsParams>
+    where
+        B: AutodiffBackend,
+        M: AutodiffModule<B> + TrainModel<B>,
+    {
+        let accum = self.settings.gradient_accumulation_steps as f64;
+        let t = Instant::now();
+        let out = model
+            .forward_loss(part, ctx)
+            .map_err(|e| TrainError::Model {
+                stage: self.stage.clone(),
+                step: ctx.step,
+                message: e.to_string(),
+            })?;
+        for (name, t) in &out.terms {
+            *report.terms.entry(name.clone()).or_default() += scalar(t.clone()) * share / accum;
+        }
+        let lv = scalar(out.loss.clone());
+        if !lv.is_finite() {
+            return Err(self.non_finite(ctx.step, "loss", lv));
+        }
+        report.loss += lv;
+        report.phases.forward += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let loss = if accum > 1.0 {
+            out.loss.div_scalar(accum)
+        } else {
+            out.loss
+        };
+        let grads = GradientsParams::from_grads(loss.backward(), model);
+        report.phases.backward += t.elapsed().as_secs_f64();
+        Ok(grads)
+    }
+
+    fn non_finite(&self, step: usize, quantity: &str, value: f64) -> TrainError {
+        TrainError::NonFinite {
+            stage: self.stage.clone(),
+            step,
+            quantity: quantity.to_string(),
+            value,
+            last_checkpoint: None,
+        }
     }
 
     /// Train `model` on `loader`, validating on `val`.
@@ -265,9 +515,10 @@ impl<'a> Trainer<'a> {
         M: AutodiffModule<B> + TrainModel<B>,
         M::InnerModule: TrainModel<B::InnerBackend>,
     {
-        let s = self.settings.clone();
-        check_settings(&s)?;
-        if s.early_stopping_patience.is_some() && val.iter().all(|v| v.batches.is_empty()) {
+        check_settings(&self.settings)?;
+        if self.settings.early_stopping_patience.is_some()
+            && val.iter().all(|v| v.batches.is_empty())
+        {
             return Err(TrainError::invalid(
                 "early_stopping_patience",
                 "validation data to stop on",
@@ -279,262 +530,302 @@ impl<'a> Trainer<'a> {
             Some(c) => c,
             None => &mut noop,
         };
-        let ckpt_dir = self.checkpoint_dir();
-        let best_path = self.dir.join("best.safetensors");
+        let mut optim = self.optimizer::<B, M>();
+        let (mut model, mut session) = self.begin(model, &mut optim, loader, device)?;
+        cb.on_stage_start(&self.stage, session.start_step, self.settings.total_steps);
+        let mut stop = StopReason::Completed;
+        while session.state.step < self.settings.total_steps {
+            if self.stop_after.is_some_and(|n| session.state.step >= n) {
+                stop = StopReason::Interrupted {
+                    step: session.state.step,
+                };
+                break;
+            }
+            let t0 = Instant::now();
+            let step = session.state.step;
+            let (m, report) = self
+                .step(
+                    model,
+                    &mut optim,
+                    step,
+                    &mut || loader.next_batch().map_err(Into::into),
+                    device,
+                )
+                .map_err(|e| with_checkpoint(e, &session.last_checkpoint))?;
+            model = m;
+            session.state.step += 1;
+            self.log_step(&session, &report, t0, loader, cb)?;
+            let early_stop = self.validate_if_due(&model, val, &mut session, cb)?;
+            let interrupted =
+                self.stop_after.is_some_and(|n| session.state.step >= n) || cb.should_stop();
+            self.checkpoint_if_due(
+                &model,
+                &optim,
+                loader,
+                &mut session,
+                early_stop || interrupted,
+                cb,
+            )?;
+            if early_stop {
+                let best_step = session.state.best_step.unwrap_or(session.state.step);
+                stop = StopReason::EarlyStopped { best_step };
+                break;
+            }
+            if interrupted && session.state.step < self.settings.total_steps {
+                stop = StopReason::Interrupted {
+                    step: session.state.step,
+                };
+                break;
+            }
+        }
+        self.finish(model, session, stop, cb, device)
+    }
+
+    /// Open the metrics, start over (deleting stale checkpoints) or resume from the
+    /// latest checkpoint.
+    fn begin<B, M>(
+        &self,
+        model: M,
+        optim: &mut AdamWOptimizer<M, B>,
+        loader: &mut Loader,
+        device: &B::Device,
+    ) -> Result<(M, Session)>
+    where
+        B: AutodiffBackend,
+        M: AutodiffModule<B>,
+    {
         let metrics = MetricsWriter::new(
             self.metrics_path
                 .clone()
                 .unwrap_or_else(|| self.dir.join("metrics.jsonl")),
         )?;
-        let schedule = LrSchedule::new(s.learning_rate, s.warmup_steps, s.total_steps, s.schedule)
-            .with_min_ratio(s.min_lr_ratio);
-        let mut optim: AdamWOptimizer<M, B> = AdamWConfig::new()
-            .with_beta_1(s.adam_beta1 as f32)
-            .with_beta_2(s.adam_beta2 as f32)
-            .with_epsilon(s.adam_epsilon as f32)
-            .with_weight_decay(s.weight_decay as f32)
-            .init();
-        let mut model = model;
-        let mut state = TrainerState {
-            version: CHECKPOINT_VERSION,
-            stage: self.stage.clone(),
-            step: 0,
-            total_steps: s.total_steps,
-            loader: loader.state(),
-            best_val_loss: None,
-            best_step: None,
-            bad_evals: 0,
-            metrics_len: None,
-            param_ids: BTreeMap::new(),
+        let mut session = Session {
+            state: TrainerState {
+                version: CHECKPOINT_VERSION,
+                stage: self.stage.clone(),
+                step: 0,
+                total_steps: self.settings.total_steps,
+                loader: loader.state(),
+                best_val_loss: None,
+                best_step: None,
+                bad_evals: 0,
+                metrics_len: None,
+                param_ids: BTreeMap::new(),
+            },
+            metrics,
+            last_checkpoint: None,
+            last_eval: None,
+            started: Instant::now(),
+            start_step: 0,
+            rows_per_epoch: loader.num_rows().max(1) as f64,
         };
-        let mut last_checkpoint = None;
+        let ckpt_dir = self.checkpoint_dir();
         if !self.resume {
             // a fresh run starts over: stale checkpoints would otherwise be resumed later
-            for stale in [ckpt_dir.clone(), best_path.clone()] {
-                let r = if stale.is_dir() {
-                    std::fs::remove_dir_all(&stale)
-                } else if stale.exists() {
-                    std::fs::remove_file(&stale)
-                } else {
-                    Ok(())
-                };
-                r.map_err(|e| TrainError::io(&stale, e))?;
+            for stale in [ckpt_dir.clone(), self.best_path()] {
+                remove_path(&stale)?;
             }
+            return Ok((model, session));
         }
-        if self.resume {
-            if let Some(dir) = latest_checkpoint(&ckpt_dir)? {
-                let (m, o, st) = load_checkpoint(&dir, model, optim, device)?;
-                if st.stage != self.stage {
-                    return Err(TrainError::checkpoint(
-                        &dir,
-                        format!(
-                            "expected a checkpoint of stage `{}`, found stage `{}`",
-                            self.stage, st.stage
-                        ),
-                    ));
-                }
-                model = m;
-                optim = o;
-                loader.restore(st.loader.clone())?;
-                if let Some(len) = st.metrics_len {
-                    metrics.truncate(len)?;
-                }
-                state = st;
-                state.total_steps = s.total_steps;
-                last_checkpoint = Some(dir);
-            }
-        }
-
-        let start_step = state.step;
-        cb.on_stage_start(&self.stage, start_step, s.total_steps);
-        let started = Instant::now();
-        let rows_per_epoch = loader.num_rows().max(1) as f64;
-        let mut last_eval = None;
-        let mut stop = StopReason::Completed;
-
-        let stage = self.stage.clone();
-        let non_finite = |step: usize, quantity: &str, value: f64, last: &Option<PathBuf>| {
-            TrainError::NonFinite {
-                stage: stage.clone(),
-                step,
-                quantity: quantity.to_string(),
-                value,
-                last_checkpoint: last.clone(),
-            }
+        let Some(dir) = latest_checkpoint(&ckpt_dir)? else {
+            return Ok((model, session));
         };
-
-        while state.step < s.total_steps {
-            if self.stop_after.is_some_and(|n| state.step >= n) {
-                stop = StopReason::Interrupted { step: state.step };
-                break;
-            }
-            let step = state.step;
-            B::seed(device, derive_seed(s.seed, &[step as u64]));
-            let lr = schedule.lr(step);
-            let t0 = Instant::now();
-            let accum = s.gradient_accumulation_steps;
-            let mut accumulator = GradientsAccumulator::<M>::new();
-            let mut loss_sum = 0.0;
-            let mut terms: BTreeMap<String, f64> = BTreeMap::new();
-            let mut target_tokens = 0;
-            let mut tokens = 0;
-            let mut grads_single = None;
-            for micro in 0..accum {
-                let batch = loader.next_batch()?;
-                target_tokens += batch.num_target_tokens();
-                tokens += batch.num_tokens();
-                let ctx = StepContext {
-                    stage: &self.stage,
-                    step,
-                    micro_step: micro,
-                    training: true,
-                };
-                let parts = model.micro_batches(batch);
-                let part_tokens: Vec<usize> = parts.iter().map(|p| p.num_target_tokens()).collect();
-                let all_tokens: usize = part_tokens.iter().sum();
-                let single = accum == 1 && parts.len() == 1;
-                for (part, part_tokens) in parts.iter().zip(&part_tokens) {
-                    // a part's logged terms weigh by its share of the target tokens
-                    let share = if parts.len() == 1 || all_tokens == 0 {
-                        1.0 / parts.len() as f64
-                    } else {
-                        *part_tokens as f64 / all_tokens as f64
-                    };
-                    let out = model
-                        .forward_loss(part, &ctx)
-                        .map_err(|e| TrainError::Model {
-                            stage: self.stage.clone(),
-                            step,
-                            message: e.to_string(),
-                        })?;
-                    for (name, t) in &out.terms {
-                        *terms.entry(name.clone()).or_default() +=
-                            scalar(t.clone()) * share / accum as f64;
-                    }
-                    let loss = out.loss;
-                    let lv = scalar(loss.clone());
-                    if !lv.is_finite() {
-                        return Err(non_finite(step, "loss", lv, &last_checkpoint));
-                    }
-                    loss_sum += lv;
-                    let scaled = if accum > 1 {
-                        loss.div_scalar(accum as f64)
-                    } else {
-                        loss
-                    };
-                    let grads = GradientsParams::from_grads(scaled.backward(), &model);
-                    if single {
-                        grads_single = Some(grads);
-                    } else {
-                        accumulator.accumulate(&model, grads);
-                    }
-                }
-            }
-            let mut grads = grads_single.unwrap_or_else(|| accumulator.grads());
-            let grad_norm = match s.max_grad_norm {
-                Some(max) => clip_grad_norm::<B, M>(&model, &mut grads, max),
-                None => global_grad_norm::<B, M>(&model, &grads),
-            };
-            if !grad_norm.is_finite() {
-                return Err(non_finite(step, "grad_norm", grad_norm, &last_checkpoint));
-            }
-            model = optim.step(lr, model, grads);
-            state.step += 1;
-            let step_done = state.step;
-            let dt = t0.elapsed().as_secs_f64().max(1e-9);
-            let tm = TrainMetrics {
-                stage: self.stage.clone(),
-                step: step_done,
-                total_steps: s.total_steps,
-                epoch: (step_done * accum * loader.batch_size()) as f64 / rows_per_epoch,
-                loss: loss_sum / accum as f64,
-                terms,
-                lr,
-                grad_norm,
-                target_tokens,
-                tokens_per_second: tokens as f64 / dt,
-                elapsed_s: started.elapsed().as_secs_f64(),
-            };
-            if step_done % s.logging_steps == 0 || step_done == s.total_steps {
-                metrics.write(&MetricLine::Train(tm.clone()))?;
-            }
-            cb.on_step(&tm);
-
-            // validation + early stopping
-            let eval_due = s.eval_steps.is_some_and(|n| step_done % n == 0)
-                || (step_done == s.total_steps && !val.is_empty());
-            let mut early_stop = false;
-            if eval_due && val.iter().any(|v| !v.batches.is_empty()) {
-                let mut em = evaluate::<B, M>(&model, val, &self.stage, step_done)?;
-                let improved = match state.best_val_loss {
-                    None => true,
-                    Some(best) => em.val_loss < best - s.early_stopping_threshold,
-                };
-                if improved {
-                    state.best_val_loss = Some(em.val_loss);
-                    state.best_step = Some(step_done);
-                    state.bad_evals = 0;
-                    em.is_best = true;
-                    if s.early_stopping_patience.is_some() {
-                        save_trainable(&model, &best_path)?;
-                    }
-                } else {
-                    state.bad_evals += 1;
-                }
-                metrics.write(&MetricLine::Eval(em.clone()))?;
-                cb.on_eval(&em);
-                last_eval = Some(em);
-                if let Some(p) = s.early_stopping_patience {
-                    if state.bad_evals >= p {
-                        early_stop = true;
-                    }
-                }
-            }
-
-            let interrupted = self.stop_after.is_some_and(|n| step_done >= n) || cb.should_stop();
-            let save_due = s.save_steps.is_some_and(|n| step_done % n == 0)
-                || step_done == s.total_steps
-                || early_stop
-                || interrupted;
-            if save_due {
-                state.loader = loader.state();
-                state.metrics_len = Some(metrics.len());
-                let path = save_checkpoint(&ckpt_dir, &model, &optim, &state)?;
-                prune_checkpoints(&ckpt_dir, s.save_total_limit)?;
-                cb.on_checkpoint(step_done, &path);
-                last_checkpoint = Some(path);
-            }
-            if early_stop {
-                stop = StopReason::EarlyStopped {
-                    best_step: state.best_step.unwrap_or(step_done),
-                };
-                break;
-            }
-            if interrupted && step_done < s.total_steps {
-                stop = StopReason::Interrupted { step: step_done };
-                break;
-            }
+        let fresh = std::mem::replace(optim, self.optimizer::<B, M>());
+        let (m, o, st) = load_checkpoint(&dir, model, fresh, device)?;
+        if st.stage != self.stage {
+            return Err(TrainError::checkpoint(
+                &dir,
+                format!(
+                    "expected a checkpoint of stage `{}`, found stage `{}`",
+                    self.stage, st.stage
+                ),
+            ));
         }
+        *optim = o;
+        loader.restore(st.loader.clone())?;
+        if let Some(len) = st.metrics_len {
+            session.metrics.truncate(len)?;
+        }
+        session.state = st;
+        session.state.total_steps = self.settings.total_steps;
+        session.start_step = session.state.step;
+        session.last_checkpoint = Some(dir);
+        Ok((m, session))
+    }
 
+    /// The step's metrics line (every `logging_steps`) and the callback.
+    fn log_step(
+        &self,
+        session: &Session,
+        r: &StepReport,
+        t0: Instant,
+        loader: &Loader,
+        cb: &mut dyn TrainCallback,
+    ) -> Result<()> {
+        let s = &self.settings;
+        let step = session.state.step;
+        let dt = t0.elapsed().as_secs_f64().max(1e-9);
+        let accum = s.gradient_accumulation_steps;
+        let tm = TrainMetrics {
+            stage: self.stage.clone(),
+            step,
+            total_steps: s.total_steps,
+            epoch: (step * accum * loader.batch_size()) as f64 / session.rows_per_epoch,
+            loss: r.loss,
+            terms: r.terms.clone(),
+            lr: r.lr,
+            grad_norm: r.grad_norm,
+            target_tokens: r.target_tokens,
+            tokens_per_second: r.tokens as f64 / dt,
+            elapsed_s: session.started.elapsed().as_secs_f64(),
+        };
+        if step % s.logging_steps == 0 || step == s.total_steps {
+            session.metrics.write(&MetricLine::Train(tm.clone()))?;
+        }
+        cb.on_step(&tm);
+        Ok(())
+    }
+
+    /// Validate when due; returns whether early stopping says stop.
+    fn validate_if_due<B, M>(
+        &self,
+        model: &M,
+        val: &[ValSet],
+        session: &mut Session,
+        cb: &mut dyn TrainCallback,
+    ) -> Result<bool>
+    where
+        B: AutodiffBackend,
+        M: AutodiffModule<B>,
+        M::InnerModule: TrainModel<B::InnerBackend>,
+    {
+        let s = &self.settings;
+        let step = session.state.step;
+        let due = s.eval_steps.is_some_and(|n| step % n == 0)
+            || (step == s.total_steps && !val.is_empty());
+        if !due || val.iter().all(|v| v.batches.is_empty()) {
+            return Ok(false);
+        }
+        let mut em = evaluate::<B, M>(model, val, &self.stage, step)?;
+        let st = &mut session.state;
+        let improved = st
+            .best_val_loss
+            .is_none_or(|best| em.val_loss < best - s.early_stopping_threshold);
+        if improved {
+            st.best_val_loss = Some(em.val_loss);
+            st.best_step = Some(step);
+            st.bad_evals = 0;
+            em.is_best = true;
+            if s.early_stopping_patience.is_some() {
+                save_trainable(model, &self.best_path())?;
+            }
+        } else {
+            st.bad_evals += 1;
+        }
+        session.metrics.write(&MetricLine::Eval(em.clone()))?;
+        cb.on_eval(&em);
+        session.last_eval = Some(em);
+        Ok(s.early_stopping_patience
+            .is_some_and(|p| session.state.bad_evals >= p))
+    }
+
+    /// Write a checkpoint when due (every `save_steps`, at the end, or when stopping).
+    fn checkpoint_if_due<B, M>(
+        &self,
+        model: &M,
+        optim: &AdamWOptimizer<M, B>,
+        loader: &Loader,
+        session: &mut Session,
+        stopping: bool,
+        cb: &mut dyn TrainCallback,
+    ) -> Result<()>
+    where
+        B: AutodiffBackend,
+        M: AutodiffModule<B>,
+    {
+        let s = &self.settings;
+        let step = session.state.step;
+        let due = s.save_steps.is_some_and(|n| step % n == 0) || step == s.total_steps;
+        if !(due || stopping) {
+            return Ok(());
+        }
+        let ckpt_dir = self.checkpoint_dir();
+        session.state.loader = loader.state();
+        session.state.metrics_len = Some(session.metrics.len());
+        let path = save_checkpoint(&ckpt_dir, model, optim, &session.state)?;
+        prune_checkpoints(&ckpt_dir, s.save_total_limit)?;
+        cb.on_checkpoint(step, &path);
+        session.last_checkpoint = Some(path);
+        Ok(())
+    }
+
+    /// Restore the best weights after early stopping and report the stage.
+    fn finish<B, M>(
+        &self,
+        model: M,
+        session: Session,
+        stop: StopReason,
+        cb: &mut dyn TrainCallback,
+        device: &B::Device,
+    ) -> Result<StageResult<M>>
+    where
+        B: AutodiffBackend,
+        M: AutodiffModule<B>,
+    {
+        let mut model = model;
         let finished = !matches!(stop, StopReason::Interrupted { .. });
-        if finished && s.early_stopping_patience.is_some() && best_path.exists() {
-            model = load_trainable(model, &best_path, device)?;
+        let best = self.best_path();
+        if finished && self.settings.early_stopping_patience.is_some() && best.exists() {
+            model = load_trainable(model, &best, device)?;
         }
+        let st = &session.state;
         let summary = StageSummary {
             stage: self.stage.clone(),
-            steps: state.step,
-            total_steps: s.total_steps,
+            steps: st.step,
+            total_steps: self.settings.total_steps,
             stop,
-            best_val_loss: state.best_val_loss,
-            best_step: state.best_step,
-            last_eval,
-            last_checkpoint,
-            steps_this_run: state.step - start_step,
-            elapsed_s: started.elapsed().as_secs_f64(),
+            best_val_loss: st.best_val_loss,
+            best_step: st.best_step,
+            last_eval: session.last_eval,
+            last_checkpoint: session.last_checkpoint,
+            steps_this_run: st.step - session.start_step,
+            elapsed_s: session.started.elapsed().as_secs_f64(),
         };
         cb.on_stage_end(&summary);
         Ok(StageResult { model, summary })
     }
+}
+
+/// A non-finite error names the newest checkpoint, kept untouched.
+fn with_checkpoint(e: TrainError, last: &Option<PathBuf>) -> TrainError {
+    match e {
+        TrainError::NonFinite {
+            stage,
+            step,
+            quantity,
+            value,
+            ..
+        } => TrainError::NonFinite {
+            stage,
+            step,
+            quantity,
+            value,
+            last_checkpoint: last.clone(),
+        },
+        other => other,
+    }
+}
+
+/// Remove a file or folder if it exists.
+fn remove_path(p: &Path) -> Result<()> {
+    let r = if p.is_dir() {
+        std::fs::remove_dir_all(p)
+    } else if p.exists() {
+        std::fs::remove_file(p)
+    } else {
+        Ok(())
+    };
+    r.map_err(|e| TrainError::io(p, e))
 }
 
 fn check_settings(s: &TrainSettings) -> Result<()> {
