@@ -8,10 +8,12 @@
 mod attention;
 mod dropout;
 mod elementwise;
+pub(crate) mod frozen;
 mod gated;
 mod linear;
 mod math;
 mod nll;
+pub(crate) mod qgemm;
 
 use std::any::{Any, TypeId};
 
