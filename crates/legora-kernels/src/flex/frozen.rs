@@ -18,6 +18,8 @@ use crate::quant::{FrozenWeight, QuantView, ViewData};
 use burn::backend::Flex;
 
 /// The tensors of a frozen weight as `Flex` primitives (shared, not copied).
+// One per product call: the size gap between the variants is of no consequence.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub(crate) enum FlexWeight {
     /// A dense weight (f32, bf16 or f16).
@@ -158,6 +160,11 @@ fn as_i8(b: &[u8]) -> &[i8] {
 /// The bit patterns of half floats.
 fn bits<T: half::slice::HalfFloatSliceExt + ?Sized>(h: &T) -> &[u16] {
     h.reinterpret_cast()
+}
+
+/// [`FrozenWeight::has_fused_path`].
+pub(crate) fn has_fused_path<B: Backend>(w: &FrozenWeight<B>) -> bool {
+    mode::<B>().and_then(|m| FlexWeight::of(w, m)).is_some()
 }
 
 /// [`FrozenWeight::dequantize`] on a fused backend (`None` elsewhere).

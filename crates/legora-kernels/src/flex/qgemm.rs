@@ -5,11 +5,16 @@
 //!
 //! - forward: a tile is [`ROW_TILE`] rows of `W` × all columns (a contiguous flat range),
 //!   giving the matching [`ROW_TILE`] columns of `y`;
-//! - input gradient: a tile is all rows × a block of columns of `W`, giving that block of
-//!   columns of `dx`. Either way every tile writes its own part of the output: no
-//!   reduction.
+//! - input gradient, many rows (`n ≥` [`DYW_COLUMN_TILES_FROM`]): a tile is all rows × a
+//!   block of columns of `W`, giving that block of columns of `dx` (no reduction);
+//! - input gradient, few rows: a tile is [`ROW_TILE`] rows of `W` (as in the forward),
+//!   each giving a partial `dx` summed into one accumulator per rayon split, then
+//!   reduced (with few rows the accumulators are small, and the products too skinny for
+//!   column tiles to pay: measured 3–4× faster at `n = 1..64`).
 //!
-//! f32 weights skip the tiling (one multi-threaded `gemm` on the weight itself).
+//! f32 weights are not copied: the forward and the many-row input gradient are one
+//! multi-threaded `gemm` on the weight itself, the few-row input gradient reads its row
+//! tiles in place.
 
 use rayon::prelude::*;
 
@@ -17,14 +22,20 @@ use super::{gemm, gemm_with, SendPtr};
 use crate::quant::{QuantView, ViewData};
 use crate::{KernelError, Result};
 
-/// Rows of `W` per tile of the forward product. Measured on 2 threads at
-/// `n = 512, in = 896, out = 4864` (NF4; see `benches/quant_products.rs`): 64–256 are
-/// within a few percent of each other; 128 keeps the scratch (128 × in f32) in L2.
+/// Rows of `W` per row tile. Measured on 2 threads at `n = 512, in = 896, out = 4864`
+/// (NF4, `benches/quant_products.rs`, a shared machine): tiles of 32–512 rows (and
+/// column tiles of 32–256) all land within the run-to-run noise, 0.9–1.2× the f32
+/// product; 128 keeps the scratch (128 × in f32) small.
 pub const ROW_TILE: usize = 128;
 
-/// Most columns of `W` per tile of the input-gradient product (fewer when the weight is
-/// narrow, so that every thread gets several tiles).
+/// Most columns of `W` per column tile of the input-gradient product (fewer when the
+/// weight is narrow, so that every thread gets several tiles).
 pub const COL_TILE: usize = 128;
+
+/// From this many rows of `dy` on, the input gradient uses column tiles; below, row
+/// tiles with partial sums (the crossover measured at the shape above lies between 256
+/// and 512).
+pub const DYW_COLUMN_TILES_FROM: usize = 256;
 
 /// `y[n, out] (+)= x[n, in] · Wᵀ` for `W` `[out, in]` in any storage format
 /// (`accumulate`: add to `y` instead of overwriting it).
@@ -158,6 +169,10 @@ fn dyw(n: usize, dy: &[f32], w: &QuantView<'_>, dx: &mut [f32], accumulate: bool
         }
         return;
     }
+    if n < DYW_COLUMN_TILES_FROM {
+        dyw_row_tiles(n, dy, w, dx, accumulate);
+        return;
+    }
     if let ViewData::F32(wf) = w.data() {
         // SAFETY: dy [n, dout], wf [dout, din], dx [n, din]; sizes checked.
         unsafe {
@@ -198,6 +213,58 @@ fn dyw(n: usize, dy: &[f32], w: &QuantView<'_>, dx: &mut [f32], accumulate: bool
                 );
             }
         });
+}
+
+/// The input gradient from row tiles: tile `t` adds `dy[:, rows of t] · W[rows of t, :]`
+/// to its split's accumulator `[n, in]`; the accumulators are then summed.
+fn dyw_row_tiles(n: usize, dy: &[f32], w: &QuantView<'_>, dx: &mut [f32], accumulate: bool) {
+    let (dout, din) = (w.rows(), w.cols());
+    let tiles = dout.div_ceil(ROW_TILE);
+    // At most about four splits (so four accumulators) per thread.
+    let min_len = tiles.div_ceil(4 * rayon::current_num_threads().max(1));
+    let sum = (0..tiles)
+        .into_par_iter()
+        .with_min_len(min_len)
+        .fold(
+            || (vec![0.0f32; n * din], Vec::<f32>::new()),
+            |(mut acc, mut buf), t| {
+                let r0 = t * ROW_TILE;
+                let rows = ROW_TILE.min(dout - r0);
+                let tile = match w.data() {
+                    ViewData::F32(wf) => &wf[r0 * din..(r0 + rows) * din],
+                    _ => {
+                        buf.resize(rows * din, 0.0);
+                        w.dequantize_tile(r0, rows, 0, &mut buf);
+                        &buf[..]
+                    }
+                };
+                // SAFETY: acc is this split's own [n, din]; dy [n, dout] read from column
+                // r0 (rows columns); tile holds W[r0..r0+rows, :] as [rows, din].
+                unsafe {
+                    gemm(
+                        (n, din, rows),
+                        acc.as_mut_ptr(),
+                        din,
+                        true,
+                        (dy.as_ptr().add(r0), dout, 1),
+                        (tile.as_ptr(), din, 1),
+                        1.0,
+                    );
+                }
+                (acc, buf)
+            },
+        )
+        .map(|(acc, _)| acc)
+        .reduce_with(|mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+            a
+        });
+    match (sum, accumulate) {
+        (Some(s), true) => dx.iter_mut().zip(&s).for_each(|(x, y)| *x += y),
+        (Some(s), false) => dx.copy_from_slice(&s),
+        (None, true) => {}
+        (None, false) => dx.fill(0.0),
+    }
 }
 
 /// Columns per input-gradient tile: at most [`COL_TILE`], few enough that each thread

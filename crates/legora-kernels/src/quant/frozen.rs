@@ -24,6 +24,9 @@ use super::int8::INV_127;
 use super::matrix::{Format, QuantMatrix, Storage};
 
 /// A frozen linear weight `[out, in]` (HF layout), dense or quantized.
+// One per projection, never in bulk collections: the size gap between the variants
+// (three params against one) costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum FrozenWeight<B: Backend> {
     /// A dense weight in its burn dtype (f32, bf16 or f16), not requiring a gradient.
@@ -201,6 +204,20 @@ impl<B: Backend> FrozenWeight<B> {
         }
     }
 
+    /// Whether [`frozen_linear`] takes the fused CPU kernel for this weight on `B` (`Flex`
+    /// or `Autodiff<Flex>` with the `flex` feature, the tensors stored as made by
+    /// [`FrozenWeight::from_quant`] or [`FrozenWeight::dense`] with an f32/bf16/f16 dtype).
+    pub fn has_fused_path(&self) -> bool {
+        #[cfg(feature = "flex")]
+        {
+            crate::flex::frozen::has_fused_path(self)
+        }
+        #[cfg(not(feature = "flex"))]
+        {
+            false
+        }
+    }
+
     /// The weight as an f32 tensor `[out, in]`: on `Flex` / `Autodiff<Flex>` dequantized in
     /// Rust from the stored bytes, elsewhere by [`FrozenWeight::dequantize_reference`].
     pub fn dequantize(&self) -> Tensor<B, 2> {
@@ -233,7 +250,7 @@ impl<B: Backend> QuantizedWeight<B> {
                     .bitwise_xor_scalar(0x80.elem())
                     .sub_scalar(128)
                     .float()
-                    .slice([0..n])
+                    .slice(0..n)
                     .reshape([rows, cols]);
                 let scales = self.scales.val().reshape([rows, 1]);
                 return (codes * scales).mul_scalar(INV_127);
@@ -251,21 +268,21 @@ impl<B: Backend> QuantizedWeight<B> {
                         let words = words.expect("double quantization keeps nested codes");
                         let map = Tensor::<B, 1>::from_floats(&code[..], &device);
                         let nested_blocks = blocks.div_ceil(*nbs);
-                        let idx = unpack(words, 4, 8, 0xFF).slice([0..nested_blocks * nbs]);
+                        let idx = unpack(words, 4, 8, 0xFF).slice(0..nested_blocks * nbs);
                         let scale = self.scales.val().reshape([nested_blocks, 1]);
                         let v = map.select(0, idx).reshape([nested_blocks, *nbs]) * scale;
                         v.reshape([nested_blocks * nbs])
-                            .slice([0..blocks])
+                            .slice(0..blocks)
                             .add_scalar(*offset)
                     }
                 };
                 let book = Tensor::<B, 1>::from_floats(&kind.code()[..], &device);
-                let idx = nibbles(self.codes.val()).slice([0..blocks * blocksize]);
+                let idx = nibbles(self.codes.val()).slice(0..blocks * blocksize);
                 let v = book.select(0, idx).reshape([blocks, *blocksize]);
                 (v * absmax.reshape([blocks, 1])).reshape([blocks * blocksize])
             }
         };
-        flat.slice([0..n]).reshape([rows, cols])
+        flat.slice(0..n).reshape([rows, cols])
     }
 }
 
@@ -310,7 +327,7 @@ fn nibbles<B: Backend>(words: Tensor<B, 1, Int>) -> Tensor<B, 1, Int> {
             let shift = 8 * (j / 2) + if j % 2 == 0 { 4 } else { 0 };
             words
                 .clone()
-                .bitwise_right_shift_scalar((shift as i32).elem())
+                .bitwise_right_shift_scalar(shift.elem())
                 .bitwise_and_scalar(0x0F.elem())
         })
         .collect();

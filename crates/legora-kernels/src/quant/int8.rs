@@ -11,7 +11,7 @@ pub const INV_127: f32 = 0.007874016;
 /// `127 / SCB` is torch's `reciprocal(SCB) · 127` and `round` sends halves to even; an
 /// all-zero row gets codes 0. Returns `(codes, scales)`.
 pub fn quantize_int8(w: &[f32], cols: usize) -> (Vec<i8>, Vec<f32>) {
-    let rows = if cols == 0 { 0 } else { w.len() / cols };
+    let rows = w.len().checked_div(cols).unwrap_or(0);
     let mut codes = Vec::with_capacity(w.len());
     let mut scales = Vec::with_capacity(rows);
     for row in w.chunks_exact(cols.max(1)).take(rows) {

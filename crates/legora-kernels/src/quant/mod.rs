@@ -31,4 +31,4 @@ pub use matrix::{Format, QuantMatrix, QuantView, Storage, ViewData};
 pub use saved::{load_bnb_4bit, load_bnb_int8, SavedTensor};
 
 #[cfg(feature = "flex")]
-pub use crate::flex::qgemm::{matmul_dyw, matmul_xwt};
+pub use crate::flex::qgemm::{matmul_dyw, matmul_xwt, COL_TILE, DYW_COLUMN_TILES_FROM, ROW_TILE};
