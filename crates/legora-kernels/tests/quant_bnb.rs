@@ -1,7 +1,8 @@
-//! The storage formats against bitsandbytes 0.50 and torch: codes, scales and
-//! dequantized weights from `tests/fixtures/make_quant_fixtures.py`
-//! (`tests/fixtures/quant/bnb.safetensors`; its docstring lists the keys and the special
-//! blocks: a zero row, a block holding every rounding midpoint).
+//! The storage formats against bitsandbytes 0.50, torch and transformers: codes, scales
+//! and dequantized weights from `tests/fixtures/make_quant_fixtures.py`
+//! (`tests/fixtures/quant/bnb.safetensors`, and two checkpoints transformers saved for a
+//! tiny Llama; the script's docstring lists the keys and the special blocks: a zero row,
+//! a block holding every rounding midpoint).
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -16,24 +17,36 @@ use safetensors::SafeTensors;
 /// One fixture tensor: safetensors dtype name, shape, bytes.
 type Entry = (String, Vec<usize>, Vec<u8>);
 
-/// Every fixture tensor by key.
+/// Every tensor of fixture file `name` by key.
+fn read_fixture(name: &str) -> HashMap<String, Entry> {
+    let path = format!(
+        "{}/../../tests/fixtures/quant/{name}.safetensors",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let bytes = std::fs::read(&path).expect("fixture file (see make_quant_fixtures.py)");
+    let st = SafeTensors::deserialize(&bytes).expect("a safetensors file");
+    st.tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            let dtype = format!("{:?}", v.dtype());
+            (k, (dtype, v.shape().to_vec(), v.data().to_vec()))
+        })
+        .collect()
+}
+
+/// Every tensor of `bnb.safetensors` by key.
 fn fixture() -> &'static HashMap<String, Entry> {
     static DATA: OnceLock<HashMap<String, Entry>> = OnceLock::new();
-    DATA.get_or_init(|| {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../tests/fixtures/quant/bnb.safetensors"
-        );
-        let bytes = std::fs::read(path).expect("fixture file (see make_quant_fixtures.py)");
-        let st = SafeTensors::deserialize(&bytes).expect("a safetensors file");
-        st.tensors()
-            .into_iter()
-            .map(|(k, v)| {
-                let dtype = format!("{:?}", v.dtype());
-                (k, (dtype, v.shape().to_vec(), v.data().to_vec()))
-            })
-            .collect()
-    })
+    DATA.get_or_init(|| read_fixture("bnb"))
+}
+
+/// An f32 tensor of a fixture map.
+fn f32s_of(map: &HashMap<String, Entry>, key: &str) -> Vec<f32> {
+    let e = map.get(key).unwrap_or_else(|| panic!("fixture has {key}"));
+    assert_eq!(e.0, "F32", "{key}");
+    e.2.chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
 }
 
 /// A fixture tensor's bytes.
@@ -46,11 +59,7 @@ fn raw(key: &str) -> &'static [u8] {
 
 /// A fixture tensor as f32 (F32 only).
 fn f32s(key: &str) -> Vec<f32> {
-    assert_eq!(fixture()[key].0, "F32", "{key}");
-    raw(key)
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
+    f32s_of(fixture(), key)
 }
 
 /// A fixture tensor as u16 bits (BF16 / F16).
@@ -451,4 +460,68 @@ fn bad_checkpoints_name_the_tensor() {
         ),
         "{e}"
     );
+}
+
+const MODULES: [&str; 2] = [
+    "model.layers.0.mlp.down_proj",
+    "model.layers.0.self_attn.q_proj",
+];
+
+/// What transformers' `save_pretrained` wrote for a 4-bit (NF4, double quantization)
+/// tiny Llama loads under the HF keys and dequantizes as bitsandbytes does; quantizing
+/// the original f32 weight here packs the same codes.
+#[test]
+fn transformers_4bit_checkpoint_loads() {
+    let file = read_fixture("transformers_nf4_dq");
+    let get = |k: &str| {
+        file.get(k).map(|e| SavedTensor {
+            dtype: &e.0,
+            shape: &e.1,
+            data: &e.2,
+        })
+    };
+    for m in MODULES {
+        let q = load_bnb_4bit(m, get).unwrap_or_else(|e| panic!("{m}: {e}"));
+        assert_eq!(q.format(), Format::Nf4 { double_quant: true });
+        assert_bits(
+            m,
+            &q.dequantize(),
+            &f32s_of(&file, &format!("reference.{m}.dequantized")),
+        );
+        let w = f32s_of(&file, &format!("reference.{m}.weight"));
+        let ours = QuantMatrix::quantize(m, &w, q.rows(), q.cols(), q.format()).unwrap();
+        let (Storage::Bnb4(a), Storage::Bnb4(b)) = (ours.storage(), q.storage()) else {
+            panic!("4-bit storage");
+        };
+        assert_eq!(a.packed, b.packed, "{m} codes");
+    }
+}
+
+/// The same for 8-bit (`load_in_8bit`): `weight` / `SCB` / `weight_format` load and
+/// dequantize as bitsandbytes; transformers quantizes the f16 rounding of the weight, so
+/// quantizing that here gives the saved codes.
+#[test]
+fn transformers_int8_checkpoint_loads() {
+    let file = read_fixture("transformers_int8");
+    let get = |k: &str| {
+        file.get(k).map(|e| SavedTensor {
+            dtype: &e.0,
+            shape: &e.1,
+            data: &e.2,
+        })
+    };
+    for m in MODULES {
+        let q = load_bnb_int8(m, get).unwrap_or_else(|e| panic!("{m}: {e}"));
+        assert_bits(
+            m,
+            &q.dequantize(),
+            &f32s_of(&file, &format!("reference.{m}.dequantized")),
+        );
+        let w: Vec<f32> = f32s_of(&file, &format!("reference.{m}.weight"))
+            .iter()
+            .map(|&v| half::f16::from_f32(v).to_f32())
+            .collect();
+        let ours = QuantMatrix::quantize(m, &w, q.rows(), q.cols(), Format::Int8).unwrap();
+        assert_eq!(ours, q, "{m}");
+    }
 }

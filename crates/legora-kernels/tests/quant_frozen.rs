@@ -2,6 +2,7 @@
 //! hand-written backward) against the reference path (burn-ops dequantization, matmul),
 //! values and input/bias gradients, for every storage format; and the burn-ops
 //! dequantization against the Rust one.
+#![cfg(feature = "flex")]
 
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;

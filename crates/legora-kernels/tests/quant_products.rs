@@ -3,6 +3,7 @@
 //! 65 (the input gradient's row tiles with partial sums) and 260 (its column tiles);
 //! `out` and `in` not multiples of 64 (4-bit blocks straddle rows) and larger than one
 //! tile (several row tiles, several column tiles).
+#![cfg(feature = "flex")]
 
 use legora_kernels::quant::{matmul_dyw, matmul_xwt, Format, QuantMatrix, DYW_COLUMN_TILES_FROM};
 

@@ -346,6 +346,7 @@ impl<'a> QuantView<'a> {
 
     /// Columns `col0..col0 + out.len() / nrows` of rows `row0..row0 + nrows`, row-major
     /// into `out` (a 2-D tile). In range: the caller's duty.
+    #[cfg_attr(not(feature = "flex"), allow(dead_code))]
     pub(crate) fn dequantize_tile(&self, row0: usize, nrows: usize, col0: usize, out: &mut [f32]) {
         if nrows == 0 {
             return;
