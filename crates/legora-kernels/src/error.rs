@@ -21,6 +21,32 @@ pub enum KernelError {
         /// What is wrong, with the expected and found values.
         message: String,
     },
+    /// A buffer or tensor with the wrong number of elements.
+    #[error("{what}: expected {expected} elements, found {found}")]
+    Length {
+        /// What the buffer holds (tensor name or format).
+        what: String,
+        /// Elements required.
+        expected: usize,
+        /// Elements present.
+        found: usize,
+    },
+    /// A tensor a stored format needs is absent (e.g. a bitsandbytes quant state).
+    #[error("missing tensor {what}")]
+    Missing {
+        /// The full key of the absent tensor.
+        what: String,
+    },
+    /// A tensor stored with a dtype its format does not allow.
+    #[error("{what}: expected dtype {expected}, found {found}")]
+    Dtype {
+        /// The tensor's key.
+        what: String,
+        /// The dtype(s) allowed.
+        expected: String,
+        /// The dtype present.
+        found: String,
+    },
 }
 
 /// `Result` with [`KernelError`].

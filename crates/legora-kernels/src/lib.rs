@@ -29,6 +29,7 @@ pub mod quant;
 pub mod reference;
 
 pub use error::{KernelError, Result};
+pub use quant::{frozen_linear, FrozenWeight};
 
 #[cfg(feature = "flex")]
 mod flex;

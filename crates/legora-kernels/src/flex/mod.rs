@@ -8,8 +8,10 @@
 mod attention;
 mod dropout;
 mod elementwise;
+pub(crate) mod frozen;
 mod math;
 mod nll;
+pub(crate) mod qgemm;
 mod stacked;
 
 use std::any::{Any, TypeId};

@@ -1,0 +1,373 @@
+//! A frozen linear weight as a burn module, in its storage format on any backend:
+//! [`FrozenWeight`] and the product [`frozen_linear`].
+//!
+//! - Dense weights (f32, bf16, f16) are one `Param<Tensor<B, 2>>` of that burn dtype.
+//! - Quantized weights (bitsandbytes NF4/FP4, with or without double quantization, and
+//!   int8) keep their codes' bytes in int tensors, as little-endian `i32` words (a 4-bit
+//!   word holds 8 codes in bitsandbytes' byte and nibble order, an int8 word 4 codes),
+//!   and their scales in f32 tensors: about the size of the file, on every backend.
+//!
+//! `Flex` and `Autodiff<Flex>` (feature `flex`) read those bytes in place (no copy) and
+//! run the tile-dequantizing products ([`crate::quant::matmul_xwt`]); under autodiff one
+//! backward node gives the input (and bias) gradient, the weight getting none. Every
+//! other backend (and [`frozen_linear_reference`]) dequantizes the one projection with
+//! burn ops (shift, mask, gather from the code book, multiply) and multiplies.
+
+use std::sync::Arc;
+
+use burn::module::{Module, Param, ParamId};
+use burn::prelude::*;
+use burn::tensor::{DType, ElementConversion, TensorCreationOptions, TensorData};
+
+use super::bnb::{Absmax, FourBit};
+use super::int8::INV_127;
+use super::matrix::{Format, QuantMatrix, Storage};
+
+/// A frozen linear weight `[out, in]` (HF layout), dense or quantized.
+// One per projection, never in bulk collections: the size gap between the variants
+// (three params against one) costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum FrozenWeight<B: Backend> {
+    /// A dense weight in its burn dtype (f32, bf16 or f16), not requiring a gradient.
+    Dense(Param<Tensor<B, 2>>),
+    /// Quantized codes and scales.
+    Quantized(QuantizedWeight<B>),
+}
+
+/// The tensors of a quantized [`FrozenWeight`]; made by [`FrozenWeight::from_quant`].
+#[derive(Module, Debug)]
+pub struct QuantizedWeight<B: Backend> {
+    /// The codes' bytes as little-endian `i32` words, zero-padded (4-bit: to whole
+    /// blocks).
+    pub(crate) codes: Param<Tensor<B, 1, Int>>,
+    /// f32 scales: the 4-bit block absmax, the int8 row scales (`SCB`), or with double
+    /// quantization the nested absmax.
+    pub(crate) scales: Param<Tensor<B, 1>>,
+    /// With double quantization: the 8-bit absmax codes as `i32` words, zero-padded to
+    /// whole nested blocks.
+    pub(crate) nested_codes: Option<Param<Tensor<B, 1, Int>>>,
+    /// Sizes and format.
+    #[module(skip)]
+    pub(crate) meta: QuantMeta,
+}
+
+/// Sizes and format of a [`QuantizedWeight`].
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct QuantMeta {
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) scheme: Scheme,
+}
+
+/// The quantization scheme of a [`QuantizedWeight`].
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Scheme {
+    /// LLM.int8() row-wise codes.
+    Int8,
+    /// bitsandbytes 4-bit.
+    Bnb4 {
+        kind: FourBit,
+        blocksize: usize,
+        /// `(nested_blocksize, offset, 256-entry code book)` with double quantization.
+        nested: Option<(usize, f32, Arc<[f32]>)>,
+    },
+}
+
+impl QuantMeta {
+    /// The storage format.
+    pub(crate) fn format(&self) -> Format {
+        match &self.scheme {
+            Scheme::Int8 => Format::Int8,
+            Scheme::Bnb4 { kind, nested, .. } => {
+                let double_quant = nested.is_some();
+                match kind {
+                    FourBit::Nf4 => Format::Nf4 { double_quant },
+                    FourBit::Fp4 => Format::Fp4 { double_quant },
+                }
+            }
+        }
+    }
+}
+
+impl<B: Backend> FrozenWeight<B> {
+    /// A dense weight `[out, in]` as given (any float dtype), marked as not requiring a
+    /// gradient.
+    pub fn dense(weight: Tensor<B, 2>) -> Self {
+        FrozenWeight::Dense(Param::initialized(ParamId::new(), weight).set_require_grad(false))
+    }
+
+    /// Moves a [`QuantMatrix`] onto `device`: f32/bf16/f16 as a dense tensor of that
+    /// dtype, int8 and 4-bit as codes and scales (see the module docs).
+    pub fn from_quant(m: QuantMatrix, device: &B::Device) -> Self {
+        let (rows, cols) = (m.rows(), m.cols());
+        let shape = [rows, cols];
+        let float = |data: TensorData, dtype: DType| {
+            let opts = TensorCreationOptions::new(device.clone()).with_dtype(dtype);
+            Tensor::<B, 2>::from_data(data, opts)
+        };
+        let scheme;
+        let (codes, scales, nested_codes) = match m.into_storage() {
+            Storage::F32(w) => return Self::dense(float(TensorData::new(w, shape), DType::F32)),
+            Storage::Bf16(bits) => {
+                let w: Vec<half::bf16> = bits.into_iter().map(half::bf16::from_bits).collect();
+                return Self::dense(float(TensorData::new(w, shape), DType::BF16));
+            }
+            Storage::F16(bits) => {
+                let w: Vec<half::f16> = bits.into_iter().map(half::f16::from_bits).collect();
+                return Self::dense(float(TensorData::new(w, shape), DType::F16));
+            }
+            Storage::Int8 { codes, scales } => {
+                scheme = Scheme::Int8;
+                let bytes: Vec<u8> = codes.iter().map(|&c| c as u8).collect();
+                (words(&bytes, bytes.len()), scales, None)
+            }
+            Storage::Bnb4(q) => {
+                let n = rows * cols;
+                let blocks = n.div_ceil(q.blocksize);
+                let codes = words(&q.packed, blocks * q.blocksize / 2);
+                let (scales, nested, nested_codes) = match q.absmax {
+                    Absmax::F32(a) => (a, None, None),
+                    Absmax::Nested(nq) => {
+                        let padded = blocks.div_ceil(nq.blocksize) * nq.blocksize;
+                        let nested = (nq.blocksize, nq.offset, Arc::from(nq.code));
+                        (nq.absmax, Some(nested), Some(words(&nq.codes, padded)))
+                    }
+                };
+                scheme = Scheme::Bnb4 {
+                    kind: q.kind,
+                    blocksize: q.blocksize,
+                    nested,
+                };
+                (codes, scales, nested_codes)
+            }
+        };
+        let int = |w: Vec<i32>| {
+            let len = w.len();
+            let opts = TensorCreationOptions::new(device.clone()).with_dtype(DType::I32);
+            let t = Tensor::<B, 1, Int>::from_data(TensorData::new(w, [len]), opts);
+            Param::initialized(ParamId::new(), t)
+        };
+        let len = scales.len();
+        let scales = Tensor::<B, 1>::from_data(
+            TensorData::new(scales, [len]),
+            TensorCreationOptions::new(device.clone()).with_dtype(DType::F32),
+        );
+        FrozenWeight::Quantized(QuantizedWeight {
+            codes: int(codes),
+            scales: Param::initialized(ParamId::new(), scales).set_require_grad(false),
+            nested_codes: nested_codes.map(int),
+            meta: QuantMeta { rows, cols, scheme },
+        })
+    }
+
+    /// `[out, in]`.
+    pub fn dims(&self) -> [usize; 2] {
+        match self {
+            FrozenWeight::Dense(w) => w.val().dims(),
+            FrozenWeight::Quantized(q) => [q.meta.rows, q.meta.cols],
+        }
+    }
+
+    /// The storage format (a dense weight's from its dtype; other float dtypes report
+    /// [`Format::F32`]).
+    pub fn format(&self) -> Format {
+        match self {
+            FrozenWeight::Dense(w) => match w.val().dtype() {
+                DType::BF16 => Format::Bf16,
+                DType::F16 => Format::F16,
+                _ => Format::F32,
+            },
+            FrozenWeight::Quantized(q) => q.meta.format(),
+        }
+    }
+
+    /// Memory held by the weight's tensors (and the double-quantization code book), in
+    /// bytes.
+    pub fn bytes(&self) -> usize {
+        match self {
+            FrozenWeight::Dense(w) => {
+                let w = w.val();
+                w.shape().num_elements() * w.dtype().size()
+            }
+            FrozenWeight::Quantized(q) => {
+                let table = match &q.meta.scheme {
+                    Scheme::Bnb4 {
+                        nested: Some((_, _, code)),
+                        ..
+                    } => 4 * code.len(),
+                    _ => 0,
+                };
+                let nested = q.nested_codes.as_ref().map_or(0, |c| 4 * c.val().dims()[0]);
+                4 * q.codes.val().dims()[0] + 4 * q.scales.val().dims()[0] + nested + table
+            }
+        }
+    }
+
+    /// Whether [`frozen_linear`] takes the fused CPU kernel for this weight on `B` (`Flex`
+    /// or `Autodiff<Flex>` with the `flex` feature, the tensors stored as made by
+    /// [`FrozenWeight::from_quant`] or [`FrozenWeight::dense`] with an f32/bf16/f16 dtype).
+    pub fn has_fused_path(&self) -> bool {
+        #[cfg(feature = "flex")]
+        {
+            crate::flex::frozen::has_fused_path(self)
+        }
+        #[cfg(not(feature = "flex"))]
+        {
+            false
+        }
+    }
+
+    /// The weight as an f32 tensor `[out, in]`: on `Flex` / `Autodiff<Flex>` dequantized in
+    /// Rust from the stored bytes, elsewhere by [`FrozenWeight::dequantize_reference`].
+    pub fn dequantize(&self) -> Tensor<B, 2> {
+        #[cfg(feature = "flex")]
+        if let Some(w) = crate::flex::frozen::dequantize(self) {
+            return w;
+        }
+        self.dequantize_reference()
+    }
+
+    /// The weight as an f32 tensor `[out, in]`, with burn tensor ops only (any backend):
+    /// shift and mask the code words, gather from the code book, scale per block or row.
+    pub fn dequantize_reference(&self) -> Tensor<B, 2> {
+        match self {
+            FrozenWeight::Dense(w) => w.val().cast(DType::F32),
+            FrozenWeight::Quantized(q) => q.dequantize_reference(),
+        }
+    }
+}
+
+impl<B: Backend> QuantizedWeight<B> {
+    /// See [`FrozenWeight::dequantize_reference`].
+    fn dequantize_reference(&self) -> Tensor<B, 2> {
+        let QuantMeta { rows, cols, scheme } = &self.meta;
+        let (rows, cols, n) = (*rows, *cols, rows * cols);
+        let device = self.scales.val().device();
+        let flat = match scheme {
+            Scheme::Int8 => {
+                let codes = unpack(self.codes.val(), 4, 8, 0xFF)
+                    .bitwise_xor_scalar(0x80.elem())
+                    .sub_scalar(128)
+                    .float()
+                    .slice(0..n)
+                    .reshape([rows, cols]);
+                let scales = self.scales.val().reshape([rows, 1]);
+                return (codes * scales).mul_scalar(INV_127);
+            }
+            Scheme::Bnb4 {
+                kind,
+                blocksize,
+                nested,
+            } => {
+                let blocks = n.div_ceil(*blocksize);
+                let absmax = match nested {
+                    None => self.scales.val(),
+                    Some((nbs, offset, code)) => {
+                        let words = self.nested_codes.as_ref().map(|c| c.val());
+                        let words = words.expect("double quantization keeps nested codes");
+                        let map = Tensor::<B, 1>::from_floats(&code[..], &device);
+                        let nested_blocks = blocks.div_ceil(*nbs);
+                        let idx = unpack(words, 4, 8, 0xFF).slice(0..nested_blocks * nbs);
+                        let scale = self.scales.val().reshape([nested_blocks, 1]);
+                        let v = map.select(0, idx).reshape([nested_blocks, *nbs]) * scale;
+                        v.reshape([nested_blocks * nbs])
+                            .slice(0..blocks)
+                            .add_scalar(*offset)
+                    }
+                };
+                let book = Tensor::<B, 1>::from_floats(&kind.code()[..], &device);
+                let idx = nibbles(self.codes.val()).slice(0..blocks * blocksize);
+                let v = book.select(0, idx).reshape([blocks, *blocksize]);
+                (v * absmax.reshape([blocks, 1])).reshape([blocks * blocksize])
+            }
+        };
+        flat.slice(0..n).reshape([rows, cols])
+    }
+}
+
+/// `bytes` zero-padded to `len` (at least `bytes.len()`) and then to whole words, as
+/// little-endian `i32`s.
+fn words(bytes: &[u8], len: usize) -> Vec<i32> {
+    let len = len.max(bytes.len()).next_multiple_of(4);
+    let mut padded = bytes.to_vec();
+    padded.resize(len, 0);
+    padded
+        .chunks_exact(4)
+        .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+/// The `per` fields of `bits` bits of every word, lowest first, masked with `mask`:
+/// `[W]` → `[W·per]`.
+fn unpack<B: Backend>(
+    words: Tensor<B, 1, Int>,
+    per: usize,
+    bits: usize,
+    mask: i32,
+) -> Tensor<B, 1, Int> {
+    let w = words.dims()[0];
+    let parts: Vec<Tensor<B, 1, Int>> = (0..per)
+        .map(|j| {
+            words
+                .clone()
+                .bitwise_right_shift_scalar(((j * bits) as i32).elem())
+                .bitwise_and_scalar(mask.elem())
+        })
+        .collect();
+    Tensor::stack::<2>(parts, 1).reshape([w * per])
+}
+
+/// The 8 nibbles of every word in element order (byte `k` holds elements `2k` (high
+/// nibble) and `2k + 1` (low)): `[W]` → `[8W]`.
+fn nibbles<B: Backend>(words: Tensor<B, 1, Int>) -> Tensor<B, 1, Int> {
+    let w = words.dims()[0];
+    let parts: Vec<Tensor<B, 1, Int>> = (0..8)
+        .map(|j| {
+            let shift = 8 * (j / 2) + if j % 2 == 0 { 4 } else { 0 };
+            words
+                .clone()
+                .bitwise_right_shift_scalar(shift.elem())
+                .bitwise_and_scalar(0x0F.elem())
+        })
+        .collect();
+    Tensor::stack::<2>(parts, 1).reshape([w * 8])
+}
+
+/// `x·Wᵀ + bias` with a frozen weight: the tile-dequantizing CPU kernel on `Flex` and
+/// `Autodiff<Flex>` (f32 activations; the backward gives `x` and `bias` their gradients,
+/// the weight none), [`frozen_linear_reference`] elsewhere.
+///
+/// # Shapes
+/// - x: `[N, in]`, weight: `[out, in]`, bias: `[out]` → `[N, out]`
+pub fn frozen_linear<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: &FrozenWeight<B>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, 2> {
+    #[cfg(feature = "flex")]
+    let (x, bias) = match crate::flex::frozen::frozen_linear(x, weight, bias) {
+        Ok(out) => return out,
+        Err(args) => args,
+    };
+    frozen_linear_reference(x, weight, bias)
+}
+
+/// The reference path of [`frozen_linear`]: dequantize the weight with burn ops
+/// ([`FrozenWeight::dequantize_reference`]), then `x·Wᵀ + bias` (the weight detached: it
+/// gets no gradient).
+///
+/// # Shapes
+/// - x: `[N, in]`, weight: `[out, in]`, bias: `[out]` → `[N, out]`
+pub fn frozen_linear_reference<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: &FrozenWeight<B>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, 2> {
+    let w = weight.dequantize_reference().detach();
+    let y = x.matmul(w.transpose());
+    match bias {
+        Some(b) => y + b.unsqueeze(),
+        None => y,
+    }
+}

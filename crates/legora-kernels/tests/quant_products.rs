@@ -1,0 +1,141 @@
+//! The tile-dequantizing products (`matmul_xwt`: `y = x·Wᵀ`, `matmul_dyw`: `dx = dy·W`)
+//! against dequantize-then-multiply, for every storage format, on odd sizes: `n` = 1, 7,
+//! 65 (the input gradient's row tiles with partial sums) and 260 (its column tiles);
+//! `out` and `in` not multiples of 64 (4-bit blocks straddle rows) and larger than one
+//! tile (several row tiles, several column tiles).
+#![cfg(feature = "flex")]
+
+use legora_kernels::quant::{matmul_dyw, matmul_xwt, Format, QuantMatrix, DYW_COLUMN_TILES_FROM};
+
+/// Every storage format.
+const FORMATS: [Format; 8] = [
+    Format::F32,
+    Format::Bf16,
+    Format::F16,
+    Format::Int8,
+    Format::Nf4 {
+        double_quant: false,
+    },
+    Format::Nf4 { double_quant: true },
+    Format::Fp4 {
+        double_quant: false,
+    },
+    Format::Fp4 { double_quant: true },
+];
+
+/// Deterministic values in [-1, 1) (xorshift).
+fn values(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+        })
+        .collect()
+}
+
+/// `a [m, k] · b [k, p]` in f64, with `b` read through `(row stride, col stride)`.
+fn reference(
+    a: &[f32],
+    b: &[f32],
+    (m, k, p): (usize, usize, usize),
+    b_strides: (usize, usize),
+) -> Vec<f32> {
+    let mut out = vec![0.0f32; m * p];
+    for i in 0..m {
+        for j in 0..p {
+            let s: f64 = (0..k)
+                .map(|t| f64::from(a[i * k + t]) * f64::from(b[t * b_strides.0 + j * b_strides.1]))
+                .sum();
+            out[i * p + j] = s as f32;
+        }
+    }
+    out
+}
+
+/// Relative max error (over the largest magnitude of `want`).
+fn assert_close(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-5 * scale,
+            "{what}: element {i}: {g} vs {w} (scale {scale})"
+        );
+    }
+}
+
+#[test]
+fn products_match_dequantize_then_multiply() {
+    for (dout, din) in [(300, 197), (37, 45)] {
+        let w = values(dout * din, 7);
+        for format in FORMATS {
+            let m = QuantMatrix::quantize("w", &w, dout, din, format).unwrap();
+            let wd = m.dequantize();
+            let view = m.view();
+            let many = if dout > 128 {
+                DYW_COLUMN_TILES_FROM + 4
+            } else {
+                1
+            };
+            for n in [1, 7, 65, many] {
+                let what = format!("{} [{dout}, {din}] n={n}", format.name());
+                let x = values(n * din, 11 + n as u64);
+                let mut y = vec![0.0f32; n * dout];
+                matmul_xwt(n, &x, &view, &mut y, false).unwrap();
+                // y = x·Wᵀ: W [dout, din] read as [din, dout] (strides 1, din).
+                let want = reference(&x, &wd, (n, din, dout), (1, din));
+                assert_close(&format!("{what} x·Wᵀ"), &y, &want);
+
+                let dy = values(n * dout, 13 + n as u64);
+                let mut dx = vec![0.0f32; n * din];
+                matmul_dyw(n, &dy, &view, &mut dx, false).unwrap();
+                let want = reference(&dy, &wd, (n, dout, din), (din, 1));
+                assert_close(&format!("{what} dy·W"), &dx, &want);
+            }
+        }
+    }
+}
+
+/// `accumulate` adds to what is there.
+#[test]
+fn products_accumulate() {
+    let (n, dout, din) = (5, 70, 33);
+    let w = values(dout * din, 3);
+    let m = QuantMatrix::quantize("w", &w, dout, din, Format::Nf4 { double_quant: true }).unwrap();
+    let x = values(n * din, 4);
+    let mut fresh = vec![0.0f32; n * dout];
+    matmul_xwt(n, &x, &m.view(), &mut fresh, false).unwrap();
+    let mut acc = vec![1.5f32; n * dout];
+    matmul_xwt(n, &x, &m.view(), &mut acc, true).unwrap();
+    let want: Vec<f32> = fresh.iter().map(|v| v + 1.5).collect();
+    assert_close("accumulated y", &acc, &want);
+
+    let dy = values(n * dout, 5);
+    let mut fresh = vec![0.0f32; n * din];
+    matmul_dyw(n, &dy, &m.view(), &mut fresh, false).unwrap();
+    let mut acc = vec![-2.0f32; n * din];
+    matmul_dyw(n, &dy, &m.view(), &mut acc, true).unwrap();
+    let want: Vec<f32> = fresh.iter().map(|v| v - 2.0).collect();
+    assert_close("accumulated dx", &acc, &want);
+}
+
+/// Wrong slice lengths are errors, not panics.
+#[test]
+fn products_check_lengths() {
+    let m = QuantMatrix::quantize("w", &values(6, 1), 2, 3, Format::Int8).unwrap();
+    let mut y = vec![0.0f32; 4];
+    let e = matmul_xwt(2, &[0.0; 5], &m.view(), &mut y, false).unwrap_err();
+    assert!(
+        e.to_string().contains("expected 6 elements, found 5"),
+        "{e}"
+    );
+    let mut dx = vec![0.0f32; 5];
+    let e = matmul_dyw(2, &[0.0; 4], &m.view(), &mut dx, false).unwrap_err();
+    assert!(
+        e.to_string().contains("expected 6 elements, found 5"),
+        "{e}"
+    );
+}
