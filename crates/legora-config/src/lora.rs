@@ -102,7 +102,8 @@ pub struct LoraConfig {
     /// Dropout on the LoRA path's input, training only. In `[0, 1)`.
     #[serde(default)]
     pub lora_dropout: f64,
-    /// Modules to adapt (names, a full-match regex, or `"all-linear"`).
+    /// Modules to adapt (names, a full-match regex, or `"all-linear"`); unset: PEFT's
+    /// default for Llama-family models, [`DEFAULT_TARGETS`].
     #[serde(default)]
     pub target_modules: Option<TargetModules>,
     /// rsLoRA: `scale = lora_alpha / sqrt(r)`.
@@ -240,6 +241,9 @@ impl AdapterSpec {
     }
 }
 
+/// The modules PEFT targets in Llama-family models when `target_modules` is unset.
+pub const DEFAULT_TARGETS: [&str; 2] = ["q_proj", "v_proj"];
+
 /// Default `layers_pattern` names tried by PEFT when none is given.
 const DEFAULT_LAYERS_PATTERNS: [&str; 4] = ["layers", "h", "blocks", "layer"];
 
@@ -355,7 +359,11 @@ impl LoraConfig {
     /// `is_output_head` marks the LM head, which `"all-linear"` excludes.
     pub fn is_target(&self, path: &str, is_output_head: bool) -> bool {
         let matched = match &self.target_modules {
-            None => false,
+            // PEFT's `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING` for the Llama,
+            // Qwen2 and Mistral families
+            None => DEFAULT_TARGETS
+                .iter()
+                .any(|n| path.ends_with(&format!(".{n}"))),
             Some(TargetModules::Pattern(p)) if p == "all-linear" => !is_output_head,
             Some(TargetModules::Pattern(p)) => Regex::new(&format!("^(?:{p})$"))
                 .map(|re| re.is_match(path))
@@ -511,6 +519,15 @@ mod tests {
         assert!(cfg.is_target("model.layers.1.mlp.down_proj", false));
         assert!(!cfg.is_target("model.layers.0.mlp.down_proj", false));
         assert!(!cfg.is_target("model.layers.10.mlp.down_proj", false));
+    }
+
+    #[test]
+    fn unset_targets_are_pefts_llama_default() {
+        let cfg = LoraConfig::default();
+        assert!(cfg.is_target("model.layers.0.self_attn.q_proj", false));
+        assert!(cfg.is_target("model.layers.3.self_attn.v_proj", false));
+        assert!(!cfg.is_target("model.layers.0.self_attn.k_proj", false));
+        assert!(!cfg.is_target("lm_head", true));
     }
 
     #[test]

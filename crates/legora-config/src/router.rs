@@ -133,6 +133,7 @@ fn default_init_range() -> f64 {
 /// Router settings with MixLoRA's config names. Every default is written once, on its
 /// field; [`RouterConfig::default`] has `num_experts = 0` (to be set).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RouterConfig {
     /// Number of experts `E` (in a run file: the number of tasks, set by legora).
     #[serde(default)]

@@ -288,6 +288,13 @@ pub struct EvaluatorInfo {
     /// Documented `EvalRequest::params` keys.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub params: Vec<ParamInfo>,
+    /// The headline metric reports compare models on (default: the first of `metrics`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_metric: Option<String>,
+    /// Metrics where lower is better (`repetition_rate`, `out_of_role_rate`); every other
+    /// metric is better higher.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lower_is_better: Vec<String>,
 }
 
 impl EvaluatorInfo {
@@ -299,7 +306,30 @@ impl EvaluatorInfo {
             metrics: metrics.iter().map(|s| s.to_string()).collect(),
             uses_scores: false,
             params: Vec::new(),
+            primary_metric: None,
+            lower_is_better: Vec::new(),
         }
+    }
+
+    /// Name the headline metric.
+    pub fn primary(mut self, metric: impl Into<String>) -> Self {
+        self.primary_metric = Some(metric.into());
+        self
+    }
+
+    /// Mark metrics where lower is better.
+    pub fn lower_is_better(mut self, metrics: &[&str]) -> Self {
+        self.lower_is_better = metrics.iter().map(|m| m.to_string()).collect();
+        self
+    }
+
+    /// The headline metric and whether higher is better (`None`: no metrics).
+    pub fn headline(&self) -> Option<(&str, bool)> {
+        let name = self
+            .primary_metric
+            .as_deref()
+            .or_else(|| self.metrics.first().map(String::as_str))?;
+        Some((name, !self.lower_is_better.iter().any(|m| m == name)))
     }
 
     /// Marks the evaluator as reading per-choice scores.

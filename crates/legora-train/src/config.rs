@@ -33,10 +33,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use legora_data::{Mixing, Template, ValSplit};
-use legora_nn::{
-    ConfigError, InitLoraWeights, LayersPattern, LayersToTransform, LoraConfig, RouterConfig,
-    RouterPooling, RoutingStrategy, TargetModules,
-};
+use legora_nn::{ConfigError, LoraConfig, RouterConfig};
 use serde::{Deserialize, Serialize};
 use serde_spanned::Spanned;
 use toml::de::{DeTable, DeValue};
@@ -77,12 +74,14 @@ pub struct RunFile {
     pub data: DataSection,
     /// One entry per task (= per expert), in expert order.
     pub tasks: Vec<TaskSection>,
-    /// Adapter settings, PEFT `LoraConfig` names.
+    /// Adapter settings of every expert without a preset: PEFT's `LoraConfig`, with
+    /// PEFT's names and defaults (`r = 8`, `lora_alpha = 8`, `target_modules` unset =
+    /// PEFT's default for Llama-family models, `["q_proj", "v_proj"]`).
     #[serde(default)]
-    pub lora: LoraSection,
-    /// Router settings, MixLoRA names.
+    pub lora: LoraConfig,
+    /// Router settings, MixLoRA names (`num_experts` is the number of tasks).
     #[serde(default)]
-    pub moe: MoeSection,
+    pub moe: RouterConfig,
     /// The training stages and the evaluation.
     #[serde(default)]
     pub stages: StagesSection,
@@ -197,147 +196,15 @@ pub struct TaskSection {
     /// Use at most this many training records.
     #[serde(default)]
     pub max_samples: Option<usize>,
-}
-
-fn default_r() -> usize {
-    8
-}
-fn default_alpha() -> f64 {
-    16.0
-}
-fn default_targets() -> TargetModules {
-    TargetModules::List(vec!["q_proj".into(), "v_proj".into()])
-}
-
-/// `[lora]`, with PEFT's `LoraConfig` names.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LoraSection {
-    /// Rank (default 8).
-    #[serde(default = "default_r")]
-    pub r: usize,
-    /// Scaling numerator, `scale = lora_alpha / r` (default 16).
-    #[serde(default = "default_alpha")]
-    pub lora_alpha: f64,
-    /// Dropout on the LoRA input (default 0).
+    /// A plugin's adapter preset `<plugin>/<preset>`: its LoRA settings (r, lora_alpha,
+    /// target_modules, dropout, …) replace `[lora]` for this task's expert, and its
+    /// training hints may set the expert's learning rate.
     #[serde(default)]
-    pub lora_dropout: f64,
-    /// Module names, a full-match regex, or `"all-linear"` (default `["q_proj", "v_proj"]`).
-    #[serde(default = "default_targets")]
-    pub target_modules: TargetModules,
-    /// rsLoRA scaling `alpha / sqrt(r)`.
+    pub preset: Option<String>,
+    /// Learning rate of this task's expert in the `experts` stage (default: the preset's
+    /// `learning_rate` hint, else the stage's).
     #[serde(default)]
-    pub use_rslora: bool,
-    /// `true` (A kaiming, B zero) or `"gaussian"`.
-    #[serde(default)]
-    pub init_lora_weights: InitLoraWeights,
-    /// Per-module rank overrides.
-    #[serde(default)]
-    pub rank_pattern: BTreeMap<String, usize>,
-    /// Per-module alpha overrides.
-    #[serde(default)]
-    pub alpha_pattern: BTreeMap<String, f64>,
-    /// Only these layer indices.
-    #[serde(default)]
-    pub layers_to_transform: Option<LayersToTransform>,
-    /// Name of the layer list (`layers`).
-    #[serde(default)]
-    pub layers_pattern: Option<LayersPattern>,
-}
-
-impl Default for LoraSection {
-    fn default() -> Self {
-        Self {
-            r: default_r(),
-            lora_alpha: default_alpha(),
-            lora_dropout: 0.0,
-            target_modules: default_targets(),
-            use_rslora: false,
-            init_lora_weights: InitLoraWeights::Default,
-            rank_pattern: BTreeMap::new(),
-            alpha_pattern: BTreeMap::new(),
-            layers_to_transform: None,
-            layers_pattern: None,
-        }
-    }
-}
-
-impl LoraSection {
-    /// The PEFT config every expert is created with.
-    pub fn to_lora_config(&self) -> LoraConfig {
-        LoraConfig {
-            r: self.r,
-            lora_alpha: self.lora_alpha,
-            lora_dropout: self.lora_dropout,
-            target_modules: Some(self.target_modules.clone()),
-            use_rslora: self.use_rslora,
-            init_lora_weights: self.init_lora_weights,
-            rank_pattern: self.rank_pattern.clone(),
-            alpha_pattern: self.alpha_pattern.clone(),
-            layers_to_transform: self.layers_to_transform.clone(),
-            layers_pattern: self.layers_pattern.clone(),
-            ..LoraConfig::default()
-        }
-    }
-}
-
-fn default_top_k() -> usize {
-    2
-}
-fn default_aux() -> f64 {
-    0.01
-}
-fn default_init_range() -> f64 {
-    0.02
-}
-fn default_strategy() -> String {
-    "topk".into()
-}
-
-/// `[moe]`, with MixLoRA's names. The number of experts is the number of tasks.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MoeSection {
-    /// `topk` (default), `dense`, `switch` (or MixLoRA's `mixlora`, `mixlora-switch`).
-    #[serde(default = "default_strategy")]
-    pub routing_strategy: String,
-    /// Experts per token for `topk` (default 2).
-    #[serde(default = "default_top_k")]
-    pub top_k: usize,
-    /// Load-balancing loss coefficient (default 0.01).
-    #[serde(default = "default_aux")]
-    pub router_aux_loss_coef: f64,
-    /// Router z-loss coefficient (default 0).
-    #[serde(default)]
-    pub router_z_loss_coef: f64,
-    /// Std of the router weight init (default 0.02).
-    #[serde(default = "default_init_range")]
-    pub router_init_range: f64,
-    /// Multiplicative input jitter in training (default 0).
-    #[serde(default)]
-    pub jitter_noise: f64,
-    /// What each token's router reads: `token` (default, MixLoRA) or `prefix_mean` (the
-    /// mean hidden state of the prompt so far).
-    #[serde(default = "default_pooling")]
-    pub router_pooling: String,
-}
-
-fn default_pooling() -> String {
-    "token".into()
-}
-
-impl Default for MoeSection {
-    fn default() -> Self {
-        Self {
-            routing_strategy: default_strategy(),
-            top_k: default_top_k(),
-            router_aux_loss_coef: default_aux(),
-            router_z_loss_coef: 0.0,
-            router_init_range: default_init_range(),
-            jitter_noise: 0.0,
-            router_pooling: default_pooling(),
-        }
-    }
+    pub learning_rate: Option<f64>,
 }
 
 /// `[stages]`.
@@ -456,7 +323,12 @@ fn default_max_new_tokens() -> usize {
     64
 }
 fn default_baselines() -> Vec<String> {
-    vec!["base".into(), "single_lora".into(), "mixture".into()]
+    vec![
+        "base".into(),
+        "single_lora".into(),
+        "mixture".into(),
+        "oracle".into(),
+    ]
 }
 
 /// `[stages.eval]`.
@@ -475,7 +347,8 @@ pub struct EvalSection {
     /// Evaluate at most this many held-out records per task.
     #[serde(default)]
     pub max_samples: Option<usize>,
-    /// Which models to compare: `base`, `single_lora`, `mixture`.
+    /// Which models to compare: `base`, `single_lora`, `mixture`, `oracle` (the experts
+    /// with each task routed to its own expert).
     #[serde(default = "default_baselines")]
     pub baselines: Vec<String>,
     /// Rank of the single-LoRA baseline (default `r × number of tasks`: the same
@@ -891,23 +764,16 @@ impl RunConfig {
         ValSplit::Fraction(self.file.data.val_fraction)
     }
 
-    /// The PEFT config of every expert.
+    /// The PEFT config of `[lora]` (every expert without a preset).
     pub fn lora_config(&self) -> LoraConfig {
-        self.file.lora.to_lora_config()
+        self.file.lora.clone()
     }
 
     /// The router config (`num_experts` = number of tasks).
     pub fn router_config(&self) -> RouterConfig {
-        let m = &self.file.moe;
         RouterConfig {
             num_experts: self.file.tasks.len(),
-            top_k: m.top_k,
-            routing_strategy: m.routing_strategy.parse().unwrap_or(RoutingStrategy::TopK),
-            router_aux_loss_coef: m.router_aux_loss_coef,
-            router_init_range: m.router_init_range,
-            jitter_noise: m.jitter_noise,
-            router_z_loss_coef: m.router_z_loss_coef,
-            router_pooling: m.router_pooling.parse().unwrap_or_default(),
+            ..self.file.moe.clone()
         }
     }
 
@@ -1015,6 +881,20 @@ impl RunConfig {
                 "expected false, found true (activation recomputation is not implemented yet)",
             ));
         }
+        if f.data.packing {
+            return Err(self.error_at(
+                "data.packing",
+                "expected false, found true (packing several examples into one row needs \
+                 per-segment attention masks, which the models do not implement yet)",
+            ));
+        }
+        if f.stages.experts.enabled == Some(false) {
+            return Err(self.error_at(
+                "stages.experts.enabled",
+                "expected true, found false (the experts stage cannot be skipped: build a \
+                 mixture from existing adapter folders with `legora compose`)",
+            ));
+        }
         if !(0.0..1.0).contains(&f.data.val_fraction) {
             return Err(self.error_at(
                 "data.val_fraction",
@@ -1052,6 +932,22 @@ impl RunConfig {
                     ),
                 ));
             }
+            if let Some(p) = &t.preset {
+                if !p.contains('/') {
+                    return Err(self.error_at(
+                        &format!("tasks[{i}].preset"),
+                        format!("expected a plugin preset \"<plugin>/<preset>\", found \"{p}\""),
+                    ));
+                }
+            }
+            if let Some(lr) = t.learning_rate {
+                if !(lr > 0.0 && lr.is_finite()) {
+                    return Err(self.error_at(
+                        &format!("tasks[{i}].learning_rate"),
+                        format!("expected a finite number > 0, found {lr}"),
+                    ));
+                }
+            }
             if !t.format.contains('/') {
                 return Err(self.error_at(
                     &format!("tasks[{i}].format"),
@@ -1077,20 +973,7 @@ impl RunConfig {
                 }
             }
         }
-        // lora / moe through legora-nn's own checks, errors mapped to the key's line
-        let lora = self.lora_config();
-        if let Err(e) = lora.validate() {
-            return Err(self.nn_error("lora", e));
-        }
-        if let Err(e) = self.file.moe.routing_strategy.parse::<RoutingStrategy>() {
-            return Err(self.nn_error("moe", e));
-        }
-        if let Err(e) = self.file.moe.router_pooling.parse::<RouterPooling>() {
-            return Err(self.nn_error("moe", e));
-        }
-        if let Err(e) = self.router_config().validate() {
-            return Err(self.nn_error("moe", e));
-        }
+        self.validate_lora_moe()?;
         // stages
         for (key, s, router) in [
             ("stages.experts", &f.stages.experts, false),
@@ -1103,17 +986,50 @@ impl RunConfig {
             return Err(self.error_at("stages.eval.batch_size", "expected >= 1, found 0"));
         }
         for (i, b) in e.baselines.iter().enumerate() {
-            if !["base", "single_lora", "mixture"].contains(&b.as_str()) {
+            if crate::plan::Variant::from_name(b).is_none() {
                 return Err(self.error_at(
                     &format!("stages.eval.baselines[{i}]"),
                     format!(
-                        "expected one of \"base\", \"single_lora\", \"mixture\", found \"{b}\""
+                        "expected one of \"base\", \"single_lora\", \"mixture\", \"oracle\", \
+                         found \"{b}\""
                     ),
                 ));
             }
         }
         if e.single_lora_r == Some(0) {
             return Err(self.error_at("stages.eval.single_lora_r", "expected >= 1, found 0"));
+        }
+        Ok(())
+    }
+
+    /// `[lora]` and `[moe]` through legora-config's own checks, errors mapped to the
+    /// key's line; keys PEFT has but the run file does not take are refused.
+    fn validate_lora_moe(&self) -> Result<()> {
+        let f = &self.file;
+        if let Some(key) = f.lora.extra.keys().next() {
+            return Err(self.error_at(
+                &format!("lora.{key}"),
+                "unknown key (the run file takes PEFT LoraConfig keys that legora implements: \
+                 r, lora_alpha, lora_dropout, target_modules, use_rslora, init_lora_weights, \
+                 rank_pattern, alpha_pattern, layers_to_transform, layers_pattern, bias, \
+                 modules_to_save)",
+            ));
+        }
+        if let Err(e) = f.lora.validate() {
+            return Err(self.nn_error("lora", e));
+        }
+        let n = f.tasks.len();
+        if f.moe.num_experts != 0 && f.moe.num_experts != n {
+            return Err(self.error_at(
+                "moe.num_experts",
+                format!(
+                    "expected the number of [[tasks]] ({n}) or no value, found {}",
+                    f.moe.num_experts
+                ),
+            ));
+        }
+        if let Err(e) = self.router_config().validate() {
+            return Err(self.nn_error("moe", e));
         }
         Ok(())
     }

@@ -38,6 +38,15 @@ pub enum TrainError {
     /// A layer / adapter configuration error.
     #[error(transparent)]
     Nn(#[from] NnError),
+    /// A file of the model, an adapter or a mixture could not be read or written.
+    #[error(transparent)]
+    Hub(#[from] legora_hub::HubError),
+    /// The model refused an operation (adapters, mixtures, generation).
+    #[error(transparent)]
+    Models(#[from] legora_models::ModelError),
+    /// A plugin call failed.
+    #[error(transparent)]
+    Plugin(#[from] legora_plugin_host::HostError),
     /// The model's loss computation failed.
     #[error("stage `{stage}`, step {step}: model: {message}")]
     Model {

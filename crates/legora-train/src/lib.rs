@@ -18,6 +18,7 @@ mod error;
 mod lm;
 mod metrics;
 mod pipeline;
+mod plan;
 mod plot;
 mod report;
 mod schedule;
@@ -32,8 +33,8 @@ pub use checkpoint::{
 };
 pub use clip::{clip_grad_norm, global_grad_norm, scalar, scale_grads};
 pub use config::{
-    DataSection, EvalSection, ExpertsMode, LoraSection, ModelSection, MoeSection, Precision,
-    RunConfig, RunFile, StageKind, StageSection, StagesSection, TaskSection, TrainSettings,
+    DataSection, EvalSection, ExpertsMode, ModelSection, Precision, RunConfig, RunFile, StageKind,
+    StageSection, StagesSection, TaskSection, TrainSettings,
 };
 pub use error::{Result, TrainError};
 pub use lm::{lm_input, shifted_targets, token_nll, LmModel, Objective};
@@ -41,11 +42,13 @@ pub use metrics::{
     read_metrics, EvalMetrics, MetricLine, MetricsWriter, RoutingStats, TrainMetrics,
 };
 pub use pipeline::{run_pipeline, PipelineOptions};
+pub use plan::{Mode, RunPlan, TaskPlan, Variant};
 pub use plot::{plot_loss_curves, plot_routing_load, plot_stage_losses, Series};
 pub use report::{ModelMetrics, ParamCount, Report, TaskReport};
 pub use schedule::{LrSchedule, ScheduleKind};
 pub use tok::{chat_template, HubTokenizer};
 pub use trainer::{
-    evaluate, evaluate_inner, ModelError, NoCallback, StageResult, StageSummary, StepContext,
-    StepOutput, StopReason, TrainCallback, TrainModel, Trainer, ValSet,
+    evaluate, evaluate_inner, LrGroup, ModelError, NoCallback, StageResult, StageSummary,
+    StepContext, StepOutput, StepPhases, StepReport, StopReason, TrainCallback, TrainModel,
+    Trainer, ValSet,
 };

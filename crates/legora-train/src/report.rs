@@ -39,6 +39,54 @@ pub struct TaskReport {
     pub routing_entropy: Option<f64>,
     /// Share of this task's routed token slots per expert (expert order).
     pub expert_load: Option<Vec<f64>>,
+    /// The evaluator's headline metric and whether higher is better.
+    #[serde(default)]
+    pub primary_metric: Option<(String, bool)>,
+}
+
+impl TaskReport {
+    /// The headline metric of `variant` (`None` when not measured).
+    pub fn headline(&self, variant: &str) -> Option<f64> {
+        let (name, _) = self.primary_metric.as_ref()?;
+        self.models.get(variant)?.metrics.get(name).copied()
+    }
+
+    /// Whether `a` beats `b` on the headline metric (`None` when either is missing).
+    pub fn beats(&self, a: &str, b: &str) -> Option<bool> {
+        let higher = self.primary_metric.as_ref()?.1;
+        let (x, y) = (self.headline(a)?, self.headline(b)?);
+        Some(if higher { x > y } else { x < y })
+    }
+
+    /// One line per compared pair: the mixture against the base and the single LoRA,
+    /// and the learned router against the oracle routing.
+    fn verdicts(&self) -> Vec<String> {
+        let Some((metric, higher)) = &self.primary_metric else {
+            return Vec::new();
+        };
+        let dir = if *higher { "higher" } else { "lower" };
+        let mut lines = Vec::new();
+        for (a, b) in [
+            ("mixture", "base"),
+            ("mixture", "single_lora"),
+            ("oracle", "mixture"),
+        ] {
+            if let (Some(win), Some(x), Some(y)) =
+                (self.beats(a, b), self.headline(a), self.headline(b))
+            {
+                let verb = if win { "beats" } else { "does not beat" };
+                lines.push(format!(
+                    "{}: {} {verb} {} on `{metric}` ({dir} is better): {} vs {}",
+                    self.task,
+                    variant_title(a),
+                    variant_title(b),
+                    num(x),
+                    num(y)
+                ));
+            }
+        }
+        lines
+    }
 }
 
 /// Trainable-parameter counts of a model variant.
@@ -95,6 +143,7 @@ fn variant_title(v: &str) -> String {
         "base" => "base".into(),
         "single_lora" => "single LoRA".into(),
         "mixture" => "mixture".into(),
+        "oracle" => "oracle routing".into(),
         other => other.to_string(),
     }
 }
@@ -137,6 +186,21 @@ impl Report {
             "All numbers are measured on held-out data of each task, as produced by the run; \
              nothing is rounded up or filtered.\n"
         );
+
+        let verdicts: Vec<String> = self.tasks.iter().flat_map(TaskReport::verdicts).collect();
+        if !verdicts.is_empty() {
+            let _ = writeln!(md, "## Headline metric per task\n");
+            let _ = writeln!(
+                md,
+                "Each task's evaluator names its headline metric. \"oracle routing\" sends every \
+                 row to its own task's expert: the gap between it and the mixture is the cost of \
+                 the learned router.\n"
+            );
+            for v in verdicts {
+                let _ = writeln!(md, "- {v}");
+            }
+            let _ = writeln!(md);
+        }
 
         // comparison table
         let _ = writeln!(md, "## Results per task\n");

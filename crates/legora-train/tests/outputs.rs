@@ -140,6 +140,7 @@ fn report() -> Report {
             routing_accuracy: Some(0.95),
             routing_entropy: Some(0.2),
             expert_load: Some(vec![0.9, 0.1]),
+            primary_metric: Some(("accuracy".into(), true)),
         });
     }
     Report {

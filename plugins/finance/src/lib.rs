@@ -118,6 +118,7 @@ impl Plugin for FinancePlugin {
                      ROC-AUC from per-choice scores",
                     &["precision", "recall", "f1", "accuracy", "roc_auc"],
                 )
+                .primary("f1")
                 .uses_scores()
                 .param(ParamInfo::new("positive", "the positive label", json!(FRAUD))),
             )

@@ -111,6 +111,7 @@ impl Plugin for GameNpcPlugin {
                     "share of replies that keep the persona (name, markers) and never step out of role",
                     &["in_character_rate", "out_of_role_rate", "name_kept_rate", "marker_rate"],
                 )
+                .lower_is_better(&["out_of_role_rate"])
                 .param(ParamInfo::new(
                     "out_of_role_phrases",
                     "phrases that break character (replaces the built-in list)",
@@ -123,6 +124,8 @@ impl Plugin for GameNpcPlugin {
                     "distinct-1/2 over all replies, per-reply repetition rate, mean reply length in words",
                     &["distinct_1", "distinct_2", "repetition_rate", "mean_reply_length"],
                 )
+                .primary("distinct_2")
+                .lower_is_better(&["repetition_rate"])
                 .param(ParamInfo::new("n", "n-gram size of repetition_rate", json!(2))),
             )
             .evaluator(EvaluatorInfo::new(
@@ -138,7 +141,8 @@ impl Plugin for GameNpcPlugin {
                     "repetition_rate",
                     "mean_reply_length",
                 ],
-            ))
+            )
+            .lower_is_better(&["out_of_role_rate", "repetition_rate"]))
             .preset(PresetInfo::new(
                 "persona",
                 "rsLoRA r=16 on all projections, 4 experts routed top-2 shared by the personas",

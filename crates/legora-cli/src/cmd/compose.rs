@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use legora::train::{run_pipeline, PipelineOptions, RunConfig};
+use legora::train::{run_pipeline, Mode, PipelineOptions, RunConfig};
 
 use crate::backend::{device, TrainBackend};
 use crate::cmd::train::{load_plugins, Progress};
@@ -55,8 +55,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         resume: args.resume,
         stop_after: args.stop_after,
         skip_eval: args.skip_eval,
-        experts_from: Some(args.experts.clone()),
-        ..PipelineOptions::default()
+        mode: Mode::Compose(args.experts.clone()),
     };
     let mut progress = Progress::default();
     let report = run_pipeline::<TrainBackend>(&cfg, &host, &opts, &mut progress, &device())?;

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use legora::train::{run_pipeline, PipelineOptions, RunConfig};
+use legora::train::{run_pipeline, Mode, PipelineOptions, RunConfig};
 
 use crate::backend::{device, TrainBackend};
 use crate::cmd::train::{load_plugins, Progress};
@@ -25,7 +25,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let cfg = RunConfig::load(&args.config)?;
     let host = load_plugins(&cfg, &args.plugin_dirs)?;
     let opts = PipelineOptions {
-        eval_only: true,
+        mode: Mode::EvalOnly,
         ..PipelineOptions::default()
     };
     let mut progress = Progress::default();

@@ -1,0 +1,348 @@
+//! The run file resolved against the plugins and the base model into a typed plan, with
+//! every check that can fail done here, before the first step: formats, evaluators and
+//! presets exist, task parameters are ones the format documents, every expert's LoRA
+//! targets modules of the base, the output folder is not inside the model folder, the
+//! mode's inputs are there. Errors name the run-file key with its line and column.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use legora_nn::{LoraConfig, RouterConfig, SlotId};
+use legora_plugin_host::PluginHost;
+
+use crate::config::{RunConfig, StageKind};
+use crate::error::Result;
+
+/// What a run does with its experts.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Train every stage (default).
+    #[default]
+    Train,
+    /// Use these PEFT adapter folders as the experts (one per `[[tasks]]` entry, in
+    /// order; X-LoRA / LoRAHub style), then train the router and evaluate.
+    Compose(Vec<PathBuf>),
+    /// Train nothing: evaluate the mixture (and `single_lora/`) already in the output
+    /// folder.
+    EvalOnly,
+}
+
+/// A model the evaluation compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Variant {
+    /// The frozen base alone.
+    Base,
+    /// One LoRA trained on all tasks with the experts' parameter budget.
+    SingleLora,
+    /// The experts with the learned router.
+    Mixture,
+    /// The experts with each task routed to its own expert: what a perfect router would
+    /// give, separating the router's cost from the experts' quality.
+    Oracle,
+}
+
+impl Variant {
+    /// Every variant, in report column order.
+    pub const ALL: [Variant; 4] = [
+        Variant::Base,
+        Variant::SingleLora,
+        Variant::Mixture,
+        Variant::Oracle,
+    ];
+
+    /// The run-file and report name (`base`, `single_lora`, `mixture`, `oracle`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Variant::Base => "base",
+            Variant::SingleLora => "single_lora",
+            Variant::Mixture => "mixture",
+            Variant::Oracle => "oracle",
+        }
+    }
+
+    /// The variant called `name`.
+    pub fn from_name(name: &str) -> Option<Variant> {
+        Variant::ALL.into_iter().find(|v| v.as_str() == name)
+    }
+}
+
+/// One task, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskPlan {
+    /// Task and expert name.
+    pub name: String,
+    /// Plugin format `<plugin>/<format>`.
+    pub format: String,
+    /// Evaluator `<plugin>/<evaluator>`.
+    pub evaluator: String,
+    /// The evaluator's headline metric and whether higher is better.
+    pub headline: Option<(String, bool)>,
+    /// Training file.
+    pub train: PathBuf,
+    /// Held-out file, if any.
+    pub eval: Option<PathBuf>,
+    /// Parse parameters: the preset's format options, then the task's `params`.
+    pub params: BTreeMap<String, serde_json::Value>,
+    /// At most this many training records.
+    pub max_samples: Option<usize>,
+    /// The expert's LoRA settings (the preset's, else `[lora]`).
+    pub lora: LoraConfig,
+    /// Where the LoRA settings came from (`[lora]` or `preset <name>`).
+    pub lora_source: String,
+    /// The expert's own learning rate in the `experts` stage (`None`: the stage's).
+    pub learning_rate: Option<f64>,
+}
+
+/// The whole run, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunPlan {
+    /// What the run does.
+    pub mode: Mode,
+    /// The base model folder.
+    pub model_path: PathBuf,
+    /// The output folder.
+    pub output_dir: PathBuf,
+    /// The tasks, in expert order.
+    pub tasks: Vec<TaskPlan>,
+    /// The routers' settings (`num_experts` = number of tasks).
+    pub router: RouterConfig,
+    /// The single-LoRA baseline's settings, when it is trained.
+    pub single_lora: Option<LoraConfig>,
+    /// Whether the router stage trains.
+    pub train_router: bool,
+    /// The compared models, in report order (empty: no evaluation).
+    pub variants: Vec<Variant>,
+}
+
+impl RunPlan {
+    /// Resolve and check `cfg` for `mode` against the plugins of `host`.
+    pub fn resolve(
+        cfg: &RunConfig,
+        host: &PluginHost,
+        mode: Mode,
+        skip_eval: bool,
+    ) -> Result<Self> {
+        let model_path = cfg.check_model_path()?;
+        let output_dir = cfg.output_dir();
+        check_output_dir(cfg, &model_path, &output_dir)?;
+        let num_layers = model_layers(cfg, &model_path)?;
+        let tasks = (0..cfg.file.tasks.len())
+            .map(|i| resolve_task(cfg, host, i, num_layers))
+            .collect::<Result<Vec<_>>>()?;
+        check_mode(cfg, &mode, &output_dir)?;
+        let eval = &cfg.file.stages.eval;
+        let variants: Vec<Variant> = if skip_eval || !eval.enabled {
+            Vec::new()
+        } else {
+            eval.baselines
+                .iter()
+                .filter_map(|b| Variant::from_name(b))
+                .collect()
+        };
+        let single_lora = (mode != Mode::EvalOnly && variants.contains(&Variant::SingleLora))
+            .then(|| single_lora_config(cfg, &tasks));
+        Ok(Self {
+            train_router: mode != Mode::EvalOnly && cfg.stage_enabled(StageKind::Router),
+            mode,
+            model_path,
+            output_dir,
+            tasks,
+            router: cfg.router_config(),
+            single_lora,
+            variants,
+        })
+    }
+
+    /// The task names, in expert order.
+    pub fn task_names(&self) -> Vec<String> {
+        self.tasks.iter().map(|t| t.name.clone()).collect()
+    }
+}
+
+/// Refuse an output folder equal to or inside the model folder (a run would write its
+/// router and experts among the base's files).
+fn check_output_dir(cfg: &RunConfig, model: &Path, out: &Path) -> Result<()> {
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let model = canon(model);
+    // the output folder may not exist yet: compare its nearest existing ancestor's
+    // canonical path with the rest appended
+    let mut existing = out.to_path_buf();
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        match (existing.file_name(), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name.to_os_string());
+                existing = parent.to_path_buf();
+            }
+            _ => break,
+        }
+    }
+    let mut full = canon(&existing);
+    full.extend(rest.iter().rev());
+    if full.starts_with(&model) {
+        return Err(cfg.error_at(
+            "output_dir",
+            format!(
+                "expected a folder outside the base model's folder {}, found {}",
+                model.display(),
+                full.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The number of decoder layers of the base (from its config.json alone).
+fn model_layers(cfg: &RunConfig, model: &Path) -> Result<usize> {
+    let (config, _) =
+        legora_hub::load_config(model).map_err(|e| cfg.error_at("model.path", e.to_string()))?;
+    let resolved = config
+        .resolve()
+        .map_err(|e| cfg.error_at("model.path", format!("{}: {e}", model.display())))?;
+    Ok(resolved.num_hidden_layers)
+}
+
+/// Task `i` checked against the plugins and the model.
+fn resolve_task(cfg: &RunConfig, host: &PluginHost, i: usize, layers: usize) -> Result<TaskPlan> {
+    let t = &cfg.file.tasks[i];
+    let key = format!("tasks[{i}]");
+    let format = host
+        .format(&t.format)
+        .map_err(|e| cfg.error_at(&format!("{key}.format"), e.to_string()))?;
+    let evaluator = match &t.evaluator {
+        Some(e) => e.clone(),
+        None => format.default_evaluator().ok_or_else(|| {
+            cfg.error_at(
+                &format!("{key}.evaluator"),
+                "the format names no default evaluator: set one",
+            )
+        })?,
+    };
+    let ev = host
+        .evaluator(&evaluator)
+        .map_err(|e| cfg.error_at(&format!("{key}.evaluator"), e.to_string()))?;
+    let headline = ev.info().headline().map(|(m, h)| (m.to_string(), h));
+    let mut params = BTreeMap::new();
+    let (lora, lora_source, preset_lr) = match &t.preset {
+        Some(name) => {
+            let p = host
+                .preset(name)
+                .map_err(|e| cfg.error_at(&format!("{key}.preset"), e.to_string()))?;
+            if let Some(opts) = p.format_options.get(&t.format) {
+                params.extend(opts.clone());
+            }
+            let lr = p.training.get("learning_rate").and_then(|v| v.as_f64());
+            (p.lora, format!("preset {name}"), lr)
+        }
+        None => (cfg.lora_config(), "[lora]".to_string(), None),
+    };
+    params.extend(t.params.clone());
+    check_params(cfg, &key, &params, &format.info().params)?;
+    check_targets(cfg, &key, t.preset.is_some(), &lora, layers)?;
+    Ok(TaskPlan {
+        name: t.name.clone(),
+        format: t.format.clone(),
+        evaluator,
+        headline,
+        train: cfg.train_file(i),
+        eval: cfg.eval_file(i),
+        params,
+        max_samples: t.max_samples,
+        lora,
+        lora_source,
+        learning_rate: t.learning_rate.or(preset_lr),
+    })
+}
+
+/// Every parse parameter must be one the format documents (when it documents any).
+fn check_params(
+    cfg: &RunConfig,
+    key: &str,
+    params: &BTreeMap<String, serde_json::Value>,
+    known: &[legora_plugin_api::ParamInfo],
+) -> Result<()> {
+    for name in params.keys() {
+        if !known.iter().any(|p| &p.name == name) {
+            let names: Vec<&str> = known.iter().map(|p| p.name.as_str()).collect();
+            return Err(cfg.error_at(
+                &format!("{key}.params.{name}"),
+                format!("unknown parameter of this format (it takes {names:?})"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The expert's LoRA config must be valid and adapt at least one module of the base.
+fn check_targets(
+    cfg: &RunConfig,
+    key: &str,
+    from_preset: bool,
+    lora: &LoraConfig,
+    layers: usize,
+) -> Result<()> {
+    let at = if from_preset {
+        format!("{key}.preset")
+    } else {
+        "lora.target_modules".to_string()
+    };
+    lora.validate()
+        .map_err(|e| cfg.error_at(&at, format!("`{}`: {}", e.field(), e.message())))?;
+    let matched =
+        SlotId::all(layers).any(|id| lora.is_target(&id.to_string(), id.is_output_head()));
+    if !matched {
+        return Err(cfg.error_at(
+            &at,
+            format!(
+                "target_modules {} match no module of the base model (its slots are q_proj \
+                 k_proj v_proj o_proj gate_proj up_proj down_proj lm_head)",
+                serde_json::to_string(&lora.target_modules).unwrap_or_default()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The inputs of the mode exist: one folder per task to compose, or a trained mixture.
+fn check_mode(cfg: &RunConfig, mode: &Mode, out: &Path) -> Result<()> {
+    let n = cfg.file.tasks.len();
+    match mode {
+        Mode::Train => Ok(()),
+        Mode::Compose(dirs) if dirs.len() != n => Err(cfg.error_at(
+            "tasks",
+            format!(
+                "{} expert folders given for {n} [[tasks]] entries ({}): pass one adapter folder \
+                 per task, in the same order",
+                dirs.len(),
+                cfg.task_names().join(", ")
+            ),
+        )),
+        Mode::Compose(_) => Ok(()),
+        Mode::EvalOnly if !out.join(legora_hub::MOE_CONFIG).is_file() => Err(cfg.error_at(
+            "output_dir",
+            format!(
+                "no trained mixture to evaluate in {} (no {}); train the run first",
+                out.display(),
+                legora_hub::MOE_CONFIG
+            ),
+        )),
+        Mode::EvalOnly => Ok(()),
+    }
+}
+
+/// The single-LoRA baseline: `[lora]` with the experts' summed rank (the same
+/// trainable-parameter budget when they target the same modules) unless
+/// `single_lora_r` says otherwise, `lora_alpha` scaled to keep `[lora]`'s scaling.
+fn single_lora_config(cfg: &RunConfig, tasks: &[TaskPlan]) -> LoraConfig {
+    let base = cfg.lora_config();
+    let r = cfg
+        .file
+        .stages
+        .eval
+        .single_lora_r
+        .unwrap_or_else(|| tasks.iter().map(|t| t.lora.r).sum());
+    let mut single = base.clone();
+    single.lora_alpha = base.lora_alpha * r as f64 / base.r as f64;
+    single.r = r;
+    single
+}
