@@ -36,6 +36,60 @@
 //!   so both paths give identical results and errors.
 //! - Libraries are never unloaded (a Rust `cdylib` cannot be safely
 //!   `dlclose`d while anything it created may still be referenced).
+//!
+//! ## Process isolation (the default for dynamic plugins)
+//!
+//! Each dynamic plugin runs in a worker process of its own, and nothing of
+//! the library is ever loaded into the host: not even to list it. A plugin
+//! that aborts, segfaults, is built with `panic = "abort"` and panics, loops
+//! forever, writes garbage, or is a truncated file is then an error naming
+//! the plugin and the call, and the host goes on:
+//!
+//! | what happened | error |
+//! | --- | --- |
+//! | the worker died (signal or exit code; its last stderr lines quoted) | [`HostError::Crashed`] |
+//! | no answer within the time limit (the worker is killed) | [`HostError::Timeout`] |
+//! | a reply frame over the size limit, nothing allocated for it | [`HostError::FrameTooLarge`] |
+//! | bytes on the pipe that are not a frame | [`HostError::BadFrame`] |
+//! | a reply that is not a valid response, or a reply buffer whose length is out of bounds | [`HostError::MalformedResponse`] |
+//! | the worker program could not be found or started | [`HostError::Worker`] |
+//!
+//! A dead or killed worker is always reaped (no zombie) and the next call to
+//! the plugin starts a fresh one, which must report the same manifest. The
+//! worker turns its core dumps off and exits when the host goes away.
+//!
+//! - **The worker** is started as `<program> <args> <library>`, through
+//!   pipes on its stdin and stdout. The program is, in order: the one given
+//!   to [`PluginHost::set_worker_command`]; the [`WORKER_ENV`] environment
+//!   variable (`LEGORA_PLUGIN_WORKER`, run as `<program> plugin-worker
+//!   <library>`); the one a binary registered with
+//!   [`set_default_worker_command`] (the `legora` binary registers itself:
+//!   `legora plugin-worker`); a `legora-plugin-worker` or `legora` program
+//!   next to the running executable. This crate ships the
+//!   `legora-plugin-worker` program; any binary can serve as its own worker
+//!   by calling [`worker::run`].
+//! - **Protocol**: the same JSON [`Request`] / [`Response`] bytes as the C
+//!   ABI carries in process, in frames of a little-endian `u64` length and
+//!   that many bytes; the worker first sends a hello with its protocol and
+//!   ABI versions and the outcome of opening the library (the same checks,
+//!   and the same [`HostError::NotLoadable`], [`HostError::MissingSymbol`]
+//!   and [`HostError::AbiMismatch`] as in process); then the manifest is
+//!   fetched and checked as in process.
+//! - **Limits**: every frame is at most [`DEFAULT_MAX_FRAME_LEN`] (256 MiB;
+//!   [`PluginHost::set_max_frame_len`]): a longer request is refused before
+//!   it is sent, a longer reply before it is read. Time limits
+//!   ([`Timeouts`], [`PluginHost::set_timeouts`], or [`TIMEOUT_ENV`] in
+//!   seconds): 10 s for the handshake (start, open, manifest), 60 s for every
+//!   other call. Calls to one plugin are serialized; different plugins run
+//!   in different processes.
+//! - **In process**: [`PluginHost::set_isolation`]`(`[`Isolation::InProcess`]`)`
+//!   (or [`set_default_isolation`]; the CLI's `--plugins-in-process`) loads
+//!   dynamic libraries into the host as before: calls cost a function call
+//!   instead of a pipe round trip, and a crashing plugin takes the host down.
+//!   Both paths check the reply buffer a plugin reports (non-null, length
+//!   within its capacity and the frame limit) before reading it, and refuse
+//!   a library file whose loadable segments reach past its end.
+//! - Static plugins always run in the host.
 
 #![deny(missing_docs)]
 
@@ -77,7 +131,8 @@ pub const PLUGIN_PATH_ENV: &str = "LEGORA_PLUGIN_PATH";
 pub const WORKER_ENV: &str = "LEGORA_PLUGIN_WORKER";
 
 /// Environment variable with the time limit, in seconds, of every call to an
-/// isolated plugin but the handshake (default 60).
+/// isolated plugin, the handshake included (by default 10 s for the handshake
+/// and 60 s for the other calls).
 pub const TIMEOUT_ENV: &str = "LEGORA_PLUGIN_TIMEOUT";
 
 /// File names of worker programs looked for next to the running executable.
@@ -578,7 +633,7 @@ impl fmt::Debug for PluginHost {
 impl PluginHost {
     /// An empty host that searches `LEGORA_PLUGIN_PATH` and the executable's
     /// directory, and runs dynamic plugins in worker processes (unless
-    /// [`set_default_isolation`] said otherwise), with the call time limit of
+    /// [`set_default_isolation`] said otherwise), with the time limits of
     /// [`TIMEOUT_ENV`] when it is set.
     pub fn new() -> Self {
         let isolation = DEFAULTS
@@ -591,7 +646,11 @@ impl PluginHost {
             let text = value.to_string_lossy().into_owned();
             match text.trim().parse::<f64>() {
                 Ok(s) if s > 0.0 && s.is_finite() && s < 1e9 => {
-                    timeouts.call = Duration::from_secs_f64(s)
+                    let limit = Duration::from_secs_f64(s);
+                    timeouts = Timeouts {
+                        handshake: limit,
+                        call: limit,
+                    };
                 }
                 _ => timeout_env_error = Some(text),
             }

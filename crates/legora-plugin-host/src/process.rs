@@ -240,9 +240,9 @@ impl WorkerReply {
 }
 
 impl Process {
-    /// Starts the worker and reads its hello (within `timeouts.handshake`).
-    fn spawn(path: &Path, config: &WorkerConfig) -> Result<Process, HostError> {
-        let label = path.display().to_string();
+    /// Starts the worker and reads its hello (within `timeouts.handshake`);
+    /// `label` names the plugin in errors (its path until it is registered).
+    fn spawn(path: &Path, config: &WorkerConfig, label: &str) -> Result<Process, HostError> {
         let mut child = Command::new(config.command.program())
             .args(config.command.args())
             .arg(path)
@@ -281,11 +281,11 @@ impl Process {
             Ok(Event::Frame(Ok(bytes))) => bytes,
             Ok(event) => {
                 let fault = fault_of_event(event);
-                return Err(process.fail(fault, &label, "load"));
+                return Err(process.fail(fault, label, "load"));
             }
             Err(_) => {
                 let fault = Fault::Timeout(config.timeouts.handshake);
-                return Err(process.fail(fault, &label, "load"));
+                return Err(process.fail(fault, label, "load"));
             }
         };
         let hello: Hello = match serde_json::from_slice(&hello) {
@@ -296,7 +296,7 @@ impl Process {
                     String::from_utf8_lossy(&hello[..hello.len().min(60)]),
                     config.command
                 ));
-                return Err(process.fail(fault, &label, "load"));
+                return Err(process.fail(fault, label, "load"));
             }
         };
         if hello.worker_protocol != WORKER_PROTOCOL || hello.abi_version != ABI_VERSION {
@@ -528,7 +528,7 @@ pub(crate) struct Isolated {
 impl Isolated {
     /// Starts the worker (the plugin is named by its path in errors).
     pub(crate) fn start(path: &Path, config: WorkerConfig) -> Result<Self, HostError> {
-        let process = Process::spawn(path, &config)?;
+        let process = Process::spawn(path, &config, &path.display().to_string())?;
         Ok(Self {
             path: path.to_path_buf(),
             config,
@@ -600,7 +600,7 @@ impl Isolated {
     /// A fresh worker for a plugin whose worker died, checked to report the
     /// manifest registered at load time.
     fn restart(&self, plugin: &str) -> Result<Process, HostError> {
-        let mut process = Process::spawn(&self.path, &self.config)?;
+        let mut process = Process::spawn(&self.path, &self.config, plugin)?;
         let Some(expected) = self.manifest.get() else {
             return Ok(process);
         };
