@@ -10,6 +10,10 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "legora", version, about)]
 struct Cli {
+    /// Load dynamic plugins into this process instead of a worker process each
+    /// (faster calls; a crashing or hanging plugin then takes legora down).
+    #[arg(long, global = true)]
+    plugins_in_process: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -36,6 +40,27 @@ enum Command {
     Inspect(cmd::inspect::Args),
     /// Training-step speed and peak memory on random-weight models (issue 6 cases).
     Bench(cmd::bench::Args),
+    /// Serve one plugin library to a legora process over stdin / stdout (started by
+    /// legora itself for every dynamic plugin).
+    #[command(hide = true)]
+    PluginWorker {
+        /// The plugin library.
+        path: std::path::PathBuf,
+    },
+}
+
+/// Plugin hosts created from here on run dynamic plugins in workers that are this same
+/// binary (`legora plugin-worker <library>`), or in process with `--plugins-in-process`.
+fn configure_plugins(in_process: bool) {
+    use legora_plugin_host::{
+        set_default_isolation, set_default_worker_command, worker, Isolation, WorkerCommand,
+    };
+    if let Ok(exe) = std::env::current_exe() {
+        set_default_worker_command(WorkerCommand::new(exe).arg(worker::WORKER_SUBCOMMAND));
+    }
+    if in_process {
+        set_default_isolation(Isolation::InProcess);
+    }
 }
 
 /// Keep freed tensor buffers in the heap instead of returning them to the kernel:
@@ -73,7 +98,9 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let result = match Cli::parse().command {
+    let cli = Cli::parse();
+    configure_plugins(cli.plugins_in_process);
+    let result = match cli.command {
         Command::Score(args) => cmd::score::run(args),
         Command::Train(args) => cmd::train::run(args),
         Command::Demo(args) => cmd::demo::run(args),
@@ -84,6 +111,8 @@ fn main() -> std::process::ExitCode {
         Command::Plugins(args) => cmd::plugins::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        // Nothing above writes to stdout: it carries the worker's replies.
+        Command::PluginWorker { path } => return legora_plugin_host::worker::run(&path),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

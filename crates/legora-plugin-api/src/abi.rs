@@ -28,7 +28,8 @@
 //!   hands it back through `free_buffer`; the host copies it first.
 //! - `call` never unwinds: every call runs inside `catch_unwind`, and a panic
 //!   becomes a [`crate::PluginError::Panicked`] reply carrying its message.
-//!   (A plugin compiled with `panic = "abort"` aborts the process instead.)
+//!   (A plugin compiled with `panic = "abort"` aborts the process instead:
+//!   by default a worker process of the host's, which reports it as a crash.)
 //! - `call` may be invoked from several threads at once.
 //! - The host never unloads a plugin library.
 

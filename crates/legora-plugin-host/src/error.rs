@@ -2,9 +2,12 @@
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use legora_plugin_api::{PluginError, RowError};
 use thiserror::Error;
+
+use crate::process::WorkerExit;
 
 /// Everything that can go wrong while loading or calling plugins. Each
 /// variant names what it is about (path, symbol, plugin, file and row).
@@ -116,6 +119,78 @@ pub enum HostError {
         /// What is wrong.
         message: String,
     },
+    /// The worker process of an isolated plugin ended (crashed, aborted, was
+    /// killed, or exited) before answering a call. The host reaped it; the
+    /// next call to the plugin starts a fresh worker.
+    #[error(
+        "plugin `{plugin}` crashed during `{method}`: its worker process {exit}{}",
+        tail(stderr)
+    )]
+    Crashed {
+        /// Plugin name (or library path while loading).
+        plugin: String,
+        /// The call (`load`, `manifest`, `parse`, ...).
+        method: String,
+        /// How the worker ended.
+        exit: WorkerExit,
+        /// The last lines the worker wrote to stderr (may be empty).
+        stderr: String,
+    },
+    /// An isolated plugin did not answer within its time limit; its worker
+    /// process was killed and reaped.
+    #[error("plugin `{plugin}` did not answer `{method}` within {:.1} s: its worker process was killed (a longer limit: PluginHost::set_timeouts or {})", timeout.as_secs_f64(), crate::TIMEOUT_ENV)]
+    Timeout {
+        /// Plugin name (or library path while loading).
+        plugin: String,
+        /// The call (`load`, `manifest`, `parse`, ...).
+        method: String,
+        /// The limit that ran out.
+        timeout: Duration,
+    },
+    /// A frame on the pipes to or from an isolated plugin's worker is longer
+    /// than the limit (nothing of that size was allocated or sent).
+    #[error("plugin `{plugin}`: the {direction} of `{method}` is a frame of {len} bytes, over the limit of {limit} bytes (PluginHost::set_max_frame_len)")]
+    FrameTooLarge {
+        /// Plugin name (or library path while loading).
+        plugin: String,
+        /// The call.
+        method: String,
+        /// `request` or `reply`.
+        direction: &'static str,
+        /// The frame's length.
+        len: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The worker of an isolated plugin wrote something that is not a valid
+    /// frame of the worker protocol; it was killed and reaped.
+    #[error("plugin `{plugin}` sent a bad frame in reply to `{method}`: {reason}")]
+    BadFrame {
+        /// Plugin name (or library path while loading).
+        plugin: String,
+        /// The call.
+        method: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// No worker program for isolated plugins could be found or started.
+    #[error("cannot start a plugin worker for `{}`: {message}", path.display())]
+    Worker {
+        /// The plugin library.
+        path: PathBuf,
+        /// What went wrong (the command tried, the OS error).
+        message: String,
+    },
+    /// An environment variable the host reads has an unusable value.
+    #[error("environment variable {var}={value:?}: expected {expected}")]
+    InvalidEnv {
+        /// The variable.
+        var: &'static str,
+        /// Its value.
+        value: String,
+        /// What it should look like.
+        expected: &'static str,
+    },
     /// A file could not be read.
     #[error("cannot read `{}`: {source}", path.display())]
     Io {
@@ -149,6 +224,30 @@ fn rows(file: &str, errors: &[RowError], total: usize) -> String {
     }
     if total > shown {
         let _ = write!(s, "\n  ... and {} more", total - shown);
+    }
+    s
+}
+
+/// The last stderr lines of a dead worker, indented, or nothing. From a Rust
+/// panic, its header and message (they say more than the backtrace after them).
+fn tail(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr.trim_end().lines().collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    let shown = match lines.iter().rposition(|l| l.contains("panicked at")) {
+        Some(start) => {
+            let end = lines[start..]
+                .iter()
+                .position(|l| l.starts_with("stack backtrace:") || l.starts_with("note: "))
+                .map_or(lines.len(), |n| start + n);
+            &lines[start..end.min(start + 6)]
+        }
+        None => &lines[lines.len().saturating_sub(6)..],
+    };
+    let mut s = String::from("; its last stderr lines:");
+    for line in shown {
+        let _ = write!(s, "\n  | {line}");
     }
     s
 }

@@ -36,31 +36,139 @@
 //!   so both paths give identical results and errors.
 //! - Libraries are never unloaded (a Rust `cdylib` cannot be safely
 //!   `dlclose`d while anything it created may still be referenced).
+//!
+//! ## Process isolation (the default for dynamic plugins)
+//!
+//! Each dynamic plugin runs in a worker process of its own, and nothing of
+//! the library is ever loaded into the host: not even to list it. A plugin
+//! that aborts, segfaults, is built with `panic = "abort"` and panics, loops
+//! forever, writes garbage, or is a truncated file is then an error naming
+//! the plugin and the call, and the host goes on:
+//!
+//! | what happened | error |
+//! | --- | --- |
+//! | the worker died (signal or exit code; its last stderr lines quoted) | [`HostError::Crashed`] |
+//! | no answer within the time limit (the worker is killed) | [`HostError::Timeout`] |
+//! | a reply frame over the size limit, nothing allocated for it | [`HostError::FrameTooLarge`] |
+//! | bytes on the pipe that are not a frame | [`HostError::BadFrame`] |
+//! | a reply that is not a valid response, or a reply buffer whose length is out of bounds | [`HostError::MalformedResponse`] |
+//! | the worker program could not be found or started | [`HostError::Worker`] |
+//!
+//! A dead or killed worker is always reaped (no zombie) and the next call to
+//! the plugin starts a fresh one, which must report the same manifest. The
+//! worker turns its core dumps off and exits when the host goes away.
+//!
+//! - **The worker** is started as `<program> <args> <library>`, through
+//!   pipes on its stdin and stdout. The program is, in order: the one given
+//!   to [`PluginHost::set_worker_command`]; the [`WORKER_ENV`] environment
+//!   variable (`LEGORA_PLUGIN_WORKER`, run as `<program> plugin-worker
+//!   <library>`); the one a binary registered with
+//!   [`set_default_worker_command`] (the `legora` binary registers itself:
+//!   `legora plugin-worker`); a `legora-plugin-worker` or `legora` program
+//!   next to the running executable. This crate ships the
+//!   `legora-plugin-worker` program; any binary can serve as its own worker
+//!   by calling [`worker::run`].
+//! - **Protocol**: the same JSON [`Request`] / [`Response`] bytes as the C
+//!   ABI carries in process, in frames of a little-endian `u64` length and
+//!   that many bytes; the worker first sends a hello with its protocol and
+//!   ABI versions and the outcome of opening the library (the same checks,
+//!   and the same [`HostError::NotLoadable`], [`HostError::MissingSymbol`]
+//!   and [`HostError::AbiMismatch`] as in process); then the manifest is
+//!   fetched and checked as in process.
+//! - **Limits**: every frame is at most [`DEFAULT_MAX_FRAME_LEN`] (256 MiB;
+//!   [`PluginHost::set_max_frame_len`]): a longer request is refused before
+//!   it is sent, a longer reply before it is read. Time limits
+//!   ([`Timeouts`], [`PluginHost::set_timeouts`], or [`TIMEOUT_ENV`] in
+//!   seconds): 10 s for the handshake (start, open, manifest), 60 s for every
+//!   other call. Calls to one plugin are serialized; different plugins run
+//!   in different processes.
+//! - **In process**: [`PluginHost::set_isolation`]`(`[`Isolation::InProcess`]`)`
+//!   (or [`set_default_isolation`]; the CLI's `--plugins-in-process`) loads
+//!   dynamic libraries into the host as before: calls cost a function call
+//!   instead of a pipe round trip, and a crashing plugin takes the host down.
+//!   Both paths check the reply buffer a plugin reports (non-null, length
+//!   within its capacity and the frame limit) before reading it, and refuse
+//!   a library file whose loadable segments reach past its end.
+//! - Static plugins always run in the host.
 
 #![deny(missing_docs)]
 
+mod dylib;
 mod error;
+mod frame;
+mod process;
+pub mod worker;
 
 use std::collections::BTreeMap;
 use std::env;
+use std::ffi::OsString;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
-use legora_plugin_api::abi::{self, ByteSlice, EntryFn, PluginVTable};
+use legora_plugin_api::abi::{self, PluginVTable};
 use legora_plugin_api::protocol::{Call, ParseHeader, Reply, Request, Response};
 use legora_plugin_api::{
     handle_request, Attachment, EvalOutput, EvalRequest, EvaluatorInfo, FormatInfo, Manifest,
-    ParseOptions, ParseOutput, ParseRequest, Plugin, PluginError, Preset, PresetInfo, ABI_VERSION,
+    ParseOptions, ParseOutput, ParseRequest, Plugin, PluginError, Preset, PresetInfo,
     SCHEMA_VERSION,
 };
 use serde_json::Value;
 
 pub use error::HostError;
+pub use frame::DEFAULT_MAX_FRAME_LEN;
 pub use legora_plugin_api as api;
+pub use process::{Isolation, Timeouts, WorkerCommand, WorkerExit};
+
+use process::{Isolated, WorkerConfig};
 
 /// Environment variable holding extra plugin directories.
 pub const PLUGIN_PATH_ENV: &str = "LEGORA_PLUGIN_PATH";
+
+/// Environment variable naming the worker program for isolated plugins; it
+/// is started as `<program> plugin-worker <library>`.
+pub const WORKER_ENV: &str = "LEGORA_PLUGIN_WORKER";
+
+/// Environment variable with the time limit, in seconds, of every call to an
+/// isolated plugin, the handshake included (by default 10 s for the handshake
+/// and 60 s for the other calls).
+pub const TIMEOUT_ENV: &str = "LEGORA_PLUGIN_TIMEOUT";
+
+/// File names of worker programs looked for next to the running executable.
+const WORKER_PROGRAMS: [&str; 2] = ["legora-plugin-worker", "legora"];
+
+/// Process-wide defaults read by [`PluginHost::new`].
+struct Defaults {
+    isolation: Isolation,
+    worker: Option<WorkerCommand>,
+}
+
+static DEFAULTS: Mutex<Defaults> = Mutex::new(Defaults {
+    isolation: Isolation::Process,
+    worker: None,
+});
+
+/// Sets the [`Isolation`] of every [`PluginHost`] created from now on (the
+/// `legora` binary's `--plugins-in-process` flag). A host's own
+/// [`PluginHost::set_isolation`] overrides it.
+pub fn set_default_isolation(isolation: Isolation) {
+    DEFAULTS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .isolation = isolation;
+}
+
+/// Sets the worker program of every [`PluginHost`] created from now on, for a
+/// binary that serves as its own worker (the `legora` binary registers
+/// `legora plugin-worker`). [`WORKER_ENV`] and a host's own
+/// [`PluginHost::set_worker_command`] come first.
+pub fn set_default_worker_command(command: WorkerCommand) {
+    DEFAULTS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .worker = Some(command);
+}
 
 /// Where a plugin came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,8 +189,15 @@ impl fmt::Display for PluginSource {
 }
 
 enum Backend {
-    /// Table of a leaked (never unloaded) library with a matching ABI version.
-    Dynamic(&'static PluginVTable),
+    /// Table of a leaked (never unloaded) library with a matching ABI version,
+    /// and the largest reply accepted from it.
+    Dynamic {
+        table: &'static PluginVTable,
+        max_reply_len: u64,
+    },
+    /// A library served by a worker process (boxed: it is much larger than
+    /// the other variants).
+    Isolated(Box<Isolated>),
     Static(Box<dyn Plugin>),
 }
 
@@ -120,6 +235,26 @@ impl PluginHandle {
     /// Where it came from.
     pub fn source(&self) -> &PluginSource {
         &self.0.source
+    }
+
+    /// Where a dynamic plugin runs: in a worker process or in the host
+    /// (`None` for a static plugin).
+    pub fn isolation(&self) -> Option<Isolation> {
+        match self.0.backend {
+            Backend::Dynamic { .. } => Some(Isolation::InProcess),
+            Backend::Isolated(_) => Some(Isolation::Process),
+            Backend::Static(_) => None,
+        }
+    }
+
+    /// The process id of an isolated plugin's worker while one runs (`None`
+    /// in process, for static plugins, and between a worker's death and the
+    /// next call, which starts a new one).
+    pub fn worker_pid(&self) -> Option<u32> {
+        match &self.0.backend {
+            Backend::Isolated(worker) => worker.pid(),
+            _ => None,
+        }
     }
 
     /// Sends one call and returns the plugin's (non-error) reply. Lower level
@@ -202,35 +337,40 @@ fn call_backend(
         serde_json::to_vec(&Request::new(call)).map_err(|e| HostError::InvalidRequest {
             message: format!("cannot encode the request: {e}"),
         })?;
-    let response = match backend {
-        Backend::Static(plugin) => handle_request(plugin.as_ref(), &request, payload),
-        Backend::Dynamic(table) => call_dynamic(table, &request, payload).map_err(|reason| {
-            HostError::MalformedResponse {
-                plugin: plugin.to_string(),
-                method: method.to_string(),
-                reason,
-            }
-        })?,
+    let malformed = |reason: String| HostError::MalformedResponse {
+        plugin: plugin.to_string(),
+        method: method.to_string(),
+        reason,
     };
-    decode_response(plugin, method, &response)
-}
-
-fn call_dynamic(table: &PluginVTable, request: &[u8], payload: &[u8]) -> Result<Vec<u8>, String> {
-    // SAFETY: `table` comes from a library that reported our ABI_VERSION, so
-    // `call` has the CallFn signature; both slices outlive the call.
-    let out = unsafe { (table.call)(ByteSlice::new(request), ByteSlice::new(payload)) };
-    if out.ptr.is_null() {
-        return Err("the plugin returned a null buffer".into());
+    match backend {
+        Backend::Static(plugin_impl) => {
+            let response = handle_request(plugin_impl.as_ref(), &request, payload);
+            decode_response(plugin, method, &response)
+        }
+        Backend::Dynamic {
+            table,
+            max_reply_len,
+        } => {
+            let response =
+                dylib::call_table(table, &request, payload, *max_reply_len).map_err(malformed)?;
+            decode_response(plugin, method, &response)
+        }
+        Backend::Isolated(worker) => {
+            let reply = worker
+                .call(plugin, method, &request, payload)?
+                .map_err(malformed)?;
+            decode_response(plugin, method, reply.body())
+        }
     }
-    // SAFETY: the plugin owns `out` until free_buffer and promises `len`
-    // initialized bytes at `ptr`; we copy them before handing it back.
-    let bytes = unsafe { out.as_slice() }.to_vec();
-    // SAFETY: `out` was returned by this table's `call` and is freed once.
-    unsafe { (table.free_buffer)(out) };
-    Ok(bytes)
 }
 
-fn decode_response(plugin: &str, method: &str, bytes: &[u8]) -> Result<Reply, HostError> {
+/// Decodes a plugin's response envelope; an error reply becomes the matching
+/// [`HostError`].
+pub(crate) fn decode_response(
+    plugin: &str,
+    method: &str,
+    bytes: &[u8],
+) -> Result<Reply, HostError> {
     let malformed = |reason: String| HostError::MalformedResponse {
         plugin: plugin.to_string(),
         method: method.to_string(),
@@ -465,6 +605,12 @@ pub struct PluginHost {
     search_dirs: Vec<PathBuf>,
     use_env_path: bool,
     use_exe_dir: bool,
+    isolation: Isolation,
+    worker: Option<WorkerCommand>,
+    timeouts: Timeouts,
+    /// A bad [`TIMEOUT_ENV`] value, reported by the first dynamic load.
+    timeout_env_error: Option<String>,
+    max_frame_len: u64,
 }
 
 impl Default for PluginHost {
@@ -478,14 +624,37 @@ impl fmt::Debug for PluginHost {
         f.debug_struct("PluginHost")
             .field("plugins", &self.plugins)
             .field("search_dirs", &self.search_dirs)
+            .field("isolation", &self.isolation)
+            .field("timeouts", &self.timeouts)
             .finish()
     }
 }
 
 impl PluginHost {
     /// An empty host that searches `LEGORA_PLUGIN_PATH` and the executable's
-    /// directory.
+    /// directory, and runs dynamic plugins in worker processes (unless
+    /// [`set_default_isolation`] said otherwise), with the time limits of
+    /// [`TIMEOUT_ENV`] when it is set.
     pub fn new() -> Self {
+        let isolation = DEFAULTS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .isolation;
+        let mut timeouts = Timeouts::default();
+        let mut timeout_env_error = None;
+        if let Some(value) = env::var_os(TIMEOUT_ENV) {
+            let text = value.to_string_lossy().into_owned();
+            match text.trim().parse::<f64>() {
+                Ok(s) if s > 0.0 && s.is_finite() && s < 1e9 => {
+                    let limit = Duration::from_secs_f64(s);
+                    timeouts = Timeouts {
+                        handshake: limit,
+                        call: limit,
+                    };
+                }
+                _ => timeout_env_error = Some(text),
+            }
+        }
         Self {
             plugins: Vec::new(),
             formats: BTreeMap::new(),
@@ -494,7 +663,134 @@ impl PluginHost {
             search_dirs: Vec::new(),
             use_env_path: true,
             use_exe_dir: true,
+            isolation,
+            worker: None,
+            timeouts,
+            timeout_env_error,
+            max_frame_len: DEFAULT_MAX_FRAME_LEN,
         }
+    }
+
+    /// Where dynamic plugins loaded from now on run (default
+    /// [`Isolation::Process`]). Static plugins always run in the host.
+    pub fn set_isolation(&mut self, isolation: Isolation) -> &mut Self {
+        self.isolation = isolation;
+        self
+    }
+
+    /// Where dynamic plugins loaded from now on run.
+    pub fn isolation(&self) -> Isolation {
+        self.isolation
+    }
+
+    /// The worker program for isolated plugins: started as
+    /// `<program> <args...> <library>`. Without it the host uses
+    /// [`WORKER_ENV`], then the command set by [`set_default_worker_command`],
+    /// then a `legora-plugin-worker` or `legora` program next to the running
+    /// executable (or one folder up, from cargo's `deps` folder), each with
+    /// the argument `plugin-worker`.
+    pub fn set_worker_command<I, S>(&mut self, program: impl Into<PathBuf>, args: I) -> &mut Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        let command = args
+            .into_iter()
+            .fold(WorkerCommand::new(program), |c, a| c.arg(a));
+        self.worker = Some(command);
+        self
+    }
+
+    /// The worker program isolated plugins would be started with (see
+    /// [`PluginHost::set_worker_command`] for the order), or the places looked
+    /// at when there is none.
+    pub fn worker_command(&self) -> Result<WorkerCommand, Vec<PathBuf>> {
+        if let Some(command) = &self.worker {
+            return Ok(command.clone());
+        }
+        if let Some(program) = env::var_os(WORKER_ENV).filter(|p| !p.is_empty()) {
+            return Ok(WorkerCommand::new(program).arg(worker::WORKER_SUBCOMMAND));
+        }
+        if let Some(command) = DEFAULTS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .worker
+            .clone()
+        {
+            return Ok(command);
+        }
+        let mut tried = Vec::new();
+        if let Some(dir) = env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(Path::to_path_buf))
+        {
+            let mut dirs = vec![dir.clone()];
+            if dir.file_name().is_some_and(|n| n == "deps") {
+                dirs.extend(dir.parent().map(Path::to_path_buf));
+            }
+            for dir in dirs {
+                for name in WORKER_PROGRAMS {
+                    let program = dir.join(format!("{name}{}", env::consts::EXE_SUFFIX));
+                    if program.is_file() {
+                        return Ok(WorkerCommand::new(program).arg(worker::WORKER_SUBCOMMAND));
+                    }
+                    tried.push(program);
+                }
+            }
+        }
+        Err(tried)
+    }
+
+    /// Time limits for isolated plugins loaded from now on (overrides
+    /// [`TIMEOUT_ENV`]).
+    pub fn set_timeouts(&mut self, timeouts: Timeouts) -> &mut Self {
+        self.timeouts = timeouts;
+        self.timeout_env_error = None;
+        self
+    }
+
+    /// Time limits for isolated plugins loaded from now on.
+    pub fn timeouts(&self) -> Timeouts {
+        self.timeouts
+    }
+
+    /// The largest request or reply, in bytes, exchanged with a dynamic plugin
+    /// loaded from now on (default [`DEFAULT_MAX_FRAME_LEN`], 256 MiB): a
+    /// larger reply is an error, never an allocation.
+    pub fn set_max_frame_len(&mut self, bytes: u64) -> &mut Self {
+        self.max_frame_len = bytes;
+        self
+    }
+
+    fn worker_config(&self, path: &Path) -> Result<WorkerConfig, HostError> {
+        if let Some(value) = &self.timeout_env_error {
+            return Err(HostError::InvalidEnv {
+                var: TIMEOUT_ENV,
+                value: value.clone(),
+                expected: "a positive number of seconds",
+            });
+        }
+        let command = self.worker_command().map_err(|tried| HostError::Worker {
+            path: path.to_path_buf(),
+            message: format!(
+                "no worker program found (looked for {}); set {WORKER_ENV}, call \
+                 PluginHost::set_worker_command, or load plugins in process",
+                if tried.is_empty() {
+                    "nothing: the running executable's folder is unknown".to_string()
+                } else {
+                    tried
+                        .iter()
+                        .map(|p| format!("`{}`", p.display()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            ),
+        })?;
+        Ok(WorkerConfig {
+            command,
+            timeouts: self.timeouts,
+            max_frame_len: self.max_frame_len,
+        })
     }
 
     /// Adds a directory searched first, in the order added (`--plugin-dir`).
@@ -589,8 +885,11 @@ impl PluginHost {
     }
 
     /// Loads a plugin library by path: open, find the entry symbol, check the
-    /// ABI version, fetch and check the manifest, register. The library stays
-    /// loaded for the life of the process, even when loading fails later on.
+    /// ABI version, fetch and check the manifest, register. With
+    /// [`Isolation::Process`] (the default) all of that but the registration
+    /// happens in a new worker process, which serves the plugin's calls from
+    /// then on; in process, the library stays loaded for the life of the
+    /// process, even when loading fails later on.
     pub fn load_path(&mut self, path: impl AsRef<Path>) -> Result<PluginHandle, HostError> {
         let path = path.as_ref().to_path_buf();
         if !path.is_file() {
@@ -606,9 +905,20 @@ impl PluginHost {
                     .unwrap_or_default(),
             });
         }
-        let table = open_library(&path)?;
-        let backend = Backend::Dynamic(table);
+        let backend = match self.isolation {
+            Isolation::InProcess => Backend::Dynamic {
+                table: dylib::open_library(&path).map_err(|s| dylib::load_error(&path, s))?,
+                max_reply_len: self.max_frame_len,
+            },
+            Isolation::Process => Backend::Isolated(Box::new(Isolated::start(
+                &path,
+                self.worker_config(&path)?,
+            )?)),
+        };
         let manifest = fetch_manifest(&backend, &path.display().to_string())?;
+        if let Backend::Isolated(worker) = &backend {
+            worker.set_manifest(manifest.clone());
+        }
         self.register(manifest, PluginSource::Dynamic(path), backend)
     }
 
@@ -809,57 +1119,6 @@ pub fn entry_symbols(path: &Path) -> Vec<String> {
     symbols
 }
 
-/// Opens a library (leaked: never unloaded), finds its entry and checks the
-/// ABI version before trusting the rest of its table.
-fn open_library(path: &Path) -> Result<&'static PluginVTable, HostError> {
-    // SAFETY: loading a library runs its initializers; loading a plugin means
-    // trusting its code, which is the point of a plugin system.
-    let library =
-        unsafe { libloading::Library::new(path) }.map_err(|e| HostError::NotLoadable {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-    // Never unloaded: nothing it hands out may outlive it otherwise.
-    let library: &'static libloading::Library = Box::leak(Box::new(library));
-    let symbols = entry_symbols(path);
-    let mut entry: Option<EntryFn> = None;
-    for symbol in &symbols {
-        // SAFETY: the symbol is declared with the EntryFn signature by the ABI
-        // contract; the library is never unloaded, so the pointer stays valid.
-        if let Ok(found) = unsafe { library.get::<EntryFn>(symbol.as_bytes()) } {
-            entry = Some(*found);
-            break;
-        }
-    }
-    let entry = entry.ok_or_else(|| HostError::MissingSymbol {
-        path: path.to_path_buf(),
-        symbols: symbols.clone(),
-    })?;
-    // SAFETY: the entry function takes nothing and returns a pointer to a
-    // static table; its signature is frozen across ABI versions.
-    let table = unsafe { entry() };
-    if table.is_null() {
-        return Err(HostError::MalformedResponse {
-            plugin: path.display().to_string(),
-            method: "entry".into(),
-            reason: "the entry function returned a null table".into(),
-        });
-    }
-    // SAFETY: every ABI version starts the table with a u32 version; read only
-    // that before knowing the layout of the rest.
-    let found = unsafe { std::ptr::read(table.cast::<u32>()) };
-    if found != ABI_VERSION {
-        return Err(HostError::AbiMismatch {
-            path: path.to_path_buf(),
-            expected: ABI_VERSION,
-            found,
-        });
-    }
-    // SAFETY: same version, hence same layout; the table is a static of a
-    // library that is never unloaded.
-    Ok(unsafe { &*table })
-}
-
 fn fetch_manifest(backend: &Backend, who: &str) -> Result<Manifest, HostError> {
     match call_backend(backend, who, Call::Manifest, &[])? {
         Reply::Manifest(manifest) => Ok(manifest),
@@ -1008,6 +1267,9 @@ mod tests {
     #[test]
     fn load_errors_are_typed() {
         let mut host = PluginHost::new();
+        // Unit tests have no worker program at hand: tests/isolation.rs covers
+        // the same errors through workers.
+        host.set_isolation(Isolation::InProcess);
         host.use_env_path(false).use_exe_dir(false);
         host.add_search_dir("/nonexistent-legora-dir");
         let err = host.load_name("medical").expect_err("missing");

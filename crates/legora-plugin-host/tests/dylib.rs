@@ -1,81 +1,33 @@
 //! End-to-end tests of the plugin host.
 //!
-//! The plugins (the three domain plugins, the `examples/plugin-minimal`
-//! example and the broken test plugins under `tests/bad-plugins/`) are built
-//! as dynamic libraries by running cargo from the test, into their own target
-//! directory under `CARGO_TARGET_TMPDIR` (so the outer `cargo test` lock is
-//! never waited on). The same plugins are also linked as rlibs and registered
-//! statically; both paths must give identical results.
+//! The plugins are built as dynamic libraries by `common::plugin_dir` and
+//! loaded both ways a dynamic plugin runs: in a worker process (the default)
+//! and in process. The same plugins are also linked as rlibs and registered
+//! statically; all paths must give identical results.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
+use common::{bare_host, lib_path, plugin_dir, workspace_root};
 use legora_plugin_api::{
     EvalOutput, EvalRequest, ParseMode, ParseOptions, PluginError, ABI_VERSION,
 };
 use legora_plugin_finance::FinancePlugin;
 use legora_plugin_game_npc::GameNpcPlugin;
-use legora_plugin_host::{HostError, PluginHost};
+use legora_plugin_host::{HostError, Isolation, PluginHost};
 use legora_plugin_medical::MedicalPlugin;
 use serde_json::{json, Map, Value};
 
-const PACKAGES: &[&str] = &[
-    "legora-plugin-medical",
-    "legora-plugin-finance",
-    "legora-plugin-game-npc",
-    "legora-plugin-minimal",
-    "legora-test-plugin-abi-mismatch",
-    "legora-test-plugin-no-entry",
-    "legora-test-plugin-panics",
-    "legora-test-plugin-bad-json",
-];
+const BOTH: [Isolation; 2] = [Isolation::Process, Isolation::InProcess];
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// Builds every plugin cdylib once per test process; returns the folder
-/// holding the libraries.
-fn plugin_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-test");
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.arg("build")
-            .arg("--manifest-path")
-            .arg(workspace_root().join("Cargo.toml"))
-            // Unoptimized, without debug info: the plugins only run tiny
-            // inputs here, and this keeps the cold build short on small CI machines.
-            .args(["--config", "profile.dev.opt-level=0"])
-            .args(["--config", r#"profile.dev.package."*".opt-level=0"#])
-            .args(["--config", "profile.dev.debug=0"])
-            .env("CARGO_TARGET_DIR", &target)
-            .env_remove("CARGO_BUILD_TARGET");
-        for p in PACKAGES {
-            cmd.args(["-p", p]);
-        }
-        let status = cmd.status().expect("cargo can be run");
-        assert!(status.success(), "building the plugins failed: {status}");
-        target.join("debug")
-    })
-}
-
-fn lib_path(lib_name: &str) -> PathBuf {
-    plugin_dir().join(format!(
-        "{}{lib_name}{}",
-        std::env::consts::DLL_PREFIX,
-        std::env::consts::DLL_SUFFIX
-    ))
-}
-
-fn dynamic_host() -> PluginHost {
-    let mut host = PluginHost::new();
-    host.use_env_path(false).use_exe_dir(false);
-    host.add_search_dir(plugin_dir());
+fn dynamic_host(isolation: Isolation) -> PluginHost {
+    let mut host = bare_host(isolation);
     for name in ["medical", "finance", "game-npc"] {
         let plugin = host.load_name(name).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(plugin.name(), name);
+        assert_eq!(plugin.isolation(), Some(isolation));
     }
     host
 }
@@ -439,21 +391,29 @@ fn exercise(host: &PluginHost) -> Value {
 
 #[test]
 fn dynamic_and_static_plugins_give_identical_results() {
-    let dynamic = exercise(&dynamic_host());
     let statically = exercise(&static_host());
-    // Compare piece by piece for a readable failure.
-    for key in ["formats", "manifests", "parsed", "scores", "presets"] {
-        assert!(
-            dynamic[key] == statically[key],
-            "`{key}` differs between the dynamic and static paths"
-        );
+    for isolation in BOTH {
+        let dynamic = exercise(&dynamic_host(isolation));
+        // Compare piece by piece for a readable failure.
+        for key in ["formats", "manifests", "parsed", "scores", "presets"] {
+            assert!(
+                dynamic[key] == statically[key],
+                "`{key}` differs between the dynamic ({isolation:?}) and static paths"
+            );
+        }
+        assert_eq!(dynamic, statically);
     }
-    assert_eq!(dynamic, statically);
 }
 
 #[test]
 fn broken_plugins_give_typed_errors_and_the_host_keeps_working() {
-    let mut host = dynamic_host();
+    for isolation in BOTH {
+        broken_plugins(isolation);
+    }
+}
+
+fn broken_plugins(isolation: Isolation) {
+    let mut host = dynamic_host(isolation);
     let good = || EvalRequest::new(["cardiology"], ["cardiology"]);
 
     // (a) another ABI version: refused before anything but the entry runs
@@ -811,15 +771,15 @@ fn check_malformed_rows(host: &PluginHost) {
 
 #[test]
 fn malformed_rows_are_reported_with_file_and_line_in_both_paths() {
-    check_malformed_rows(&dynamic_host());
+    for isolation in BOTH {
+        check_malformed_rows(&dynamic_host(isolation));
+    }
     check_malformed_rows(&static_host());
 }
 
 #[test]
 fn the_example_plugin_builds_and_loads() {
-    let mut host = PluginHost::new();
-    host.use_env_path(false).use_exe_dir(false);
-    host.add_search_dir(plugin_dir());
+    let mut host = bare_host(Isolation::Process);
     let plugin = host
         .load_name("minimal")
         .expect("examples/plugin-minimal loads");
@@ -877,8 +837,14 @@ fn child_loads_from_env_path() {
     host.use_exe_dir(false);
     let dirs = host.search_dirs();
     assert_eq!(dirs.len(), 2, "{dirs:?}");
-    host.load_name("finance")
+    let plugin = host
+        .load_name("finance")
         .expect("found through LEGORA_PLUGIN_PATH");
+    assert_eq!(plugin.isolation(), Some(Isolation::Process));
+    assert_eq!(
+        host.worker_command().expect("a worker").program(),
+        Path::new(common::worker_program())
+    );
 }
 
 #[test]
@@ -894,6 +860,8 @@ fn plugins_are_found_through_legora_plugin_path() {
             "--test-threads=1",
         ])
         .env(legora_plugin_host::PLUGIN_PATH_ENV, path)
+        // the worker program, found through its environment variable
+        .env(legora_plugin_host::WORKER_ENV, common::worker_program())
         .status()
         .expect("child runs");
     assert!(status.success(), "child test failed: {status}");
