@@ -21,6 +21,16 @@ pub enum KernelError {
         /// What is wrong, with the expected and found values.
         message: String,
     },
+    /// A storage format (or one of its types) the operation does not implement.
+    #[error("{what}: {format} is not supported ({message})")]
+    Unsupported {
+        /// The operation (dequantization, ...).
+        what: String,
+        /// The format or type asked for (`IQ2_XXS`, ...).
+        format: String,
+        /// What is supported instead.
+        message: String,
+    },
 }
 
 /// `Result` with [`KernelError`].
