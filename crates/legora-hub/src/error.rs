@@ -105,6 +105,53 @@ pub enum HubError {
         /// The model's error.
         source: ModelError,
     },
+    /// A path that must be a regular file is something else (a FIFO, a device, a folder).
+    #[error("{}: expected a regular file, found {found}", path.display())]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
+        /// What it is.
+        found: String,
+    },
+    /// A GGUF file's structure is invalid: magic, version, a truncated header, a count or
+    /// length the file cannot hold.
+    #[error("{}: not a valid GGUF file: {what} at byte {offset}: expected {expected}, found {found}", path.display())]
+    GgufFormat {
+        /// The file.
+        path: PathBuf,
+        /// Where in the file.
+        offset: u64,
+        /// The field read there.
+        what: String,
+        /// What the format requires.
+        expected: String,
+        /// What the file has.
+        found: String,
+    },
+    /// A GGUF metadata entry is missing, has the wrong type or a value legora cannot use.
+    #[error("{}: GGUF metadata `{key}`: expected {expected}, found {found}", path.display())]
+    GgufMetadata {
+        /// The file.
+        path: PathBuf,
+        /// The metadata key (`llama.block_count`, ...).
+        key: String,
+        /// What was expected.
+        expected: String,
+        /// What the file has.
+        found: String,
+    },
+    /// A GGUF tensor info is invalid (type, dims, offset, size) or its data cannot be used.
+    #[error("{}: GGUF tensor `{tensor}`: expected {expected}, found {found}", path.display())]
+    GgufTensor {
+        /// The file.
+        path: PathBuf,
+        /// The GGUF tensor name.
+        tensor: String,
+        /// What was expected.
+        expected: String,
+        /// What the file has.
+        found: String,
+    },
     /// A layer rejected an adapter / router configuration.
     #[error("{}: {source}", path.display())]
     Nn {

@@ -7,6 +7,8 @@
 //!   `model.safetensors.index.json` (f32 / f16 / bf16 cast to the backend's float type),
 //!   `tokenizer.json`, `generation_config.json`, the chat template
 //!   ([`PretrainedModel::from_pretrained`], [`PretrainedModel::save_pretrained`]);
+//! - GGUF files (llama.cpp, Ollama): config, tokenizer, chat template from the metadata,
+//!   weights dequantized at load ([`gguf`], [`PretrainedModel::from_gguf`]);
 //! - PEFT adapter folders, exactly as PEFT writes them ([`load_adapter`],
 //!   [`save_adapter`], several named adapters as sub-folders);
 //! - mixture folders: `experts/<name>/` PEFT folders + `router.safetensors` +
@@ -18,6 +20,7 @@
 //! the file, and the tensor with its expected and found shape where one is involved.
 
 mod error;
+pub mod gguf;
 pub mod io;
 mod model;
 mod moe;
@@ -25,6 +28,7 @@ mod peft;
 mod tokenizer;
 
 pub use error::{HubError, Result};
+pub use gguf::GgufFile;
 pub use io::{write_atomic, Checkpoint, FloatDtype, SafetensorsFile};
 pub use model::{get_peft_model, load_config, PeftModel, PretrainedModel, TOKENIZER_FILES};
 pub use moe::{load_mixture, save_mixture, MoeConfig, MOE_CONFIG, ROUTER_WEIGHTS};

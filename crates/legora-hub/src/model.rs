@@ -88,9 +88,13 @@ pub struct PretrainedModel<B: Backend> {
 impl<B: Backend> PretrainedModel<B> {
     /// Load `dir` (config.json, model.safetensors or its shards, tokenizer.json,
     /// generation_config.json, chat template). Weights of any float dtype are cast to the
-    /// backend's float type.
+    /// backend's float type. A path ending in `.gguf` is a GGUF file:
+    /// [`from_gguf`](Self::from_gguf).
     pub fn from_pretrained(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self> {
         let dir = dir.as_ref();
+        if crate::gguf::is_gguf_path(dir) {
+            return Self::from_gguf(dir, device);
+        }
         let (config, raw_config) = load_config(dir)?;
         let resolved = config
             .resolve()
@@ -233,6 +237,10 @@ impl<B: Backend> PretrainedModel<B> {
         } else {
             write_json(&dir.join("generation_config.json"), &self.generation_config)?;
         }
+        if crate::gguf::is_gguf_path(src) {
+            // A GGUF base has no tokenizer files to copy: write the ones it was built into.
+            return self.save_tokenizer_files(dir);
+        }
         for f in TOKENIZER_FILES {
             let from = src.join(f);
             if from.exists() {
@@ -240,6 +248,33 @@ impl<B: Backend> PretrainedModel<B> {
             }
         }
         Ok(())
+    }
+
+    /// tokenizer.json and tokenizer_config.json (chat template, bos / eos tokens) of the
+    /// loaded tokenizer, for bases that came without those files.
+    fn save_tokenizer_files(&self, dir: &Path) -> Result<()> {
+        if let Some(t) = &self.tokenizer {
+            let path = dir.join("tokenizer.json");
+            let text = t.to_string(true).map_err(|e| HubError::Tokenizer {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            crate::io::write_atomic(&path, text.as_bytes())?;
+        }
+        let mut cfg = serde_json::Map::new();
+        cfg.insert(
+            "tokenizer_class".into(),
+            Value::String("PreTrainedTokenizerFast".into()),
+        );
+        if let Some(t) = &self.chat_template {
+            cfg.insert("chat_template".into(), Value::String(t.source.clone()));
+            for (key, tok) in [("bos_token", &t.bos_token), ("eos_token", &t.eos_token)] {
+                if let Some(tok) = tok {
+                    cfg.insert(key.into(), Value::String(tok.clone()));
+                }
+            }
+        }
+        write_json(&dir.join("tokenizer_config.json"), &Value::Object(cfg))
     }
 
     /// Load a mixture folder (experts + routers) into this model.

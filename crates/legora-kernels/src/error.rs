@@ -47,6 +47,16 @@ pub enum KernelError {
         /// The dtype present.
         found: String,
     },
+    /// A storage format (or one of its types) the operation does not implement.
+    #[error("{what}: {format} is not supported ({message})")]
+    Unsupported {
+        /// The operation (dequantization, ...).
+        what: String,
+        /// The format or type asked for (`IQ2_XXS`, ...).
+        format: String,
+        /// What is supported instead.
+        message: String,
+    },
 }
 
 /// `Result` with [`KernelError`].

@@ -1,0 +1,73 @@
+//! [`GgufWeights`]: a GGUF file as a [`WeightSource`] (HF names, HF layout, f32).
+
+use burn::tensor::TensorData;
+use legora_models::{SourceError, WeightSource};
+
+use super::file::GgufFile;
+use super::names::{gguf_name, llama_unpermute_rows};
+use crate::error::HubError;
+
+/// The tensors of a GGUF file by HF name (`model.layers.0.self_attn.q_proj.weight`),
+/// dequantized to f32 one at a time as the model builder asks for them, in PyTorch shape
+/// (GGML dims reversed) and HF row order (llama.cpp's Q/K permutation undone when
+/// `heads` is set).
+pub struct GgufWeights<'a> {
+    file: &'a GgufFile,
+    heads: Option<(usize, usize)>,
+}
+
+impl<'a> GgufWeights<'a> {
+    /// Read `file`; `heads` = `Some((num_attention_heads, num_key_value_heads))` for files
+    /// whose `attn_q` / `attn_k` rows llama.cpp permuted (see
+    /// [`permuted_qk`](super::config::permuted_qk)).
+    pub fn new(file: &'a GgufFile, heads: Option<(usize, usize)>) -> Self {
+        Self { file, heads }
+    }
+
+    /// The head count whose permutation tensor `gguf` carries, if any.
+    fn permutation_heads(&self, gguf: &str) -> Option<usize> {
+        let (q, kv) = self.heads?;
+        if gguf.contains(".attn_q.") {
+            Some(q)
+        } else if gguf.contains(".attn_k.") {
+            Some(kv)
+        } else {
+            None
+        }
+    }
+}
+
+impl WeightSource for GgufWeights<'_> {
+    fn tensor(&mut self, name: &str) -> std::result::Result<Option<TensorData>, SourceError> {
+        let Some(g) = gguf_name(name) else {
+            return Ok(None);
+        };
+        let Some(info) = self.file.tensor_info(&g) else {
+            return Ok(None);
+        };
+        let shape = info.shape();
+        let mut values = self
+            .file
+            .dequantize(&g)
+            .map_err(|e| Box::new(e) as SourceError)?
+            .unwrap_or_default();
+        if let Some(n_head) = self.permutation_heads(&g) {
+            let row_len = if shape.len() > 1 {
+                info.ne0() as usize
+            } else {
+                1
+            };
+            values = llama_unpermute_rows(&values, row_len, n_head).ok_or_else(|| {
+                Box::new(HubError::GgufTensor {
+                    path: self.file.path().to_path_buf(),
+                    tensor: g.clone(),
+                    expected: format!(
+                        "rows in 2 × {n_head} equal groups (llama.cpp's Q/K permutation)"
+                    ),
+                    found: format!("shape {shape:?}"),
+                }) as SourceError
+            })?;
+        }
+        Ok(Some(TensorData::new(values, shape)))
+    }
+}
