@@ -9,7 +9,8 @@ case (this script with --worker), then `target/release/legora bench --case <case
 Both get the same thread count (torch.set_num_threads + OMP_NUM_THREADS,
 RAYON_NUM_THREADS). Prints one JSON line per run, then a table with the ratio
 legora / PyTorch (tokens/s: > 1 means legora is faster; peak RSS: < 1 means legora uses
-less) and the mixture checks of issue 6 (acceptance 3), from legora's own runs.
+less) and the mixture checks (the mixture's cost over one adapter, concurrent vs one after another),
+from legora's own runs.
 
 Cases (random weights: speed does not depend on weight values). Every case: Qwen2 shape
 (hidden 512, 8 layers, 8 heads / 2 KV heads, intermediate 1408, vocab 8192, tied
@@ -28,7 +29,7 @@ optimizer step; warmup steps are not timed.
                 PEFT offers. legora: one task-routed run over one shared frozen base,
                 batch 3 x 4 with forward + backward per task (`S-concurrent`, as
                 `[data] backward_per_task`) and in one pass (`S-concurrent-batched`), and, for
-                issue 6's acceptance 3, the same three trained one after another
+                the mixture checks, the same three trained one after another
                 (`S-concurrent-seq`).
 """
 
@@ -358,7 +359,7 @@ def main():
                        v, "<= 1.25", v <= 1.25))
     if checks:
         print()
-        print("| issue 6 check | value | target | met |")
+        print("| mixture check | value | target | met |")
         print("|---|---:|---|---|")
         for name, v, target, ok in checks:
             met = "" if ok is None else ("yes" if ok else "no")

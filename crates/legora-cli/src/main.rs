@@ -1,8 +1,10 @@
 //! `legora`: the command-line front end. One module per subcommand under `cmd/`.
 
+#[macro_use]
+mod text;
 mod backend;
 mod cmd;
-mod text;
+mod progress;
 
 use clap::{Parser, Subcommand};
 
@@ -38,7 +40,7 @@ enum Command {
     Plugins(cmd::plugins::Args),
     /// Describe a model, PEFT adapter or mixture folder.
     Inspect(cmd::inspect::Args),
-    /// Training-step speed and peak memory on random-weight models (issue 6 cases).
+    /// Training-step speed and peak memory on random-weight models.
     Bench(cmd::bench::Args),
     /// Serve one plugin library to a legora process over stdin / stdout (started by
     /// legora itself for every dynamic plugin).

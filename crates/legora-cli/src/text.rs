@@ -40,6 +40,60 @@ pub fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String
     out
 }
 
+/// Write to stdout; a reader that went away (`legora plugins | head -1`) ends the
+/// process quietly with success instead of a "broken pipe" panic.
+pub fn write_stdout(args: std::fmt::Arguments<'_>, newline: bool) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let r = out
+        .write_fmt(args)
+        .and_then(|_| {
+            if newline {
+                out.write_all(b"\n")
+            } else {
+                Ok(())
+            }
+        })
+        .and_then(|_| out.flush());
+    if let Err(e) = r {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `println!` that ends quietly when stdout's reader went away (see [`write_stdout`]).
+macro_rules! outln {
+    () => { $crate::text::write_stdout(format_args!(""), true) };
+    ($($arg:tt)*) => { $crate::text::write_stdout(format_args!($($arg)*), true) };
+}
+
+/// `print!` that ends quietly when stdout's reader went away (see [`write_stdout`]).
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::text::write_stdout(format_args!($($arg)*), false) };
+}
+
+/// `demo/../out/demo` → `out/demo`, for display only (a symlinked `demo` folder would
+/// make the two differ on disk).
+pub fn tidy(path: &std::path::Path) -> std::path::PathBuf {
+    use std::path::Component;
+    let mut out = std::path::PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -56,5 +110,14 @@ mod tests {
     fn table_aligns_columns() {
         let t = table(&["a", "bb"], &[["xyz".into(), "1".into()]]);
         assert_eq!(t, "a    bb\n---  --\nxyz  1\n");
+    }
+
+    #[test]
+    fn paths_read_tidily() {
+        use super::tidy;
+        use std::path::Path;
+        assert_eq!(tidy(Path::new("demo/../out/demo")), Path::new("out/demo"));
+        assert_eq!(tidy(Path::new("../x/./y")), Path::new("../x/y"));
+        assert_eq!(tidy(Path::new("/a/./b/../c")), Path::new("/a/c"));
     }
 }

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 use legora_models::{CausalLm, Config, GenerationConfig, ModelError};
-use legora_nn::{trainable_parameters, Combination, LoraConfig, ParamReport};
+use legora_nn::{Combination, LoraConfig, ParamReport};
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
@@ -449,7 +449,7 @@ impl<B: Backend> PeftModel<B> {
 
     /// Trainable vs total parameters (PEFT `get_nb_trainable_parameters`).
     pub fn trainable_parameters(&self) -> ParamReport {
-        trainable_parameters(&self.base.model)
+        self.base.model.parameter_report()
     }
 
     /// Print PEFT's one-line summary.

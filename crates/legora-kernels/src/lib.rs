@@ -24,6 +24,9 @@
 //!
 //! Only f32 tensors take the fused kernels; other dtypes take the reference path.
 
+// Every `unsafe` block says why it is sound.
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 mod error;
 pub mod quant;
 pub mod reference;

@@ -622,6 +622,18 @@ impl<B: Backend> CausalLm<B> {
         })
     }
 
+    /// Trainable and total parameters, as PEFT's `print_trainable_parameters` counts
+    /// them: a tied `lm_head` shares `embed_tokens` and counts once (its adapters, if
+    /// any, count).
+    pub fn parameter_report(&self) -> legora_nn::ParamReport {
+        let mut report = legora_nn::trainable_parameters(self);
+        if self.config.tie_word_embeddings {
+            let c = &self.config;
+            report.total = report.total.saturating_sub(c.vocab_size * c.hidden_size);
+        }
+        report
+    }
+
     /// The experts of the model's mixture slots (`None` when it has none).
     pub fn num_experts(&self) -> Option<usize> {
         self.slots().into_iter().find_map(|(_, slot)| match slot {

@@ -368,6 +368,18 @@ fn only_adapters_are_trainable() {
 }
 
 #[test]
+fn tied_embeddings_count_once() {
+    // vocab 40 × hidden 16 embeddings; per layer q 16·16, k and v 16·8, o 16·16, three
+    // MLP projections 16·24, two norms of 16; the final norm 16. Tied: no lm_head of its own.
+    let layer = 256 + 2 * 128 + 256 + 3 * 384 + 2 * 16;
+    let total = 40 * 16 + 2 * layer + 16;
+    let tied = model("llama", r#", "tie_word_embeddings": true"#);
+    assert_eq!(tied.parameter_report().total, total);
+    let untied = model("llama", r#", "tie_word_embeddings": false"#);
+    assert_eq!(untied.parameter_report().total, total + 40 * 16);
+}
+
+#[test]
 fn bad_inputs_are_errors() {
     let m = model("llama", "");
     let bad_mask =

@@ -28,6 +28,12 @@ pub enum PluginError {
         /// Requested local name.
         name: String,
     },
+    /// The plugin ships no expert with this name.
+    #[error("unknown expert `{name}`")]
+    UnknownExpert {
+        /// Requested local name.
+        name: String,
+    },
     /// The request itself is unusable (mismatched lengths, bad parameter, ...).
     #[error("invalid request: {message}")]
     InvalidRequest {

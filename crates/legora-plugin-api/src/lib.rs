@@ -139,9 +139,10 @@ pub mod prelude {
     pub use crate::metrics;
     pub use crate::rows::{RowPos, RowSink};
     pub use crate::{
-        AttachmentInfo, EvalOutput, EvalRequest, EvaluatorInfo, FormatInfo, LoraConfig, Manifest,
-        Message, MixtureConfig, ParamInfo, ParseMode, ParseOptions, ParseOutput, ParseRequest,
-        Plugin, PluginError, Preset, PresetInfo, Record, Role, RoutingStrategy, TargetModules,
+        AttachmentInfo, EvalOutput, EvalRequest, EvaluatorInfo, ExpertFiles, ExpertInfo,
+        FormatInfo, LoraConfig, Manifest, Message, MixtureConfig, ParamInfo, ParseMode,
+        ParseOptions, ParseOutput, ParseRequest, Plugin, PluginError, Preset, PresetInfo, Record,
+        Role, RoutingStrategy, TargetModules,
     };
 }
 

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use crate::error::PluginError;
 use crate::protocol::{Call, Reply, Request, Response};
 use crate::types::{
-    EvalOutput, EvalRequest, Manifest, ParseMode, ParseOutput, ParseRequest, Preset, SCHEMA_VERSION,
+    EvalOutput, EvalRequest, ExpertFiles, Manifest, ParseMode, ParseOutput, ParseRequest, Preset,
+    SCHEMA_VERSION,
 };
 
 /// What a plugin implements. Write plain Rust; [`crate::export_plugin!`] turns
@@ -47,6 +48,13 @@ pub trait Plugin: Send + Sync + 'static {
             name: name.to_string(),
         })
     }
+
+    /// Returns a shipped expert's files by local name.
+    fn expert(&self, name: &str) -> Result<ExpertFiles, PluginError> {
+        Err(PluginError::UnknownExpert {
+            name: name.to_string(),
+        })
+    }
 }
 
 impl<P: Plugin + ?Sized> Plugin for Box<P> {
@@ -62,6 +70,9 @@ impl<P: Plugin + ?Sized> Plugin for Box<P> {
     fn preset(&self, name: &str) -> Result<Preset, PluginError> {
         (**self).preset(name)
     }
+    fn expert(&self, name: &str) -> Result<ExpertFiles, PluginError> {
+        (**self).expert(name)
+    }
 }
 
 impl<P: Plugin + ?Sized> Plugin for Arc<P> {
@@ -76,6 +87,9 @@ impl<P: Plugin + ?Sized> Plugin for Arc<P> {
     }
     fn preset(&self, name: &str) -> Result<Preset, PluginError> {
         (**self).preset(name)
+    }
+    fn expert(&self, name: &str) -> Result<ExpertFiles, PluginError> {
+        (**self).expert(name)
     }
 }
 
@@ -180,6 +194,12 @@ fn dispatch(plugin: &dyn Plugin, request: &[u8], payload: &[u8]) -> Result<Reply
                 .validate()
                 .map_err(|e| PluginError::other(format!("preset `{name}` is invalid: {e}")))?;
             Ok(Reply::Preset(preset))
+        }
+        Call::Expert { name } => {
+            if plugin.manifest().find_expert(&name).is_none() {
+                return Err(PluginError::UnknownExpert { name });
+            }
+            plugin.expert(&name).map(Reply::Expert)
         }
     }
 }

@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::PluginError;
 use crate::types::{
-    Attachment, EvalOutput, EvalRequest, Manifest, ParseOptions, ParseOutput, ParseRequest, Preset,
-    SCHEMA_VERSION,
+    Attachment, EvalOutput, EvalRequest, ExpertFiles, Manifest, ParseOptions, ParseOutput,
+    ParseRequest, Preset, SCHEMA_VERSION,
 };
 
 /// A request envelope.
@@ -47,6 +47,11 @@ pub enum Call {
         /// Local preset name.
         name: String,
     },
+    /// Return a shipped expert's files by local name.
+    Expert {
+        /// Local expert name.
+        name: String,
+    },
 }
 
 impl Call {
@@ -57,6 +62,7 @@ impl Call {
             Call::Parse(_) => "parse",
             Call::Evaluate(_) => "evaluate",
             Call::Preset { .. } => "preset",
+            Call::Expert { .. } => "expert",
         }
     }
 }
@@ -84,6 +90,8 @@ pub enum Reply {
     Evaluate(EvalOutput),
     /// Answer to [`Call::Preset`].
     Preset(Preset),
+    /// Answer to [`Call::Expert`].
+    Expert(ExpertFiles),
     /// Any call failed.
     Error(PluginError),
 }
@@ -96,6 +104,7 @@ impl Reply {
             Reply::Parse(_) => "parse",
             Reply::Evaluate(_) => "evaluate",
             Reply::Preset(_) => "preset",
+            Reply::Expert(_) => "expert",
             Reply::Error(_) => "error",
         }
     }

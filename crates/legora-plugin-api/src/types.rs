@@ -56,6 +56,9 @@ pub struct Manifest {
     /// Adapter presets: LoRA / mixture settings suited to the domain.
     #[serde(default)]
     pub presets: Vec<PresetInfo>,
+    /// Trained experts the plugin ships (PEFT adapters for a named base).
+    #[serde(default)]
+    pub experts: Vec<ExpertInfo>,
 }
 
 impl Manifest {
@@ -69,6 +72,7 @@ impl Manifest {
             formats: Vec::new(),
             evaluators: Vec::new(),
             presets: Vec::new(),
+            experts: Vec::new(),
         }
     }
 
@@ -96,6 +100,12 @@ impl Manifest {
         self
     }
 
+    /// Adds a shipped expert.
+    pub fn expert(mut self, expert: ExpertInfo) -> Self {
+        self.experts.push(expert);
+        self
+    }
+
     /// Looks up a format by its local (unqualified) name.
     pub fn find_format(&self, name: &str) -> Option<&FormatInfo> {
         self.formats.iter().find(|f| f.name == name)
@@ -111,6 +121,11 @@ impl Manifest {
         self.presets.iter().find(|p| p.name == name)
     }
 
+    /// Looks up a shipped expert by its local (unqualified) name.
+    pub fn find_expert(&self, name: &str) -> Option<&ExpertInfo> {
+        self.experts.iter().find(|e| e.name == name)
+    }
+
     /// Checks names: the plugin name and every item name must satisfy
     /// [`is_valid_name`], and no item name may repeat within its kind.
     /// Returns the first problem found.
@@ -118,7 +133,7 @@ impl Manifest {
         if !is_valid_name(&self.name) {
             return Err(format!("invalid plugin name `{}`", self.name));
         }
-        let kinds: [(&str, Vec<&str>); 3] = [
+        let kinds: [(&str, Vec<&str>); 4] = [
             (
                 "format",
                 self.formats.iter().map(|f| f.name.as_str()).collect(),
@@ -130,6 +145,10 @@ impl Manifest {
             (
                 "preset",
                 self.presets.iter().map(|p| p.name.as_str()).collect(),
+            ),
+            (
+                "expert",
+                self.experts.iter().map(|e| e.name.as_str()).collect(),
             ),
         ];
         for (kind, names) in kinds {
@@ -362,6 +381,77 @@ impl PresetInfo {
             name: name.into(),
             description: description.into(),
         }
+    }
+}
+
+/// A trained expert a plugin ships: a PEFT adapter for a named base (the full
+/// [`ExpertFiles`] are fetched on demand).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExpertInfo {
+    /// Local name, e.g. `demo-specialty`.
+    pub name: String,
+    /// What it was trained for.
+    #[serde(default)]
+    pub description: String,
+    /// The base model it was trained on (its `base_model_name_or_path`).
+    #[serde(default)]
+    pub base_model: String,
+}
+
+impl ExpertInfo {
+    /// An expert entry.
+    pub fn new(
+        name: impl Into<String>,
+        description: impl Into<String>,
+        base_model: impl Into<String>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            description: description.into(),
+            base_model: base_model.into(),
+        }
+    }
+}
+
+/// The two files of a PEFT adapter folder, as a plugin ships them:
+/// `adapter_config.json` (a JSON object) and `adapter_model.safetensors` (bytes,
+/// base64 in the JSON reply).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExpertFiles {
+    /// The contents of `adapter_config.json`.
+    pub adapter_config: Map<String, Value>,
+    /// The contents of `adapter_model.safetensors`.
+    #[serde(with = "base64_bytes")]
+    pub adapter_model: Vec<u8>,
+}
+
+impl ExpertFiles {
+    /// The files from the text of `adapter_config.json` and the safetensors bytes
+    /// (as `include_str!` / `include_bytes!` give them).
+    pub fn new(adapter_config_json: &str, adapter_model: &[u8]) -> Result<Self, String> {
+        let adapter_config = serde_json::from_str(adapter_config_json)
+            .map_err(|e| format!("adapter_config.json is not a JSON object: {e}"))?;
+        Ok(Self {
+            adapter_config,
+            adapter_model: adapter_model.to_vec(),
+        })
+    }
+}
+
+/// Bytes as a standard base64 string in JSON.
+mod base64_bytes {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text.as_bytes())
+            .map_err(serde::de::Error::custom)
     }
 }
 

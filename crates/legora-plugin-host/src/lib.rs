@@ -110,9 +110,9 @@ use std::time::Duration;
 use legora_plugin_api::abi::{self, PluginVTable};
 use legora_plugin_api::protocol::{Call, ParseHeader, Reply, Request, Response};
 use legora_plugin_api::{
-    handle_request, Attachment, EvalOutput, EvalRequest, EvaluatorInfo, FormatInfo, Manifest,
-    ParseOptions, ParseOutput, ParseRequest, Plugin, PluginError, Preset, PresetInfo,
-    SCHEMA_VERSION,
+    handle_request, Attachment, EvalOutput, EvalRequest, EvaluatorInfo, ExpertFiles, ExpertInfo,
+    FormatInfo, Manifest, ParseOptions, ParseOutput, ParseRequest, Plugin, PluginError, Preset,
+    PresetInfo, SCHEMA_VERSION,
 };
 use serde_json::Value;
 
@@ -314,6 +314,19 @@ impl PluginHandle {
         )? {
             Reply::Preset(preset) => Ok(preset),
             other => Err(self.wrong_reply("preset", &other)),
+        }
+    }
+
+    /// Fetches a shipped expert's files by local name.
+    pub fn expert(&self, name: &str) -> Result<ExpertFiles, HostError> {
+        match self.call(
+            Call::Expert {
+                name: name.to_string(),
+            },
+            &[],
+        )? {
+            Reply::Expert(files) => Ok(files),
+            other => Err(self.wrong_reply("expert", &other)),
         }
     }
 
@@ -602,6 +615,7 @@ pub struct PluginHost {
     formats: BTreeMap<String, Format>,
     evaluators: BTreeMap<String, Evaluator>,
     presets: BTreeMap<String, (PresetInfo, PluginHandle)>,
+    experts: BTreeMap<String, (ExpertInfo, PluginHandle)>,
     search_dirs: Vec<PathBuf>,
     use_env_path: bool,
     use_exe_dir: bool,
@@ -660,6 +674,7 @@ impl PluginHost {
             formats: BTreeMap::new(),
             evaluators: BTreeMap::new(),
             presets: BTreeMap::new(),
+            experts: BTreeMap::new(),
             search_dirs: Vec::new(),
             use_env_path: true,
             use_exe_dir: true,
@@ -986,6 +1001,12 @@ impl PluginHost {
                 (info.clone(), handle.clone()),
             );
         }
+        for info in &handle.manifest().experts {
+            self.experts.insert(
+                format!("{plugin}/{}", info.name),
+                (info.clone(), handle.clone()),
+            );
+        }
         self.plugins.push(handle.clone());
         Ok(handle)
     }
@@ -1055,6 +1076,36 @@ impl PluginHost {
             .get(name)
             .ok_or_else(|| self.unknown_preset(name))?;
         plugin.preset(&info.name)
+    }
+
+    /// Qualified names of all shipped experts, sorted.
+    pub fn expert_names(&self) -> Vec<String> {
+        self.experts.keys().cloned().collect()
+    }
+
+    /// Description of a shipped expert by qualified name (`medical/demo-specialty`).
+    pub fn expert_info(&self, name: &str) -> Result<&ExpertInfo, HostError> {
+        self.experts
+            .get(name)
+            .map(|(info, _)| info)
+            .ok_or_else(|| self.unknown_expert(name))
+    }
+
+    /// Fetches a shipped expert's files by qualified name.
+    pub fn expert(&self, name: &str) -> Result<ExpertFiles, HostError> {
+        let (info, plugin) = self
+            .experts
+            .get(name)
+            .ok_or_else(|| self.unknown_expert(name))?;
+        plugin.expert(&info.name)
+    }
+
+    fn unknown_expert(&self, name: &str) -> HostError {
+        HostError::Unknown {
+            kind: "expert",
+            name: name.to_string(),
+            known: self.expert_names(),
+        }
     }
 
     fn unknown_preset(&self, name: &str) -> HostError {
@@ -1148,7 +1199,7 @@ fn check_manifest(manifest: &Manifest, source: &str) -> Result<(), HostError> {
             manifest.name
         )));
     }
-    let kinds: [(&'static str, Vec<&str>); 3] = [
+    let kinds: [(&'static str, Vec<&str>); 4] = [
         (
             "format",
             manifest.formats.iter().map(|f| f.name.as_str()).collect(),
@@ -1164,6 +1215,10 @@ fn check_manifest(manifest: &Manifest, source: &str) -> Result<(), HostError> {
         (
             "preset",
             manifest.presets.iter().map(|p| p.name.as_str()).collect(),
+        ),
+        (
+            "expert",
+            manifest.experts.iter().map(|e| e.name.as_str()).collect(),
         ),
     ];
     for (kind, names) in kinds {

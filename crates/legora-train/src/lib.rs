@@ -42,7 +42,7 @@ pub use metrics::{
     read_metrics, EvalMetrics, MetricLine, MetricsWriter, RoutingStats, TrainMetrics,
 };
 pub use pipeline::{run_pipeline, PipelineOptions};
-pub use plan::{Mode, RunPlan, TaskPlan, Variant};
+pub use plan::{ExpertSource, Mode, RunPlan, TaskPlan, Variant};
 pub use plot::{plot_loss_curves, plot_routing_load, plot_stage_losses, Series};
 pub use report::{ModelMetrics, ParamCount, Report, TaskReport};
 pub use schedule::{LrSchedule, ScheduleKind};

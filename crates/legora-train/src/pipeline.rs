@@ -21,24 +21,31 @@ use std::path::{Path, PathBuf};
 use burn::module::{AutodiffModule, Module, ParamId};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use legora_data::{
-    eval_batches, prepare_task, split_indices, Batcher, Example, Loader, Record, Template,
-    TokenizeOptions, IGNORE_INDEX,
+    derive_seed, eval_batches, prepare_task, split_indices, Batcher, Example, Loader, Record,
+    Template, TokenizeOptions, IGNORE_INDEX,
 };
 use legora_hub::PretrainedModel;
 use legora_models::{CausalLm, GenerationConfig, Slot};
-use legora_nn::{trainable_parameters, Router};
+use legora_nn::Router;
 use legora_plugin_api::{EvalRequest, ParseOptions};
 use legora_plugin_host::PluginHost;
 
+use crate::checkpoint::write_atomic;
 use crate::config::{ExpertsMode, RunConfig, StageKind, TrainSettings};
 use crate::error::{Result, TrainError};
 use crate::lm::{lm_input, shifted_targets, token_nll, LmModel, Objective};
 use crate::metrics::{read_metrics, RoutingStats};
-use crate::plan::{Mode, RunPlan, TaskPlan, Variant};
+use crate::plan::{ExpertSource, Mode, RunPlan, TaskPlan, Variant};
 use crate::plot::{plot_routing_load, plot_stage_losses};
 use crate::report::{ModelMetrics, ParamCount, Report, TaskReport};
 use crate::tok::HubTokenizer;
 use crate::trainer::{evaluate_inner, LrGroup, StageSummary, TrainCallback, Trainer, ValSet};
+
+/// Streams of [`derive_seed`] for initial weights: an expert's `A`, a layer's router,
+/// the single LoRA's `A`.
+const INIT_EXPERT: u64 = 0x1417_0001;
+const INIT_ROUTER: u64 = 0x1417_0002;
+const INIT_SINGLE_LORA: u64 = 0x1417_0003;
 
 /// How to run the pipeline.
 #[derive(Debug, Clone, Default)]
@@ -91,7 +98,7 @@ pub fn run_pipeline<B: AutodiffBackend>(
     let mut run = Run::<B>::open(cfg, &plan, host, options, device)?;
     let mixture = match &plan.mode {
         Mode::Train => run.experts_stage(callback, device)?,
-        Mode::Compose(dirs) => run.compose(dirs)?,
+        Mode::Compose(_) => run.compose(&plan.experts)?,
         Mode::EvalOnly => run.trained_mixture()?,
     };
     let mixture = run.router_stage(mixture, callback, device)?;
@@ -165,6 +172,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
     ) -> Result<CausalLm<B>> {
         let mut m = self.base.model.clone();
         for (i, t) in self.plan.tasks.iter().enumerate() {
+            self.seed_init(device, &[INIT_EXPERT, i as u64]);
             m.add_adapter(&t.name, &t.lora).map_err(|e| {
                 self.cfg.error_at(
                     &format!("tasks[{i}]"),
@@ -184,12 +192,23 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
         self.train("experts", settings, false, groups, model, callback, device)
     }
 
+    /// Seed the backend's generator from the run's seed before initialising trainable
+    /// weights (LoRA `A`, routers), so the same run file gives the same weights in every
+    /// process whatever ran before.
+    fn seed_init(&self, device: &B::Device, what: &[u64]) {
+        B::seed(device, derive_seed(self.cfg.file.seed, what));
+    }
+
     /// Existing PEFT adapter folders as the experts: folder `i` becomes the expert of
     /// task `i`, then all of them one mixture (no routers yet).
-    fn compose(&self, dirs: &[PathBuf]) -> Result<CausalLm<B>> {
+    fn compose(&self, experts: &[ExpertSource]) -> Result<CausalLm<B>> {
         let mut m = self.base.model.clone();
-        for (i, (t, dir)) in self.plan.tasks.iter().zip(dirs).enumerate() {
-            legora_hub::load_adapter(&mut m, dir, &t.name).map_err(|e| {
+        for (i, (t, source)) in self.plan.tasks.iter().zip(experts).enumerate() {
+            let dir = match source {
+                ExpertSource::Folder(dir) => dir.clone(),
+                ExpertSource::Plugin(name) => self.plugin_expert(name)?,
+            };
+            legora_hub::load_adapter(&mut m, &dir, &t.name).map_err(|e| {
                 self.cfg.error_at(
                     &format!("tasks[{i}]"),
                     format!("loading expert `{}` from {}: {e}", t.name, dir.display()),
@@ -203,6 +222,19 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
                 .error_at("tasks", format!("the expert folders do not combine: {e}"))
         })?;
         Ok(m)
+    }
+
+    /// Writes the expert a plugin ships as a PEFT folder under
+    /// `<out>/plugin-experts/<plugin>/<expert>/` and returns the folder.
+    fn plugin_expert(&self, name: &str) -> Result<PathBuf> {
+        let files = self.host.expert(name)?;
+        let dir = self.out.join("plugin-experts").join(name);
+        std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+        let config = serde_json::to_vec_pretty(&files.adapter_config)
+            .map_err(|e| TrainError::io(&dir, std::io::Error::other(e)))?;
+        write_atomic(&dir.join(legora_hub::ADAPTER_CONFIG), &config)?;
+        write_atomic(&dir.join(legora_hub::ADAPTER_WEIGHTS), &files.adapter_model)?;
+        Ok(dir)
     }
 
     /// The mixture a previous run wrote (`eval_only`); its experts must be the run's
@@ -248,6 +280,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
         }
         let hidden = self.base.model.config().hidden_size;
         for layer in moe_layers(&mixture) {
+            self.seed_init(device, &[INIT_ROUTER, layer as u64]);
             let r = Router::init(&self.plan.router, hidden, device)?;
             mixture.set_layer_router(layer, r)?;
         }
@@ -298,6 +331,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             return Ok(None);
         };
         let mut m = self.base.model.clone();
+        self.seed_init(device, &[INIT_SINGLE_LORA]);
         m.add_adapter("single_lora", cfg)?;
         let settings = self.settings(StageKind::SingleLora)?;
         let model =
@@ -359,7 +393,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             &self.batcher,
             single_task,
         )?;
-        let p = trainable_parameters(&model);
+        let p = model.model.parameter_report();
         let count = ParamCount {
             trainable: p.trainable,
             total: p.total,

@@ -20,7 +20,8 @@ pub enum Mode {
     #[default]
     Train,
     /// Use these PEFT adapter folders as the experts (one per `[[tasks]]` entry, in
-    /// order; X-LoRA / LoRAHub style), then train the router and evaluate.
+    /// order; X-LoRA / LoRAHub style), then train the router and evaluate. An entry
+    /// that is not a folder may name an expert a plugin ships (`medical/demo-specialty`).
     Compose(Vec<PathBuf>),
     /// Train nothing: evaluate the mixture (and `single_lora/`) already in the output
     /// folder.
@@ -64,6 +65,16 @@ impl Variant {
     pub fn from_name(name: &str) -> Option<Variant> {
         Variant::ALL.into_iter().find(|v| v.as_str() == name)
     }
+}
+
+/// Where a composed expert comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExpertSource {
+    /// A PEFT adapter folder.
+    Folder(PathBuf),
+    /// An expert a plugin ships, by qualified name (`<plugin>/<expert>`); written as a
+    /// PEFT folder under `<output_dir>/plugin-experts/` before it is loaded.
+    Plugin(String),
 }
 
 /// One task, resolved.
@@ -112,6 +123,8 @@ pub struct RunPlan {
     pub train_router: bool,
     /// The compared models, in report order (empty: no evaluation).
     pub variants: Vec<Variant>,
+    /// The experts to compose, one per task ([`Mode::Compose`]; empty otherwise).
+    pub experts: Vec<ExpertSource>,
 }
 
 impl RunPlan {
@@ -129,7 +142,7 @@ impl RunPlan {
         let tasks = (0..cfg.file.tasks.len())
             .map(|i| resolve_task(cfg, host, i, num_layers))
             .collect::<Result<Vec<_>>>()?;
-        check_mode(cfg, &mode, &output_dir)?;
+        let experts = check_mode(cfg, host, &mode, &output_dir)?;
         let eval = &cfg.file.stages.eval;
         let variants: Vec<Variant> = if skip_eval || !eval.enabled {
             Vec::new()
@@ -150,6 +163,7 @@ impl RunPlan {
             router: cfg.router_config(),
             single_lora,
             variants,
+            experts,
         })
     }
 
@@ -303,11 +317,17 @@ fn check_targets(
     Ok(())
 }
 
-/// The inputs of the mode exist: one folder per task to compose, or a trained mixture.
-fn check_mode(cfg: &RunConfig, mode: &Mode, out: &Path) -> Result<()> {
+/// The inputs of the mode exist: one expert per task to compose (a folder or a
+/// plugin's shipped expert), or a trained mixture.
+fn check_mode(
+    cfg: &RunConfig,
+    host: &PluginHost,
+    mode: &Mode,
+    out: &Path,
+) -> Result<Vec<ExpertSource>> {
     let n = cfg.file.tasks.len();
     match mode {
-        Mode::Train => Ok(()),
+        Mode::Train => Ok(Vec::new()),
         Mode::Compose(dirs) if dirs.len() != n => Err(cfg.error_at(
             "tasks",
             format!(
@@ -317,7 +337,11 @@ fn check_mode(cfg: &RunConfig, mode: &Mode, out: &Path) -> Result<()> {
                 cfg.task_names().join(", ")
             ),
         )),
-        Mode::Compose(_) => Ok(()),
+        Mode::Compose(dirs) => dirs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| expert_source(cfg, host, i, d))
+            .collect(),
         Mode::EvalOnly if !out.join(legora_hub::MOE_CONFIG).is_file() => Err(cfg.error_at(
             "output_dir",
             format!(
@@ -326,8 +350,33 @@ fn check_mode(cfg: &RunConfig, mode: &Mode, out: &Path) -> Result<()> {
                 legora_hub::MOE_CONFIG
             ),
         )),
-        Mode::EvalOnly => Ok(()),
+        Mode::EvalOnly => Ok(Vec::new()),
     }
+}
+
+/// A folder, else an expert a plugin ships by that name.
+fn expert_source(cfg: &RunConfig, host: &PluginHost, i: usize, dir: &Path) -> Result<ExpertSource> {
+    if dir.is_dir() {
+        return Ok(ExpertSource::Folder(dir.to_path_buf()));
+    }
+    let name = dir.to_string_lossy();
+    if host.expert_info(&name).is_ok() {
+        return Ok(ExpertSource::Plugin(name.into_owned()));
+    }
+    let known = host.expert_names();
+    Err(cfg.error_at(
+        &format!("tasks[{i}]"),
+        format!(
+            "expert `{name}` for task `{}` is neither an adapter folder nor an expert a loaded \
+             plugin ships ({})",
+            cfg.task_names()[i],
+            if known.is_empty() {
+                "no plugin ships experts".to_string()
+            } else {
+                format!("shipped: {}", known.join(", "))
+            }
+        ),
+    ))
 }
 
 /// The single-LoRA baseline: `[lora]` with the experts' summed rank (the same

@@ -167,6 +167,51 @@ impl Report {
         })
     }
 
+    /// The "Results per task" table: every metric of every task per variant.
+    fn results_table(&self, md: &mut String) {
+        let _ = writeln!(md, "## Results per task\n");
+        let mut header = String::from("| task | metric |");
+        let mut rule = String::from("| --- | --- |");
+        for v in &self.variants {
+            let _ = write!(header, " {} |", variant_title(v));
+            rule.push_str(" ---: |");
+        }
+        let _ = writeln!(*md, "{header}\n{rule}");
+        for t in &self.tasks {
+            let mut names: Vec<String> = Vec::new();
+            for v in &self.variants {
+                if let Some(m) = t.models.get(v) {
+                    for k in m.metrics.keys() {
+                        if !names.contains(k) {
+                            names.push(k.clone());
+                        }
+                    }
+                }
+            }
+            let task = format!("{} (n={}, {})", cell(&t.task), t.n_eval, cell(&t.evaluator));
+            for name in &names {
+                let mut row = format!("| {task} | {} |", cell(name));
+                for v in &self.variants {
+                    let val = t.models.get(v).and_then(|m| m.metrics.get(name)).copied();
+                    let _ = write!(row, " {} |", opt(val));
+                }
+                let _ = writeln!(*md, "{row}");
+            }
+            if self
+                .variants
+                .iter()
+                .any(|v| t.models.get(v).is_some_and(|m| m.val_loss.is_some()))
+            {
+                let mut row = format!("| {task} | val loss |");
+                for v in &self.variants {
+                    let _ = write!(row, " {} |", opt(t.models.get(v).and_then(|m| m.val_loss)));
+                }
+                let _ = writeln!(*md, "{row}");
+            }
+        }
+        let _ = writeln!(*md);
+    }
+
     /// The readable report.
     pub fn to_markdown(&self) -> String {
         let mut md = String::new();
@@ -203,47 +248,14 @@ impl Report {
         }
 
         // comparison table
-        let _ = writeln!(md, "## Results per task\n");
-        let mut header = String::from("| task | metric |");
-        let mut rule = String::from("| --- | --- |");
-        for v in &self.variants {
-            let _ = write!(header, " {} |", variant_title(v));
-            rule.push_str(" ---: |");
+        if self.variants.is_empty() {
+            let _ = writeln!(
+                md,
+                "## Results per task\n\nNot evaluated (the evaluation was off).\n"
+            );
+        } else {
+            self.results_table(&mut md);
         }
-        let _ = writeln!(md, "{header}\n{rule}");
-        for t in &self.tasks {
-            let mut names: Vec<String> = Vec::new();
-            for v in &self.variants {
-                if let Some(m) = t.models.get(v) {
-                    for k in m.metrics.keys() {
-                        if !names.contains(k) {
-                            names.push(k.clone());
-                        }
-                    }
-                }
-            }
-            let task = format!("{} (n={}, {})", cell(&t.task), t.n_eval, cell(&t.evaluator));
-            for name in &names {
-                let mut row = format!("| {task} | {} |", cell(name));
-                for v in &self.variants {
-                    let val = t.models.get(v).and_then(|m| m.metrics.get(name)).copied();
-                    let _ = write!(row, " {} |", opt(val));
-                }
-                let _ = writeln!(md, "{row}");
-            }
-            if self
-                .variants
-                .iter()
-                .any(|v| t.models.get(v).is_some_and(|m| m.val_loss.is_some()))
-            {
-                let mut row = format!("| {task} | val loss |");
-                for v in &self.variants {
-                    let _ = write!(row, " {} |", opt(t.models.get(v).and_then(|m| m.val_loss)));
-                }
-                let _ = writeln!(md, "{row}");
-            }
-        }
-        let _ = writeln!(md);
 
         // routing per task
         if self

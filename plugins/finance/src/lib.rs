@@ -35,6 +35,11 @@
 //! Preset `compliance`: LoRA r=8, alpha=16 on attention, with the
 //! `transactions` column names and the sentiment labels of the `alpaca`
 //! sample data.
+//!
+//! Expert `demo-sentiment`: a LoRA trained with the `compliance` preset on the
+//! `alpaca` sample data (headline → sentiment) over the demo base `demo/base`,
+//! shipped inside the library (`plugins/demo-experts/make.sh` made it);
+//! `legora compose --experts finance/demo-sentiment …` uses it.
 
 use legora_plugin_api::alpaca::{alpaca_format_info, parse_alpaca};
 use legora_plugin_api::prelude::*;
@@ -134,6 +139,11 @@ impl Plugin for FinancePlugin {
                 "compliance",
                 "LoRA r=8/alpha=16 on attention; transaction CSV columns and sentiment labels",
             ))
+            .expert(ExpertInfo::new(
+                "demo-sentiment",
+                "headline -> market sentiment (finance/alpaca), preset compliance, for the demo base",
+                "demo/base",
+            ))
     }
 
     fn parse(&self, request: &ParseRequest) -> Result<ParseOutput, PluginError> {
@@ -159,6 +169,17 @@ impl Plugin for FinancePlugin {
         match name {
             "compliance" => Ok(compliance_preset()),
             other => Err(PluginError::UnknownPreset { name: other.into() }),
+        }
+    }
+
+    fn expert(&self, name: &str) -> Result<ExpertFiles, PluginError> {
+        match name {
+            "demo-sentiment" => ExpertFiles::new(
+                include_str!("../experts/demo-sentiment/adapter_config.json"),
+                include_bytes!("../experts/demo-sentiment/adapter_model.safetensors"),
+            )
+            .map_err(PluginError::other),
+            other => Err(PluginError::UnknownExpert { name: other.into() }),
         }
     }
 }

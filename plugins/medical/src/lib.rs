@@ -23,6 +23,11 @@
 //!
 //! Preset `clinical`: LoRA r=16, alpha=32 on the attention projections, with
 //! a 3-expert mixture (one expert per format) routed top-2.
+//!
+//! Expert `demo-specialty`: a LoRA trained with the `clinical` preset on the
+//! `alpaca` sample data (symptoms → specialty) over the demo base `demo/base`,
+//! shipped inside the library (`plugins/demo-experts/make.sh` made it);
+//! `legora compose --experts medical/demo-specialty …` uses it.
 
 use std::collections::BTreeMap;
 
@@ -83,6 +88,11 @@ impl Plugin for MedicalPlugin {
                 "clinical",
                 "LoRA r=16/alpha=32 on q,k,v,o with a 3-expert top-2 mixture over the medical tasks",
             ))
+            .expert(ExpertInfo::new(
+                "demo-specialty",
+                "symptoms -> referral specialty (medical/alpaca), preset clinical, for the demo base",
+                "demo/base",
+            ))
     }
 
     fn parse(&self, request: &ParseRequest) -> Result<ParseOutput, PluginError> {
@@ -108,6 +118,17 @@ impl Plugin for MedicalPlugin {
         match name {
             "clinical" => Ok(clinical_preset()),
             other => Err(PluginError::UnknownPreset { name: other.into() }),
+        }
+    }
+
+    fn expert(&self, name: &str) -> Result<ExpertFiles, PluginError> {
+        match name {
+            "demo-specialty" => ExpertFiles::new(
+                include_str!("../experts/demo-specialty/adapter_config.json"),
+                include_bytes!("../experts/demo-specialty/adapter_model.safetensors"),
+            )
+            .map_err(PluginError::other),
+            other => Err(PluginError::UnknownExpert { name: other.into() }),
         }
     }
 }

@@ -1,10 +1,9 @@
-//! `legora bench`: training-step speed and peak memory on random-weight models, the
-//! cases of issue 6 (`bench/compare_peft.py` runs the same cases in PyTorch + PEFT).
+//! `legora bench`: training-step speed and peak memory on random-weight models
+//! (`bench/compare_peft.py` runs the same cases in PyTorch + PEFT).
 //!
-//! A step is what `legora train` does for one optimizer step, through the same pieces
-//! ([`LmModel::forward_loss`], `backward`, [`clip_grad_norm`] at 1.0, burn's AdamW):
-//! random token ids with `labels = input_ids`, the shifted next-token loss, global-norm
-//! clipping, one AdamW update. Warmup steps are run first and not timed. The CPU backend
+//! A step is [`Trainer::step`], what `legora train` runs for one optimizer step: random
+//! token ids with `labels = input_ids`, the shifted next-token loss, backward, global-norm
+//! clipping at 1.0, one AdamW update. Warmup steps are run first and not timed. The CPU backend
 //! is eager; on other backends the step ends with `Backend::sync`, so the clock stops
 //! only once all of its work is done.
 //!
@@ -17,13 +16,11 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Context};
 use burn::module::AutodiffModule;
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use legora::data::{derive_seed, Batch, Rng};
 use legora::models::{CausalLm, Config};
 use legora::nn::{trainable_parameters, LoraConfig, RouterConfig};
-use legora::train::{clip_grad_norm, scalar, AdamWOptimizer, LmModel, Objective};
-use legora::train::{StepContext, TrainModel};
+use legora::train::{LmModel, Objective, ScheduleKind, TrainSettings, Trainer};
 use serde_json::{json, Value};
 
 use crate::backend::{self, device, TrainBackend};
@@ -112,7 +109,7 @@ struct Shape {
     seq: usize,
 }
 
-/// issue 6's S- shape: Qwen2-like, hidden 512, 8 layers, 8 / 2 heads, batch 4 × 256.
+/// The S- shape: Qwen2-like, hidden 512, 8 layers, 8 / 2 heads, batch 4 × 256.
 const SMALL: Shape = Shape {
     hidden: 512,
     layers: 8,
@@ -258,9 +255,10 @@ impl Timings {
     }
 }
 
-/// Train `model` for `warmup + steps` steps on fresh random batches, timing the last
-/// `steps`: forward + loss (read on the host, as the trainer does), backward, global-norm
-/// clipping at 1.0, AdamW (lr 1e-4, β = (0.9, 0.999), ε = 1e-8, weight decay 0.01 —
+/// Train `model` for `warmup + steps` steps on fresh random batches through
+/// [`Trainer::step`] (what `legora train` runs for each optimizer step), timing the last
+/// `steps`: forward + loss (read on the host), backward, global-norm clipping at 1.0,
+/// AdamW at a constant lr 1e-4 (β = (0.9, 0.999), ε = 1e-8, weight decay 0.01 —
 /// `torch.optim.AdamW`'s defaults).
 fn train<B: AutodiffBackend>(
     model: LmModel<B>,
@@ -273,70 +271,26 @@ fn train<B: AutodiffBackend>(
 where
     LmModel<B>: AutodiffModule<B>,
 {
-    let mut optim: AdamWOptimizer<LmModel<B>, B> = AdamWConfig::new()
-        .with_beta_1(0.9)
-        .with_beta_2(0.999)
-        .with_epsilon(1e-8)
-        .with_weight_decay(0.01)
-        .init();
+    let mut settings = TrainSettings::new(warmup + steps, seed);
+    settings.learning_rate = 1e-4;
+    settings.schedule = ScheduleKind::Constant;
+    settings.weight_decay = 0.01;
+    let trainer = Trainer::new("bench", std::env::temp_dir(), settings);
+    let mut optim = trainer.optimizer::<B, LmModel<B>>();
     let mut model = model;
     let mut t = Timings::default();
+    let mut next = || Ok(next_batch());
     for step in 0..warmup + steps {
-        let batch = next_batch();
-        // as the trainer: the backend RNG (dropout) re-seeded at every step
-        B::seed(device, derive_seed(seed, &[step as u64]));
-        let ctx = StepContext {
-            stage: "bench",
-            step,
-            micro_step: 0,
-            training: true,
-        };
-        let t0 = Instant::now();
-        // as the trainer: forward and backward per micro-batch part, gradients summed
-        let (mut fwd, mut bwd, mut loss) = (0.0, 0.0, 0.0);
-        let mut grads: Option<GradientsParams> = None;
-        let mut accumulator = GradientsAccumulator::<LmModel<B>>::new();
-        let parts = model.micro_batches(batch);
-        let several = parts.len() > 1;
-        for part in &parts {
-            let ta = Instant::now();
-            let out = model
-                .forward_loss(part, &ctx)
-                .map_err(|e| anyhow!("step {step}: {e}"))?;
-            // the trainer reads every logged term and the loss before backward
-            for (_, term) in &out.terms {
-                scalar(term.clone());
-            }
-            loss += scalar(out.loss.clone());
-            let tb = Instant::now();
-            let g = GradientsParams::from_grads(out.loss.backward(), &model);
-            if several {
-                accumulator.accumulate(&model, g);
-            } else {
-                grads = Some(g);
-            }
-            fwd += (tb - ta).as_secs_f64();
-            bwd += tb.elapsed().as_secs_f64();
-        }
-        if !loss.is_finite() {
-            anyhow::bail!("step {step}: the loss is {loss}");
-        }
-        let mut grads = grads.unwrap_or_else(|| accumulator.grads());
-        let t2 = Instant::now();
-        let norm = clip_grad_norm::<B, _>(&model, &mut grads, 1.0);
-        if !norm.is_finite() {
-            anyhow::bail!("step {step}: the gradient norm is {norm}");
-        }
-        let t3 = Instant::now();
-        model = optim.step(1e-4, model, grads);
-        B::sync(device).map_err(|e| anyhow!("step {step}: backend sync failed: {e:?}"))?;
-        let t4 = Instant::now();
+        let (m, report) = trainer
+            .step(model, &mut optim, step, &mut next, device)
+            .map_err(|e| anyhow!("{e}"))?;
+        model = m;
         if step >= warmup {
-            let d = |a: Instant, b: Instant| (b - a).as_secs_f64();
-            t.steps.push(d(t0, t4));
-            t.phases.push([fwd, bwd, d(t2, t3), d(t3, t4)]);
+            let p = report.phases;
+            t.steps.push(p.forward + p.backward + p.clip + p.optim);
+            t.phases.push([p.forward, p.backward, p.clip, p.optim]);
         }
-        t.last_loss = loss;
+        t.last_loss = report.loss;
     }
     Ok(t)
 }
@@ -432,7 +386,7 @@ fn run_case<B: AutodiffBackend>(
     B::seed(&device, args.seed);
     let base = CausalLm::<B>::random(model_config(&shape)?, 0.02, &device)
         .context("building the random model")?;
-    let total_params = trainable_parameters(&base).total;
+    let total_params = base.parameter_report().total;
     let mut rng = Rng::new(derive_seed(args.seed, &[1]));
     let kind = case.kind();
     let b = shape.batch;
@@ -585,12 +539,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let row = run_case::<TrainBackend>(case, &args, &device())
             .with_context(|| format!("case {}", case.label()))?;
         if args.json {
-            println!("{}", serde_json::to_string(&row)?);
+            outln!("{}", serde_json::to_string(&row)?);
         }
         rows.push(row);
     }
     if !args.json {
-        print!("{}", table(&rows));
+        out!("{}", table(&rows));
     }
     Ok(())
 }

@@ -1,9 +1,12 @@
 //! `legora compose`: train a router over existing PEFT adapter folders (X-LoRA /
-//! LoRAHub style). Folder `i` becomes the expert of the run file's `[[tasks]]` entry `i`;
+//! LoRAHub style) or experts that plugins ship (`medical/demo-specialty`). Expert `i`
+//! becomes the expert of the run file's `[[tasks]]` entry `i`;
 //! the router stage, the single-LoRA baseline and the evaluation then run as in
 //! `legora train`, and the mixture is written to the run's output folder.
 
 use std::path::PathBuf;
+
+use anyhow::Context;
 
 use legora::train::{run_pipeline, Mode, PipelineOptions, RunConfig};
 
@@ -13,7 +16,8 @@ use crate::cmd::train::{load_plugins, Progress};
 /// Arguments of `legora compose`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// PEFT adapter folders, one per `[[tasks]]` entry, in the same order.
+    /// PEFT adapter folders, or `<plugin>/<expert>` names of experts a plugin ships
+    /// (`legora plugins` lists them), one per `[[tasks]]` entry, in the same order.
     #[arg(long, num_args = 1.., required = true)]
     pub experts: Vec<PathBuf>,
     /// The run file (tasks, router stage, evaluation; its `experts` stage is not run).
@@ -47,10 +51,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             tasks.join(", ")
         );
     }
-    if let Some(missing) = args.experts.iter().find(|d| !d.is_dir()) {
-        anyhow::bail!("--experts {}: no such folder", missing.display());
+    let mut host = load_plugins(&cfg, &args.plugin_dirs)?;
+    for e in args.experts.iter().filter(|d| !d.is_dir()) {
+        let name = e.to_string_lossy();
+        let plugin = match name.split_once('/') {
+            Some((p, expert)) if !p.is_empty() && !expert.is_empty() && !expert.contains('/') => p,
+            _ => anyhow::bail!("--experts {}: no such folder", e.display()),
+        };
+        if host.plugin(plugin).is_err() {
+            host.load_name(plugin).with_context(|| {
+                format!(
+                    "--experts {}: not a folder, and no plugin `{plugin}` to ship it",
+                    e.display()
+                )
+            })?;
+        }
     }
-    let host = load_plugins(&cfg, &args.plugin_dirs)?;
     let opts = PipelineOptions {
         resume: args.resume,
         stop_after: args.stop_after,
@@ -59,7 +75,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut progress = Progress::default();
     let report = run_pipeline::<TrainBackend>(&cfg, &host, &opts, &mut progress, &device())?;
-    println!("{}", report.to_markdown());
-    println!("outputs written to {}", cfg.output_dir().display());
+    outln!("{}", report.to_markdown());
+    outln!("outputs written to {}", crate::text::tidy(&cfg.output_dir()).display());
     Ok(())
 }

@@ -40,11 +40,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut progress = Progress::default();
     let t0 = std::time::Instant::now();
     let report = run_pipeline::<TrainBackend>(&cfg, &host, &opts, &mut progress, &device())?;
-    println!("{}", report.to_markdown());
-    println!(
+    outln!("{}", report.to_markdown());
+    outln!(
         "demo finished in {:.1} min; outputs in {}",
         t0.elapsed().as_secs_f64() / 60.0,
-        cfg.output_dir().display()
+        crate::text::tidy(&cfg.output_dir()).display()
     );
     Ok(())
 }

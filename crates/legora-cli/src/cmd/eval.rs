@@ -30,7 +30,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut progress = Progress::default();
     let report = run_pipeline::<TrainBackend>(&cfg, &host, &opts, &mut progress, &device())?;
-    println!("{}", report.to_markdown());
-    println!("report written to {}", cfg.output_dir().display());
+    outln!("{}", report.to_markdown());
+    outln!("report written to {}", cfg.output_dir().display());
     Ok(())
 }

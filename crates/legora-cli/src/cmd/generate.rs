@@ -198,7 +198,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         } else {
             (prompt.clone(), false)
         };
-        println!("{}", complete(&loaded, &text, templated, &gen)?);
+        outln!("{}", complete(&loaded, &text, templated, &gen)?);
         return Ok(());
     }
     chat(&loaded, &gen)
@@ -250,7 +250,7 @@ fn chat(m: &Loaded, gen: &GenerationConfig) -> anyhow::Result<()> {
             _ => reply,
         };
         let reply = reply.trim().to_string();
-        println!("{reply}");
+        outln!("{reply}");
         std::io::stdout().flush().ok();
         history.push(Message::new(Role::Assistant, reply.clone()));
     }

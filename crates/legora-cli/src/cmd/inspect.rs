@@ -55,9 +55,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?);
     } else {
-        print!("{text}");
+        out!("{text}");
     }
     Ok(())
 }
@@ -134,17 +134,10 @@ fn model(dir: &Path) -> anyhow::Result<(String, Value)> {
     Ok((text, v))
 }
 
-/// Every parameter once, as transformers' `num_parameters()` and PEFT count them: a
-/// tied `lm_head` shares `embed_tokens`' weight (legora holds it as a second tensor, which
-/// `trainable_parameters` visits too).
+/// Every parameter once, as transformers' `num_parameters()` and PEFT count them (a tied
+/// `lm_head` counts once).
 fn all_params(model: &CausalLm<Backend>) -> usize {
-    let c = model.config();
-    let total = trainable_parameters(model).total;
-    if c.tie_word_embeddings {
-        total - c.vocab_size * c.hidden_size
-    } else {
-        total
-    }
+    model.parameter_report().total
 }
 
 fn yes(b: bool) -> &'static str {

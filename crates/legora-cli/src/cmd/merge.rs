@@ -56,7 +56,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let base = PretrainedModel::<Backend>::from_pretrained(&args.model, &device())?;
     let peft = PeftModel::from_pretrained(base, &args.adapter)?;
     let merged = peft.merge_and_unload()?;
-    let params = trainable_parameters(&merged.model).total;
+    let params = merged.model.parameter_report().total;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating the output folder {}", args.out.display()))?;
     let dtype = match args.dtype {
@@ -65,7 +65,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Dtype::Bf16 => FloatDtype::BF16,
     };
     merged.save_pretrained_as(&args.out, dtype)?;
-    println!(
+    outln!(
         "merged {} into {} ({} parameters, {}): {}",
         args.adapter.display(),
         args.model.display(),

@@ -96,11 +96,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "formats": owned(p, host.format_names()),
                 "evaluators": owned(p, host.evaluator_names()),
                 "presets": owned(p, host.preset_names()),
+                "experts": owned(p, host.expert_names()),
             })
         })
         .collect();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        outln!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
     let list = |v: &serde_json::Value| -> String {
@@ -114,7 +115,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             names.join(", ")
         }
     };
-    let table: Vec<[String; 6]> = rows
+    let table: Vec<[String; 7]> = rows
         .iter()
         .map(|r| {
             [
@@ -123,11 +124,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 list(&r["formats"]),
                 list(&r["evaluators"]),
                 list(&r["presets"]),
+                list(&r["experts"]),
                 r["source"].as_str().unwrap_or_default().to_string(),
             ]
         })
         .collect();
-    print!(
+    out!(
         "{}",
         crate::text::table(
             &[
@@ -136,6 +138,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "formats",
                 "evaluators",
                 "presets",
+                "experts",
                 "source"
             ],
             &table,

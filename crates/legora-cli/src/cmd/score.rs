@@ -62,6 +62,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => base.model.score(&ids, max_length, args.task_id)?,
     };
     tracing::info!(tokens = score.tokens, "scored {}", args.text.display());
-    println!("{}", serde_json::to_string(&score)?);
+    outln!("{}", serde_json::to_string(&score)?);
     Ok(())
 }

@@ -4,14 +4,11 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use indicatif::{ProgressBar, ProgressStyle};
-use legora::train::{
-    run_pipeline, EvalMetrics, PipelineOptions, RunConfig, StageSummary, TrainCallback,
-    TrainMetrics,
-};
+use legora::train::{run_pipeline, PipelineOptions, RunConfig};
 use legora_plugin_host::PluginHost;
 
 use crate::backend::{device, TrainBackend};
+pub use crate::progress::Progress;
 
 /// Arguments of `legora train`.
 #[derive(Debug, clap::Args)]
@@ -58,60 +55,6 @@ pub fn load_plugins(cfg: &RunConfig, dirs: &[PathBuf]) -> anyhow::Result<PluginH
     Ok(host)
 }
 
-/// Progress bars (indicatif) with loss and tokens/s, one per stage.
-#[derive(Default)]
-pub struct Progress {
-    bar: Option<ProgressBar>,
-}
-
-impl TrainCallback for Progress {
-    fn on_stage_start(&mut self, stage: &str, start_step: usize, total_steps: usize) {
-        let bar = ProgressBar::new(total_steps as u64);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{prefix:>12} [{bar:30}] {pos}/{len} steps  {msg}  ({elapsed} < {eta})",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        bar.set_prefix(stage.to_string());
-        bar.set_position(start_step as u64);
-        self.bar = Some(bar);
-    }
-
-    fn on_step(&mut self, m: &TrainMetrics) {
-        if let Some(bar) = &self.bar {
-            bar.set_position(m.step as u64);
-            bar.set_message(format!(
-                "loss {:.4}  lr {:.2e}  {:.0} tok/s",
-                m.loss, m.lr, m.tokens_per_second
-            ));
-        }
-    }
-
-    fn on_eval(&mut self, m: &EvalMetrics) {
-        if let Some(bar) = &self.bar {
-            bar.println(format!(
-                "{:>12} step {:>5}: val_loss {:.4}{}",
-                m.stage,
-                m.step,
-                m.val_loss,
-                m.routing
-                    .as_ref()
-                    .and_then(|r| r.accuracy)
-                    .map(|a| format!("  routing accuracy {a:.3}"))
-                    .unwrap_or_default()
-            ));
-        }
-    }
-
-    fn on_stage_end(&mut self, s: &StageSummary) {
-        if let Some(bar) = self.bar.take() {
-            bar.finish_with_message(format!("{:?}", s.stop));
-        }
-    }
-}
-
 /// Run `legora train`.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let cfg = RunConfig::load(&args.config)?;
@@ -125,7 +68,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut progress = Progress::default();
     let report = run_pipeline::<TrainBackend>(&cfg, &host, &opts, &mut progress, &device())?;
     let out = cfg.output_dir();
-    println!("{}", report.to_markdown());
-    println!("outputs written to {}", out.display());
+    outln!("{}", report.to_markdown());
+    outln!("outputs written to {}", crate::text::tidy(&out).display());
     Ok(())
 }

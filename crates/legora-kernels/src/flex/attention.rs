@@ -111,6 +111,8 @@ fn forward(
             std::slice::from_raw_parts_mut(p_ptr, d.s * d.t)
         };
         softmax_rows(p, &mask[d.mask_off(bi, hh)..][..d.s * d.t], d.t);
+        // SAFETY: task (bi, hh) writes only its own head's `[s, hd]` rows of `out`
+        // (q_off), reading P (its own buffer) and V in place, all within bounds of `d`.
         unsafe {
             // out = P·V
             let dst = out_p.get().add(d.q_off(bi, hh));
@@ -210,6 +212,8 @@ fn attention_backward(
                     .zip(pr)
                     .for_each(|(x, pv)| *x = pv * (*x - dot));
             }
+            // SAFETY: task (bi, g) writes only the dq rows of its own query heads and the
+            // dk / dv rows of its own kv head; every offset is within the shapes in `d`.
             unsafe {
                 if needs[0] {
                     let dst = dq_p.get().add(d.q_off(bi, hh));

@@ -129,6 +129,7 @@ pub(crate) fn tensor(values: Vec<f32>, shape: &[usize]) -> FlexTensor {
 pub(crate) struct SendPtr(pub *mut f32);
 // SAFETY: every use hands each parallel task a disjoint set of elements.
 unsafe impl Send for SendPtr {}
+// SAFETY: as for `Send`: tasks sharing the pointer write disjoint elements only.
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {

@@ -60,6 +60,7 @@ fn nll_backward(grad: &FlexTensor, st: &NllState, needs: [bool; 1]) -> [Option<F
                 // SAFETY: row `row` of `dl` belongs to this task alone.
                 let out = unsafe { dl_p.get().add(row * v) };
                 if row % s == s - 1 {
+                    // SAFETY: `out` is this task's row of `v` elements inside `dl`'s capacity.
                     unsafe { std::ptr::write_bytes(out, 0, v) };
                     return;
                 }
@@ -67,8 +68,11 @@ fn nll_backward(grad: &FlexTensor, st: &NllState, needs: [bool; 1]) -> [Option<F
                 let (g, lse) = (dy[r], st.lse[r]);
                 let xr = &x[row * v..][..v];
                 for (j, xv) in xr.iter().enumerate() {
+                    // SAFETY: j < v: inside this task's row.
                     unsafe { out.add(j).write(g * math::exp(xv - lse)) };
                 }
+                // SAFETY: the forward indexed `row[target]` (bounds-checked), so
+                // target < v; the element was written just above.
                 unsafe { *out.add(st.targets[r]) -= g };
             });
         // SAFETY: all rows written above.

@@ -1,0 +1,334 @@
+//! Short real runs of the `legora` binary on the demo base `demo/base` with the bundled
+//! plugins: experts of different rank and targets from two plugin presets, composing the
+//! experts plugins ship, progress lines off a terminal, run-file errors before any work.
+//!
+//! The plugins are built as libraries by running cargo from the test (unoptimized, into
+//! the same folder as the faulty-plugin tests of `plugin_faults.rs`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Builds the three bundled plugins once per test process; returns their folder.
+fn built_plugins() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-test");
+        let status = Command::new(env!("CARGO"))
+            .arg("build")
+            .arg("--manifest-path")
+            .arg(workspace_root().join("Cargo.toml"))
+            .args(["--config", "profile.dev.opt-level=0"])
+            .args(["--config", r#"profile.dev.package."*".opt-level=0"#])
+            .args(["--config", "profile.dev.debug=0"])
+            .env("CARGO_TARGET_DIR", &target)
+            .env_remove("CARGO_BUILD_TARGET")
+            .args(["-p", "legora-plugin-medical", "-p", "legora-plugin-finance"])
+            .args(["-p", "legora-plugin-game-npc"])
+            .status()
+            .expect("cargo can be run");
+        assert!(status.success(), "building the plugins failed: {status}");
+        target.join("debug")
+    })
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-runs-{tag}"));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn legora(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_legora"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("LEGORA_PLUGIN_PATH")
+        .output()
+        .expect("legora runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+fn path(p: &Path) -> String {
+    p.to_str().unwrap().to_string()
+}
+
+/// The run-file head shared by the runs: the demo base, chatml, short rows.
+fn head(output_dir: &str) -> String {
+    let root = workspace_root();
+    format!(
+        "seed = 3\noutput_dir = {output_dir:?}\n\n[model]\npath = {:?}\ntemplate = \"chatml\"\n\
+         max_seq_len = 256\n\n[data]\nval_fraction = 0.2\npad_per_task = true\n\n",
+        path(&root.join("demo/base"))
+    )
+}
+
+fn data(rel: &str) -> String {
+    path(&workspace_root().join("plugins").join(rel))
+}
+
+fn adapter_config(dir: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(dir.join("adapter_config.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn targets(cfg: &serde_json::Value) -> Vec<String> {
+    let mut t: Vec<String> = cfg["target_modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    t.sort();
+    t
+}
+
+#[test]
+fn experts_from_two_presets_differ_in_rank_and_targets_and_reload() {
+    let plugins = built_plugins();
+    let dir = temp_dir("presets");
+    let run = dir.join("presets.toml");
+    std::fs::write(
+        &run,
+        format!(
+            "{}[[tasks]]\nname = \"finance\"\nformat = \"finance/alpaca\"\n\
+             preset = \"finance/compliance\"\nlearning_rate = 5e-3\ntrain = {:?}\nmax_samples = 24\n\n\
+             [[tasks]]\nname = \"npc\"\nformat = \"game-npc/dialogue\"\npreset = \"game-npc/persona\"\n\
+             train = {:?}\nmax_samples = 24\n\n\
+             [stages.experts]\nmax_steps = 3\nbatch_size = 2\n\n[stages.router]\nenabled = false\n\n\
+             [stages.eval]\nenabled = false\n",
+            head("out"),
+            data("finance/data/alpaca/train.json"),
+            data("game-npc/data/dialogues/train.jsonl"),
+        ),
+    )
+    .unwrap();
+    // stdout and stderr into one file, as `legora train … > log.txt 2>&1`
+    let log = dir.join("log.txt");
+    let file = std::fs::File::create(&log).unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_legora"))
+        .args([
+            "train",
+            "--config",
+            &path(&run),
+            "--plugin-dir",
+            &path(plugins),
+        ])
+        .current_dir(&dir)
+        .env("LEGORA_PROGRESS_SECS", "0")
+        .stdout(Stdio::from(file.try_clone().unwrap()))
+        .stderr(Stdio::from(file))
+        .status()
+        .unwrap();
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{log}");
+    // Progress lines, written while the stage ran: before the report, which comes last.
+    let report_at = log.find("# legora report").expect("the report is printed");
+    for step in 1..=3 {
+        let line = format!("experts: step {step}/3  loss ");
+        let at = log
+            .find(&line)
+            .unwrap_or_else(|| panic!("no `{line}` in {log}"));
+        assert!(at < report_at, "{log}");
+    }
+    assert!(log.contains("eta "), "{log}");
+
+    // Two PEFT folders, each with its preset's rank and targets.
+    let experts = dir.join("out/experts");
+    let fin = adapter_config(&experts.join("finance"));
+    let npc = adapter_config(&experts.join("npc"));
+    assert_eq!(fin["r"], 8);
+    assert_eq!(fin["lora_alpha"], 16.0);
+    assert_eq!(targets(&fin), ["k_proj", "o_proj", "q_proj", "v_proj"]);
+    assert_eq!(npc["r"], 16);
+    assert_eq!(
+        targets(&npc),
+        [
+            "down_proj",
+            "gate_proj",
+            "k_proj",
+            "o_proj",
+            "q_proj",
+            "up_proj",
+            "v_proj"
+        ]
+    );
+    // Both reload: inspect reads the tensors, score runs the base with each adapter.
+    let base = path(&workspace_root().join("demo/base"));
+    let text_file = dir.join("text.txt");
+    std::fs::write(&text_file, "The market rose after the report.\n").unwrap();
+    for (name, rank) in [("finance", 8), ("npc", 16)] {
+        let folder = path(&experts.join(name));
+        let shown = ok(&legora(&["inspect", &folder, "--json"], &dir));
+        assert!(shown.contains(&format!("\"r\": {rank}")), "{shown}");
+        let scored = ok(&legora(
+            &[
+                "score",
+                "--model",
+                &base,
+                "--adapter",
+                &folder,
+                "--text",
+                &path(&text_file),
+            ],
+            &dir,
+        ));
+        let v: serde_json::Value = serde_json::from_str(&scored).unwrap();
+        assert!(v["mean_nll"].as_f64().unwrap().is_finite(), "{scored}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn compose_uses_the_experts_plugins_ship() {
+    let plugins = built_plugins();
+    let dir = temp_dir("shipped");
+    let run = dir.join("compose.toml");
+    std::fs::write(
+        &run,
+        format!(
+            "{}[[tasks]]\nname = \"medical\"\nformat = \"medical/alpaca\"\npreset = \"medical/clinical\"\n\
+             train = {:?}\nmax_samples = 16\n\n\
+             [[tasks]]\nname = \"finance\"\nformat = \"finance/alpaca\"\npreset = \"finance/compliance\"\n\
+             train = {:?}\nmax_samples = 16\n\n\
+             [stages.router]\nmax_steps = 2\nbatch_size = 2\n\n\
+             [stages.eval]\nbaselines = [\"base\", \"mixture\", \"oracle\"]\nmax_samples = 2\n\
+             max_new_tokens = 4\n",
+            head("out"),
+            data("medical/data/alpaca/train.json"),
+            data("finance/data/alpaca/train.json"),
+        ),
+    )
+    .unwrap();
+    let shown = ok(&legora(
+        &[
+            "plugins",
+            "--plugin-dir",
+            &path(plugins),
+            "--no-default-dirs",
+            "--json",
+        ],
+        &dir,
+    ));
+    assert!(shown.contains("medical/demo-specialty"), "{shown}");
+    assert!(shown.contains("finance/demo-sentiment"), "{shown}");
+    let out = legora(
+        &[
+            "compose",
+            "--experts",
+            "medical/demo-specialty",
+            "finance/demo-sentiment",
+            "--config",
+            &path(&run),
+            "--plugin-dir",
+            &path(plugins),
+        ],
+        &dir,
+    );
+    let report = ok(&out);
+    assert!(report.contains("oracle"), "{report}");
+    let shipped = dir.join("out/plugin-experts/medical/demo-specialty");
+    assert_eq!(adapter_config(&shipped)["r"], 16);
+    let moe: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("out/moe_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(moe["experts"], serde_json::json!(["medical", "finance"]));
+
+    // A name that is neither a folder nor a shipped expert: refused before any work.
+    let out = legora(
+        &[
+            "compose",
+            "--experts",
+            "medical/no-such-expert",
+            "finance/demo-sentiment",
+            "--config",
+            &path(&run),
+            "--plugin-dir",
+            &path(plugins),
+        ],
+        &dir,
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("medical/no-such-expert") && stderr.contains("medical/demo-specialty"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_error_in_the_eval_section_fails_at_once_with_line_and_column() {
+    let dir = temp_dir("eval-error");
+    let run = dir.join("bad.toml");
+    // Valid up to the last table; no plugin is even loadable from here.
+    std::fs::write(
+        &run,
+        format!(
+            "{}[[tasks]]\nname = \"medical\"\nformat = \"medical/alpaca\"\ntrain = {:?}\n\n\
+             [[tasks]]\nname = \"finance\"\nformat = \"finance/alpaca\"\ntrain = {:?}\n\n\
+             [stages.eval]\nmax_samples = 2\nbaselines = [\"base\", \"oracel\"]\n",
+            head("out"),
+            data("medical/data/alpaca/train.json"),
+            data("finance/data/alpaca/train.json")
+        ),
+    )
+    .unwrap();
+    let r = path(&run);
+    for sub in ["train", "eval"] {
+        let t = Instant::now();
+        let out = legora(&[sub, "--config", &r], &dir);
+        let elapsed = t.elapsed();
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(&format!("{r}:25:")), "{stderr}");
+        assert!(stderr.contains("oracel"), "{stderr}");
+        assert!(elapsed < Duration::from_secs(1), "{sub} took {elapsed:?}");
+    }
+    assert!(!dir.join("out").exists(), "nothing is written");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_reader_that_goes_away_ends_the_output_quietly() {
+    let plugins = built_plugins();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_legora"))
+        .args([
+            "plugins",
+            "--plugin-dir",
+            &path(plugins),
+            "--no-default-dirs",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // `| head -0`: the reader is gone before legora writes its table.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+        "{stderr}"
+    );
+}
