@@ -51,6 +51,9 @@ pub struct PipelineOptions {
     pub stop_after: Option<usize>,
     /// Skip the evaluation (outputs of the training stages only).
     pub skip_eval: bool,
+    /// Start over in an output folder that holds checkpoints (they are deleted);
+    /// without it (and without `resume`) such a folder is refused.
+    pub overwrite: bool,
 }
 
 /// One task's data, parsed and tokenized.
@@ -88,6 +91,19 @@ pub fn run_pipeline<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<Report> {
     let plan = RunPlan::resolve(cfg, host, options.mode.clone(), options.skip_eval)?;
+    if plan.mode != Mode::EvalOnly && !options.resume && !options.overwrite {
+        if let Some(found) = crate::checkpoint::find_checkpoints(&plan.output_dir, 3) {
+            return Err(cfg.error_at(
+                "output_dir",
+                format!(
+                    "{} holds checkpoints ({}): pass --resume to continue the run, or \
+                     --overwrite to delete them and start over",
+                    plan.output_dir.display(),
+                    found.display()
+                ),
+            ));
+        }
+    }
     let mut run = Run::<B>::open(cfg, &plan, host, options, device)?;
     let mixture = match &plan.mode {
         Mode::Train => run.experts_stage(callback, device)?,
@@ -103,6 +119,18 @@ pub fn run_pipeline<B: AutodiffBackend>(
     run.plots(&mut report)?;
     report.write(&run.out)?;
     Ok(report)
+}
+
+/// Seed the backend's RNG before a stage initialises its adapters or routers (LoRA A
+/// and router weights are drawn from it): without it they come from the backend's
+/// entropy-seeded default, and two runs with the same run file and seed differ.
+fn seed_init<B: Backend>(device: &B::Device, seed: u64, stage: StageKind) {
+    let tag = match stage {
+        StageKind::Experts => 1,
+        StageKind::Router => 2,
+        StageKind::SingleLora => 3,
+    };
+    B::seed(device, legora_data::derive_seed(seed, &[0x1417, tag]));
 }
 
 impl<'a, B: AutodiffBackend> Run<'a, B> {
@@ -164,6 +192,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
         device: &B::Device,
     ) -> Result<CausalLm<B>> {
         let mut m = self.base.model.clone();
+        seed_init::<B>(device, self.cfg.file.seed, StageKind::Experts);
         for (i, t) in self.plan.tasks.iter().enumerate() {
             m.add_adapter(&t.name, &t.lora).map_err(|e| {
                 self.cfg.error_at(
@@ -247,6 +276,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             return Ok(mixture);
         }
         let hidden = self.base.model.config().hidden_size;
+        seed_init::<B>(device, self.cfg.file.seed, StageKind::Router);
         for layer in moe_layers(&mixture) {
             let r = Router::init(&self.plan.router, hidden, device)?;
             mixture.set_layer_router(layer, r)?;
@@ -298,6 +328,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             return Ok(None);
         };
         let mut m = self.base.model.clone();
+        seed_init::<B>(device, self.cfg.file.seed, StageKind::SingleLora);
         m.add_adapter("single_lora", cfg)?;
         let settings = self.settings(StageKind::SingleLora)?;
         let model =
