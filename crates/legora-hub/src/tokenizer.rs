@@ -19,10 +19,23 @@ use crate::io::read_required;
 pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
     let path = dir.join("tokenizer.json");
     let bytes = read_required(&path, "tokenizer (tokenizer.json)")?;
-    Tokenizer::from_bytes(&bytes).map_err(|e| HubError::Tokenizer {
-        path,
-        message: e.to_string(),
-    })
+    tokenizer_from_bytes(&path, &bytes)
+}
+
+/// Parse tokenizer.json bytes read from `path`. The `tokenizers` crate panics on some
+/// malformed files (found by fuzzing: a decoder entry of the wrong shape); the panic is
+/// contained and reported as [`HubError::Tokenizer`].
+pub fn tokenizer_from_bytes(path: &Path, bytes: &[u8]) -> Result<Tokenizer> {
+    let parsed = std::panic::catch_unwind(|| Tokenizer::from_bytes(bytes));
+    let err = |message: String| HubError::Tokenizer {
+        path: path.to_path_buf(),
+        message,
+    };
+    match parsed {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(err(e.to_string())),
+        Err(_) => Err(err("malformed tokenizer.json (the parser failed)".into())),
+    }
 }
 
 /// Encode `text` (with the tokenizer's special tokens, as `tokenizer(text)` does).

@@ -258,7 +258,9 @@ fn fuzz_tokenizer_json() {
     let seeds = [read("models/mistral/tokenizer.json")];
     // tokenizer.json is large: fewer inputs (each parse builds the whole vocabulary)
     fuzz("tokenizer.json", &seeds, true, |b| {
-        if let Ok(t) = legora_hub::Tokenizer::from_bytes(b) {
+        // regression: tokenizers 0.22 panicked on 13 of the first 1,500 inputs here
+        // (decoders/mod.rs); legora contains it as a typed error
+        if let Ok(t) = legora_hub::tokenizer_from_bytes(Path::new("tokenizer.json"), b) {
             let _ = legora_hub::encode(&t, "the router picks", true);
         }
     });
