@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export LEGORA_FUZZ_ITERS="${1:-100000}"
 cargo test --release -j 1 -p legora-hub --test fuzz -- --test-threads 1 --nocapture 2>&1 \
-  | grep -E '^fuzz |panicked|test result'
+  | grep -oE "fuzz [^:]+: [0-9]+ inputs.*bytes|panicked|test result.*"
