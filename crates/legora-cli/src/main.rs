@@ -119,9 +119,62 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            // `{:#}`: the error and its causes on one line, no backtrace.
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and its causes on one line, each message once: a cause whose text its
+/// parent's message already embeds (thiserror's `"{path}: {source}"` variants) is not
+/// repeated, so the line never reads "X: X".
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    /// Like a thiserror `#[error("{path}: {source}")]` variant.
+    #[derive(Debug)]
+    struct Outer {
+        path: String,
+        source: std::io::Error,
+    }
+
+    impl std::fmt::Display for Outer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{}: {}", self.path, self.source)
+        }
+    }
+
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.source)
+        }
+    }
+
+    #[test]
+    fn a_cause_embedded_in_its_parent_is_printed_once() {
+        let inner = std::io::Error::other("invalid value");
+        let e = anyhow::Error::new(Outer {
+            path: "q_proj".into(),
+            source: inner,
+        })
+        .context("loading the adapter");
+        assert_eq!(
+            super::error_chain(&e),
+            "loading the adapter: q_proj: invalid value"
+        );
     }
 }

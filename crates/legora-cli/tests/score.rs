@@ -20,6 +20,27 @@ fn reference_score(family: &str, key: &str) -> f64 {
     f64::from_le_bytes(v.data()[..8].try_into().unwrap())
 }
 
+/// A copy of fixture `name` whose config says `max_position_embeddings = 128`.
+///
+/// transformers scored score.txt (96 tokens) in one window, past the fixtures' 64
+/// positions, which legora refuses. RoPE (default, and llama3 scaling, which reads
+/// `original_max_position_embeddings`) does not read `max_position_embeddings`, so
+/// raising it changes no number: transformers' reference holds for the copy.
+fn long_context(name: &str) -> PathBuf {
+    let to = std::env::temp_dir().join(format!("legora-score-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&to).unwrap();
+    for e in std::fs::read_dir(fixtures().join(name)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+    let cfg = to.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v["max_position_embeddings"] = serde_json::json!(128);
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    to
+}
+
 fn legora(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_legora"))
         .args(args)
@@ -33,10 +54,9 @@ fn legora(args: &[&str]) -> (bool, String, String) {
 }
 
 fn score(extra: &[&str]) -> serde_json::Value {
-    let model = fixtures().join("qwen2");
+    let model = long_context("qwen2");
     let text = fixtures().join("score.txt");
-    // The fixture's max_position_embeddings is 64; transformers scored all 96 tokens in
-    // one window, so ask for one window too.
+    // transformers scored all 96 tokens in one window, so ask for one window too.
     let mut args = vec![
         "score",
         "--model",
@@ -44,7 +64,7 @@ fn score(extra: &[&str]) -> serde_json::Value {
         "--text",
         text.to_str().unwrap(),
         "--max-length",
-        "1024",
+        "128",
     ];
     args.extend_from_slice(extra);
     let (ok, stdout, stderr) = legora(&args);
@@ -133,7 +153,7 @@ fn score_a_mixture_folder() {
     let dir = std::env::temp_dir().join(format!("legora-cli-moe-{}", std::process::id()));
     save_mixture(m.model(), &dir, None, None).unwrap();
 
-    let model = fixtures().join("llama");
+    let model = long_context("llama");
     let text = fixtures().join("score.txt");
     let args = |extra: &[&str]| {
         let mut a = vec![
@@ -143,7 +163,7 @@ fn score_a_mixture_folder() {
             "--text",
             text.to_str().unwrap(),
             "--max-length",
-            "1024",
+            "128",
             "--moe",
             dir.to_str().unwrap(),
         ];

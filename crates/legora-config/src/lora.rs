@@ -220,9 +220,14 @@ impl AdapterSpec {
 
     /// Check `r > 0`, `lora_dropout ∈ [0, 1)`, finite alpha.
     pub fn validate(&self) -> Result<()> {
-        if self.r == 0 {
-            return Err(ConfigError::invalid("r", "a rank >= 1", self.r));
+        if self.r == 0 || self.r > MAX_RANK {
+            return Err(ConfigError::invalid(
+                "r",
+                format!("a rank in [1, {MAX_RANK}]"),
+                self.r,
+            ));
         }
+
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return Err(ConfigError::invalid(
                 "lora_dropout",
@@ -240,6 +245,10 @@ impl AdapterSpec {
         Ok(())
     }
 }
+
+/// Largest LoRA rank accepted in a config (far above any published adapter; a model
+/// also refuses a rank larger than the module it adapts).
+pub const MAX_RANK: usize = 1 << 16;
 
 /// The modules PEFT targets in Llama-family models when `target_modules` is unset.
 pub const DEFAULT_TARGETS: [&str; 2] = ["q_proj", "v_proj"];
@@ -310,10 +319,10 @@ impl LoraConfig {
             }
         }
         for (key, &r) in &self.rank_pattern {
-            if r == 0 {
+            if r == 0 || r > MAX_RANK {
                 return Err(ConfigError::invalid(
                     format!("rank_pattern.{key}"),
-                    "a rank >= 1",
+                    format!("a rank in [1, {MAX_RANK}]"),
                     r,
                 ));
             }

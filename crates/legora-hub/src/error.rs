@@ -65,6 +65,18 @@ pub enum HubError {
         /// The dtype in the file.
         found: String,
     },
+    /// A tensor holds NaN or an infinity (a corrupt or diverged checkpoint).
+    #[error("{}: tensor `{tensor}` holds a non-finite value ({value} at element {index})", path.display())]
+    NonFinite {
+        /// The file.
+        path: PathBuf,
+        /// The tensor's key.
+        tensor: String,
+        /// Flat index of the first non-finite element.
+        index: usize,
+        /// That element (`NaN`, `inf` or `-inf`).
+        value: f32,
+    },
     /// A tensor the format requires is absent.
     #[error("{}: missing tensor `{tensor}`", path.display())]
     MissingTensor {

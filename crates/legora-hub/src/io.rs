@@ -14,8 +14,42 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{HubError, Result};
 
-/// Write `bytes` to `path` atomically: a temporary file in the same folder, fsync, rename.
-/// Readers see either the old file or the complete new one, never a partial file.
+/// fsync a folder, so that a rename into it survives a power loss (a no-op where
+/// folders cannot be opened, as on Windows).
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        fs::File::open(dir)?.sync_all()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        Ok(())
+    }
+}
+
+/// Remove the entries of `dir` whose names start with `prefix`: temporary files (or
+/// folders) left by a process killed mid-write. Best effort.
+pub fn remove_stale_temps(dir: &Path, prefix: &str) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with(prefix) {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                let _ = fs::remove_dir_all(&p);
+            } else {
+                let _ = fs::remove_file(&p);
+            }
+        }
+    }
+}
+
+/// Write `bytes` to `path` atomically: a temporary file in the same folder, fsync,
+/// rename, fsync of the folder. Readers see either the old file or the complete new
+/// one, never a partial file; on any error the temporary file is removed. The one
+/// atomic write of legora (model, adapter and mixture folders, checkpoints, reports).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path
         .parent()
@@ -26,12 +60,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "file".into());
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    remove_stale_temps(dir, &format!(".{name}.tmp-"));
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{name}.tmp-{}-{seq}", std::process::id()));
     let result = (|| {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        fs::rename(&tmp, path)
+        fs::rename(&tmp, path)?;
+        sync_dir(dir)
     })();
     if let Err(e) = result {
         let _ = fs::remove_file(&tmp);
@@ -43,24 +81,92 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Whether `path` is `dir` or lies inside it, once both are resolved (symlinks, `..`);
+/// `path` need not exist yet (its nearest existing ancestor is resolved and the rest
+/// appended). Used to refuse an output folder over an input folder.
+pub fn path_within(path: &Path, dir: &Path) -> bool {
+    let canon = |p: &Path| fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let dir = canon(dir);
+    let mut existing = path.to_path_buf();
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        match (existing.file_name(), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name.to_os_string());
+                existing = parent.to_path_buf();
+            }
+            _ => break,
+        }
+    }
+    if existing.as_os_str().is_empty() {
+        existing = PathBuf::from(".");
+    }
+    let mut full = canon(&existing);
+    full.extend(rest.iter().rev());
+    full.starts_with(&dir)
+}
+
 /// Copy a file atomically (read, then [`write_atomic`]).
 pub fn copy_atomic(from: &Path, to: &Path) -> Result<()> {
-    let bytes = fs::read(from).map_err(HubError::io(from))?;
+    let bytes = read_regular(from)?;
     write_atomic(to, &bytes)
 }
 
-/// Read a file that must exist; a missing file is [`HubError::MissingFile`].
+/// Read a regular file: a FIFO, a device (or a link to one) or a folder is
+/// [`HubError::NotAFile`] before any byte is read, so it can neither block nor stream
+/// for ever; the read stops at the size the file had when opened.
+pub fn read_regular(path: &Path) -> std::result::Result<Vec<u8>, HubError> {
+    use std::io::Read;
+    let io = HubError::io(path);
+    // O_NONBLOCK: opening a FIFO with no writer must not block; cleared by the kind check.
+    let mut opts = fs::OpenOptions::new();
+    opts.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.custom_flags(libc_nonblock());
+    }
+    let f = match opts.open(path) {
+        Ok(f) => f,
+        Err(e) => return Err(io(e)),
+    };
+    let meta = f.metadata().map_err(HubError::io(path))?;
+    crate::gguf::check_regular(path, &meta.file_type())?;
+    let len = meta.len();
+    let mut bytes = Vec::new();
+    bytes
+        .try_reserve_exact(usize::try_from(len).unwrap_or(usize::MAX))
+        .map_err(|_| HubError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(format!("cannot allocate {len} bytes")),
+        })?;
+    f.take(len)
+        .read_to_end(&mut bytes)
+        .map_err(HubError::io(path))?;
+    Ok(bytes)
+}
+
+/// `O_NONBLOCK` (the same value on every Linux architecture and on macOS: 0x800 / 0x4).
+#[cfg(unix)]
+fn libc_nonblock() -> i32 {
+    if cfg!(target_os = "linux") {
+        0o4000
+    } else {
+        0x0004
+    }
+}
+
+/// Read a regular file that must exist; a missing file is [`HubError::MissingFile`].
 pub fn read_required(path: &Path, what: &str) -> Result<Vec<u8>> {
-    match fs::read(path) {
+    match read_regular(path) {
         Ok(b) => Ok(b),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(HubError::MissingFile {
-            path: path.to_path_buf(),
-            what: what.into(),
-        }),
-        Err(e) => Err(HubError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        }),
+        Err(HubError::Io { source: e, .. }) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(HubError::MissingFile {
+                path: path.to_path_buf(),
+                what: what.into(),
+            })
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -143,6 +249,20 @@ fn to_f32(path: &Path, name: &str, view: &TensorView<'_>) -> Result<Vec<f32>> {
     })
 }
 
+/// Refuse a tensor holding NaN or ±inf, naming the tensor and the first bad element.
+/// Called once per tensor where it is read (one pass, no allocation).
+pub fn check_finite(path: &Path, tensor: &str, data: &[f32]) -> Result<()> {
+    match data.iter().position(|x| !x.is_finite()) {
+        None => Ok(()),
+        Some(index) => Err(HubError::NonFinite {
+            path: path.to_path_buf(),
+            tensor: tensor.into(),
+            index,
+            value: data[index],
+        }),
+    }
+}
+
 /// One safetensors file in memory, validated on open.
 pub struct SafetensorsFile {
     path: PathBuf,
@@ -207,6 +327,7 @@ impl SafetensorsFile {
             Err(_) => return Ok(None),
         };
         let data = to_f32(&self.path, name, &view)?;
+        check_finite(&self.path, name, &data)?;
         Ok(Some(TensorData::new(data, view.shape().to_vec())))
     }
 }

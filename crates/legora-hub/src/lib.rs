@@ -36,5 +36,7 @@ pub use peft::{
     adapter_dir, derive_config, list_adapters, load_adapter, peft_config_json, read_adapter,
     save_adapter, AdapterFiles, ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_PREFIX, PEFT_FORMAT_VERSION,
 };
-pub use tokenizer::{decode, encode, load_tokenizer, ChatTemplate, Message, Role};
+pub use tokenizer::{
+    decode, encode, load_tokenizer, tokenizer_from_bytes, ChatTemplate, Message, Role,
+};
 pub use tokenizers::Tokenizer;

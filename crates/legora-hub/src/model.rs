@@ -116,7 +116,8 @@ impl<B: Backend> PretrainedModel<B> {
         })?;
         let gen_path = dir.join("generation_config.json");
         let generation_config = if gen_path.exists() {
-            let text = std::fs::read_to_string(&gen_path).map_err(HubError::io(&gen_path))?;
+            let bytes = crate::io::read_required(&gen_path, "generation config")?;
+            let text = String::from_utf8_lossy(&bytes);
             GenerationConfig::from_json(&text).map_err(HubError::model(&gen_path))?
         } else {
             GenerationConfig {

@@ -136,13 +136,20 @@ pub fn load_adapter<B: Backend>(
     let w_path = dir.join(ADAPTER_WEIGHTS);
     let device = model.model.embed_tokens.device();
     let mut adapters = Vec::with_capacity(files.modules.len());
+    let mut ignored = Vec::new();
     for (path, a, b) in files.modules {
         let key_a = format!("{KEY_PREFIX}{path}.lora_A.weight");
         let key_b = format!("{KEY_PREFIX}{path}.lora_B.weight");
-        let slot = path
-            .parse::<SlotId>()
-            .ok()
-            .and_then(|id| Some((id, model.slot(id).ok()?)));
+        let id = path.parse::<SlotId>().ok();
+        // PEFT 0.21 injects LoRA only into the modules `target_modules` selects and
+        // loads the state dict non-strictly: tensors of other modules are not loaded
+        if let Some(id) = id.filter(|id| !cfg.is_target(&path, id.is_output_head())) {
+            if model.slot(id).is_ok() {
+                ignored.push(path);
+                continue;
+            }
+        }
+        let slot = id.and_then(|id| Some((id, model.slot(id).ok()?)));
         let (id, slot) = slot.ok_or_else(|| {
             HubError::adapter(
                 &w_path,
@@ -174,6 +181,16 @@ pub fn load_adapter<B: Backend>(
         )
         .map_err(HubError::nn(&w_path))?;
         adapters.push((id, adapter));
+    }
+    if !ignored.is_empty() {
+        tracing::warn!(
+            "{}: not loaded (as PEFT): tensors of {} module(s) that target_modules {} does not \
+             select: {}",
+            w_path.display(),
+            ignored.len(),
+            serde_json::to_string(&cfg.target_modules).unwrap_or_default(),
+            ignored.join(", ")
+        );
     }
     model
         .insert_adapter(name, adapters)

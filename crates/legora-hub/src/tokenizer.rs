@@ -19,10 +19,23 @@ use crate::io::read_required;
 pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
     let path = dir.join("tokenizer.json");
     let bytes = read_required(&path, "tokenizer (tokenizer.json)")?;
-    Tokenizer::from_bytes(&bytes).map_err(|e| HubError::Tokenizer {
-        path,
-        message: e.to_string(),
-    })
+    tokenizer_from_bytes(&path, &bytes)
+}
+
+/// Parse tokenizer.json bytes read from `path`. The `tokenizers` crate panics on some
+/// malformed files (found by fuzzing: a decoder entry of the wrong shape); the panic is
+/// contained and reported as [`HubError::Tokenizer`].
+pub fn tokenizer_from_bytes(path: &Path, bytes: &[u8]) -> Result<Tokenizer> {
+    let parsed = std::panic::catch_unwind(|| Tokenizer::from_bytes(bytes));
+    let err = |message: String| HubError::Tokenizer {
+        path: path.to_path_buf(),
+        message,
+    };
+    match parsed {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(err(e.to_string())),
+        Err(_) => Err(err("malformed tokenizer.json (the parser failed)".into())),
+    }
 }
 
 /// Encode `text` (with the tokenizer's special tokens, as `tokenizer(text)` does).
@@ -44,6 +57,32 @@ pub fn decode(tokenizer: &Tokenizer, ids: &[u32]) -> Result<String> {
             path: PathBuf::from("tokenizer.json"),
             message: e.to_string(),
         })
+}
+
+/// Instructions a chat template may execute in one render (minijinja's fuel). Real
+/// templates spend a few thousand per message; a template looping for ever runs out of
+/// fuel and fails with [`HubError::Template`] instead of hanging.
+pub const TEMPLATE_FUEL: u64 = 10_000_000;
+
+/// Longest rendered chat prompt, in bytes (64 MiB); longer output is refused.
+pub const TEMPLATE_MAX_OUTPUT: usize = 64 << 20;
+
+/// An `io::Write` that refuses to grow past [`TEMPLATE_MAX_OUTPUT`].
+struct CappedWriter(Vec<u8>);
+
+impl std::io::Write for CappedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > TEMPLATE_MAX_OUTPUT {
+            return Err(std::io::Error::other(format!(
+                "the rendered prompt is longer than {TEMPLATE_MAX_OUTPUT} bytes"
+            )));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A model's chat template with the special tokens it refers to.
@@ -79,7 +118,11 @@ impl ChatTemplate {
         };
         let jinja = dir.join("chat_template.jinja");
         let (source, path) = if jinja.exists() {
-            let text = std::fs::read_to_string(&jinja).map_err(HubError::io(&jinja))?;
+            let bytes = read_required(&jinja, "chat template")?;
+            let text = String::from_utf8(bytes).map_err(|e| HubError::Template {
+                path: jinja.clone(),
+                message: format!("not UTF-8: {e}"),
+            })?;
             (text, jinja)
         } else {
             match cfg.get("chat_template") {
@@ -108,12 +151,16 @@ impl ChatTemplate {
     }
 
     /// Render `messages` (transformers' `apply_chat_template(..., tokenize=False)`).
+    ///
+    /// Runs under [`TEMPLATE_FUEL`] and [`TEMPLATE_MAX_OUTPUT`]: a template that loops
+    /// too long or writes too much is a [`HubError::Template`].
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let err = |e: minijinja::Error| HubError::Template {
             path: self.path.clone(),
             message: format!("{e:#}"),
         };
         let mut env = minijinja::Environment::new();
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -128,12 +175,20 @@ impl ChatTemplate {
         );
         env.add_template("chat", &self.source).map_err(err)?;
         let tmpl = env.get_template("chat").map_err(err)?;
-        tmpl.render(minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_token.clone().unwrap_or_default(),
-            eos_token => self.eos_token.clone().unwrap_or_default(),
+        let mut out = CappedWriter(Vec::new());
+        tmpl.render_captured_to(
+            minijinja::context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => self.bos_token.clone().unwrap_or_default(),
+                eos_token => self.eos_token.clone().unwrap_or_default(),
+            },
+            &mut out,
+        )
+        .map_err(err)?;
+        String::from_utf8(out.0).map_err(|e| HubError::Template {
+            path: self.path.clone(),
+            message: format!("the rendered prompt is not UTF-8: {e}"),
         })
-        .map_err(err)
     }
 }

@@ -142,6 +142,20 @@ impl<B: Backend> CausalLm<B> {
                 target_modules: serde_json::to_string(&config.target_modules).unwrap_or_default(),
             });
         }
+        for &id in &targets {
+            let r = config.spec_for(&id.to_string()).r;
+            let (out, inp) = self.config().slot_dims(id);
+            // Past max(out, in) the adapter is larger than the weight it adapts and
+            // its rank cannot grow further: a rank there is a mistake (or an attack).
+            if r > out.max(inp) {
+                return Err(ModelError::RankTooLarge {
+                    module: id.to_string(),
+                    r,
+                    in_features: inp,
+                    out_features: out,
+                });
+            }
+        }
         Ok(targets)
     }
 

@@ -343,6 +343,80 @@ impl ModelConfig {
     }
 }
 
+/// Largest accepted value of each size in config.json. Far above any released model
+/// (Llama 3.1 405B: 126 layers, hidden 16384, vocab 128256, 131072 positions) and far
+/// below sizes whose per-layer or per-position tables cannot be allocated: a size past
+/// its bound is a typed error before anything is allocated from it.
+pub const SIZE_LIMITS: [(&str, usize); 9] = [
+    ("vocab_size", 1 << 24),
+    ("hidden_size", 1 << 18),
+    ("intermediate_size", 1 << 20),
+    ("num_hidden_layers", 1 << 12),
+    ("num_attention_heads", 1 << 12),
+    ("num_key_value_heads", 1 << 12),
+    ("head_dim", 1 << 14),
+    ("max_position_embeddings", 1 << 24),
+    ("sliding_window", 1 << 24),
+];
+
+/// The bound of `field` in [`SIZE_LIMITS`].
+fn size_limit(field: &str) -> usize {
+    SIZE_LIMITS
+        .iter()
+        .find(|(f, _)| *f == field)
+        .map_or(usize::MAX, |(_, l)| *l)
+}
+
+/// Refuse sizes past [`SIZE_LIMITS`] and projections whose element count overflows.
+fn check_bounds(cfg: &Config) -> Result<()> {
+    let sizes = [
+        ("vocab_size", Some(cfg.vocab_size)),
+        ("hidden_size", Some(cfg.hidden_size)),
+        ("intermediate_size", Some(cfg.intermediate_size)),
+        ("num_hidden_layers", Some(cfg.num_hidden_layers)),
+        ("num_attention_heads", Some(cfg.num_attention_heads)),
+        ("num_key_value_heads", cfg.num_key_value_heads),
+        ("head_dim", cfg.head_dim),
+        ("max_position_embeddings", Some(cfg.max_position_embeddings)),
+        ("sliding_window", cfg.sliding_window),
+    ];
+    for (field, v) in sizes {
+        let limit = size_limit(field);
+        if let Some(v) = v.filter(|v| *v > limit) {
+            return Err(ModelError::config(field, format!("at most {limit}"), v));
+        }
+    }
+    for (field, ids) in [
+        ("bos_token_id", &cfg.bos_token_id),
+        ("eos_token_id", &cfg.eos_token_id),
+        ("pad_token_id", &cfg.pad_token_id),
+    ] {
+        let ids = ids.as_ref().map(TokenIds::to_vec).unwrap_or_default();
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            return Err(ModelError::config(
+                field,
+                format!("a token id below vocab_size ({})", cfg.vocab_size),
+                bad,
+            ));
+        }
+    }
+    let head_dim = cfg
+        .head_dim
+        .unwrap_or(cfg.hidden_size / cfg.num_attention_heads.max(1));
+    let q = cfg.num_attention_heads * head_dim;
+    if q > size_limit("hidden_size") {
+        return Err(ModelError::config(
+            "head_dim",
+            format!(
+                "num_attention_heads × head_dim at most {}",
+                size_limit("hidden_size")
+            ),
+            format!("{} × {head_dim} = {q}", cfg.num_attention_heads),
+        ));
+    }
+    Ok(())
+}
+
 /// Fields shared by every Llama-like family: sizes, heads, RoPE, norm.
 pub(crate) fn resolve_common(cfg: &Config, family: Family) -> Result<ModelConfig> {
     if cfg.hidden_act != "silu" {
@@ -359,6 +433,7 @@ pub(crate) fn resolve_common(cfg: &Config, family: Family) -> Result<ModelConfig
             0,
         ));
     }
+    check_bounds(cfg)?;
     let head_dim = cfg
         .head_dim
         .unwrap_or(cfg.hidden_size / cfg.num_attention_heads);
@@ -438,6 +513,27 @@ mod tests {
             vec![None; 24],
             "use_sliding_window = false"
         );
+    }
+
+    #[test]
+    fn sizes_past_their_bounds_are_refused_before_allocating() {
+        for (field, value) in [
+            ("num_hidden_layers", serde_json::json!(1_000_000_000u64)),
+            ("head_dim", serde_json::json!(1u64 << 40)),
+            ("max_position_embeddings", serde_json::json!(1u64 << 62)),
+            ("vocab_size", serde_json::json!(1u64 << 40)),
+        ] {
+            let mut v: serde_json::Value = serde_json::from_str(LLAMA31_V4).unwrap();
+            v[field] = value;
+            let e = Config::from_json(&v.to_string())
+                .unwrap()
+                .resolve()
+                .unwrap_err();
+            assert!(
+                matches!(&e, ModelError::InvalidConfig { field: f, .. } if f == field),
+                "{field}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -71,6 +71,21 @@ pub enum ModelError {
         /// `target_modules` as JSON.
         target_modules: String,
     },
+    /// A LoRA rank larger than the module it adapts (`r` > max(out, in)).
+    #[error(
+        "`{module}`: LoRA rank r = {r} is larger than the module ({in_features} -> \
+         {out_features}): expected r <= the larger of the two"
+    )]
+    RankTooLarge {
+        /// Module path.
+        module: String,
+        /// The rank asked for.
+        r: usize,
+        /// The module's input width.
+        in_features: usize,
+        /// The module's output width.
+        out_features: usize,
+    },
     /// A module path that is not an adapter slot of the model.
     #[error("`{path}` is not an adapter slot of this model")]
     UnknownModule {

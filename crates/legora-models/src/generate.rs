@@ -264,7 +264,16 @@ impl<B: Backend> CausalLm<B> {
                 "token id {bad} is outside the vocabulary (vocab_size = {vocab})"
             )));
         }
-        let max_new = cfg.max_new_tokens.unwrap_or(20);
+        let len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        let context = self.config().max_position_embeddings;
+        if len >= context {
+            return Err(ModelError::Input(format!(
+                "the prompt is {len} tokens long: it does not fit the model's context \
+                 (max_position_embeddings = {context})"
+            )));
+        }
+        // Generation stops at the model's context length.
+        let max_new = cfg.max_new_tokens.unwrap_or(20).min(context - len);
         let b = prompts.len();
         if max_new == 0 {
             return Ok(vec![Vec::new(); b]);
@@ -272,7 +281,6 @@ impl<B: Backend> CausalLm<B> {
         let device = self.model.embed_tokens.device();
         let pad = cfg.pad_token();
         let stops = cfg.stop_tokens();
-        let len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
         let mut ids = Vec::with_capacity(b * len);
         let mut mask = Vec::with_capacity(b * len);
         for p in prompts {
@@ -309,6 +317,12 @@ impl<B: Backend> CausalLm<B> {
                     continue;
                 }
                 let mut row = host[r * v..(r + 1) * v].to_vec();
+                if row.iter().any(|x| x.is_nan() || *x == f32::INFINITY) {
+                    return Err(ModelError::Input(format!(
+                        "the model produced non-finite logits at new token {step} \
+                         (NaN or infinite weights, adapter weights or mixing weights)"
+                    )));
+                }
                 let t = next_token(&mut row, &seen[r], cfg, &mut rng);
                 seen[r].push(t);
                 out[r].push(t);

@@ -37,6 +37,13 @@ impl<B: Backend> CausalLm<B> {
                 "max_length must be >= 2, got {max_length}"
             )));
         }
+        let context = self.config().max_position_embeddings;
+        if max_length > context {
+            return Err(ModelError::Input(format!(
+                "max_length {max_length} is past the model's context \
+                 (max_position_embeddings = {context})"
+            )));
+        }
         let vocab = self.config().vocab_size;
         if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
             return Err(ModelError::Input(format!(
@@ -77,6 +84,12 @@ impl<B: Backend> CausalLm<B> {
             start = end - 1;
         }
         let mean_nll = total / count as f64;
+        if !mean_nll.is_finite() {
+            return Err(ModelError::Input(format!(
+                "the mean NLL is {mean_nll}: the model (or its adapter) produced non-finite \
+                 log-probabilities"
+            )));
+        }
         Ok(Score {
             mean_nll,
             perplexity: mean_nll.exp(),

@@ -727,8 +727,18 @@ impl ParseRequest {
     }
 
     /// A list-of-strings parameter: a JSON array of strings, or one string
-    /// split on commas. `Err` names the key when the value has another type.
+    /// split on commas. `Err` names the key when the value has another type or is empty.
     pub fn param_str_list(&self, key: &str) -> Result<Option<Vec<String>>, String> {
+        let list = self.param_str_list_raw(key)?;
+        if list.as_ref().is_some_and(|l| l.is_empty()) {
+            return Err(format!(
+                "parameter `{key}` is empty: give at least one value, or leave it out"
+            ));
+        }
+        Ok(list)
+    }
+
+    fn param_str_list_raw(&self, key: &str) -> Result<Option<Vec<String>>, String> {
         match self.options.params.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(

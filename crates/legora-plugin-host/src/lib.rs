@@ -489,7 +489,7 @@ impl Format {
         options: &ParseOptions,
     ) -> Result<ParseOutput, HostError> {
         let path = path.as_ref();
-        let data = std::fs::read(path).map_err(|source| HostError::Io {
+        let data = read_regular(path).map_err(|source| HostError::Io {
             path: path.to_path_buf(),
             source,
         })?;
@@ -566,8 +566,42 @@ fn read_attachments(
     Ok(out)
 }
 
+/// Read a data file: anything but a regular file (a FIFO, a device or a link to one, a
+/// folder) is refused before a byte is read, so it can neither block nor stream for ever.
+fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        // O_NONBLOCK (Linux 0o4000, macOS 0x4): opening a FIFO must not wait for a writer.
+        opts.custom_flags(if cfg!(target_os = "linux") {
+            0o4000
+        } else {
+            0x4
+        });
+    }
+    let f = opts.open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        let found = if meta.is_dir() {
+            "a folder"
+        } else {
+            "a FIFO, device or socket"
+        };
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("expected a regular file, found {found}"),
+        ));
+    }
+    let mut bytes = Vec::new();
+    f.take(meta.len()).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 fn read_attachment(path: &Path) -> Result<Attachment, HostError> {
-    let data = std::fs::read(path).map_err(|source| HostError::Io {
+    let data = read_regular(path).map_err(|source| HostError::Io {
         path: path.to_path_buf(),
         source,
     })?;

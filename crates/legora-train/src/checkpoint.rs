@@ -33,8 +33,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
 
-/// Version of the checkpoint layout.
-pub const CHECKPOINT_VERSION: u32 = 1;
+/// Version of the checkpoint layout (2: `state.json` records the data files' sums).
+pub const CHECKPOINT_VERSION: u32 = 2;
 
 /// The AdamW optimizer the trainer uses, over module `M`.
 pub type AdamWOptimizer<M, B> = OptimizerAdaptor<AdamW, M, B>;
@@ -65,7 +65,53 @@ pub struct TrainerState {
     pub metrics_len: Option<u64>,
     /// Parameter ids of the saved run, by module path (to re-key optimizer state).
     pub param_ids: BTreeMap<String, u64>,
+    /// Length and FNV-1a 64 checksum of each data file of the checkpoint
+    /// (`trainable.safetensors`, `optimizer.bin`), written at save and verified before
+    /// either is parsed.
+    #[serde(default)]
+    pub files: BTreeMap<String, FileSum>,
 }
+
+/// A file's length and checksum, as recorded in `state.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileSum {
+    /// Length in bytes.
+    pub len: u64,
+    /// FNV-1a 64 of the bytes, as 16 hex digits.
+    #[serde(with = "hex_u64")]
+    pub fnv1a64: u64,
+}
+
+impl FileSum {
+    /// The sum of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for &b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        Self {
+            len: bytes.len() as u64,
+            fnv1a64: h,
+        }
+    }
+}
+
+mod hex_u64 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{v:016x}"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let text = String::deserialize(d)?;
+        u64::from_str_radix(&text, 16).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Data files of a checkpoint whose sums `state.json` records.
+const SUMMED_FILES: [&str; 2] = ["trainable.safetensors", "optimizer.bin"];
 
 /// Host tensors by module path: `path → (shape, f32 values)`.
 pub type TensorMap = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
@@ -283,17 +329,11 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     f.sync_all().map_err(|e| TrainError::io(path, e))
 }
 
-/// Write `bytes` to `path` atomically (temporary file in the same folder + rename).
+/// Write `bytes` to `path` atomically: legora-hub's [`write_atomic`](legora_hub::write_atomic)
+/// (temporary file, fsync, rename, fsync of the folder; the temporary file removed on
+/// error).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "file".into());
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    write_file(&tmp, bytes)?;
-    fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
+    Ok(legora_hub::write_atomic(path, bytes)?)
 }
 
 /// Check that every value is finite; the error names the first bad tensor.
@@ -318,7 +358,7 @@ pub fn load_trainable<B: Backend, M: Module<B>>(
     path: &Path,
     device: &B::Device,
 ) -> Result<M> {
-    let bytes = fs::read(path).map_err(|e| TrainError::io(path, e))?;
+    let bytes = legora_hub::io::read_regular(path)?;
     let tensors = tensors_from_safetensors(&bytes, path)?;
     load_tensors(module, &tensors, device, path)
 }
@@ -360,6 +400,11 @@ where
     let opt = BinBytesRecorder::<FullPrecisionSettings>::default()
         .record(optim.to_record(), ())
         .map_err(|e| TrainError::checkpoint(root, format!("cannot record optimizer state: {e}")))?;
+    state.files = SUMMED_FILES
+        .iter()
+        .zip([&st, &opt])
+        .map(|(name, bytes)| (name.to_string(), FileSum::of(bytes)))
+        .collect();
     let json = serde_json::to_vec_pretty(&state).map_err(|e| TrainError::Json {
         path: root.join("state.json"),
         message: e.to_string(),
@@ -367,19 +412,24 @@ where
 
     fs::create_dir_all(root).map_err(|e| TrainError::io(root, e))?;
     let name = checkpoint_name(state.step);
+    // folders of a save cut short by a kill
+    legora_hub::io::remove_stale_temps(root, ".tmp-step-");
     let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
-    }
     fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
-    write_file(&tmp.join("trainable.safetensors"), &st)?;
-    write_file(&tmp.join("optimizer.bin"), &opt)?;
-    write_file(&tmp.join("state.json"), &json)?;
+    let written = write_file(&tmp.join("trainable.safetensors"), &st)
+        .and_then(|_| write_file(&tmp.join("optimizer.bin"), &opt))
+        .and_then(|_| write_file(&tmp.join("state.json"), &json))
+        .and_then(|_| legora_hub::io::sync_dir(&tmp).map_err(|e| TrainError::io(&tmp, e)));
+    if let Err(e) = written {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
     let dest = root.join(&name);
     if dest.exists() {
         fs::remove_dir_all(&dest).map_err(|e| TrainError::io(&dest, e))?;
     }
     fs::rename(&tmp, &dest).map_err(|e| TrainError::io(&dest, e))?;
+    legora_hub::io::sync_dir(root).map_err(|e| TrainError::io(root, e))?;
     write_atomic(&root.join("latest"), name.as_bytes())?;
     Ok(dest)
 }
@@ -390,8 +440,27 @@ pub fn latest_checkpoint(root: &Path) -> Result<Option<PathBuf>> {
     if !latest.exists() {
         return Ok(None);
     }
-    let name = fs::read_to_string(&latest).map_err(|e| TrainError::io(&latest, e))?;
+    let bytes = legora_hub::io::read_regular(&latest)?;
+    let name = String::from_utf8_lossy(&bytes);
+    // `latest` names a `step-NNNNNN` folder of `root` and nothing else (no path, no
+    // `..`, no link out of the run folder)
+    if step_of_name(name.trim()).is_none() {
+        return Err(TrainError::checkpoint(
+            &latest,
+            format!(
+                "expected the name of a checkpoint folder (step-NNNNNN), found {:?}",
+                name.trim()
+            ),
+        ));
+    }
     let dir = root.join(name.trim());
+    let meta = fs::symlink_metadata(&dir);
+    if meta.as_ref().is_ok_and(|m| !m.is_dir()) {
+        return Err(TrainError::checkpoint(
+            &latest,
+            format!("`{}` is not a folder of the run", name.trim()),
+        ));
+    }
     if !dir.is_dir() {
         return Err(TrainError::checkpoint(
             &latest,
@@ -401,11 +470,56 @@ pub fn latest_checkpoint(root: &Path) -> Result<Option<PathBuf>> {
     Ok(Some(dir))
 }
 
+/// The step of a checkpoint folder name `step-NNNNNN` (digits only).
+fn step_of_name(name: &str) -> Option<usize> {
+    let digits = name.strip_prefix("step-")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Read a checkpoint data file and check it against the length and checksum
+/// `state.json` recorded at save.
+fn read_summed(dir: &Path, name: &str, state: &TrainerState) -> Result<Vec<u8>> {
+    let path = dir.join(name);
+    let expected = state.files.get(name).ok_or_else(|| {
+        TrainError::checkpoint(
+            dir.join("state.json"),
+            format!("`files.{name}`: expected the file's length and checksum, found none"),
+        )
+    })?;
+    let len = fs::metadata(&path)
+        .map_err(|e| TrainError::io(&path, e))?
+        .len();
+    if len != expected.len {
+        return Err(TrainError::checkpoint(
+            &path,
+            format!("expected {} bytes (state.json), found {len}", expected.len),
+        ));
+    }
+    let bytes = legora_hub::io::read_regular(&path)?;
+    let found = FileSum::of(&bytes);
+    if found != *expected {
+        return Err(TrainError::checkpoint(
+            &path,
+            format!(
+                "checksum {:016x} does not match state.json's {:016x}: the file is corrupt",
+                found.fnv1a64, expected.fnv1a64
+            ),
+        ));
+    }
+    Ok(bytes)
+}
+
 /// Read a checkpoint's [`TrainerState`].
+///
+/// Checks the layout version, that `step` is the folder's step and at most
+/// `total_steps`, and that it records the data files' sums.
 pub fn read_state(dir: &Path) -> Result<TrainerState> {
     let p = dir.join("state.json");
-    let text = fs::read_to_string(&p).map_err(|e| TrainError::io(&p, e))?;
-    let state: TrainerState = serde_json::from_str(&text).map_err(|e| TrainError::Json {
+    let bytes = legora_hub::io::read_regular(&p)?;
+    let state: TrainerState = serde_json::from_slice(&bytes).map_err(|e| TrainError::Json {
         path: p.clone(),
         message: e.to_string(),
     })?;
@@ -415,6 +529,27 @@ pub fn read_state(dir: &Path) -> Result<TrainerState> {
             format!(
                 "expected layout version {CHECKPOINT_VERSION}, found {}",
                 state.version
+            ),
+        ));
+    }
+    let folder = dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if let Some(step) = step_of_name(folder) {
+        if state.step != step {
+            return Err(TrainError::checkpoint(
+                &p,
+                format!(
+                    "`step`: expected {step} (the folder's step), found {}",
+                    state.step
+                ),
+            ));
+        }
+    }
+    if state.step > state.total_steps {
+        return Err(TrainError::checkpoint(
+            &p,
+            format!(
+                "`step`: expected at most total_steps = {}, found {}",
+                state.total_steps, state.step
             ),
         ));
     }
@@ -435,7 +570,10 @@ where
 {
     let state = read_state(dir)?;
     let st_path = dir.join("trainable.safetensors");
-    let module = load_trainable(module, &st_path, device)?;
+    let st_bytes = read_summed(dir, "trainable.safetensors", &state)?;
+    let opt_bytes = read_summed(dir, "optimizer.bin", &state)?;
+    let tensors = tensors_from_safetensors(&st_bytes, &st_path)?;
+    let module = load_tensors(module, &tensors, device, &st_path)?;
     // every trainable parameter of the model must come from the checkpoint
     let current = trainable_tensors(&module);
     if let Some(t) = current
@@ -458,12 +596,37 @@ where
         }
     }
     let opt_path = dir.join("optimizer.bin");
-    let bytes = fs::read(&opt_path).map_err(|e| TrainError::io(&opt_path, e))?;
-    let record: OptRecord<M, B> = BinBytesRecorder::<FullPrecisionSettings>::default()
-        .load(bytes, device)
-        .map_err(|e| {
-            TrainError::checkpoint(&opt_path, format!("cannot read optimizer state: {e}"))
-        })?;
+    // burn's recorder panics on some malformed input: contain it as a typed error
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        BinBytesRecorder::<FullPrecisionSettings>::default()
+            .load::<OptRecord<M, B>>(opt_bytes, device)
+    }));
+    let record: OptRecord<M, B> = match decoded {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            return Err(TrainError::checkpoint(
+                &opt_path,
+                format!("cannot read optimizer state: {e}"),
+            ))
+        }
+        Err(_) => {
+            return Err(TrainError::checkpoint(
+                &opt_path,
+                "cannot read optimizer state: the decoder failed on malformed data",
+            ))
+        }
+    };
+    let trainable = current.len();
+    // AdamW keeps state only for parameters that got a gradient: at most one each
+    if record.len() > trainable || (record.is_empty() && trainable > 0 && state.step > 0) {
+        return Err(TrainError::checkpoint(
+            &opt_path,
+            format!(
+                "expected optimizer state for {trainable} trainable parameters, found {}",
+                record.len()
+            ),
+        ));
+    }
     let mut rekeyed: OptRecord<M, B> = Default::default();
     for (old, rec) in record.into_iter() {
         match remap.get(&old.val()) {
@@ -481,6 +644,26 @@ where
         }
     }
     Ok((module, optim.load_record(rekeyed), state))
+}
+
+/// The first `checkpoints` folder holding a `latest` pointer found under `dir`, at
+/// most `depth` folders down (folders only; links are not followed).
+pub fn find_checkpoints(dir: &Path, depth: usize) -> Option<PathBuf> {
+    let ckpt = dir.join("checkpoints");
+    if ckpt.join("latest").is_file() {
+        return Some(ckpt);
+    }
+    if depth == 0 {
+        return None;
+    }
+    let mut subdirs: Vec<PathBuf> = fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect();
+    subdirs.sort();
+    subdirs.iter().find_map(|d| find_checkpoints(d, depth - 1))
 }
 
 /// Delete the oldest `step-*` checkpoints so that at most `keep` remain (the one

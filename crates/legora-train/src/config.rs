@@ -47,6 +47,14 @@ fn default_seed() -> u64 {
 fn default_template() -> String {
     "alpaca".into()
 }
+/// Largest `batch_size`, `eval_batch_size` and `gradient_accumulation_steps` accepted
+/// (rows are allocated per batch: a size past this is refused before any data is read).
+pub const MAX_BATCH: usize = 1 << 16;
+
+/// Largest `model.max_seq_len` accepted before the model is read (the model's own
+/// `max_position_embeddings` is checked once it is).
+pub const MAX_SEQ_LEN: usize = 1 << 24;
+
 fn default_max_seq_len() -> usize {
     512
 }
@@ -559,6 +567,19 @@ impl SpanIndex {
             })
     }
 
+    /// The innermost entry whose value encloses `span` (a table holding it);
+    /// `None` at the top level.
+    fn table_at(&self, span: &Range<usize>) -> Option<&Entry> {
+        self.entries
+            .iter()
+            .filter(|e| {
+                e.value.start < e.value.end
+                    && e.value.start <= span.start
+                    && span.end <= e.value.end
+            })
+            .min_by_key(|e| e.value.end - e.value.start)
+    }
+
     fn get(&self, path: &str) -> Option<&Entry> {
         self.entries.iter().find(|e| e.path == path)
     }
@@ -588,7 +609,13 @@ impl RunConfig {
     /// checked by [`check_model_path`](Self::check_model_path)).
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+        let bytes = legora_hub::io::read_regular(path)?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            TrainError::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            )
+        })?;
         Self::parse(&text, path)
     }
 
@@ -615,7 +642,14 @@ impl RunConfig {
         let file: RunFile = toml::from_str(text).map_err(|e| {
             let message = e.message().trim().to_string();
             let span = e.span().unwrap_or(0..0);
-            let entry = index.path_at(&span);
+            let entry = if message.starts_with("missing field `") {
+                // the span is the table that lacks the field (the whole document for
+                // a top-level key): name the field under that table, not under the
+                // key the span happens to start at
+                index.table_at(&span)
+            } else {
+                index.path_at(&span)
+            };
             let mut key = entry.map(|e| e.path.clone()).unwrap_or_default();
             if let Some(field) = named_field(&message) {
                 let ends_with_field = key == field || key.ends_with(&format!(".{field}"));
@@ -641,6 +675,12 @@ impl RunConfig {
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Whether the run file sets `key` (a dotted path such as `model.max_seq_len`), as
+    /// opposed to leaving it to its default.
+    pub fn has_key(&self, key: &str) -> bool {
+        self.index.get(key).is_some()
     }
 
     /// An error about `key`, located at its line when the key is in the file (else at
@@ -850,8 +890,11 @@ impl RunConfig {
     fn validate(&self) -> Result<()> {
         let f = &self.file;
         // model
-        if f.model.max_seq_len == 0 {
-            return Err(self.error_at("model.max_seq_len", "expected >= 1, found 0"));
+        if f.model.max_seq_len == 0 || f.model.max_seq_len > MAX_SEQ_LEN {
+            return Err(self.error_at(
+                "model.max_seq_len",
+                format!("expected 1..={MAX_SEQ_LEN}, found {}", f.model.max_seq_len),
+            ));
         }
         if f.model.template != "model" {
             if let Err(e) = f.model.template.parse::<Template>() {
@@ -982,8 +1025,11 @@ impl RunConfig {
             self.validate_stage(key, s, router)?;
         }
         let e = &f.stages.eval;
-        if e.batch_size == 0 {
-            return Err(self.error_at("stages.eval.batch_size", "expected >= 1, found 0"));
+        if e.batch_size == 0 || e.batch_size > MAX_BATCH {
+            return Err(self.error_at(
+                "stages.eval.batch_size",
+                format!("expected 1..={MAX_BATCH}, found {}", e.batch_size),
+            ));
         }
         for (i, b) in e.baselines.iter().enumerate() {
             if crate::plan::Variant::from_name(b).is_none() {
@@ -1094,6 +1140,14 @@ impl RunConfig {
                 _ => s.logging_steps,
             };
             at_least_one(f, v)?;
+            if matches!(
+                f,
+                "batch_size" | "eval_batch_size" | "gradient_accumulation_steps"
+            ) {
+                if let Some(v) = v.filter(|v| *v > MAX_BATCH) {
+                    return Err(at(f, format!("expected at most {MAX_BATCH}, found {v}")));
+                }
+            }
         }
         for (f, v) in [("adam_beta1", s.adam_beta1), ("adam_beta2", s.adam_beta2)] {
             if let Some(b) = v {

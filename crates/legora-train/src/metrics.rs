@@ -147,16 +147,24 @@ impl MetricsWriter {
         self.len() == 0
     }
 
-    /// Cut the file back to `len` bytes (used on resume).
+    /// Cut the file back to `len` bytes (used on resume), and further back to the end
+    /// of its last complete line: a line torn by a kill is dropped, never kept half.
     pub fn truncate(&self, len: u64) -> Result<()> {
         if !self.path.exists() {
             return Ok(());
         }
+        let bytes = legora_hub::io::read_regular(&self.path)?;
+        let keep = (len as usize).min(bytes.len());
+        let keep = bytes[..keep]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
         let f = OpenOptions::new()
             .write(true)
             .open(&self.path)
             .map_err(|e| TrainError::io(&self.path, e))?;
-        f.set_len(len).map_err(|e| TrainError::io(&self.path, e))
+        f.set_len(keep as u64)
+            .map_err(|e| TrainError::io(&self.path, e))
     }
 
     /// Append one line.
@@ -180,10 +188,18 @@ impl MetricsWriter {
 pub fn read_metrics(path: &Path) -> Result<Vec<MetricLine>> {
     let f = fs::File::open(path).map_err(|e| TrainError::io(path, e))?;
     let mut out = Vec::new();
-    for (i, line) in BufReader::new(f).lines().enumerate() {
-        let line = line.map_err(|e| TrainError::io(path, e))?;
+    let lines: Vec<String> = BufReader::new(f)
+        .lines()
+        .collect::<std::io::Result<_>>()
+        .map_err(|e| TrainError::io(path, e))?;
+    let n = lines.len();
+    for (i, line) in lines.into_iter().enumerate() {
         if line.trim().is_empty() {
             continue;
+        }
+        // a last line torn by a kill (the run resumes and writes it again) is skipped
+        if i + 1 == n && serde_json::from_str::<MetricLine>(&line).is_err() {
+            break;
         }
         out.push(serde_json::from_str(&line).map_err(|e| TrainError::Json {
             path: path.to_path_buf(),

@@ -58,6 +58,9 @@ pub struct PipelineOptions {
     pub stop_after: Option<usize>,
     /// Skip the evaluation (outputs of the training stages only).
     pub skip_eval: bool,
+    /// Start over in an output folder that holds checkpoints (they are deleted);
+    /// without it (and without `resume`) such a folder is refused.
+    pub overwrite: bool,
 }
 
 /// One task's data, parsed and tokenized.
@@ -95,6 +98,19 @@ pub fn run_pipeline<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<Report> {
     let plan = RunPlan::resolve(cfg, host, options.mode.clone(), options.skip_eval)?;
+    if plan.mode != Mode::EvalOnly && !options.resume && !options.overwrite {
+        if let Some(found) = crate::checkpoint::find_checkpoints(&plan.output_dir, 3) {
+            return Err(cfg.error_at(
+                "output_dir",
+                format!(
+                    "{} holds checkpoints ({}): pass --resume to continue the run, or \
+                     --overwrite to delete them and start over",
+                    plan.output_dir.display(),
+                    found.display()
+                ),
+            ));
+        }
+    }
     let mut run = Run::<B>::open(cfg, &plan, host, options, device)?;
     let mixture = match &plan.mode {
         Mode::Train => run.experts_stage(callback, device)?,

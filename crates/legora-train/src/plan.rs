@@ -137,10 +137,21 @@ impl RunPlan {
     ) -> Result<Self> {
         let model_path = cfg.check_model_path()?;
         let output_dir = cfg.output_dir();
-        check_output_dir(cfg, &model_path, &output_dir)?;
-        let num_layers = model_layers(cfg, &model_path)?;
+        check_output_dir(cfg, &mode, &model_path, &output_dir)?;
+        let model = model_config(cfg, &model_path)?;
+        let context = model.max_position_embeddings;
+        if cfg.has_key("model.max_seq_len") && cfg.file.model.max_seq_len > context {
+            return Err(cfg.error_at(
+                "model.max_seq_len",
+                format!(
+                    "expected at most the base model's context (max_position_embeddings = \
+                     {context}), found {}",
+                    cfg.file.model.max_seq_len
+                ),
+            ));
+        }
         let tasks = (0..cfg.file.tasks.len())
-            .map(|i| resolve_task(cfg, host, i, num_layers))
+            .map(|i| resolve_task(cfg, host, i, &model))
             .collect::<Result<Vec<_>>>()?;
         let experts = check_mode(cfg, host, &mode, &output_dir)?;
         let eval = &cfg.file.stages.eval;
@@ -174,50 +185,45 @@ impl RunPlan {
 }
 
 /// Refuse an output folder equal to or inside the model folder (a run would write its
-/// router and experts among the base's files).
-fn check_output_dir(cfg: &RunConfig, model: &Path, out: &Path) -> Result<()> {
-    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    let model = canon(model);
-    // the output folder may not exist yet: compare its nearest existing ancestor's
-    // canonical path with the rest appended
-    let mut existing = out.to_path_buf();
-    let mut rest = Vec::new();
-    while !existing.exists() {
-        match (existing.file_name(), existing.parent()) {
-            (Some(name), Some(parent)) => {
-                rest.push(name.to_os_string());
-                existing = parent.to_path_buf();
-            }
-            _ => break,
-        }
+/// router and experts among the base's files), or, when composing, inside one of the
+/// expert folders it reads.
+fn check_output_dir(cfg: &RunConfig, mode: &Mode, model: &Path, out: &Path) -> Result<()> {
+    let mut inputs = vec![("the base model's folder", model.to_path_buf())];
+    if let Mode::Compose(dirs) = mode {
+        inputs.extend(dirs.iter().map(|d| ("an expert folder", d.clone())));
     }
-    let mut full = canon(&existing);
-    full.extend(rest.iter().rev());
-    if full.starts_with(&model) {
-        return Err(cfg.error_at(
-            "output_dir",
-            format!(
-                "expected a folder outside the base model's folder {}, found {}",
-                model.display(),
-                full.display()
-            ),
-        ));
+    for (what, dir) in inputs {
+        if legora_hub::io::path_within(out, &dir) {
+            return Err(cfg.error_at(
+                "output_dir",
+                format!(
+                    "expected a folder outside {what} {}, found {}",
+                    dir.display(),
+                    out.display()
+                ),
+            ));
+        }
     }
     Ok(())
 }
 
-/// The number of decoder layers of the base (from its config.json alone).
-fn model_layers(cfg: &RunConfig, model: &Path) -> Result<usize> {
+/// The base's resolved architecture (from its config.json alone).
+fn model_config(cfg: &RunConfig, model: &Path) -> Result<legora_models::ModelConfig> {
     let (config, _) =
         legora_hub::load_config(model).map_err(|e| cfg.error_at("model.path", e.to_string()))?;
     let resolved = config
         .resolve()
         .map_err(|e| cfg.error_at("model.path", format!("{}: {e}", model.display())))?;
-    Ok(resolved.num_hidden_layers)
+    Ok(resolved)
 }
 
 /// Task `i` checked against the plugins and the model.
-fn resolve_task(cfg: &RunConfig, host: &PluginHost, i: usize, layers: usize) -> Result<TaskPlan> {
+fn resolve_task(
+    cfg: &RunConfig,
+    host: &PluginHost,
+    i: usize,
+    model: &legora_models::ModelConfig,
+) -> Result<TaskPlan> {
     let t = &cfg.file.tasks[i];
     let key = format!("tasks[{i}]");
     let format = host
@@ -252,7 +258,7 @@ fn resolve_task(cfg: &RunConfig, host: &PluginHost, i: usize, layers: usize) -> 
     };
     params.extend(t.params.clone());
     check_params(cfg, &key, &params, &format.info().params)?;
-    check_targets(cfg, &key, t.preset.is_some(), &lora, layers)?;
+    check_targets(cfg, &key, t.preset.is_some(), &lora, model)?;
     Ok(TaskPlan {
         name: t.name.clone(),
         format: t.format.clone(),
@@ -275,7 +281,18 @@ fn check_params(
     params: &BTreeMap<String, serde_json::Value>,
     known: &[legora_plugin_api::ParamInfo],
 ) -> Result<()> {
-    for name in params.keys() {
+    for (name, value) in params {
+        let empty = match value {
+            serde_json::Value::Array(a) => a.is_empty(),
+            serde_json::Value::String(s) => s.trim().is_empty(),
+            _ => false,
+        };
+        if empty {
+            return Err(cfg.error_at(
+                &format!("{key}.params.{name}"),
+                "expected at least one value (or no such key), found an empty one",
+            ));
+        }
         if !known.iter().any(|p| &p.name == name) {
             let names: Vec<&str> = known.iter().map(|p| p.name.as_str()).collect();
             return Err(cfg.error_at(
@@ -293,15 +310,37 @@ fn check_targets(
     key: &str,
     from_preset: bool,
     lora: &LoraConfig,
-    layers: usize,
+    model: &legora_models::ModelConfig,
 ) -> Result<()> {
-    let at = if from_preset {
-        format!("{key}.preset")
-    } else {
-        "lora.target_modules".to_string()
+    let layers = model.num_hidden_layers;
+    let key_of = |field: &str| {
+        if from_preset {
+            format!("{key}.preset")
+        } else {
+            format!("lora.{field}")
+        }
     };
-    lora.validate()
-        .map_err(|e| cfg.error_at(&at, format!("`{}`: {}", e.field(), e.message())))?;
+    let at = key_of("target_modules");
+    lora.validate().map_err(|e| {
+        cfg.error_at(
+            &key_of(e.field()),
+            format!("`{}`: {}", e.field(), e.message()),
+        )
+    })?;
+    for id in SlotId::all(layers).filter(|id| lora.is_target(&id.to_string(), id.is_output_head()))
+    {
+        let r = lora.spec_for(&id.to_string()).r;
+        let (out, inp) = model.slot_dims(id);
+        if r > out.max(inp) {
+            return Err(cfg.error_at(
+                &key_of("r"),
+                format!(
+                    "`{id}` is {inp} -> {out}: expected a rank r <= {}, found {r}",
+                    out.max(inp)
+                ),
+            ));
+        }
+    }
     let matched =
         SlotId::all(layers).any(|id| lora.is_target(&id.to_string(), id.is_output_head()));
     if !matched {

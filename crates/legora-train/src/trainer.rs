@@ -611,6 +611,7 @@ impl<'a> Trainer<'a> {
                 bad_evals: 0,
                 metrics_len: None,
                 param_ids: BTreeMap::new(),
+                files: BTreeMap::new(),
             },
             metrics,
             last_checkpoint: None,

@@ -27,8 +27,12 @@ pub struct Args {
     #[arg(long = "plugin-dir")]
     pub plugin_dirs: Vec<PathBuf>,
     /// Continue the stages from their latest checkpoints.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     pub resume: bool,
+    /// Delete the checkpoints of an earlier run in the output folder and start over
+    /// (without it, or --resume, such a folder is refused).
+    #[arg(long)]
+    pub overwrite: bool,
     /// Stop each stage after this many optimizer steps (a checkpoint is kept).
     #[arg(long)]
     pub stop_after: Option<usize>,
@@ -71,6 +75,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         resume: args.resume,
         stop_after: args.stop_after,
         skip_eval: args.skip_eval,
+        overwrite: args.overwrite,
         mode: Mode::Compose(args.experts.clone()),
     };
     let mut progress = Progress::default();

@@ -33,8 +33,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         )
     })?;
     let host = load_plugins(&cfg, &args.plugin_dirs)?;
+    // the demo's outputs are disposable: a second `legora demo` starts over
     let opts = PipelineOptions {
         resume: args.resume,
+        overwrite: !args.resume,
         ..PipelineOptions::default()
     };
     let mut progress = Progress::default();

@@ -28,7 +28,8 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', requires = "weights")]
     pub adapters: Vec<PathBuf>,
     /// One weight per `--adapters` folder.
-    #[arg(long, value_delimiter = ',', requires = "adapters")]
+    #[arg(long, value_delimiter = ',', requires = "adapters",
+          value_parser = super::flags::adapter_weight)]
     pub weights: Vec<f64>,
     /// Route every token to this expert of the mixture (needed for a mixture without
     /// routers).
@@ -45,20 +46,20 @@ pub struct Args {
     #[arg(long, requires = "prompt")]
     pub chat_template: bool,
     /// Tokens to generate at most (default: generation_config.json's, else 20).
-    #[arg(long)]
+    #[arg(long, value_parser = super::flags::token_count)]
     pub max_new_tokens: Option<usize>,
     /// Sampling temperature; any of --temperature > 0, --top-k, --top-p turns sampling
     /// on, `--temperature 0` forces greedy decoding.
-    #[arg(long)]
+    #[arg(long, value_parser = super::flags::temperature)]
     pub temperature: Option<f64>,
     /// Keep the k most likely tokens when sampling (0 = off).
     #[arg(long)]
     pub top_k: Option<usize>,
     /// Nucleus sampling mass in (0, 1].
-    #[arg(long)]
+    #[arg(long, value_parser = super::flags::top_p)]
     pub top_p: Option<f64>,
     /// CTRL repetition penalty (1 = off).
-    #[arg(long)]
+    #[arg(long, value_parser = super::flags::repetition_penalty)]
     pub repetition_penalty: Option<f64>,
     /// RNG seed for sampling.
     #[arg(long)]

@@ -200,7 +200,24 @@ fn adapter(dir: &Path, base: Option<&Path>) -> anyhow::Result<(String, Value)> {
         })
         .collect();
     v["module_ranks"] = json!(modules);
+    // the config's rank next to the tensors' (a mismatch is refused on load)
+    let mismatches: Vec<Value> = a
+        .modules
+        .iter()
+        .filter(|(m, x, _)| x.shape[0] != c.spec_for(m).r)
+        .map(|(m, x, _)| json!({"module": m, "config_r": c.spec_for(m).r, "tensor_rank": x.shape[0]}))
+        .collect();
+    v["rank_mismatches"] = json!(mismatches);
     let mut text = format!("PEFT adapter {}\n", dir.display());
+    for m in &mismatches {
+        text.push_str(&format!(
+            "  rank mismatch: {} has rank {} in the tensors but r = {} in adapter_config.json \
+             (this adapter does not load)\n",
+            m["module"].as_str().unwrap_or_default(),
+            m["tensor_rank"],
+            m["config_r"]
+        ));
+    }
     let scaling = AdapterSpec::new(c.r, c.lora_alpha)
         .with_rslora(c.use_rslora)
         .scaling();

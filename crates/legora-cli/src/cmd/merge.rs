@@ -1,7 +1,7 @@
 //! `legora merge`: fold a PEFT adapter into its base (PEFT's `merge_and_unload`) and
 //! write a plain Hugging Face model folder that loads without legora or PEFT.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use legora::prelude::*;
@@ -38,20 +38,17 @@ pub struct Args {
     pub dtype: Dtype,
 }
 
-fn same_dir(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    }
-}
-
 /// Run `legora merge`.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    if same_dir(&args.model, &args.out) {
-        bail!(
-            "--out {} is the model folder: write the merged model somewhere else",
-            args.out.display()
-        );
+    for (what, input) in [("model", &args.model), ("adapter", &args.adapter)] {
+        if legora::hub::io::path_within(&args.out, input) {
+            bail!(
+                "--out {} is (inside) the {what} folder {}: write the merged model somewhere \
+                 else",
+                args.out.display(),
+                input.display()
+            );
+        }
     }
     let base = PretrainedModel::<Backend>::from_pretrained(&args.model, &device())?;
     let peft = PeftModel::from_pretrained(base, &args.adapter)?;

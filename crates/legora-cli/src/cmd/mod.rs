@@ -4,6 +4,7 @@ pub mod bench;
 pub mod compose;
 pub mod demo;
 pub mod eval;
+pub mod flags;
 pub mod generate;
 pub mod inspect;
 pub mod merge;

@@ -26,7 +26,7 @@ pub struct Args {
     pub text: PathBuf,
     /// Longest window in tokens (default: max_position_embeddings, at most 2048); longer
     /// texts are scored in windows overlapping by one token.
-    #[arg(long)]
+    #[arg(long, value_parser = super::flags::token_count)]
     pub max_length: Option<usize>,
     /// Route every token to this expert of the mixture (needed for a mixture without
     /// routers).

@@ -342,7 +342,8 @@ fn scalar(v: &MetadataValue) -> String {
     }
 }
 
-fn check_regular(path: &Path, ft: &std::fs::FileType) -> Result<()> {
+/// A regular file, or [`HubError::NotAFile`] saying what `path` is instead.
+pub(crate) fn check_regular(path: &Path, ft: &std::fs::FileType) -> Result<()> {
     if ft.is_file() {
         return Ok(());
     }

@@ -33,6 +33,7 @@ mod value;
 mod weights;
 
 pub use config::{architecture, config_json, load_gguf_config, permuted_qk};
+pub(crate) use file::check_regular;
 pub use file::{GgufFile, GgufTensor};
 pub use names::{gguf_name, hf_name, llama_unpermute_rows};
 pub use pretrained::is_gguf_path;
