@@ -36,6 +36,8 @@ enum Command {
     Inspect(cmd::inspect::Args),
     /// Training-step speed and peak memory on random-weight models (issue 6 cases).
     Bench(cmd::bench::Args),
+    /// An OpenAI-compatible server with continuous batching over adapters and mixtures.
+    Serve(cmd::serve::Args),
 }
 
 /// Keep freed tensor buffers in the heap instead of returning them to the kernel:
@@ -84,6 +86,7 @@ fn main() -> std::process::ExitCode {
         Command::Plugins(args) => cmd::plugins::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Serve(args) => cmd::serve::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
