@@ -407,6 +407,9 @@ struct PackedDims {
 /// The inputs handed back when the fused packed kernel does not apply.
 pub(crate) type PackedArgs<B> = (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>, Vec<KvSeq<B>>);
 
+/// The fused packed kernel's output and the sequences' updated buffers.
+pub(crate) type PackedOut<B> = (Tensor<B, 3>, Vec<KvSeq<B>>);
+
 /// Fused [`crate::packed_attention`] (`Flex` only: decoding needs no gradient). Shapes
 /// are checked by the caller.
 pub(crate) fn packed_attention<B: Backend>(
@@ -416,7 +419,7 @@ pub(crate) fn packed_attention<B: Backend>(
     seqs: Vec<KvSeq<B>>,
     window: Option<usize>,
     scale: f64,
-) -> Result<(Tensor<B, 3>, Vec<KvSeq<B>>), PackedArgs<B>> {
+) -> Result<PackedOut<B>, PackedArgs<B>> {
     let f32s = all_f32(&[q.dtype(), k.dtype(), v.dtype()])
         && seqs.iter().all(|s| all_f32(&[s.k.dtype(), s.v.dtype()]));
     if mode::<B>() != Some(Mode::Plain) || !f32s {
