@@ -74,7 +74,7 @@ pub struct GenRequest {
 #[derive(Debug)]
 pub enum Command {
     /// Generate (counted in the shared queue depth until admitted).
-    Generate(GenRequest),
+    Generate(Box<GenRequest>),
     /// Load a PEFT adapter folder as model `name`.
     LoadAdapter {
         /// Its model name.
@@ -201,7 +201,7 @@ impl<B: Backend> Engine<B> {
                 }
             };
             match cmd {
-                Command::Generate(r) => self.waiting.push_back(r),
+                Command::Generate(r) => self.waiting.push_back(*r),
                 Command::LoadAdapter { name, path, reply } => {
                     let _ = reply.send(self.load_adapter(&name, &path));
                 }

@@ -308,12 +308,12 @@ fn enqueue(
             "the server is at capacity ({cap} requests waiting); retry later"
         )));
     }
-    let r = s.send(Command::Generate(GenRequest {
+    let r = s.send(Command::Generate(Box::new(GenRequest {
         model: model.to_string(),
         prompt,
         gen,
         events,
-    }));
+    })));
     if r.is_err() {
         q.fetch_sub(1, Ordering::Relaxed);
     }

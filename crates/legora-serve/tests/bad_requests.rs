@@ -10,6 +10,9 @@ use serde_json::{json, Value};
 
 const KEY: &str = "test-key";
 
+/// Route, body, API key, expected status, error type, words of the message.
+type Case<'a> = (&'a str, String, Option<&'a str>, u16, &'a str, &'a str);
+
 /// The answer is OpenAI's error object with a message naming `needle`.
 fn is_error(v: &Value, kind: &str, needle: &str) {
     let e = &v["error"];
@@ -36,7 +39,7 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         o.limits.max_tokens = 1000;
     });
     let long_prompt = "the cat ".repeat(400);
-    let cases: Vec<(&str, String, Option<&str>, u16, &str, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "/v1/completions",
             json!({"model": "base", "prompt": "the"}).to_string(),
