@@ -42,6 +42,8 @@ enum Command {
     Inspect(cmd::inspect::Args),
     /// Training-step speed and peak memory on random-weight models.
     Bench(cmd::bench::Args),
+    /// An OpenAI-compatible server with continuous batching over adapters and mixtures.
+    Serve(cmd::serve::Args),
     /// Serve one plugin library to a legora process over stdin / stdout (started by
     /// legora itself for every dynamic plugin).
     #[command(hide = true)]
@@ -113,6 +115,7 @@ fn main() -> std::process::ExitCode {
         Command::Plugins(args) => cmd::plugins::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Serve(args) => cmd::serve::run(args),
         // Nothing above writes to stdout: it carries the worker's replies.
         Command::PluginWorker { path } => return legora_plugin_host::worker::run(&path),
     };

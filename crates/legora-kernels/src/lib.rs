@@ -8,6 +8,7 @@
 //! | [`stacked_lora_linear`] | a frozen linear with E LoRA experts in the stacked-rank form: one expert, each row through its own ([`Gating::Rows`]), or router gates ([`Gating::Dense`]) |
 //! | [`lora_linear`] | `x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ`, the one-adapter case |
 //! | [`attention`] | scaled dot-product attention, grouped-query heads, additive mask |
+//! | [`packed_attention`] | causal attention of packed sequences over their own key/value caches (continuous batching) |
 //! | [`rms_norm`] | transformers' `LlamaRMSNorm` (f32 statistics) |
 //! | [`rotary`] | rotate-half RoPE (`apply_rotary_pos_emb`) |
 //! | [`swiglu`] | `silu(gate) · up` |
@@ -173,6 +174,110 @@ pub fn attention<B: Backend>(
         Err(args) => args,
     };
     reference::attention(q, k, v, mask, scale)
+}
+
+/// One sequence of a [`packed_attention`] call: its key and value buffers and how many of
+/// their rows are cached, and its number of new tokens.
+#[derive(Debug, Clone)]
+pub struct KvSeq<B: Backend> {
+    /// Key buffer `[capacity, kv_heads, head_dim]`: rows `0..past` hold the cached keys
+    /// (after RoPE); `capacity ≥ past + rows`.
+    pub k: Tensor<B, 3>,
+    /// Value buffer, like `k`.
+    pub v: Tensor<B, 3>,
+    /// Cached positions.
+    pub past: usize,
+    /// New tokens: the next `rows` rows of the packed `q`, `k` and `v`.
+    pub rows: usize,
+}
+
+/// Causal attention of packed sequences, each over its own key/value cache (continuous
+/// batching: one call for sequences of different lengths, no padding). Sequence `i`'s new
+/// tokens are consecutive rows of `q`, `k`, `v` (sequences in order); its new keys and
+/// values are first written into its buffers after its `past` cached rows (in place with
+/// the fused kernel when a buffer is not shared), then its token at position `past + j`
+/// attends to keys `0..=past + j` (those inside `window`, if any), with grouped-query
+/// heads as [`attention`]. Returns the output and the sequences with their updated
+/// buffers (`past` unchanged: the caller advances it).
+///
+/// Computes what [`attention`] computes for one sequence alone with a causal mask over
+/// the same positions (same score and probability products, same masking).
+///
+/// # Shapes
+/// - q: `[T, heads, head_dim]`, k, v: `[T, kv_heads, head_dim]` with `T = Σ rows`
+/// - buffers: `[capacity ≥ past + rows, kv_heads, head_dim]`
+/// - output: `[T, heads, head_dim]`
+pub fn packed_attention<B: Backend>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    seqs: Vec<KvSeq<B>>,
+    window: Option<usize>,
+    scale: f64,
+) -> Result<(Tensor<B, 3>, Vec<KvSeq<B>>)> {
+    check_packed(&q, &k, &v, &seqs)?;
+    #[cfg(feature = "flex")]
+    let (q, k, v, seqs) = match flex::packed_attention(q, k, v, seqs, window, scale) {
+        Ok(out) => return Ok(out),
+        Err(args) => args,
+    };
+    Ok(reference::packed_attention(q, k, v, seqs, window, scale))
+}
+
+/// The shape checks of [`packed_attention`].
+fn check_packed<B: Backend>(
+    q: &Tensor<B, 3>,
+    k: &Tensor<B, 3>,
+    v: &Tensor<B, 3>,
+    seqs: &[KvSeq<B>],
+) -> Result<()> {
+    let invalid = |what: &str, message: String| {
+        Err(KernelError::Invalid {
+            what: what.into(),
+            message,
+        })
+    };
+    let ([n, h, hd], [kn, kv, khd]) = (q.dims(), k.dims());
+    if [kn, khd] != [n, hd] || v.dims() != k.dims() || kv == 0 || h % kv != 0 {
+        return invalid(
+            "packed attention",
+            format!(
+                "q {:?}, k {:?}, v {:?}: expected q [T, heads, head_dim] and k, v \
+                 [T, kv_heads, head_dim] with heads a multiple of kv_heads",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            ),
+        );
+    }
+    if seqs.is_empty() || seqs.iter().any(|s| s.rows == 0) {
+        return invalid(
+            "packed attention",
+            "every call needs at least one sequence, each with at least one new token".into(),
+        );
+    }
+    let total: usize = seqs.iter().map(|s| s.rows).sum();
+    if total != n {
+        return invalid(
+            "packed attention",
+            format!("the sequences have {total} new tokens, q has {n} rows"),
+        );
+    }
+    for (i, s) in seqs.iter().enumerate() {
+        let [cap, skv, shd] = s.k.dims();
+        if s.v.dims() != s.k.dims() || [skv, shd] != [kv, hd] || cap < s.past + s.rows {
+            return invalid(
+                &format!("packed attention, sequence {i}"),
+                format!(
+                    "key buffer {:?}, value buffer {:?}: expected [capacity ≥ {}, {kv}, {hd}]",
+                    s.k.dims(),
+                    s.v.dims(),
+                    s.past + s.rows
+                ),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// RMSNorm as transformers' `LlamaRMSNorm`: `weight · x / sqrt(mean(x²) + ε)` over the

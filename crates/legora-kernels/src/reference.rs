@@ -119,6 +119,73 @@ pub fn attention<B: Backend>(
         .swap_dims(1, 2)
 }
 
+/// The causal (+ window) additive mask of queries at positions `past..past + rows` over
+/// keys `0..past + rows`.
+///
+/// # Shapes
+/// → `[1, 1, rows, past + rows]`
+fn causal_mask<B: Backend>(
+    past: usize,
+    rows: usize,
+    window: Option<usize>,
+    device: &B::Device,
+) -> Tensor<B, 4> {
+    let t = past + rows;
+    let mut m = vec![0f32; rows * t];
+    for (r, row) in m.chunks_mut(t).enumerate() {
+        let qa = past + r;
+        for (k, x) in row.iter_mut().enumerate() {
+            if !(k <= qa && window.is_none_or(|w| qa < k + w)) {
+                *x = -1e9;
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(m, [1, 1, rows, t]), device)
+}
+
+/// See [`crate::packed_attention`]: each sequence's rows written with `slice_assign`,
+/// then [`attention`] over its cached positions with a causal mask.
+///
+/// # Shapes
+/// - q: `[T, heads, head_dim]`, k, v: `[T, kv_heads, head_dim]`, buffers
+///   `[capacity, kv_heads, head_dim]` → `[T, heads, head_dim]`
+pub fn packed_attention<B: Backend>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    seqs: Vec<crate::KvSeq<B>>,
+    window: Option<usize>,
+    scale: f64,
+) -> (Tensor<B, 3>, Vec<crate::KvSeq<B>>) {
+    let [_, h, hd] = q.dims();
+    let kv = k.dims()[1];
+    let device = q.device();
+    let mut outs = Vec::with_capacity(seqs.len());
+    let mut done = Vec::with_capacity(seqs.len());
+    let mut off = 0;
+    for s in seqs {
+        let (past, rows) = (s.past, s.rows);
+        let t = past + rows;
+        let kb =
+            s.k.slice_assign([past..t, 0..kv, 0..hd], k.clone().narrow(0, off, rows));
+        let vb =
+            s.v.slice_assign([past..t, 0..kv, 0..hd], v.clone().narrow(0, off, rows));
+        let qi = q.clone().narrow(0, off, rows).unsqueeze_dim::<4>(0);
+        let ki = kb.clone().narrow(0, 0, t).unsqueeze_dim::<4>(0);
+        let vi = vb.clone().narrow(0, 0, t).unsqueeze_dim::<4>(0);
+        let mask = causal_mask::<B>(past, rows, window, &device);
+        outs.push(attention(qi, ki, vi, mask, scale).reshape([rows, h, hd]));
+        done.push(crate::KvSeq {
+            k: kb,
+            v: vb,
+            past,
+            rows,
+        });
+        off += rows;
+    }
+    (Tensor::cat(outs, 0), done)
+}
+
 /// See [`crate::rms_norm`].
 ///
 /// # Shapes

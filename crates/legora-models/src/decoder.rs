@@ -364,7 +364,7 @@ impl<B: Backend> SelfAttention<B> {
 impl<B: Backend> Mlp<B> {
     /// # Shapes
     /// - x: `[batch, seq, hidden]` → `[batch, seq, hidden]`
-    fn forward(
+    pub(crate) fn forward(
         &self,
         x: Tensor<B, 3>,
         experts: &Experts<B>,
@@ -432,7 +432,7 @@ fn norm<B: Backend>(
 ///
 /// # Shapes
 /// - x: `[batch, seq, in]` → `[batch, seq, out]`
-fn run_slot<B: Backend>(
+pub(crate) fn run_slot<B: Backend>(
     slot: &Slot<B>,
     x: Tensor<B, 3>,
     experts: &Experts<B>,
@@ -452,12 +452,12 @@ fn run_slot<B: Backend>(
 
 impl<B: Backend> DecoderLayer<B> {
     /// Whether any projection holds a mixture.
-    fn has_mixture(&self) -> bool {
+    pub(crate) fn has_mixture(&self) -> bool {
         Proj::ALL.into_iter().any(|p| self.proj(p).is_mixture())
     }
 
     /// Whether any attention projection holds a mixture.
-    fn attn_has_mixture(&self) -> bool {
+    pub(crate) fn attn_has_mixture(&self) -> bool {
         Proj::ALL
             .into_iter()
             .any(|p| p.is_attention() && self.proj(p).is_mixture())

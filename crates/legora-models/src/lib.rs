@@ -15,7 +15,10 @@
 //!   router, or by the input's [`Experts`] selection ([`LmInput::with_task_ids`],
 //!   [`LmInput::with_experts`]); every router's output (aux losses included) is returned
 //!   in [`CausalLmOutput::routing`];
-//! - [`CausalLm::generate`]: greedy / sampled decoding, batched with left padding.
+//! - [`CausalLm::generate`]: greedy / sampled decoding, batched with left padding;
+//! - [`CausalLm::forward_packed`]: continuous batching, one forward over sequences of
+//!   different lengths, each with its own [`SeqCache`] and its own adapter, the base or a
+//!   router-gated mixture ([`SeqExperts`], [`RouterGroup`]).
 //!
 //! ```
 //! use burn::backend::Flex;
@@ -43,6 +46,7 @@ mod error;
 mod generate;
 pub mod llama;
 pub mod mistral;
+mod packed;
 pub mod qwen2;
 mod rope;
 mod score;
@@ -57,6 +61,7 @@ pub use generate::{
     GenerationConfig,
 };
 pub use legora_nn::{Experts, Proj, SlotId};
+pub use packed::{LayerRouter, PackedSeq, RouterGroup, SeqCache, SeqExperts};
 pub use rope::{Rope, RopeKind};
 pub use score::Score;
 pub use slot::{FrozenLinear, Slot};

@@ -11,6 +11,7 @@ use super::{
     ad_of, all_f32, backward, contiguous, data, flex_of, from_ad, from_flex, gemm, math, mode,
     record, tensor, value_of, Mode, SendPtr,
 };
+use crate::KvSeq;
 
 /// The attention problem's sizes.
 #[derive(Clone, Copy, Debug)]
@@ -48,6 +49,14 @@ impl Dims {
     }
 }
 
+/// Softmax of one row of scores, in place.
+fn softmax_row(row: &mut [f32], max: f32) {
+    row.iter_mut().for_each(|x| *x -= max);
+    math::exp_in_place(row);
+    let inv = 1.0 / math::sum(row);
+    row.iter_mut().for_each(|x| *x *= inv);
+}
+
 /// Row-wise softmax of `scores + mask`, in place.
 fn softmax_rows(p: &mut [f32], mask: &[f32], t: usize) {
     for (row, mrow) in p.chunks_mut(t).zip(mask.chunks(t)) {
@@ -56,11 +65,42 @@ fn softmax_rows(p: &mut [f32], mask: &[f32], t: usize) {
             *x += m;
             max = max.max(*x);
         }
-        row.iter_mut().for_each(|x| *x -= max);
-        math::exp_in_place(row);
-        let inv = 1.0 / math::sum(row);
-        row.iter_mut().for_each(|x| *x *= inv);
+        softmax_row(row, max);
     }
+}
+
+/// `P = scale·Q·Kᵀ` of one query head over `t` keys: `s` rows of `q` (row stride `qs`),
+/// `t` rows of `k` (row stride `kvs`), into `p` (`[s, t]`, row stride `t`).
+///
+/// # Safety
+/// `q`, `k` and `p` must address the whole strided matrices they describe.
+#[allow(clippy::too_many_arguments)]
+unsafe fn head_scores(
+    (s, t, hd): (usize, usize, usize),
+    p: *mut f32,
+    q: *const f32,
+    qs: usize,
+    k: *const f32,
+    kvs: usize,
+    scale: f32,
+) {
+    gemm((s, t, hd), p, t, false, (q, qs, 1), (k, 1, kvs), scale);
+}
+
+/// `out = P·V` of one query head: `p` `[s, t]`, `t` rows of `v` (row stride `kvs`), into
+/// `s` rows of `out` (row stride `qs`).
+///
+/// # Safety
+/// As [`head_scores`].
+unsafe fn head_output(
+    (s, t, hd): (usize, usize, usize),
+    out: *mut f32,
+    qs: usize,
+    p: *const f32,
+    v: *const f32,
+    kvs: usize,
+) {
+    gemm((s, hd, t), out, qs, false, (p, t, 1), (v, kvs, 1), 1.0);
 }
 
 /// Forward: the output `[b, s, h, hd]` and, with `keep`, the probabilities `[b, h, s, t]`.
@@ -98,33 +138,15 @@ fn forward(
         // owns its [s, t] block of probs and its rows of `out`; the gemm writes all of the
         // block before the slice over it is made.
         let p = unsafe {
-            // scores = scale · Q·Kᵀ
-            gemm(
-                (d.s, d.t, d.hd),
-                p_ptr,
-                d.t,
-                false,
-                (qp, qs, 1),
-                (kp, 1, kvs),
-                d.scale,
-            );
+            head_scores((d.s, d.t, d.hd), p_ptr, qp, qs, kp, kvs, d.scale);
             std::slice::from_raw_parts_mut(p_ptr, d.s * d.t)
         };
         softmax_rows(p, &mask[d.mask_off(bi, hh)..][..d.s * d.t], d.t);
         // SAFETY: task (bi, hh) writes only its own head's `[s, hd]` rows of `out`
         // (q_off), reading P (its own buffer) and V in place, all within bounds of `d`.
         unsafe {
-            // out = P·V
             let dst = out_p.get().add(d.q_off(bi, hh));
-            gemm(
-                (d.s, d.hd, d.t),
-                dst,
-                qs,
-                false,
-                (p.as_ptr(), d.t, 1),
-                (vp, kvs, 1),
-                1.0,
-            );
+            head_output((d.s, d.t, d.hd), dst, qs, p.as_ptr(), vp, kvs);
         }
     });
     // SAFETY: every (batch, head) task wrote its blocks of both (see above).
@@ -318,4 +340,176 @@ pub(crate) fn attention<B: Backend>(
             }))
         }
     })
+}
+
+/// The additive score of a key a query may not see: the decoder's mask value, so that a
+/// packed step computes exactly what the masked attention above computes.
+const MASKED: f32 = -1e9;
+
+/// Whether the query at absolute position `qa` sees key `k` (causal, inside the window).
+fn visible(qa: usize, k: usize, window: Option<usize>) -> bool {
+    // causal: kv_idx <= q_idx; sliding_window_overlay: kv_idx > q_idx - sliding_window
+    k <= qa && window.is_none_or(|w| qa < k + w)
+}
+
+/// Row-wise causal softmax of `p` `[rows, t]`, the scores of the queries at positions
+/// `past..past + rows` over keys `0..t`, in place.
+fn softmax_causal(p: &mut [f32], t: usize, past: usize, window: Option<usize>) {
+    for (r, row) in p.chunks_mut(t).enumerate() {
+        let mut max = f32::NEG_INFINITY;
+        for (k, x) in row.iter_mut().enumerate() {
+            *x += if visible(past + r, k, window) {
+                0.0
+            } else {
+                MASKED
+            };
+            max = max.max(*x);
+        }
+        softmax_row(row, max);
+    }
+}
+
+/// A key/value buffer as a contiguous f32 tensor whose storage is exactly its elements
+/// (a copy only when it was a view), so rows can be written in place.
+fn owned_buffer(t: FlexTensor) -> FlexTensor {
+    let whole = t.is_contiguous()
+        && t.layout().start_offset() == 0
+        && t.bytes().len() == t.layout().num_elements() * std::mem::size_of::<f32>();
+    if whole {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+/// Copy `rows` rows of `row_len` values from `src` (starting at row `from`) into `buf`
+/// at row `at`; in place when `buf` is not shared (copy-on-write otherwise).
+fn write_rows(
+    buf: &mut FlexTensor,
+    at: usize,
+    src: &[f32],
+    from: usize,
+    rows: usize,
+    row_len: usize,
+) {
+    let dst = buf.storage_mut::<f32>();
+    dst[at * row_len..(at + rows) * row_len]
+        .copy_from_slice(&src[from * row_len..(from + rows) * row_len]);
+}
+
+/// Sizes of a packed attention call.
+#[derive(Clone, Copy, Debug)]
+struct PackedDims {
+    h: usize,
+    kv: usize,
+    hd: usize,
+    scale: f32,
+    window: Option<usize>,
+}
+
+/// The inputs handed back when the fused packed kernel does not apply.
+pub(crate) type PackedArgs<B> = (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>, Vec<KvSeq<B>>);
+
+/// The fused packed kernel's output and the sequences' updated buffers.
+pub(crate) type PackedOut<B> = (Tensor<B, 3>, Vec<KvSeq<B>>);
+
+/// Fused [`crate::packed_attention`] (`Flex` only: decoding needs no gradient). Shapes
+/// are checked by the caller.
+pub(crate) fn packed_attention<B: Backend>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    seqs: Vec<KvSeq<B>>,
+    window: Option<usize>,
+    scale: f64,
+) -> Result<PackedOut<B>, PackedArgs<B>> {
+    let f32s = all_f32(&[q.dtype(), k.dtype(), v.dtype()])
+        && seqs.iter().all(|s| all_f32(&[s.k.dtype(), s.v.dtype()]));
+    if mode::<B>() != Some(Mode::Plain) || !f32s {
+        return Err((q, k, v, seqs));
+    }
+    let [n, h, hd] = q.dims();
+    let kv = k.dims()[1];
+    let d = PackedDims {
+        h,
+        kv,
+        hd,
+        scale: scale as f32,
+        window,
+    };
+    let (q, k, v) = (
+        contiguous(flex_of(q)),
+        contiguous(flex_of(k)),
+        contiguous(flex_of(v)),
+    );
+    let kvs = kv * hd;
+    let mut bufs = Vec::with_capacity(seqs.len());
+    let mut off = 0;
+    for s in seqs {
+        let (mut kb, mut vb) = (owned_buffer(flex_of(s.k)), owned_buffer(flex_of(s.v)));
+        write_rows(&mut kb, s.past, data(&k), off, s.rows, kvs);
+        write_rows(&mut vb, s.past, data(&v), off, s.rows, kvs);
+        bufs.push((kb, vb, off, s.past, s.rows));
+        off += s.rows;
+    }
+    let out = packed_forward(data(&q), &bufs, n, d);
+    let seqs = bufs
+        .into_iter()
+        .map(|(kb, vb, _, past, rows)| KvSeq {
+            k: from_flex(kb),
+            v: from_flex(vb),
+            past,
+            rows,
+        })
+        .collect();
+    Ok((from_flex(tensor(out, &[n, h, hd])), seqs))
+}
+
+/// One task per (sequence, query head): scores over the sequence's `past + rows` keys,
+/// the causal softmax, the product with its values.
+fn packed_forward(
+    q: &[f32],
+    bufs: &[(FlexTensor, FlexTensor, usize, usize, usize)],
+    n: usize,
+    d: PackedDims,
+) -> Vec<f32> {
+    let (qs, kvs, rep) = (d.h * d.hd, d.kv * d.hd, d.h / d.kv);
+    // Every element of `out` is written by one task's second gemm: no zeroing pass.
+    let mut out: Vec<f32> = Vec::with_capacity(n * qs);
+    let out_p = SendPtr(out.as_mut_ptr());
+    (0..bufs.len() * d.h).into_par_iter().for_each(|task| {
+        let (kb, vb, off, past, rows) = &bufs[task / d.h];
+        let (hh, (off, past, rows)) = (task % d.h, (*off, *past, *rows));
+        let (g, t) = (hh / rep, past + rows);
+        let mut p = vec![0.0f32; rows * t];
+        let (kd, vd) = (data(kb), data(vb));
+        // SAFETY: q rows off..off+rows of head hh lie inside q ([n, h, hd]); the buffers
+        // hold at least t rows of [kv, hd] (checked by the caller); task (seq, hh) owns
+        // rows off..off+rows of head hh of `out`.
+        unsafe {
+            let qp = q.as_ptr().add(off * qs + hh * d.hd);
+            head_scores(
+                (rows, t, d.hd),
+                p.as_mut_ptr(),
+                qp,
+                qs,
+                kd[g * d.hd..].as_ptr(),
+                kvs,
+                d.scale,
+            );
+            softmax_causal(&mut p, t, past, d.window);
+            let dst = out_p.get().add(off * qs + hh * d.hd);
+            head_output(
+                (rows, t, d.hd),
+                dst,
+                qs,
+                p.as_ptr(),
+                vd[g * d.hd..].as_ptr(),
+                kvs,
+            );
+        }
+    });
+    // SAFETY: the tasks wrote every row of every head (the sequences' rows cover 0..n).
+    unsafe { out.set_len(n * qs) };
+    out
 }

@@ -24,7 +24,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 
-pub(crate) use attention::attention;
+pub(crate) use attention::{attention, packed_attention};
 pub(crate) use dropout::dropout;
 pub(crate) use elementwise::{rms_norm, rotary, swiglu};
 pub(crate) use nll::next_token_nll;

@@ -1,0 +1,125 @@
+//! Adapters at run time: loaded and unloaded while another request runs (which still
+//! gets exactly its completion), refused outside `--adapter-dir` (symlinks resolved);
+//! a streaming client that goes away frees its sequence (the metrics show it).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+/// A metric's value from `/metrics` (0 when absent).
+fn metric(server: &legora_serve::Server, line_start: &str) -> f64 {
+    let (_, text) = get_text(server, "/metrics", None);
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !ok() {
+        assert!(t.elapsed() < Duration::from_secs(20), "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn hot_load_unload_refuse_escapes_and_free_cancelled_streams() {
+    let dir = scratch("adapters");
+    let fx = fixtures(&dir);
+    let outside = dir.join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    // A copy of adapter a outside the adapter folder, and a symlink to it inside.
+    let escaped = outside.join("a");
+    std::fs::create_dir_all(&escaped).unwrap();
+    for f in std::fs::read_dir(&fx.adapter_a).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, escaped.join(f.file_name().unwrap())).unwrap();
+    }
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(&escaped, dir.join("adapters/link")).unwrap();
+    let server = server(&fx, |o| {
+        o.adapters.clear();
+        o.limits.adapter_dirs = vec![dir.join("adapters")];
+    });
+    const LONG: usize = 48;
+    let base_body =
+        json!({"model": "base", "prompt": "Once upon a time", "max_tokens": LONG, "temperature": 0})
+            .to_string();
+    std::thread::scope(|s| {
+        // A request on the base runs while adapters come and go.
+        let running = s.spawn(|| post(&server, "/v1/completions", &base_body, None));
+        let (code, v) = post(
+            &server,
+            "/v1/adapters",
+            &json!({"name": "hot", "path": "a"}).to_string(),
+            None,
+        );
+        assert_eq!(code, 200, "{v}");
+        let body = json!({"model": "hot", "prompt": "The cat sat on the", "max_tokens": 8,
+                          "temperature": 0})
+        .to_string();
+        let (code, v) = post(&server, "/v1/completions", &body, None);
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(
+            v["choices"][0]["text"],
+            reference(&fx, "a", "The cat sat on the", false, 8)
+        );
+        let (code, v) = delete(&server, "/v1/adapters/hot");
+        assert_eq!(code, 200, "{v}");
+        let (code, v) = post(&server, "/v1/completions", &body, None);
+        assert_eq!(code, 404, "{v}");
+        let (code, v) = running.join().unwrap();
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(
+            v["choices"][0]["text"],
+            reference(&fx, "base", "Once upon a time", false, LONG)
+        );
+    });
+    // Outside the adapter folder: refused, by a relative path or through a symlink.
+    for path in [
+        "../outside/a".to_string(),
+        escaped.display().to_string(),
+        "link".to_string(),
+    ] {
+        let (code, v) = post(
+            &server,
+            "/v1/adapters",
+            &json!({"name": "x", "path": path}).to_string(),
+            None,
+        );
+        assert_eq!(code, 403, "{path}: {v}");
+        assert_eq!(v["error"]["type"], "permission_error");
+    }
+    let (code, v) = delete(&server, "/v1/adapters/mix");
+    assert_eq!(code, 400, "start-up models stay: {v}");
+    let (code, v) = delete(&server, "/v1/adapters/never");
+    assert_eq!(code, 404, "{v}");
+
+    // A streaming client reads one chunk and goes away: its sequence is freed.
+    let closed_before = metric(&server, "legora_sequences_freed_total{reason=\"closed\"}");
+    {
+        let body =
+            json!({"model": "mix", "prompt": "the", "max_tokens": 400, "stream": true}).to_string();
+        let resp = agent()
+            .post(&format!("http://{}/v1/completions", server.addr()))
+            .send_string(&body)
+            .unwrap();
+        let mut lines = BufReader::new(resp.into_reader()).lines();
+        let first = lines.next().unwrap().unwrap();
+        assert!(first.starts_with("data: "), "{first}");
+        wait_for("the sequence to run", || {
+            metric(&server, "legora_active_sequences") == 1.0
+        });
+    }
+    wait_for("the cancelled sequence to be freed", || {
+        metric(&server, "legora_sequences_freed_total{reason=\"closed\"}") > closed_before
+            && metric(&server, "legora_active_sequences") == 0.0
+    });
+    server.shutdown();
+    let _ = std::fs::remove_dir_all(dir);
+}
