@@ -51,6 +51,9 @@ pub struct PipelineOptions {
     pub stop_after: Option<usize>,
     /// Skip the evaluation (outputs of the training stages only).
     pub skip_eval: bool,
+    /// How to store the base's frozen weights, instead of the run file's `[model]
+    /// precision` / `[model.quantization]` (the CLI's `--dtype` / `--quantize`).
+    pub load_options: Option<legora_hub::LoadOptions>,
 }
 
 /// One task's data, parsed and tokenized.
@@ -87,7 +90,10 @@ pub fn run_pipeline<B: AutodiffBackend>(
     callback: &mut dyn TrainCallback,
     device: &B::Device,
 ) -> Result<Report> {
-    let plan = RunPlan::resolve(cfg, host, options.mode.clone(), options.skip_eval)?;
+    let mut plan = RunPlan::resolve(cfg, host, options.mode.clone(), options.skip_eval)?;
+    if let Some(o) = options.load_options {
+        plan.load_options = o;
+    }
     let mut run = Run::<B>::open(cfg, &plan, host, options, device)?;
     let mixture = match &plan.mode {
         Mode::Train => run.experts_stage(callback, device)?,
@@ -116,8 +122,12 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
     ) -> Result<Self> {
         let out = plan.output_dir.clone();
         std::fs::create_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
-        let base = PretrainedModel::<B>::from_pretrained(&plan.model_path, device)
-            .map_err(|e| cfg.error_at("model.path", e.to_string()))?;
+        let base = PretrainedModel::<B>::from_pretrained_with(
+            &plan.model_path,
+            device,
+            &plan.load_options,
+        )
+        .map_err(|e| cfg.error_at("model.path", e.to_string()))?;
         let tok = HubTokenizer::from_model(&base).map_err(|e| cfg.error_at("model.path", e))?;
         let template = match cfg.template() {
             Some(t) => t,
@@ -381,6 +391,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
         Report {
             run: self.cfg.name(),
             base_model: self.plan.model_path.display().to_string(),
+            base_storage: self.plan.load_options.describe(),
             experts: self.plan.task_names(),
             variants: self
                 .plan
