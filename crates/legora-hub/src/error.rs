@@ -164,6 +164,24 @@ pub enum HubError {
         /// What the file has.
         found: String,
     },
+    /// A load option (dtype, quantization) is invalid.
+    #[error("load option `{key}`: expected {expected}, found {found}")]
+    Options {
+        /// The option's name (transformers' `BitsAndBytesConfig` name where it has one).
+        key: String,
+        /// What is accepted.
+        expected: String,
+        /// What was given.
+        found: String,
+    },
+    /// A tensor could not be converted to (or read in) its storage format.
+    #[error("tensor `{tensor}`: {message}")]
+    Quantization {
+        /// The tensor's name.
+        tensor: String,
+        /// Why.
+        message: String,
+    },
     /// A layer rejected an adapter / router configuration.
     #[error("{}: {source}", path.display())]
     Nn {

@@ -7,12 +7,16 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, TensorData};
 use half::{bf16, f16};
+use legora_kernels::quant::{
+    load_bnb_4bit, load_bnb_int8, Format, QuantMatrix, SavedTensor, Storage,
+};
 use legora_models::{SourceError, WeightSource};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use serde::de::DeserializeOwned;
 
 use crate::error::{HubError, Result};
+use crate::load::LoadOptions;
 
 /// fsync a folder, so that a rename into it survives a power loss (a no-op where
 /// folders cannot be opened, as on Windows).
@@ -117,22 +121,7 @@ pub fn copy_atomic(from: &Path, to: &Path) -> Result<()> {
 /// for ever; the read stops at the size the file had when opened.
 pub fn read_regular(path: &Path) -> std::result::Result<Vec<u8>, HubError> {
     use std::io::Read;
-    let io = HubError::io(path);
-    // O_NONBLOCK: opening a FIFO with no writer must not block; cleared by the kind check.
-    let mut opts = fs::OpenOptions::new();
-    opts.read(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.custom_flags(libc_nonblock());
-    }
-    let f = match opts.open(path) {
-        Ok(f) => f,
-        Err(e) => return Err(io(e)),
-    };
-    let meta = f.metadata().map_err(HubError::io(path))?;
-    crate::gguf::check_regular(path, &meta.file_type())?;
-    let len = meta.len();
+    let (f, len) = open_regular(path)?;
     let mut bytes = Vec::new();
     bytes
         .try_reserve_exact(usize::try_from(len).unwrap_or(usize::MAX))
@@ -144,6 +133,23 @@ pub fn read_regular(path: &Path) -> std::result::Result<Vec<u8>, HubError> {
         .read_to_end(&mut bytes)
         .map_err(HubError::io(path))?;
     Ok(bytes)
+}
+
+/// Open `path` for reading if it is a regular file (a FIFO, a device or a folder is
+/// [`HubError::NotAFile`], without blocking); returns the file and its length.
+fn open_regular(path: &Path) -> std::result::Result<(fs::File, u64), HubError> {
+    // O_NONBLOCK: opening a FIFO with no writer must not block.
+    let mut opts = fs::OpenOptions::new();
+    opts.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.custom_flags(libc_nonblock());
+    }
+    let f = opts.open(path).map_err(HubError::io(path))?;
+    let meta = f.metadata().map_err(HubError::io(path))?;
+    crate::gguf::check_regular(path, &meta.file_type())?;
+    Ok((f, meta.len()))
 }
 
 /// `O_NONBLOCK` (the same value on every Linux architecture and on macOS: 0x800 / 0x4).
@@ -263,16 +269,43 @@ pub fn check_finite(path: &Path, tensor: &str, data: &[f32]) -> Result<()> {
     }
 }
 
-/// One safetensors file in memory, validated on open.
+/// One safetensors file, memory-mapped (tensors are read one at a time as asked for; the
+/// mapping goes when the file is dropped), validated on open.
 pub struct SafetensorsFile {
     path: PathBuf,
-    bytes: Vec<u8>,
+    bytes: memmap2::Mmap,
+}
+
+/// `path` memory-mapped, read-only.
+fn map_file(path: &Path, what: &str) -> Result<memmap2::Mmap> {
+    let (file, len) = match open_regular(path) {
+        Ok(f) => f,
+        Err(HubError::Io { source: e, .. }) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(HubError::MissingFile {
+                path: path.to_path_buf(),
+                what: what.into(),
+            })
+        }
+        Err(e) => return Err(e),
+    };
+    if len == 0 {
+        return Err(HubError::Safetensors {
+            path: path.to_path_buf(),
+            message: "the file is empty".into(),
+        });
+    }
+    // SAFETY: the mapping is read-only and private to this process; legora never writes
+    // through it. Another process truncating or rewriting the file while it is mapped is
+    // outside what any reader can defend against (safetensors' and llama.cpp's mmap
+    // loaders have the same contract); every offset is checked against the mapping's
+    // length when the header is validated.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(HubError::io(path))
 }
 
 impl SafetensorsFile {
-    /// Read and validate (header, offsets, file length: a truncated file is refused).
+    /// Map and validate (header, offsets, file length: a truncated file is refused).
     pub fn open(path: &Path) -> Result<Self> {
-        let bytes = read_required(path, "safetensors weights")?;
+        let bytes = map_file(path, "safetensors weights")?;
         SafeTensors::deserialize(&bytes).map_err(|e| HubError::Safetensors {
             path: path.to_path_buf(),
             message: e.to_string(),
@@ -330,12 +363,70 @@ impl SafetensorsFile {
         check_finite(&self.path, name, &data)?;
         Ok(Some(TensorData::new(data, view.shape().to_vec())))
     }
+
+    /// `bits` (bf16 or f16) unless one is NaN or ±inf (all exponent bits set: `exp_mask`).
+    fn finite_halves(&self, name: &str, bits: Vec<u16>, exp_mask: u16) -> Result<Vec<u16>> {
+        match bits.iter().position(|h| h & exp_mask == exp_mask) {
+            None => Ok(bits),
+            Some(index) => {
+                let h = bits[index];
+                let value = if exp_mask == 0x7f80 {
+                    half::bf16::from_bits(h).to_f32()
+                } else {
+                    half::f16::from_bits(h).to_f32()
+                };
+                Err(HubError::NonFinite {
+                    path: self.path.clone(),
+                    tensor: name.into(),
+                    index,
+                    value,
+                })
+            }
+        }
+    }
+
+    /// A 2-D tensor in storage `format`, converted as read (a bf16 / f16 tensor asked in
+    /// its own dtype is copied bit for bit, anything else goes through one f32 copy of
+    /// this tensor), or `None` if absent.
+    pub fn frozen(&self, name: &str, format: Format) -> Result<Option<QuantMatrix>> {
+        let st = self.tensors();
+        let Ok(view) = st.tensor(name) else {
+            return Ok(None);
+        };
+        let [rows, cols] = view.shape()[..] else {
+            return Err(HubError::TensorShape {
+                path: self.path.clone(),
+                tensor: name.into(),
+                expected: vec![0, 0],
+                found: view.shape().to_vec(),
+            });
+        };
+        let halves = || -> Vec<u16> {
+            view.data()
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect()
+        };
+        let storage = match (format, view.dtype()) {
+            (Format::Bf16, Dtype::BF16) => Storage::Bf16(self.finite_halves(name, halves(), 0x7f80)?),
+            (Format::F16, Dtype::F16) => Storage::F16(self.finite_halves(name, halves(), 0x7c00)?),
+            _ => {
+                let data = to_f32(&self.path, name, &view)?;
+                check_finite(&self.path, name, &data)?;
+                Storage::F32(data)
+            }
+        };
+        let m = QuantMatrix::new(name, rows, cols, storage).map_err(crate::load::kernel(name))?;
+        crate::load::convert(name, m, format).map(Some)
+    }
 }
 
 /// `model.safetensors` or the shards of `model.safetensors.index.json`, as a
 /// [`WeightSource`].
 pub struct Checkpoint {
     files: Vec<SafetensorsFile>,
+    /// How the frozen projections are stored.
+    options: LoadOptions,
     /// tensor name → index into `files`.
     index: HashMap<String, usize>,
     dir: PathBuf,
@@ -401,14 +492,69 @@ impl Checkpoint {
         }
         Ok(Self {
             files,
+            options: LoadOptions::default(),
             index,
             dir: dir.to_path_buf(),
         })
     }
 
+    /// Store the frozen projections as `options` says ([`WeightSource::frozen`]).
+    pub fn with_options(mut self, options: LoadOptions) -> Self {
+        self.options = options;
+        self
+    }
+
     /// The folder.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// A weight transformers saved quantized with bitsandbytes (`name` = `M.weight`
+    /// stored as U8 codes with its `M.weight.quant_state.*` and absmax tensors, or as I8
+    /// with `M.SCB`), read as it is; `None` for a float weight.
+    fn prequantized(&self, name: &str) -> Result<Option<QuantMatrix>> {
+        let i = self.index[name];
+        let file = &self.files[i];
+        let dtype = file.tensors().tensor(name).map(|v| v.dtype());
+        let Ok(dtype @ (Dtype::U8 | Dtype::I8)) = dtype else {
+            return Ok(None);
+        };
+        let module = name.strip_suffix(".weight").unwrap_or(name);
+        let prefix = format!("{module}.");
+        // Every tensor of the module, with owned dtype names and shapes for SavedTensor.
+        let mut parts: Vec<(String, String, Vec<usize>, &[u8])> = Vec::new();
+        for (key, &j) in self.index.iter().filter(|(k, _)| k.starts_with(&prefix)) {
+            let st = self.files[j].tensors();
+            let Ok(v) = st.tensor(key) else { continue };
+            parts.push((
+                key.clone(),
+                format!("{:?}", v.dtype()),
+                v.shape().to_vec(),
+                v.data(),
+            ));
+        }
+        let get = |key: &str| {
+            parts
+                .iter()
+                .find(|(k, ..)| k == key)
+                .map(|(_, dtype, shape, data)| SavedTensor {
+                    dtype: dtype.as_str(),
+                    shape: shape.as_slice(),
+                    data: *data,
+                })
+        };
+        let read = match dtype {
+            Dtype::U8 => load_bnb_4bit(module, get),
+            _ => load_bnb_int8(module, get),
+        };
+        read.map(Some).map_err(|e| HubError::Quantization {
+            tensor: name.to_string(),
+            message: format!(
+                "{}: a bitsandbytes {} weight that cannot be read: {e}",
+                file.path().display(),
+                if dtype == Dtype::U8 { "4-bit" } else { "8-bit" }
+            ),
+        })
     }
 
     /// The dtype of the first tensor (the checkpoint's dtype).
@@ -427,6 +573,18 @@ impl WeightSource for Checkpoint {
                 .tensor(name)
                 .map_err(|e| Box::new(e) as SourceError),
         }
+    }
+
+    fn frozen(&mut self, name: &str) -> std::result::Result<Option<QuantMatrix>, SourceError> {
+        let Some(&i) = self.index.get(name) else {
+            return Ok(None);
+        };
+        let read = match self.prequantized(name) {
+            Ok(Some(m)) => Ok(Some(m)),
+            Ok(None) => self.files[i].frozen(name, self.options.format_of(name)),
+            Err(e) => Err(e),
+        };
+        read.map_err(|e| Box::new(e) as SourceError)
     }
 }
 

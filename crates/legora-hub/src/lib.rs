@@ -4,9 +4,12 @@
 //! live in legora-models):
 //!
 //! - HF model folders: `config.json`, `model.safetensors` or sharded
-//!   `model.safetensors.index.json` (f32 / f16 / bf16 cast to the backend's float type),
-//!   `tokenizer.json`, `generation_config.json`, the chat template
-//!   ([`PretrainedModel::from_pretrained`], [`PretrainedModel::save_pretrained`]);
+//!   `model.safetensors.index.json` (memory-mapped; f32 / f16 / bf16, kept as f32 or, with
+//!   [`LoadOptions`], as bf16 / f16 or quantized NF4 / FP4 / int8 tensor by tensor as read,
+//!   with transformers' `BitsAndBytesConfig` names; checkpoints transformers saved
+//!   quantized with bitsandbytes load as they are), `tokenizer.json`,
+//!   `generation_config.json`, the chat template ([`PretrainedModel::from_pretrained`],
+//!   [`PretrainedModel::from_pretrained_with`], [`PretrainedModel::save_pretrained`]);
 //! - GGUF files (llama.cpp, Ollama): config, tokenizer, chat template from the metadata,
 //!   weights dequantized at load ([`gguf`], [`PretrainedModel::from_gguf`]);
 //! - PEFT adapter folders, exactly as PEFT writes them ([`load_adapter`],
@@ -22,6 +25,7 @@
 mod error;
 pub mod gguf;
 pub mod io;
+mod load;
 mod model;
 mod moe;
 mod peft;
@@ -30,6 +34,7 @@ mod tokenizer;
 pub use error::{HubError, Result};
 pub use gguf::GgufFile;
 pub use io::{write_atomic, Checkpoint, FloatDtype, SafetensorsFile};
+pub use load::{BitsAndBytesConfig, LoadOptions, Quantize};
 pub use model::{get_peft_model, load_config, PeftModel, PretrainedModel, TOKENIZER_FILES};
 pub use moe::{load_mixture, save_mixture, MoeConfig, MOE_CONFIG, ROUTER_WEIGHTS};
 pub use peft::{

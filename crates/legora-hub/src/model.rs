@@ -28,6 +28,7 @@ use crate::error::{HubError, Result};
 use crate::io::{
     copy_atomic, read_required, write_json, write_safetensors, Checkpoint, FloatDtype,
 };
+use crate::load::LoadOptions;
 use crate::moe::{load_mixture, save_mixture, MoeConfig};
 use crate::peft::{
     adapter_dir, check_name, derive_config, list_adapters, load_adapter, save_adapter,
@@ -91,15 +92,26 @@ impl<B: Backend> PretrainedModel<B> {
     /// backend's float type. A path ending in `.gguf` is a GGUF file:
     /// [`from_gguf`](Self::from_gguf).
     pub fn from_pretrained(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self> {
+        Self::from_pretrained_with(dir, device, &LoadOptions::default())
+    }
+
+    /// [`from_pretrained`](Self::from_pretrained) with the frozen weights stored as
+    /// `options` says (a dtype, or a bitsandbytes quantization of the projections),
+    /// converted tensor by tensor as the memory-mapped files are read.
+    pub fn from_pretrained_with(
+        dir: impl AsRef<Path>,
+        device: &B::Device,
+        options: &LoadOptions,
+    ) -> Result<Self> {
         let dir = dir.as_ref();
         if crate::gguf::is_gguf_path(dir) {
-            return Self::from_gguf(dir, device);
+            return Self::from_gguf_with(dir, device, options);
         }
         let (config, raw_config) = load_config(dir)?;
         let resolved = config
             .resolve()
             .map_err(HubError::model(dir.join("config.json")))?;
-        let mut ckpt = Checkpoint::open(dir)?;
+        let mut ckpt = Checkpoint::open(dir)?.with_options(*options);
         let model = CausalLm::from_weights(resolved, &mut ckpt, device).map_err(|e| match e {
             // A reader error carries the HubError of the file that failed.
             ModelError::Weights { source, tensor } => match source.downcast::<HubError>() {

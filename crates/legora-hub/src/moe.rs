@@ -282,9 +282,11 @@ impl<B: Backend> MixtureToLora for CausalLm<B> {
     fn unload_mixture_to_lora(mut self, experts: &[String]) -> legora_models::Result<Self> {
         for (id, slot) in self.slots_mut() {
             if let Slot::Moe(m) = slot {
-                let mut lora =
-                    legora_nn::LoraLinear::new(m.weight.val(), m.bias.as_ref().map(|b| b.val()))
-                        .map_err(legora_models::ModelError::layer(id))?;
+                let mut lora = legora_nn::LoraLinear::from_frozen(
+                    m.weight.clone(),
+                    m.bias.as_ref().map(|b| b.val()),
+                )
+                .map_err(legora_models::ModelError::layer(id))?;
                 for (e, name) in experts.iter().enumerate() {
                     if let Some(a) = m.expert(e) {
                         lora.insert_adapter(name, a.clone())

@@ -6,6 +6,7 @@
 //! | op | what |
 //! |---|---|
 //! | [`stacked_lora_linear`] | a frozen linear with E LoRA experts in the stacked-rank form: one expert, each row through its own ([`Gating::Rows`]), or router gates ([`Gating::Dense`]) |
+//! | [`stacked_lora_frozen`] | the same over a [`FrozenWeight`] kept in its storage format (bf16, f16, int8, NF4, FP4) |
 //! | [`lora_linear`] | `x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ`, the one-adapter case |
 //! | [`attention`] | scaled dot-product attention, grouped-query heads, additive mask |
 //! | [`packed_attention`] | causal attention of packed sequences over their own key/value caches (continuous batching) |
@@ -149,6 +150,33 @@ pub fn stacked_lora_linear<B: Backend>(
         Err(args) => args,
     };
     reference::stacked_lora_linear(x, weight, bias, lora)
+}
+
+/// [`stacked_lora_linear`] over a frozen base weight kept in its storage format
+/// ([`FrozenWeight`]: f32, bf16, f16, int8, NF4, FP4). On `Flex` / `Autodiff<Flex>` the
+/// frozen products dequantize one tile at a time inside the gemm loop (an f32 weight
+/// takes exactly the gemms of [`stacked_lora_linear`]); the backward keeps a shared
+/// handle on the weight, never a dense copy, and the weight gets no gradient. Elsewhere
+/// the weight is dequantized with burn ops ([`FrozenWeight::dequantize_reference`]) for
+/// this one projection, then the reference path runs (said once in the log for a
+/// quantized weight).
+///
+/// # Shapes
+/// - x: `[N, in]`, weight: `[out, in]`, bias: `[out]`, lora_a: `[R, in]`,
+///   lora_b: `[out, R]`, dense gates: `[N, E]` → `[N, out]`
+pub fn stacked_lora_frozen<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: &FrozenWeight<B>,
+    bias: Option<Tensor<B, 1>>,
+    lora: StackedLora<B>,
+) -> Tensor<B, 2> {
+    #[cfg(feature = "flex")]
+    let (x, bias, lora) = match flex::stacked_lora_frozen(x, weight, bias, lora) {
+        Ok(out) => return out,
+        Err(args) => args,
+    };
+    quant::note_reference_path(weight);
+    reference::stacked_lora_linear(x, weight.dequantize_reference().detach(), bias, lora)
 }
 
 /// Scaled dot-product attention with grouped-query heads (query head `j` reads

@@ -532,8 +532,9 @@ fn mixture_of<B: Backend>(
             "{id}: also holds adapters {others:?} that are not experts; delete them first"
         )));
     }
-    let mut moe = legora_nn::MoeLinear::new(l.weight.val(), l.bias.as_ref().map(|b| b.val()))
-        .map_err(ModelError::layer(id))?;
+    let mut moe =
+        legora_nn::MoeLinear::from_frozen(l.weight.clone(), l.bias.as_ref().map(|b| b.val()))
+            .map_err(ModelError::layer(id))?;
     for n in experts {
         let added = match l.adapter(n) {
             Ok(a) => moe.insert_expert(n, a.clone()),

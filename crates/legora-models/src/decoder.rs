@@ -558,10 +558,8 @@ impl<B: Backend> CausalLm<B> {
         let lm_head = if c.tie_word_embeddings {
             Slot::linear(embed.clone(), None)
         } else {
-            Slot::linear(
-                init.load::<B, 2>("lm_head.weight", [c.vocab_size, c.hidden_size], device)?,
-                None,
-            )
+            let shape = [c.vocab_size, c.hidden_size];
+            Slot::frozen(init.load_frozen("lm_head.weight", shape, device)?, None)
         };
         Ok(Self {
             model: DecoderModel {
@@ -584,13 +582,13 @@ impl<B: Backend> CausalLm<B> {
         let mut proj = |proj: Proj| -> Result<Slot<B>> {
             let name = SlotId::layer(i, proj);
             let (out, inp) = c.proj_dims(proj);
-            let w = init.load::<B, 2>(&format!("{name}.weight"), [out, inp], device)?;
+            let w = init.load_frozen(&format!("{name}.weight"), [out, inp], device)?;
             let b = if c.proj_bias(proj) {
                 Some(init.load::<B, 1>(&format!("{name}.bias"), [out], device)?)
             } else {
                 None
             };
-            Ok(Slot::linear(w, b))
+            Ok(Slot::frozen(w, b))
         };
         let self_attn = SelfAttention {
             q_proj: proj(Proj::QProj)?,

@@ -6,6 +6,8 @@
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
+use legora_kernels::quant::Format;
+use legora_kernels::FrozenWeight;
 use legora_nn::{Experts, LoraLinear, MoeLinear, RouterOutput, SlotId};
 
 use crate::error::{ModelError, Result};
@@ -13,8 +15,9 @@ use crate::error::{ModelError, Result};
 /// A frozen `nn.Linear` in HF layout: `weight [out, in]`, optional `bias [out]`.
 #[derive(Module, Debug)]
 pub struct FrozenLinear<B: Backend> {
-    /// `[out, in]`, no gradient.
-    pub weight: Param<Tensor<B, 2>>,
+    /// `[out, in]` in its storage format (f32, bf16, f16, int8, NF4, FP4), no gradient;
+    /// [`FrozenWeight::val`] gives it as f32.
+    pub weight: FrozenWeight<B>,
     /// `[out]`, no gradient.
     pub bias: Option<Param<Tensor<B, 1>>>,
 }
@@ -22,8 +25,13 @@ pub struct FrozenLinear<B: Backend> {
 impl<B: Backend> FrozenLinear<B> {
     /// Wrap a weight (and bias) as frozen parameters.
     pub fn new(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
+        Self::from_frozen(FrozenWeight::dense(weight), bias)
+    }
+
+    /// Wrap a weight kept in its storage format (and a bias) as frozen parameters.
+    pub fn from_frozen(weight: FrozenWeight<B>, bias: Option<Tensor<B, 1>>) -> Self {
         Self {
-            weight: Param::from_tensor(weight).set_require_grad(false),
+            weight,
             bias: bias.map(|b| Param::from_tensor(b).set_require_grad(false)),
         }
     }
@@ -37,24 +45,32 @@ impl<B: Backend> FrozenLinear<B> {
     }
 }
 
-/// `x·Wᵀ + b` over the last dimension.
+/// `x·Wᵀ + b` over the last dimension: an f32 weight by burn's matmul, any other storage
+/// by [`legora_kernels::frozen_linear`] (tile-dequantizing on the CPU kernels).
 ///
 /// # Shapes
 /// - x: `[..., in]`, weight `[out, in]`, bias `[out]` → `[..., out]`
 fn plain_linear<B: Backend, const D: usize>(
     x: Tensor<B, D>,
-    weight: &Param<Tensor<B, 2>>,
+    weight: &FrozenWeight<B>,
     bias: &Option<Param<Tensor<B, 1>>>,
 ) -> Tensor<B, D> {
     let mut dims = x.dims();
     let d_in = dims[D - 1];
     let n = dims[..D - 1].iter().product::<usize>();
-    let w = weight.val();
-    let d_out = w.dims()[0];
-    let mut y = x.reshape([n, d_in]).matmul(w.transpose());
-    if let Some(b) = bias {
-        y = y + b.val().unsqueeze_dim(0);
-    }
+    let d_out = weight.dims()[0];
+    let x = x.reshape([n, d_in]);
+    let bias = bias.as_ref().map(|b| b.val());
+    let y = match weight {
+        FrozenWeight::Dense(w) if weight.format() == Format::F32 => {
+            let y = x.matmul(w.val().transpose());
+            match bias {
+                Some(b) => y + b.unsqueeze_dim(0),
+                None => y,
+            }
+        }
+        _ => legora_kernels::frozen_linear(x, weight, bias),
+    };
     dims[D - 1] = d_out;
     y.reshape(dims)
 }
@@ -76,13 +92,39 @@ impl<B: Backend> Slot<B> {
         Slot::Linear(FrozenLinear::new(weight, bias))
     }
 
-    /// The current base weight `[out, in]` (with any merged adapters folded in).
+    /// A plain frozen slot over a weight kept in its storage format.
+    pub fn frozen(weight: FrozenWeight<B>, bias: Option<Tensor<B, 1>>) -> Self {
+        Slot::Linear(FrozenLinear::from_frozen(weight, bias))
+    }
+
+    /// The current base weight `[out, in]` as f32 (with any merged adapters folded in;
+    /// dequantized when stored quantized).
     pub fn weight(&self) -> Tensor<B, 2> {
+        self.frozen_weight().val()
+    }
+
+    /// The base weight in its storage format.
+    pub fn frozen_weight(&self) -> &FrozenWeight<B> {
         match self {
-            Slot::Linear(l) => l.weight.val(),
-            Slot::Lora(l) => l.weight.val(),
-            Slot::Moe(m) => m.weight.val(),
+            Slot::Linear(l) => &l.weight,
+            Slot::Lora(l) => &l.weight,
+            Slot::Moe(m) => &m.weight,
         }
+    }
+
+    /// The base weight in its storage format, to replace it (e.g. by a quantized copy).
+    /// Adapters and experts are kept; the shape must stay the same.
+    pub fn frozen_weight_mut(&mut self) -> &mut FrozenWeight<B> {
+        match self {
+            Slot::Linear(l) => &mut l.weight,
+            Slot::Lora(l) => &mut l.weight,
+            Slot::Moe(m) => &mut m.weight,
+        }
+    }
+
+    /// The storage format of the base weight.
+    pub fn format(&self) -> Format {
+        self.frozen_weight().format()
     }
 
     /// The base bias `[out]`.
@@ -97,7 +139,7 @@ impl<B: Backend> Slot<B> {
 
     /// `(in_features, out_features)`.
     pub fn dims(&self) -> (usize, usize) {
-        let [o, i] = self.weight().dims();
+        let [o, i] = self.frozen_weight().dims();
         (i, o)
     }
 
@@ -105,7 +147,7 @@ impl<B: Backend> Slot<B> {
     /// A mixture slot is refused: a module is either LoRA or a mixture.
     pub fn as_lora_mut(&mut self, id: SlotId) -> Result<&mut LoraLinear<B>> {
         if let Slot::Linear(l) = self {
-            let lora = LoraLinear::new(l.weight.val(), l.bias.as_ref().map(|b| b.val()))
+            let lora = LoraLinear::from_frozen(l.weight.clone(), l.bias.as_ref().map(|b| b.val()))
                 .map_err(ModelError::layer(id))?;
             *self = Slot::Lora(lora);
         }
@@ -122,13 +164,15 @@ impl<B: Backend> Slot<B> {
     pub fn as_moe_mut(&mut self, id: SlotId) -> Result<&mut MoeLinear<B>> {
         match self {
             Slot::Linear(l) => {
-                let moe = MoeLinear::new(l.weight.val(), l.bias.as_ref().map(|b| b.val()))
-                    .map_err(ModelError::layer(id))?;
+                let moe =
+                    MoeLinear::from_frozen(l.weight.clone(), l.bias.as_ref().map(|b| b.val()))
+                        .map_err(ModelError::layer(id))?;
                 *self = Slot::Moe(moe);
             }
             Slot::Lora(l) if l.adapter_names().is_empty() => {
-                let moe = MoeLinear::new(l.weight.val(), l.bias.as_ref().map(|b| b.val()))
-                    .map_err(ModelError::layer(id))?;
+                let moe =
+                    MoeLinear::from_frozen(l.weight.clone(), l.bias.as_ref().map(|b| b.val()))
+                        .map_err(ModelError::layer(id))?;
                 *self = Slot::Moe(moe);
             }
             _ => {}
@@ -169,9 +213,9 @@ impl<B: Backend> Slot<B> {
             Slot::Lora(l) => {
                 let mut l = l.clone();
                 l.unmerge();
-                Slot::linear(l.weight.val(), l.bias.map(|b| b.val()))
+                Slot::frozen(l.weight, l.bias.map(|b| b.val()))
             }
-            Slot::Moe(m) => Slot::linear(m.weight.val(), m.bias.as_ref().map(|b| b.val())),
+            Slot::Moe(m) => Slot::frozen(m.weight.clone(), m.bias.as_ref().map(|b| b.val())),
         };
         *self = plain;
     }

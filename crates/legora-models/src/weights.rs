@@ -5,6 +5,8 @@ use std::collections::HashMap;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Tensor, TensorData};
+use legora_kernels::quant::{QuantMatrix, Storage};
+use legora_kernels::FrozenWeight;
 
 use crate::error::{ModelError, Result};
 
@@ -16,6 +18,31 @@ pub trait WeightSource {
     /// The tensor called `name`, or `Ok(None)` when the checkpoint has no such tensor.
     /// Any float dtype is accepted; it is cast to the backend's float type on upload.
     fn tensor(&mut self, name: &str) -> std::result::Result<Option<TensorData>, SourceError>;
+
+    /// The frozen projection weight called `name` (`[out, in]`, every decoder projection
+    /// and an untied `lm_head`) in the storage format it should keep on the device, or
+    /// `Ok(None)` when absent. The default reads [`WeightSource::tensor`] and keeps it as
+    /// f32; a loader that converts or quantizes tensor by tensor (or reads pre-quantized
+    /// weights) overrides it.
+    fn frozen(&mut self, name: &str) -> std::result::Result<Option<QuantMatrix>, SourceError> {
+        let Some(data) = self.tensor(name)? else {
+            return Ok(None);
+        };
+        let shape = data.shape.to_vec();
+        let [rows, cols] = shape[..] else {
+            return Err(format!("expected a 2-D weight, found shape {shape:?}").into());
+        };
+        let values = data
+            .convert_dtype(DType::F32)
+            .into_vec::<f32>()
+            .map_err(|e| format!("not a float tensor: {e:?}"))?;
+        Ok(Some(QuantMatrix::new(
+            name,
+            rows,
+            cols,
+            Storage::F32(values),
+        )?))
+    }
 }
 
 impl WeightSource for HashMap<String, TensorData> {
@@ -33,6 +60,38 @@ pub(crate) enum Init<'a> {
 }
 
 impl Init<'_> {
+    /// Read the frozen projection weight `name` in its storage format
+    /// ([`WeightSource::frozen`]), check its shape and upload it.
+    pub(crate) fn load_frozen<B: Backend>(
+        &mut self,
+        name: &str,
+        expected: [usize; 2],
+        device: &B::Device,
+    ) -> Result<FrozenWeight<B>> {
+        let src = match self {
+            Init::Random(_) => return Ok(FrozenWeight::dense(self.load(name, expected, device)?)),
+            Init::Source(src) => src,
+        };
+        let m = src
+            .frozen(name)
+            .map_err(|source| ModelError::Weights {
+                tensor: name.to_string(),
+                source,
+            })?
+            .ok_or_else(|| ModelError::MissingTensor {
+                tensor: name.to_string(),
+            })?;
+        let found = vec![m.rows(), m.cols()];
+        if found != expected {
+            return Err(ModelError::ShapeMismatch {
+                tensor: name.to_string(),
+                expected: expected.to_vec(),
+                found,
+            });
+        }
+        Ok(FrozenWeight::from_quant(m, device))
+    }
+
     /// Read `name`, check its shape and upload it.
     pub(crate) fn load<B: Backend, const D: usize>(
         &mut self,

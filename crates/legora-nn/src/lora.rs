@@ -15,6 +15,8 @@ use burn::tensor::{Distribution, Tensor};
 
 use crate::error::{NnError, Result};
 use legora_config::{AdapterSpec, InitLoraWeights};
+use legora_kernels::quant::Format;
+use legora_kernels::FrozenWeight;
 
 /// Flatten `[..., d]` to `[N, d]`, returning the leading dims for [`unflatten`].
 pub(crate) fn flatten<B: Backend, const D: usize>(x: Tensor<B, D>) -> (Tensor<B, 2>, [usize; D]) {
@@ -39,54 +41,55 @@ pub(crate) fn lora_dropout<B: Backend>(x: Tensor<B, 2>, p: f64) -> Tensor<B, 2> 
     legora_kernels::dropout(x, p)
 }
 
-/// `x·Wᵀ + b` for a frozen HF-layout weight `[out, in]`.
+/// `x·Wᵀ + b` for a frozen HF-layout weight `[out, in]` in its storage format: an f32
+/// weight by burn's matmul (as a plain `nn.Linear`), any other by
+/// [`legora_kernels::frozen_linear`] (tile-dequantizing on the CPU kernels).
 ///
 /// # Shapes
 /// - x: `[N, in]`, weight: `[out, in]`, bias: `[out]` → `[N, out]`
 pub(crate) fn base_linear<B: Backend>(
     x: Tensor<B, 2>,
-    weight: &Param<Tensor<B, 2>>,
+    weight: &FrozenWeight<B>,
     bias: &Option<Param<Tensor<B, 1>>>,
 ) -> Tensor<B, 2> {
-    let y = x.matmul(weight.val().transpose());
-    match bias {
-        Some(b) => y + b.val().unsqueeze_dim(0),
-        None => y,
+    let bias = bias.as_ref().map(|b| b.val());
+    match weight {
+        FrozenWeight::Dense(w) if weight.format() == Format::F32 => {
+            let y = x.matmul(w.val().transpose());
+            match bias {
+                Some(b) => y + b.unsqueeze_dim(0),
+                None => y,
+            }
+        }
+        _ => legora_kernels::frozen_linear(x, weight, bias),
     }
 }
 
-/// `x·Wᵀ + b + adapter(x)` as one [`legora_kernels::lora_linear`] op.
+/// `x·Wᵀ + b + adapter(x)` as one [`legora_kernels::stacked_lora_frozen`] op (the weight
+/// read in its storage format).
 ///
 /// # Shapes
 /// - x: `[N, in]`, weight: `[out, in]`, bias: `[out]` → `[N, out]`
 pub(crate) fn adapted_linear<B: Backend>(
     x: Tensor<B, 2>,
-    weight: &Param<Tensor<B, 2>>,
+    weight: &FrozenWeight<B>,
     bias: &Option<Param<Tensor<B, 1>>>,
     adapter: &LoraAdapter<B>,
 ) -> Tensor<B, 2> {
-    let term = legora_kernels::LoraTerm {
+    let lora = legora_kernels::StackedLora {
         lora_a: adapter.lora_A.val(),
         lora_b: adapter.lora_B.val(),
-        scale: adapter.scaling(),
+        ranks: vec![adapter.rank()],
+        scales: vec![adapter.scaling()],
         dropout: adapter.lora_dropout,
+        gating: legora_kernels::Gating::Single(0),
     };
-    legora_kernels::lora_linear(x, weight.val(), bias.as_ref().map(|b| b.val()), term)
+    legora_kernels::stacked_lora_frozen(x, weight, bias.as_ref().map(|b| b.val()), lora)
 }
 
 /// Make a frozen parameter (no gradient, no optimizer state).
 pub(crate) fn frozen<B: Backend, const D: usize>(t: Tensor<B, D>) -> Param<Tensor<B, D>> {
     Param::from_tensor(t).set_require_grad(false)
-}
-
-/// Replace a parameter's value, keeping its id and its trainability.
-pub(crate) fn replace_param<B: Backend, const D: usize>(
-    p: &mut Param<Tensor<B, D>>,
-    value: Tensor<B, D>,
-) {
-    let trainable = p.val().is_require_grad();
-    let (id, _, mapper) = p.clone().consume();
-    *p = Param::from_mapped_value(id, value.detach(), mapper).set_require_grad(trainable);
 }
 
 /// Check a tensor's dims.
@@ -233,8 +236,9 @@ struct AdapterState {
 /// A frozen linear layer with any number of named LoRA adapters (PEFT's `lora.Linear`).
 #[derive(Module, Debug)]
 pub struct LoraLinear<B: Backend> {
-    /// Frozen base weight in HF layout, `[out, in]`.
-    pub weight: Param<Tensor<B, 2>>,
+    /// Frozen base weight in HF layout, `[out, in]`, in its storage format (f32, bf16,
+    /// f16, int8, NF4, FP4); [`FrozenWeight::val`] gives it as f32.
+    pub weight: FrozenWeight<B>,
     /// Frozen base bias, `[out]`.
     pub bias: Option<Param<Tensor<B, 1>>>,
     /// Adapters in insertion order; names in the same order.
@@ -246,12 +250,17 @@ pub struct LoraLinear<B: Backend> {
 impl<B: Backend> LoraLinear<B> {
     /// Wrap a frozen base weight `[out, in]` (+ bias `[out]`).
     pub fn new(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Result<Self> {
+        Self::from_frozen(FrozenWeight::dense(weight), bias)
+    }
+
+    /// Wrap a frozen base weight `[out, in]` kept in its storage format (+ bias `[out]`).
+    pub fn from_frozen(weight: FrozenWeight<B>, bias: Option<Tensor<B, 1>>) -> Result<Self> {
         let [d_out, _] = weight.dims();
         if let Some(b) = &bias {
             check_dims("bias", &[d_out], &b.dims())?;
         }
         Ok(Self {
-            weight: frozen(weight),
+            weight,
             bias: bias.map(frozen),
             adapters: Vec::new(),
             state: AdapterState::default(),
@@ -260,7 +269,7 @@ impl<B: Backend> LoraLinear<B> {
 
     /// `(in_features, out_features)`.
     pub fn dims(&self) -> (usize, usize) {
-        let [o, i] = self.weight.shape().dims::<2>();
+        let [o, i] = self.weight.dims();
         (i, o)
     }
 
@@ -372,7 +381,8 @@ impl<B: Backend> LoraLinear<B> {
         Ok(())
     }
 
-    /// Merge the active adapters into the base weight: `W ← W + scale·B·A`.
+    /// Merge the active adapters into the base weight: `W ← W + scale·B·A` (a dense
+    /// weight keeps its dtype; a quantized one becomes f32, as dequantized).
     pub fn merge(&mut self) -> Result<()> {
         if self.state.disabled {
             return Err(NnError::InvalidState(
@@ -385,7 +395,7 @@ impl<B: Backend> LoraLinear<B> {
             }
             let delta = self.adapter(&name)?.delta_weight();
             let w = self.weight.val() + delta;
-            replace_param(&mut self.weight, w);
+            self.weight = self.weight.with_dense_value(w);
             self.state.merged.push(name);
         }
         Ok(())
@@ -396,12 +406,13 @@ impl<B: Backend> LoraLinear<B> {
         while let Some(name) = self.state.merged.pop() {
             if let Ok(a) = self.adapter(&name) {
                 let w = self.weight.val() - a.delta_weight();
-                replace_param(&mut self.weight, w);
+                self.weight = self.weight.with_dense_value(w);
             }
         }
     }
 
-    /// PEFT's `merge_and_unload` for one layer: the merged weight and bias, adapters dropped.
+    /// PEFT's `merge_and_unload` for one layer: the merged weight (f32) and bias,
+    /// adapters dropped.
     pub fn merge_and_unload(mut self) -> Result<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
         if !self.state.disabled {
             self.merge()?;

@@ -26,10 +26,10 @@ use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use legora_config::AdapterSpec;
-use legora_kernels::{Gating, StackedLora};
+use legora_kernels::{FrozenWeight, Gating, StackedLora};
 
 use crate::error::{NnError, Result};
-use crate::lora::{check_dims, flatten, frozen, unflatten, LoraAdapter};
+use crate::lora::{base_linear, check_dims, flatten, frozen, unflatten, LoraAdapter};
 use crate::router::{Router, RouterOutput};
 
 /// Which experts of a mixture each token uses: the one selection carried from the model
@@ -66,8 +66,9 @@ impl<B: Backend> Experts<B> {
 /// A frozen linear with a mixture of LoRA experts.
 #[derive(Module, Debug)]
 pub struct MoeLinear<B: Backend> {
-    /// Frozen base weight, HF layout `[out, in]`.
-    pub weight: Param<Tensor<B, 2>>,
+    /// Frozen base weight, HF layout `[out, in]`, in its storage format (f32, bf16, f16,
+    /// int8, NF4, FP4); [`FrozenWeight::val`] gives it as f32.
+    pub weight: FrozenWeight<B>,
     /// Frozen base bias `[out]`.
     pub bias: Option<Param<Tensor<B, 1>>>,
     /// The experts that adapt this module (each a plain LoRA adapter; ranks and alphas
@@ -86,12 +87,18 @@ pub struct MoeLinear<B: Backend> {
 impl<B: Backend> MoeLinear<B> {
     /// Wrap a frozen base `[out, in]` (+ bias) with no experts yet.
     pub fn new(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Result<Self> {
+        Self::from_frozen(FrozenWeight::dense(weight), bias)
+    }
+
+    /// Wrap a frozen base `[out, in]` kept in its storage format (+ bias) with no experts
+    /// yet.
+    pub fn from_frozen(weight: FrozenWeight<B>, bias: Option<Tensor<B, 1>>) -> Result<Self> {
         let [d_out, _] = weight.dims();
         if let Some(b) = &bias {
             check_dims("bias", &[d_out], &b.dims())?;
         }
         Ok(Self {
-            weight: frozen(weight),
+            weight,
             bias: bias.map(frozen),
             experts: Vec::new(),
             router: None,
@@ -102,7 +109,7 @@ impl<B: Backend> MoeLinear<B> {
 
     /// `(in_features, out_features)`.
     pub fn dims(&self) -> (usize, usize) {
-        let [o, i] = self.weight.shape().dims::<2>();
+        let [o, i] = self.weight.dims();
         (i, o)
     }
 
@@ -284,19 +291,13 @@ impl<B: Backend> MoeLinear<B> {
         let (x, dims) = flatten(x);
         let (_, d_out) = self.dims();
         let (gating, routed) = self.gating(&x, experts)?;
-        let bias = self.bias.as_ref().map(|b| b.val());
-        let base = |x: Tensor<B, 2>| {
-            let y = x.matmul(self.weight.val().transpose());
-            match &bias {
-                Some(b) => y + b.clone().unsqueeze_dim(0),
-                None => y,
-            }
-        };
         let (used, gating) = only_used(gating, self.experts.len());
         let used: Vec<&LoraAdapter<B>> = used.iter().map(|&k| &self.experts[k]).collect();
         if used.is_empty() {
-            return Ok((unflatten(base(x), dims, d_out), routed));
+            let y = base_linear(x, &self.weight, &self.bias);
+            return Ok((unflatten(y, dims, d_out), routed));
         }
+        let bias = self.bias.as_ref().map(|b| b.val());
         let lora = StackedLora {
             lora_a: Tensor::cat(used.iter().map(|e| e.lora_A.val()).collect(), 0),
             lora_b: Tensor::cat(used.iter().map(|e| e.lora_B.val()).collect(), 1),
@@ -305,7 +306,7 @@ impl<B: Backend> MoeLinear<B> {
             dropout: self.dropout(),
             gating,
         };
-        let y = legora_kernels::stacked_lora_linear(x, self.weight.val(), bias, lora);
+        let y = legora_kernels::stacked_lora_frozen(x, &self.weight, bias, lora);
         Ok((unflatten(y, dims, d_out), routed))
     }
 }

@@ -95,16 +95,29 @@ pub struct RunFile {
     pub stages: StagesSection,
 }
 
-/// Numeric precision of the forward/backward pass.
+/// The storage dtype of the frozen base weights (the products, the adapters and the
+/// optimizer state stay f32: each weight tile is widened to f32 inside the products).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
-    /// 32-bit floats everywhere.
+    /// 32-bit floats.
     #[default]
     F32,
-    /// bfloat16 activations and frozen weights, f32 adapters and optimizer state
-    /// (where the backend supports bf16).
+    /// bfloat16 frozen weights.
     Bf16,
+    /// IEEE half frozen weights.
+    F16,
+}
+
+impl Precision {
+    /// The hub's dtype.
+    pub fn dtype(self) -> legora_hub::FloatDtype {
+        match self {
+            Precision::F32 => legora_hub::FloatDtype::F32,
+            Precision::Bf16 => legora_hub::FloatDtype::BF16,
+            Precision::F16 => legora_hub::FloatDtype::F16,
+        }
+    }
 }
 
 /// `[model]`.
@@ -120,9 +133,14 @@ pub struct ModelSection {
     /// Longest training sequence in tokens (longer ones are truncated).
     #[serde(default = "default_max_seq_len")]
     pub max_seq_len: usize,
-    /// `f32` (default) or `bf16`.
+    /// The frozen weights' storage: `f32` (default), `bf16` or `f16`.
     #[serde(default)]
     pub precision: Precision,
+    /// `[model.quantization]`: transformers' `BitsAndBytesConfig` (`load_in_4bit`,
+    /// `load_in_8bit`, `bnb_4bit_quant_type`, `bnb_4bit_use_double_quant`,
+    /// `bnb_4bit_compute_dtype`) for the frozen projections.
+    #[serde(default)]
+    pub quantization: Option<legora_hub::BitsAndBytesConfig>,
     /// Recompute activations in the backward pass to save memory.
     #[serde(default)]
     pub gradient_checkpointing: bool,
@@ -745,6 +763,25 @@ impl RunConfig {
         }
     }
 
+    /// How the base's frozen weights are stored (`[model] precision` and
+    /// `[model.quantization]`), checked: a bad key is an error pointing at it.
+    pub fn load_options(&self) -> Result<legora_hub::LoadOptions> {
+        let m = &self.file.model;
+        let quantize = match &m.quantization {
+            None => None,
+            Some(q) => q.quantize().map_err(|e| {
+                let key = match &e {
+                    legora_hub::HubError::Options { key, .. } => {
+                        format!("model.quantization.{key}")
+                    }
+                    _ => "model.quantization".into(),
+                };
+                self.error_at(&key, e.to_string())
+            })?,
+        };
+        Ok(legora_hub::LoadOptions::new(m.precision.dtype(), quantize))
+    }
+
     /// The model folder (resolved).
     pub fn model_path(&self) -> PathBuf {
         self.resolve(self.file.model.path.get_ref())
@@ -912,12 +949,7 @@ impl RunConfig {
             return Err(self.error_at(key, data_message(&e)));
         }
         // Settings the pipeline cannot honour yet are refused, not silently ignored.
-        if f.model.precision == Precision::Bf16 {
-            return Err(self.error_at(
-                "model.precision",
-                "expected \"f32\", found \"bf16\" (bf16 training is not implemented yet)",
-            ));
-        }
+        self.load_options()?;
         if f.model.gradient_checkpointing {
             return Err(self.error_at(
                 "model.gradient_checkpointing",

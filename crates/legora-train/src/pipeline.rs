@@ -61,6 +61,9 @@ pub struct PipelineOptions {
     /// Start over in an output folder that holds checkpoints (they are deleted);
     /// without it (and without `resume`) such a folder is refused.
     pub overwrite: bool,
+    /// How to store the base's frozen weights, instead of the run file's `[model]
+    /// precision` / `[model.quantization]` (the CLI's `--dtype` / `--quantize`).
+    pub load_options: Option<legora_hub::LoadOptions>,
 }
 
 /// One task's data, parsed and tokenized.
@@ -97,7 +100,10 @@ pub fn run_pipeline<B: AutodiffBackend>(
     callback: &mut dyn TrainCallback,
     device: &B::Device,
 ) -> Result<Report> {
-    let plan = RunPlan::resolve(cfg, host, options.mode.clone(), options.skip_eval)?;
+    let mut plan = RunPlan::resolve(cfg, host, options.mode.clone(), options.skip_eval)?;
+    if let Some(o) = options.load_options {
+        plan.load_options = o;
+    }
     if plan.mode != Mode::EvalOnly && !options.resume && !options.overwrite {
         if let Some(found) = crate::checkpoint::find_checkpoints(&plan.output_dir, 3) {
             return Err(cfg.error_at(
@@ -139,8 +145,12 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
     ) -> Result<Self> {
         let out = plan.output_dir.clone();
         std::fs::create_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
-        let base = PretrainedModel::<B>::from_pretrained(&plan.model_path, device)
-            .map_err(|e| cfg.error_at("model.path", e.to_string()))?;
+        let base = PretrainedModel::<B>::from_pretrained_with(
+            &plan.model_path,
+            device,
+            &plan.load_options,
+        )
+        .map_err(|e| cfg.error_at("model.path", e.to_string()))?;
         let tok = HubTokenizer::from_model(&base).map_err(|e| cfg.error_at("model.path", e))?;
         let template = match cfg.template() {
             Some(t) => t,
@@ -431,6 +441,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
         Report {
             run: self.cfg.name(),
             base_model: self.plan.model_path.display().to_string(),
+            base_storage: self.plan.load_options.describe(),
             experts: self.plan.task_names(),
             variants: self
                 .plan

@@ -111,6 +111,8 @@ pub struct RunPlan {
     pub mode: Mode,
     /// The base model folder.
     pub model_path: PathBuf,
+    /// How the base's frozen weights are stored.
+    pub load_options: legora_hub::LoadOptions,
     /// The output folder.
     pub output_dir: PathBuf,
     /// The tasks, in expert order.
@@ -136,6 +138,7 @@ impl RunPlan {
         skip_eval: bool,
     ) -> Result<Self> {
         let model_path = cfg.check_model_path()?;
+        let load_options = cfg.load_options()?;
         let output_dir = cfg.output_dir();
         check_output_dir(cfg, &mode, &model_path, &output_dir)?;
         let model = model_config(cfg, &model_path)?;
@@ -169,6 +172,7 @@ impl RunPlan {
             train_router: mode != Mode::EvalOnly && cfg.stage_enabled(StageKind::Router),
             mode,
             model_path,
+            load_options,
             output_dir,
             tasks,
             router: cfg.router_config(),

@@ -105,6 +105,10 @@ pub struct Report {
     pub run: String,
     /// Base model (path or name).
     pub base_model: String,
+    /// How the base's frozen weights were stored (`"float32"`, `"nf4 projections,
+    /// lm_head bf16"`, ...).
+    #[serde(default)]
+    pub base_storage: String,
     /// Expert names in gate order.
     pub experts: Vec<String>,
     /// Model variants in column order (`base`, `single_lora`, `mixture`).
@@ -217,6 +221,9 @@ impl Report {
         let mut md = String::new();
         let _ = writeln!(md, "# legora report: {}\n", self.run);
         let _ = writeln!(md, "Base model: `{}`  ", self.base_model);
+        if !self.base_storage.is_empty() {
+            let _ = writeln!(md, "Base weights stored as: {}  ", self.base_storage);
+        }
         let _ = writeln!(
             md,
             "Experts (gate order): {}\n",

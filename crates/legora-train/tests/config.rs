@@ -291,14 +291,16 @@ fn missing_required_key_and_semantic_errors() {
             "moe.router_pooling",
             "\"prefix_mean\"",
         ),
-        // parsed, but refused until the pipeline honours them
+        // a bitsandbytes setting legora does not have, at its key
         (
             "max_seq_len = 128",
-            "max_seq_len = 128\nprecision = \"bf16\"",
-            8,
-            "model.precision",
-            "not implemented",
+            "max_seq_len = 128\n[model.quantization]\nload_in_4bit = true\n\
+             bnb_4bit_quant_type = \"int3\"",
+            10,
+            "model.quantization.bnb_4bit_quant_type",
+            "\"nf4\" or \"fp4\"",
         ),
+        // parsed, but refused until the pipeline honours them
         (
             "max_seq_len = 128",
             "max_seq_len = 128\ngradient_checkpointing = true",

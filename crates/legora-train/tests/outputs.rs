@@ -146,6 +146,7 @@ fn report() -> Report {
     Report {
         run: "demo".into(),
         base_model: "models/tiny".into(),
+        base_storage: String::new(),
         experts: vec!["medical".into(), "finance".into()],
         variants: vec!["base".into(), "single_lora".into(), "mixture".into()],
         tasks,

@@ -11,6 +11,7 @@ use super::names::gguf_name;
 use super::tokenizer::{gguf_chat_template, gguf_tokenizer};
 use super::weights::GgufWeights;
 use crate::error::{HubError, Result};
+use crate::load::LoadOptions;
 use crate::model::PretrainedModel;
 
 /// Whether `path` names a GGUF file (by its `.gguf` extension, any case).
@@ -28,12 +29,22 @@ impl<B: Backend> PretrainedModel<B> {
     ///
     /// [`PretrainedModel::from_pretrained`] calls this for a path ending in `.gguf`.
     pub fn from_gguf(path: impl AsRef<Path>, device: &B::Device) -> Result<Self> {
+        Self::from_gguf_with(path, device, &LoadOptions::default())
+    }
+
+    /// [`from_gguf`](Self::from_gguf) with the frozen projections stored as `options`
+    /// says, each dequantized and converted in turn.
+    pub fn from_gguf_with(
+        path: impl AsRef<Path>,
+        device: &B::Device,
+        options: &LoadOptions,
+    ) -> Result<Self> {
         let path = path.as_ref();
         let file = GgufFile::open(path)?;
         let (config, raw_config, resolved) = load_gguf_config(&file)?;
         let heads = permuted_qk(architecture(&file)?)
             .then_some((resolved.num_attention_heads, resolved.num_key_value_heads));
-        let mut weights = GgufWeights::new(&file, heads);
+        let mut weights = GgufWeights::new(&file, heads).with_options(*options);
         let model = CausalLm::from_weights(resolved, &mut weights, device)
             .map_err(|e| model_error(path, e))?;
         let generation_config = GenerationConfig {

@@ -6,6 +6,8 @@ use legora_models::{SourceError, WeightSource};
 use super::file::GgufFile;
 use super::names::{gguf_name, llama_unpermute_rows};
 use crate::error::HubError;
+use crate::load::{convert, LoadOptions};
+use legora_kernels::quant::{QuantMatrix, Storage};
 
 /// The tensors of a GGUF file by HF name (`model.layers.0.self_attn.q_proj.weight`),
 /// dequantized to f32 one at a time as the model builder asks for them, in PyTorch shape
@@ -14,6 +16,7 @@ use crate::error::HubError;
 pub struct GgufWeights<'a> {
     file: &'a GgufFile,
     heads: Option<(usize, usize)>,
+    options: LoadOptions,
 }
 
 impl<'a> GgufWeights<'a> {
@@ -21,7 +24,17 @@ impl<'a> GgufWeights<'a> {
     /// whose `attn_q` / `attn_k` rows llama.cpp permuted (see
     /// [`permuted_qk`](super::config::permuted_qk)).
     pub fn new(file: &'a GgufFile, heads: Option<(usize, usize)>) -> Self {
-        Self { file, heads }
+        Self {
+            file,
+            heads,
+            options: LoadOptions::default(),
+        }
+    }
+
+    /// Store the frozen projections as `options` says ([`WeightSource::frozen`]).
+    pub fn with_options(mut self, options: LoadOptions) -> Self {
+        self.options = options;
+        self
     }
 
     /// The head count whose permutation tensor `gguf` carries, if any.
@@ -69,5 +82,21 @@ impl WeightSource for GgufWeights<'_> {
             })?;
         }
         Ok(Some(TensorData::new(values, shape)))
+    }
+
+    fn frozen(&mut self, name: &str) -> std::result::Result<Option<QuantMatrix>, SourceError> {
+        let Some(data) = self.tensor(name)? else {
+            return Ok(None);
+        };
+        let [rows, cols] = data.shape[..] else {
+            return Err(format!("expected a 2-D weight, found shape {:?}", data.shape).into());
+        };
+        let values = data
+            .into_vec::<f32>()
+            .map_err(|e| format!("not an f32 tensor: {e:?}"))?;
+        let m = QuantMatrix::new(name, rows, cols, Storage::F32(values))?;
+        let format = self.options.format_of(name);
+        let m = convert(name, m, format).map_err(|e| Box::new(e) as SourceError)?;
+        Ok(Some(m))
     }
 }

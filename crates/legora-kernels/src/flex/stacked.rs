@@ -21,11 +21,14 @@ use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
 use super::dropout::{draw_seed, mask_range};
+use super::frozen::FlexWeight;
+use super::qgemm;
 use super::{
     ad_of, all_f32, backward, contiguous, data, flex_of, from_ad, from_flex, mode, record, tensor,
     Mode, SendPtr,
 };
 use super::{gemm, gemm_with, AdTensor};
+use crate::quant::{FrozenWeight, QuantView, ViewData};
 use crate::{Gating, StackedLora};
 
 /// Rows per parallel block of the rank path.
@@ -148,13 +151,13 @@ impl Dims {
 /// `max_rank`, kept for the backward).
 fn routed_forward(
     x: &[f32],
-    w: &[f32],
+    w: &QuantView<'_>,
     bias: Option<&[f32]>,
     (a, b): (&[f32], &[f32]),
     d: &Dims,
 ) -> (Vec<f32>, Vec<f32>) {
     let (n, din, dout, big_r, rm) = (d.n, d.d_in, d.d_out, d.total_rank(), d.max_rank());
-    let mut y = base_forward(x, w, bias, n, din, dout);
+    let mut y = frozen_forward(x, w, bias, n);
     let mut h = vec![0.0f32; n * rm];
     let (y_p, h_p) = (SendPtr(y.as_mut_ptr()), SendPtr(h.as_mut_ptr()));
     d.blocks().into_par_iter().for_each(|(start, rows, e)| {
@@ -195,14 +198,14 @@ fn routed_forward(
 /// backward).
 fn dense_forward(
     x: &[f32],
-    w: &[f32],
+    w: &QuantView<'_>,
     bias: Option<&[f32]>,
     (a, b): (&[f32], &[f32]),
     gates: &[f32],
     d: &Dims,
 ) -> (Vec<f32>, Vec<f32>) {
     let (n, din, dout, big_r) = (d.n, d.d_in, d.d_out, d.total_rank());
-    let mut y = base_forward(x, w, bias, n, din, dout);
+    let mut y = frozen_forward(x, w, bias, n);
     let mut u = vec![0.0f32; n * big_r];
     y.par_chunks_mut(BLOCK * dout)
         .zip(u.par_chunks_mut(BLOCK * big_r))
@@ -247,7 +250,8 @@ fn dense_forward(
 #[derive(Clone, Debug)]
 pub(crate) struct StackedState {
     x: FlexTensor,
-    w: FlexTensor,
+    /// The base weight's primitives (shared with the module, never a dense copy).
+    w: FlexWeight,
     a: FlexTensor,
     b: FlexTensor,
     /// Dense gates `[n, E]` (an empty tensor when routed).
@@ -437,9 +441,10 @@ fn stacked_backward(
     let d = &st.dims;
     let (n, din, dout, big_r, e) = (d.n, d.d_in, d.d_out, d.total_rank(), d.ranks.len());
     let dense = matches!(d.route, Route::Dense);
-    let (dy, x, w) = (data(grad), data(&st.x), data(&st.w));
+    let (dy, x) = (data(grad), data(&st.x));
+    let w = st.w.view().expect("checked when recorded");
     let mut dx = if needs[0] {
-        base_dx(dy, w, n, din, dout)
+        frozen_dx(dy, &w, n)
     } else {
         Vec::new()
     };
@@ -483,6 +488,30 @@ fn stacked_backward(
         needs[4].then(|| tensor(sum.db, &[dout, big_r])),
         (needs[5] && dense).then(|| tensor(dg, &[n, e])),
     ]
+}
+
+/// The frozen part's output `bias + x·Wᵀ` `[n, dout]` for a weight in any storage
+/// format: f32 by [`base_forward`], the others by the tile-dequantizing product.
+///
+/// # Shapes
+/// - x: `[n, in]`, w: `[out, in]`, bias: `[out]` → `[n, out]`
+fn frozen_forward(x: &[f32], w: &QuantView<'_>, bias: Option<&[f32]>, n: usize) -> Vec<f32> {
+    match w.data() {
+        ViewData::F32(wf) => base_forward(x, wf, bias, n, w.cols(), w.rows()),
+        _ => qgemm::base_forward(x, w, bias, n),
+    }
+}
+
+/// `dY·W` `[n, in]` for a weight in any storage format: f32 by [`base_dx`], the others
+/// by the tile-dequantizing product.
+///
+/// # Shapes
+/// - dy: `[n, out]`, w: `[out, in]` → `[n, in]`
+fn frozen_dx(dy: &[f32], w: &QuantView<'_>, n: usize) -> Vec<f32> {
+    match w.data() {
+        ViewData::F32(wf) => base_dx(dy, wf, n, w.cols(), w.rows()),
+        _ => qgemm::base_dx(dy, w, n),
+    }
 }
 
 /// The frozen part's output `bias + x·Wᵀ` `[n, dout]` (one multi-threaded gemm writing
@@ -632,24 +661,26 @@ fn route_of<B: Backend>(gating: &Gating<B>, n: usize, e: usize) -> Option<Route>
 }
 
 /// The sizes of a stacked LoRA linear when every tensor is f32 and the shapes agree
-/// (`x [n, in]`, `weight [out, in]`, `bias [out]`, `A_cat [R, in]`, `B_cat [out, R]`,
-/// `R = Σ ranks`); then, in training, the dropout seed is drawn. `None`: the reference
-/// path takes the op (and no seed is drawn).
+/// (`x [n, in]`, a weight `[out, in]` (`weight_ok`: stored as the kernel reads it),
+/// `bias [out]`, `A_cat [R, in]`, `B_cat [out, R]`, `R = Σ ranks`); then, in training,
+/// the dropout seed is drawn. `None`: the reference path takes the op (and no seed is
+/// drawn).
 fn fit<B: Backend>(
     mode: Mode,
     x: &Tensor<B, 2>,
-    weight: &Tensor<B, 2>,
+    (weight_dims, weight_ok): ([usize; 2], bool),
     bias: Option<&Tensor<B, 1>>,
     lora: &StackedLora<B>,
 ) -> Option<Dims> {
     let (a, b) = (&lora.lora_a, &lora.lora_b);
     let ([n, din], [dout, win], [ar, ain], [bout, br]) =
-        (x.dims(), weight.dims(), a.dims(), b.dims());
-    let mut dtypes = vec![x.dtype(), weight.dtype(), a.dtype(), b.dtype()];
+        (x.dims(), weight_dims, a.dims(), b.dims());
+    let mut dtypes = vec![x.dtype(), a.dtype(), b.dtype()];
     dtypes.extend(bias.map(|b| b.dtype()));
     let big_r: usize = lora.ranks.iter().sum();
     let e = lora.ranks.len();
-    let fits = all_f32(&dtypes)
+    let fits = weight_ok
+        && all_f32(&dtypes)
         && e > 0
         && lora.scales.len() == e
         && lora.ranks.iter().all(|r| *r > 0)
@@ -686,10 +717,10 @@ fn fit<B: Backend>(
     })
 }
 
-/// The forward on contiguous f32 slices: `(y, kept)`.
+/// The forward on contiguous f32 slices and a weight view: `(y, kept)`.
 fn forward(
     x: &[f32],
-    w: &[f32],
+    w: &QuantView<'_>,
     bias: Option<&[f32]>,
     ab: (&[f32], &[f32]),
     gates: &[f32],
@@ -701,19 +732,28 @@ fn forward(
     }
 }
 
+/// The base weight as the kernel receives it.
+enum Base<B: Backend> {
+    /// An f32 tensor, possibly trainable (an autodiff input).
+    Tensor(Tensor<B, 2>),
+    /// A frozen weight's primitives, in its storage format (no gradient).
+    Frozen(FlexWeight),
+}
+
 /// The autodiff primitives of `[x, weight, bias, A_cat, B_cat, gates]`, contiguous, with
-/// a zero bias (and an empty gate tensor) standing in when there is none (an op's parents
-/// are a fixed list), and whether there was a bias.
+/// a zero bias (and an empty gate tensor, an empty weight for a frozen base) standing in
+/// when there is none (an op's parents are a fixed list), and whether there was a bias.
 fn ad_inputs<B: Backend>(
     x: Tensor<B, 2>,
-    weight: Tensor<B, 2>,
+    weight: Option<Tensor<B, 2>>,
     bias: Option<Tensor<B, 1>>,
     lora: StackedLora<B>,
+    dout: usize,
 ) -> ([AdTensor; 6], bool) {
     let has_bias = bias.is_some();
-    let dout = weight.dims()[0];
     let device = x.device();
     let bias = bias.unwrap_or_else(|| Tensor::zeros([dout], &device));
+    let weight = weight.unwrap_or_else(|| Tensor::zeros([0, 0], &device));
     let gates = match lora.gating {
         Gating::Dense(g) => g,
         _ => Tensor::zeros([0, 0], &device),
@@ -730,55 +770,60 @@ fn ad_inputs<B: Backend>(
     (t, has_bias)
 }
 
-/// Fused [`crate::stacked_lora_linear`].
-pub(crate) fn stacked_lora_linear<B: Backend>(
+/// The fused op once [`fit`] has accepted its inputs.
+fn run<B: Backend>(
+    mode: Mode,
     x: Tensor<B, 2>,
-    weight: Tensor<B, 2>,
+    base: Base<B>,
     bias: Option<Tensor<B, 1>>,
     lora: StackedLora<B>,
-) -> Result<Tensor<B, 2>, Args<B>> {
-    let Some(mode) = mode::<B>() else {
-        return Err((x, weight, bias, lora));
-    };
-    let Some(dims) = fit(mode, &x, &weight, bias.as_ref(), &lora) else {
-        return Err((x, weight, bias, lora));
-    };
+    dims: Dims,
+) -> Tensor<B, 2> {
     let (n, dout) = (dims.n, dims.d_out);
     let kept_cols = match dims.route {
         Route::Dense => dims.total_rank(),
         _ => dims.max_rank(),
     };
-    Ok(match mode {
+    let dense = |w: FlexTensor| FlexWeight::Dense {
+        w,
+        rows: dout,
+        cols: dims.d_in,
+    };
+    match mode {
         Mode::Plain => {
             let gates = match &lora.gating {
                 Gating::Dense(g) => Some(contiguous(flex_of(g.clone()))),
                 _ => None,
             };
-            let [x, w, a, b] =
-                [x, weight, lora.lora_a, lora.lora_b].map(|t| contiguous(flex_of(t)));
+            let w = match base {
+                Base::Tensor(t) => dense(contiguous(flex_of(t))),
+                Base::Frozen(w) => w,
+            };
+            let [x, a, b] = [x, lora.lora_a, lora.lora_b].map(|t| contiguous(flex_of(t)));
             let bias = bias.map(|t| contiguous(flex_of(t)));
             let g = gates.as_ref().map_or(&[][..], data);
             let ab = (data(&a), data(&b));
-            let (y, _) = forward(data(&x), data(&w), bias.as_ref().map(data), ab, g, &dims);
+            let view = w.view().expect("checked by `fit`");
+            let (y, _) = forward(data(&x), &view, bias.as_ref().map(data), ab, g, &dims);
             from_flex(tensor(y, &[n, dout]))
         }
         Mode::Autodiff => {
-            let (inputs, has_bias) = ad_inputs(x, weight, bias, lora);
+            let (weight, frozen) = match base {
+                Base::Tensor(t) => (Some(t), None),
+                Base::Frozen(w) => (None, Some(w)),
+            };
+            let (inputs, has_bias) = ad_inputs(x, weight, bias, lora, dout);
             let [xa, wa, ba, aa, bb, ga] = &inputs;
+            let w = frozen.unwrap_or_else(|| dense(wa.primitive.clone()));
             from_ad(record(
                 StackedBackward,
                 [xa, wa, ba, aa, bb, ga],
                 |tracked| {
                     let bias = has_bias.then(|| data(&ba.primitive));
-                    let (x, w, a, b, g) = (
-                        &xa.primitive,
-                        &wa.primitive,
-                        &aa.primitive,
-                        &bb.primitive,
-                        &ga.primitive,
-                    );
+                    let (x, a, b, g) = (&xa.primitive, &aa.primitive, &bb.primitive, &ga.primitive);
                     let ab = (data(a), data(b));
-                    let (y, kept) = forward(data(x), data(w), bias, ab, data(g), &dims);
+                    let view = w.view().expect("checked by `fit`");
+                    let (y, kept) = forward(data(x), &view, bias, ab, data(g), &dims);
                     let state = tracked.then(|| StackedState {
                         x: x.clone(),
                         w: w.clone(),
@@ -792,5 +837,45 @@ pub(crate) fn stacked_lora_linear<B: Backend>(
                 },
             ))
         }
-    })
+    }
+}
+
+/// Fused [`crate::stacked_lora_linear`].
+pub(crate) fn stacked_lora_linear<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    lora: StackedLora<B>,
+) -> Result<Tensor<B, 2>, Args<B>> {
+    let Some(mode) = mode::<B>() else {
+        return Err((x, weight, bias, lora));
+    };
+    let w = (weight.dims(), weight.dtype() == DType::F32);
+    let Some(dims) = fit(mode, &x, w, bias.as_ref(), &lora) else {
+        return Err((x, weight, bias, lora));
+    };
+    Ok(run(mode, x, Base::Tensor(weight), bias, lora, dims))
+}
+
+type FrozenArgs<B> = (Tensor<B, 2>, Option<Tensor<B, 1>>, StackedLora<B>);
+
+/// Fused [`crate::stacked_lora_frozen`]: the frozen weight's bytes read in place, tiles
+/// dequantized inside the products (f32 weights: the same gemms as
+/// [`stacked_lora_linear`]); the backward keeps the weight's primitives (shared).
+pub(crate) fn stacked_lora_frozen<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: &FrozenWeight<B>,
+    bias: Option<Tensor<B, 1>>,
+    lora: StackedLora<B>,
+) -> Result<Tensor<B, 2>, FrozenArgs<B>> {
+    let Some(mode) = mode::<B>() else {
+        return Err((x, bias, lora));
+    };
+    let Some(fw) = FlexWeight::of(weight, mode) else {
+        return Err((x, bias, lora));
+    };
+    let Some(dims) = fit(mode, &x, (weight.dims(), true), bias.as_ref(), &lora) else {
+        return Err((x, bias, lora));
+    };
+    Ok(run(mode, x, Base::Frozen(fw), bias, lora, dims))
 }

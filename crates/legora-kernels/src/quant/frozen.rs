@@ -161,6 +161,37 @@ impl<B: Backend> FrozenWeight<B> {
         })
     }
 
+    /// The weight as an f32 tensor `[out, in]`: a dense f32 weight's own tensor (no
+    /// copy), any other storage dequantized ([`FrozenWeight::dequantize`]). For merging
+    /// and export; the products read the storage in place.
+    pub fn val(&self) -> Tensor<B, 2> {
+        match self {
+            FrozenWeight::Dense(w) if w.val().dtype() == DType::F32 => w.val(),
+            _ => self.dequantize(),
+        }
+    }
+
+    /// The device the weight's tensors live on.
+    pub fn device(&self) -> B::Device {
+        match self {
+            FrozenWeight::Dense(w) => w.device(),
+            FrozenWeight::Quantized(q) => q.scales.device(),
+        }
+    }
+
+    /// A dense weight holding `value` (detached), in the dtype of a dense `self` (f32 for
+    /// a quantized one: a merged weight is no longer the quantized one), keeping a dense
+    /// weight's parameter id.
+    pub fn with_dense_value(&self, value: Tensor<B, 2>) -> Self {
+        match self {
+            FrozenWeight::Dense(w) => {
+                let value = value.detach().cast(w.val().dtype());
+                FrozenWeight::Dense(Param::initialized(w.id, value).set_require_grad(false))
+            }
+            FrozenWeight::Quantized(_) => Self::dense(value.detach()),
+        }
+    }
+
     /// `[out, in]`.
     pub fn dims(&self) -> [usize; 2] {
         match self {
@@ -334,6 +365,26 @@ fn nibbles<B: Backend>(words: Tensor<B, 1, Int>) -> Tensor<B, 1, Int> {
     Tensor::stack::<2>(parts, 1).reshape([w * 8])
 }
 
+/// Says once per process (tracing, `warn`) that a quantized frozen weight runs the
+/// reference path (dequantized per projection with burn ops) on a backend without the
+/// fused CPU kernels; dense f32 weights say nothing (that is the designed path there).
+pub(crate) fn note_reference_path<B: Backend>(weight: &FrozenWeight<B>) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    let format = weight.format();
+    if format == Format::F32 {
+        return;
+    }
+    ONCE.call_once(|| {
+        tracing::warn!(
+            "frozen weights stored as {} have no fused kernel on backend {}: each \
+             projection is dequantized with burn ops, then multiplied (slower than the \
+             CPU kernels of `Flex`)",
+            format.name(),
+            std::any::type_name::<B>()
+        );
+    });
+}
+
 /// `x·Wᵀ + bias` with a frozen weight: the tile-dequantizing CPU kernel on `Flex` and
 /// `Autodiff<Flex>` (f32 activations; the backward gives `x` and `bias` their gradients,
 /// the weight none), [`frozen_linear_reference`] elsewhere.
@@ -350,6 +401,7 @@ pub fn frozen_linear<B: Backend>(
         Ok(out) => return out,
         Err(args) => args,
     };
+    note_reference_path(weight);
     frozen_linear_reference(x, weight, bias)
 }
 
