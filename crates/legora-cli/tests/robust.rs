@@ -9,6 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// A way to damage a checkpoint: its name, what it does to the folder, the error expected.
+type Damage<'a> = (&'a str, Box<dyn Fn(&Path)>, &'a str);
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models")
 }
@@ -668,7 +671,7 @@ fn resume_validates_every_checkpoint_file_and_never_deletes_without_overwrite() 
     assert_eq!(snapshot(&out), before);
 
     // damaged checkpoint files: typed errors naming the file, nothing deleted
-    let damage: [(&str, Box<dyn Fn(&Path)>, &str); 4] = [
+    let damage: [Damage; 4] = [
         (
             "optimizer.bin",
             Box::new(|d: &Path| std::fs::write(d.join("optimizer.bin"), [0u8; 8]).unwrap()),

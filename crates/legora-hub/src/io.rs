@@ -408,8 +408,12 @@ impl SafetensorsFile {
                 .collect()
         };
         let storage = match (format, view.dtype()) {
-            (Format::Bf16, Dtype::BF16) => Storage::Bf16(self.finite_halves(name, halves(), 0x7f80)?),
-            (Format::F16, Dtype::F16) => Storage::F16(self.finite_halves(name, halves(), 0x7c00)?),
+            (Format::Bf16, Dtype::BF16) => {
+                Storage::Bf16(self.finite_halves(name, halves(), 0x7f80)?)
+            }
+            (Format::F16, Dtype::F16) => {
+                Storage::F16(self.finite_halves(name, halves(), 0x7c00)?)
+            }
             _ => {
                 let data = to_f32(&self.path, name, &view)?;
                 check_finite(&self.path, name, &data)?;
@@ -540,7 +544,7 @@ impl Checkpoint {
                 .map(|(_, dtype, shape, data)| SavedTensor {
                     dtype: dtype.as_str(),
                     shape: shape.as_slice(),
-                    data: *data,
+                    data,
                 })
         };
         let read = match dtype {

@@ -77,10 +77,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         skip_eval: args.skip_eval,
         overwrite: args.overwrite,
         mode: Mode::Compose(args.experts.clone()),
+        load_options: None,
     };
     let mut progress = Progress::default();
     let report = run_pipeline::<TrainBackend>(&cfg, &host, &opts, &mut progress, &device())?;
     outln!("{}", report.to_markdown());
-    outln!("outputs written to {}", crate::text::tidy(&cfg.output_dir()).display());
+    outln!(
+        "outputs written to {}",
+        crate::text::tidy(&cfg.output_dir()).display()
+    );
     Ok(())
 }

@@ -733,6 +733,8 @@ fn forward(
 }
 
 /// The base weight as the kernel receives it.
+// Built once per call and moved once: boxing the large variant buys nothing.
+#[allow(clippy::large_enum_variant)]
 enum Base<B: Backend> {
     /// An f32 tensor, possibly trainable (an autodiff input).
     Tensor(Tensor<B, 2>),
