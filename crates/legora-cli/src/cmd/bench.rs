@@ -19,7 +19,7 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use legora::data::{derive_seed, Batch, Rng};
 use legora::models::{CausalLm, Config};
-use legora::nn::{trainable_parameters, LoraConfig, RouterConfig};
+use legora::nn::{trainable_parameters, LoraConfig, Proj, RouterConfig};
 use legora::train::{LmModel, Objective, ScheduleKind, TrainSettings, Trainer};
 use serde_json::{json, Value};
 
@@ -85,17 +85,6 @@ pub struct Args {
     pub seed: u64,
 }
 
-/// The seven projections of a decoder layer.
-const ALL: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-
 /// Model and batch sizes of a case.
 #[derive(Debug, Clone, Copy)]
 struct Shape {
@@ -137,7 +126,7 @@ const TINY: Shape = Shape {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     /// One LoRA adapter on these modules.
-    Lora(&'static [&'static str]),
+    Lora(&'static [Proj]),
     /// `experts` LoRA experts on all seven projections, top-k routers, aux loss.
     Moe { experts: usize, top_k: usize },
     /// `experts` task-routed experts in one run, `batch` rows each; forward and backward
@@ -148,8 +137,9 @@ enum Kind {
 }
 
 /// The LoRA settings of every case: r = 8, alpha = 16, dropout 0.05.
-fn lora_config(targets: &[&str]) -> LoraConfig {
-    let mut c = LoraConfig::new(8, 16.0, targets);
+fn lora_config(targets: &[Proj]) -> LoraConfig {
+    let names: Vec<&str> = targets.iter().map(|p| p.hf_name()).collect();
+    let mut c = LoraConfig::new(8, 16.0, &names);
     c.lora_dropout = 0.05;
     c
 }
@@ -184,8 +174,10 @@ impl CaseName {
 
     fn kind(self) -> Kind {
         match self {
-            CaseName::SQv | CaseName::Tiny | CaseName::All => Kind::Lora(&["q_proj", "v_proj"]),
-            CaseName::SAll => Kind::Lora(&ALL),
+            CaseName::SQv | CaseName::Tiny | CaseName::All => {
+                Kind::Lora(&[Proj::QProj, Proj::VProj])
+            }
+            CaseName::SAll => Kind::Lora(&Proj::ALL),
             CaseName::SMoe => Kind::Moe {
                 experts: 4,
                 top_k: 2,
@@ -403,7 +395,7 @@ fn run_case<B: AutodiffBackend>(
     let mixture = |mut m: CausalLm<B>, n: usize, router: Option<&RouterConfig>| {
         let names: Vec<String> = (0..n).map(|e| format!("expert{e}")).collect();
         for name in &names {
-            m.add_adapter(name, &lora_config(&ALL))?;
+            m.add_adapter(name, &lora_config(&Proj::ALL))?;
         }
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         m.adapters_to_mixture(&refs, router)?;
@@ -436,7 +428,7 @@ fn run_case<B: AutodiffBackend>(
             let (mut trainable, mut timings) = (0, Timings::default());
             for e in 0..experts {
                 let mut m = base.clone();
-                m.add_adapter(&format!("task{e}"), &lora_config(&ALL))?;
+                m.add_adapter(&format!("task{e}"), &lora_config(&Proj::ALL))?;
                 let (n, t) = run(
                     LmModel::new(m, Objective::Lm),
                     b,
