@@ -16,6 +16,29 @@ fn base(family: &str) -> PretrainedModel<B> {
     PretrainedModel::from_pretrained(fixture(family), &Default::default()).unwrap()
 }
 
+/// The fixture with `max_position_embeddings = 128` (its config says 64, shorter than the
+/// scored text; transformers scored the whole text in one window, and RoPE does not read
+/// that key, so the reference numbers hold).
+fn base_long(family: &str) -> PretrainedModel<B> {
+    let dir = std::env::temp_dir().join(format!("legora-parity-{family}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(fixture(family)).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let cfg = dir.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v["max_position_embeddings"] = serde_json::json!(128);
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    let m = PretrainedModel::from_pretrained(&dir, &Default::default()).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    m
+}
+
 #[test]
 fn base_logits_match_transformers() {
     for family in FAMILIES {
@@ -105,8 +128,9 @@ fn greedy_generation_matches_transformers() {
         let got = m.model.generate(&r.prompts(), &cfg, None).unwrap();
         assert_eq!(got, r.rows("gen_base"), "{family}: greedy ids");
 
-        let p = PeftModel::from_pretrained(base(family), fixture(&format!("{family}-lora-qv")))
-            .unwrap();
+        let p =
+            PeftModel::from_pretrained(base_long(family), fixture(&format!("{family}-lora-qv")))
+                .unwrap();
         let got = p.model().generate(&r.prompts(), &cfg, None).unwrap();
         assert_eq!(got, r.rows("gen_qv"), "{family} + qv: greedy ids");
     }
@@ -173,10 +197,13 @@ fn score_matches_transformers() {
     let text = std::fs::read_to_string(fixture("score.txt")).unwrap();
     for family in FAMILIES {
         let r = Reference::load(family);
-        let m = base(family);
+        let m = base_long(family);
         let ids = m.encode(&text).unwrap();
         assert_eq!(ids, r.rows("score_ids").concat(), "{family}: tokenizer ids");
-        let s = m.model.score(&ids, 1024, None).unwrap();
+        // One window over the whole text, as transformers scored it (within the context).
+        let ctx = m.model.config().max_position_embeddings;
+        assert!(ids.len() <= ctx, "{family}: {} tokens", ids.len());
+        let s = m.model.score(&ids, ctx, None).unwrap();
         assert_eq!(s.tokens, ids.len() - 1);
         let want = r.f64_scalar("score_base");
         assert!(
@@ -186,9 +213,10 @@ fn score_matches_transformers() {
         );
         assert!((s.perplexity - want.exp()).abs() < 1e-3 * want.exp());
 
-        let p = PeftModel::from_pretrained(base(family), fixture(&format!("{family}-lora-qv")))
-            .unwrap();
-        let s = p.model().score(&ids, 1024, None).unwrap();
+        let p =
+            PeftModel::from_pretrained(base_long(family), fixture(&format!("{family}-lora-qv")))
+                .unwrap();
+        let s = p.model().score(&ids, ctx, None).unwrap();
         let want = r.f64_scalar("score_qv");
         assert!(
             (s.mean_nll - want).abs() < 1e-4,
@@ -200,14 +228,15 @@ fn score_matches_transformers() {
 
 #[test]
 fn windowed_scoring_predicts_every_token_once() {
-    let m = base("llama");
+    let m = base_long("llama");
     let text = std::fs::read_to_string(fixture("score.txt")).unwrap();
     let ids = m.encode(&text).unwrap();
     let s = m.model.score(&ids, 16, None).unwrap();
     assert_eq!(s.tokens, ids.len() - 1);
     // Shorter contexts predict worse than the full context on average? Not guaranteed for
     // a random model; only check the windows' NLL is a finite, different number.
-    let full = m.model.score(&ids, 1024, None).unwrap();
+    let ctx = m.model.config().max_position_embeddings;
+    let full = m.model.score(&ids, ctx, None).unwrap();
     assert!(s.mean_nll.is_finite() && (s.mean_nll - full.mean_nll).abs() > 1e-6);
 }
 
