@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+mod common;
+use common::workspace_root;
+
 const PACKAGES: &[&str] = &[
     "legora-plugin-medical",
     "legora-plugin-finance",
@@ -27,31 +30,10 @@ const PACKAGES: &[&str] = &[
     "legora-test-plugin-garbage",
 ];
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 /// Builds the plugin libraries once per test process; returns their folder.
 fn built_plugins() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-test");
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.arg("build")
-            .arg("--manifest-path")
-            .arg(workspace_root().join("Cargo.toml"))
-            .args(["--config", "profile.dev.opt-level=0"])
-            .args(["--config", r#"profile.dev.package."*".opt-level=0"#])
-            .args(["--config", "profile.dev.debug=0"])
-            .env("CARGO_TARGET_DIR", &target)
-            .env_remove("CARGO_BUILD_TARGET");
-        for p in PACKAGES {
-            cmd.args(["-p", p]);
-        }
-        let status = cmd.status().expect("cargo can be run");
-        assert!(status.success(), "building the plugins failed: {status}");
-        target.join("debug")
-    })
+    DIR.get_or_init(|| common::build_plugins(PACKAGES))
 }
 
 fn lib_file(lib_name: &str) -> String {

@@ -10,30 +10,18 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+mod common;
+use common::workspace_root;
 
 /// Builds the three bundled plugins once per test process; returns their folder.
 fn built_plugins() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-test");
-        let status = Command::new(env!("CARGO"))
-            .arg("build")
-            .arg("--manifest-path")
-            .arg(workspace_root().join("Cargo.toml"))
-            .args(["--config", "profile.dev.opt-level=0"])
-            .args(["--config", r#"profile.dev.package."*".opt-level=0"#])
-            .args(["--config", "profile.dev.debug=0"])
-            .env("CARGO_TARGET_DIR", &target)
-            .env_remove("CARGO_BUILD_TARGET")
-            .args(["-p", "legora-plugin-medical", "-p", "legora-plugin-finance"])
-            .args(["-p", "legora-plugin-game-npc"])
-            .status()
-            .expect("cargo can be run");
-        assert!(status.success(), "building the plugins failed: {status}");
-        target.join("debug")
+        common::build_plugins(&[
+            "legora-plugin-medical",
+            "legora-plugin-finance",
+            "legora-plugin-game-npc",
+        ])
     })
 }
 
