@@ -9,6 +9,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+
 /// A way to damage a checkpoint: its name, what it does to the folder, the error expected.
 type Damage<'a> = (&'a str, Box<dyn Fn(&Path)>, &'a str);
 
@@ -23,8 +25,10 @@ struct Out {
 }
 
 fn legora(args: &[&str]) -> Out {
+    // the bundled plugins are found through LEGORA_PLUGIN_PATH, as an operator's would be
     let out = Command::new(env!("CARGO_BIN_EXE_legora"))
         .args(args)
+        .env("LEGORA_PLUGIN_PATH", common::bundled_plugins())
         .output()
         .unwrap();
     Out {
@@ -798,6 +802,7 @@ fn a_run_killed_five_times_and_resumed_ends_where_an_uninterrupted_run_does() {
         let at = span / 10 + (x >> 33) % (span * 8 / 10).max(1);
         let mut child = Command::new(env!("CARGO_BIN_EXE_legora"))
             .args(["train", "--config", &run, "--resume"])
+            .env("LEGORA_PLUGIN_PATH", common::bundled_plugins())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()

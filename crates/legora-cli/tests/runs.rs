@@ -7,22 +7,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 mod common;
 use common::workspace_root;
 
-/// Builds the three bundled plugins once per test process; returns their folder.
+/// The bundled plugins' folder.
 fn built_plugins() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        common::build_plugins(&[
-            "legora-plugin-medical",
-            "legora-plugin-finance",
-            "legora-plugin-game-npc",
-        ])
-    })
+    common::bundled_plugins()
 }
 
 fn temp_dir(tag: &str) -> PathBuf {

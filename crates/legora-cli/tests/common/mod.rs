@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
@@ -27,4 +28,18 @@ pub fn build_plugins(packages: &[&str]) -> PathBuf {
     let status = cmd.status().expect("cargo can be run");
     assert!(status.success(), "building the plugins failed: {status}");
     target.join("debug")
+}
+
+/// The three bundled plugins (medical, finance, game NPCs), built once per test process;
+/// returns their folder.
+#[allow(dead_code)] // not every test binary that includes this module needs it
+pub fn bundled_plugins() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        build_plugins(&[
+            "legora-plugin-medical",
+            "legora-plugin-finance",
+            "legora-plugin-game-npc",
+        ])
+    })
 }
