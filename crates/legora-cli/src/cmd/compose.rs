@@ -13,6 +13,9 @@ use crate::cmd::train::{load_plugins, Progress};
 /// Arguments of `legora compose`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// How the base's frozen weights are stored.
+    #[command(flatten)]
+    pub load: crate::cmd::LoadArgs,
     /// PEFT adapter folders, one per `[[tasks]]` entry, in the same order.
     #[arg(long, num_args = 1.., required = true)]
     pub experts: Vec<PathBuf>,
@@ -56,6 +59,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         stop_after: args.stop_after,
         skip_eval: args.skip_eval,
         mode: Mode::Compose(args.experts.clone()),
+        load_options: args.load.options()?,
     };
     let mut progress = Progress::default();
     let report = run_pipeline::<TrainBackend>(&cfg, &host, &opts, &mut progress, &device())?;

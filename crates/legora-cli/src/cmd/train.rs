@@ -16,6 +16,9 @@ use crate::backend::{device, TrainBackend};
 /// Arguments of `legora train`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// How the base's frozen weights are stored.
+    #[command(flatten)]
+    pub load: crate::cmd::LoadArgs,
     /// The run file (TOML; see docs/run-file.md).
     #[arg(long)]
     pub config: PathBuf,
@@ -120,6 +123,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         resume: args.resume,
         stop_after: args.stop_after,
         skip_eval: args.skip_eval,
+        load_options: args.load.options()?,
         ..PipelineOptions::default()
     };
     let mut progress = Progress::default();
