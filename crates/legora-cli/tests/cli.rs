@@ -188,6 +188,80 @@ fn merge_writes_a_folder_that_scores_like_the_adapter() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
+/// `--quantize` / `--dtype`: the frozen weights' storage, shown by inspect; a QLoRA
+/// adapter merged over the nf4 base (dequantized) scores like the adapter over that base.
+#[test]
+fn storage_flags_quantize_the_base_for_every_command() {
+    let v = json(&legora(&[
+        "inspect",
+        &fx("llama"),
+        "--json",
+        "--quantize",
+        "nf4",
+    ]));
+    assert_eq!(v["storage"][0]["format"], "nf4", "{v}");
+    assert_eq!(v["storage"][0]["projections"], 14, "{v}");
+    // the elements are counted, not the 4-bit codes
+    assert_eq!(v["parameters"], 112_448, "{v}");
+    let v = json(&legora(&[
+        "inspect",
+        &fx("llama"),
+        "--json",
+        "--dtype",
+        "bf16",
+    ]));
+    assert_eq!(v["storage"][0]["format"], "bf16", "{v}");
+    fails(
+        &legora(&["inspect", &fx("llama"), "--double-quant"]),
+        2,
+        "--quantize",
+    );
+    fails(
+        &legora(&["inspect", &fx("llama"), "--quantize", "q3"]),
+        2,
+        "nf4",
+    );
+    let out = temp_dir("merge-nf4");
+    let (model, adapter) = (fx("llama"), fx("llama-lora-qv"));
+    let o = legora(&[
+        "merge",
+        "--model",
+        &model,
+        "--adapter",
+        &adapter,
+        "--quantize",
+        "nf4",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        o.ok && o.stdout.contains("over the nf4 base"),
+        "{}",
+        o.stderr
+    );
+    let score = |args: &[&str]| {
+        let text = fx("score.txt");
+        let mut a = vec!["score", "--text", &text, "--max-length", "64"];
+        a.extend_from_slice(args);
+        json(&legora(&a))["mean_nll"].as_f64().unwrap()
+    };
+    let merged = score(&["--model", out.to_str().unwrap()]);
+    let over_nf4 = score(&[
+        "--model",
+        &model,
+        "--adapter",
+        &adapter,
+        "--quantize",
+        "nf4",
+    ]);
+    let over_f32 = score(&["--model", &model, "--adapter", &adapter]);
+    assert!((merged - over_nf4).abs() < 1e-4, "{merged} vs {over_nf4}");
+    // 4-bit weights change the NLL, a little
+    let rel = (over_nf4 - over_f32).abs() / over_f32;
+    assert!(rel > 1e-6 && rel < 0.05, "{over_nf4} vs {over_f32}");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
 #[test]
 fn merge_reports_bad_input() {
     let out = temp_dir("merge-bad");

@@ -622,9 +622,18 @@ impl<B: Backend> CausalLm<B> {
 
     /// Trainable and total parameters, as PEFT's `print_trainable_parameters` counts
     /// them: a tied `lm_head` shares `embed_tokens` and counts once (its adapters, if
-    /// any, count).
+    /// any, count), and a quantized weight counts its `out × in` elements, not its codes
+    /// and scales (as transformers counts a bitsandbytes model).
     pub fn parameter_report(&self) -> legora_nn::ParamReport {
         let mut report = legora_nn::trainable_parameters(self);
+        for (_, slot) in self.slots() {
+            let w = slot.frozen_weight();
+            if let legora_kernels::FrozenWeight::Quantized(_) = w {
+                let [o, i] = w.dims();
+                let stored = legora_nn::trainable_parameters(w).total;
+                report.total = report.total.saturating_sub(stored) + o * i;
+            }
+        }
         if self.config.tie_word_embeddings {
             let c = &self.config;
             report.total = report.total.saturating_sub(c.vocab_size * c.hidden_size);

@@ -188,6 +188,13 @@ fn quantized_slots_keep_their_storage_through_adapter_changes() {
     let (mut q, _) = stored_and_reference(&m, Format::Nf4 { double_quant: true });
     q.add_adapter("a", &lora(2, &["q_proj"])).unwrap();
     q.adapters_to_mixture(&["a"], None).unwrap();
+    // Quantized weights count their elements, not their codes and scales.
+    assert_eq!(q.parameter_report().total, {
+        let mut r = m.clone();
+        r.add_adapter("a", &lora(2, &["q_proj"])).unwrap();
+        r.adapters_to_mixture(&["a"], None).unwrap();
+        r.parameter_report().total
+    });
     let formats: Vec<Format> = q.slots().iter().map(|(_, s)| s.format()).collect();
     assert!(formats
         .iter()

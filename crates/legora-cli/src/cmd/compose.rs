@@ -16,6 +16,9 @@ use crate::cmd::train::{load_plugins, Progress};
 /// Arguments of `legora compose`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// How the base's frozen weights are stored.
+    #[command(flatten)]
+    pub load: crate::cmd::LoadArgs,
     /// PEFT adapter folders, or `<plugin>/<expert>` names of experts a plugin ships
     /// (`legora plugins` lists them), one per `[[tasks]]` entry, in the same order.
     #[arg(long, num_args = 1.., required = true)]
@@ -77,7 +80,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         skip_eval: args.skip_eval,
         overwrite: args.overwrite,
         mode: Mode::Compose(args.experts.clone()),
-        load_options: None,
+        load_options: args.load.options()?,
     };
     let mut progress = Progress::default();
     let report = run_pipeline::<TrainBackend>(&cfg, &host, &opts, &mut progress, &device())?;

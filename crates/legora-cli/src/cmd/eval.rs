@@ -12,6 +12,9 @@ use crate::cmd::train::{load_plugins, Progress};
 /// Arguments of `legora eval`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// How the base's frozen weights are stored.
+    #[command(flatten)]
+    pub load: crate::cmd::LoadArgs,
     /// The run file whose output folder holds the trained mixture.
     #[arg(long)]
     pub config: PathBuf,
@@ -26,6 +29,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let host = load_plugins(&cfg, &args.plugin_dirs)?;
     let opts = PipelineOptions {
         mode: Mode::EvalOnly,
+        load_options: args.load.options()?,
         ..PipelineOptions::default()
     };
     let mut progress = Progress::default();

@@ -14,6 +14,9 @@ use crate::backend::{device, Backend};
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("mode").required(true).args(["prompt", "chat"])))]
 pub struct Args {
+    /// How the base's frozen weights are stored.
+    #[command(flatten)]
+    pub load: crate::cmd::LoadArgs,
     /// Hugging Face model folder (config.json, safetensors, tokenizer.json).
     #[arg(long)]
     pub model: PathBuf,
@@ -74,7 +77,11 @@ struct Loaded {
 
 fn load(args: &Args) -> anyhow::Result<Loaded> {
     let device = device();
-    let mut base = PretrainedModel::<Backend>::from_pretrained(&args.model, &device)?;
+    let mut base = PretrainedModel::<Backend>::from_pretrained_with(
+        &args.model,
+        &device,
+        &args.load.options_or_default()?,
+    )?;
     if let Some(dir) = &args.moe {
         let cfg = base.load_mixture(dir)?;
         if let Some(t) = args.task_id {

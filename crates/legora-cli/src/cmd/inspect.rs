@@ -18,6 +18,9 @@ use crate::text::{table, thousands};
 /// Arguments of `legora inspect`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// How the base's frozen weights are stored.
+    #[command(flatten)]
+    pub load: crate::cmd::LoadArgs,
     /// A model, PEFT adapter or mixture folder.
     pub path: PathBuf,
     /// Base model folder: for an adapter or a mixture, load it over this base and print
@@ -46,7 +49,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 p.display()
             );
         }
-        model(p)?
+        model(p, &args.load)?
     } else {
         bail!(
             "{}: not a model, adapter or mixture folder (no config.json, {ADAPTER_CONFIG} or \
@@ -62,14 +65,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn model(dir: &Path) -> anyhow::Result<(String, Value)> {
+fn model(dir: &Path, load: &crate::cmd::LoadArgs) -> anyhow::Result<(String, Value)> {
     let (cfg, _) = legora::hub::load_config(dir)?;
     let rc = cfg
         .resolve()
         .with_context(|| format!("{}", dir.join("config.json").display()))?;
     let dtype = Checkpoint::open(dir)?.dtype().unwrap_or_else(|| "?".into());
-    let m = PretrainedModel::<Backend>::from_pretrained(dir, &device())?;
+    let m = PretrainedModel::<Backend>::from_pretrained_with(
+        dir,
+        &device(),
+        &load.options_or_default()?,
+    )?;
     let params = all_params(&m.model);
+    let storage = storage(&m.model);
     let slots = m.model.slot_ids();
     let mut slot_names: Vec<&str> = slots.iter().map(SlotId::name).collect();
     slot_names.sort();
@@ -88,13 +96,22 @@ fn model(dir: &Path) -> anyhow::Result<(String, Value)> {
         "max_position_embeddings": rc.max_position_embeddings,
         "tie_word_embeddings": rc.tie_word_embeddings,
         "dtype": dtype,
+        "storage": storage
+            .iter()
+            .map(|(f, n, b)| json!({"format": f, "projections": n, "bytes": b}))
+            .collect::<Vec<_>>(),
         "parameters": params,
         "tokenizer": m.tokenizer.is_some(),
         "chat_template": m.chat_template.is_some(),
         "adapter_slots": slots.len(),
         "slot_names": slot_names,
     });
-    let rows: [(&str, String); 12] = [
+    let storage_text = storage
+        .iter()
+        .map(|(f, n, b)| format!("{f} × {n} ({} bytes)", thousands(*b)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let rows: [(&str, String); 13] = [
         ("model_type (family)", cfg.model_type.clone()),
         ("hidden_size", rc.hidden_size.to_string()),
         ("intermediate_size", rc.intermediate_size.to_string()),
@@ -113,6 +130,7 @@ fn model(dir: &Path) -> anyhow::Result<(String, Value)> {
         ),
         ("tie_word_embeddings", rc.tie_word_embeddings.to_string()),
         ("dtype", dtype),
+        ("frozen weights stored as", storage_text),
         ("parameters", thousands(params)),
         (
             "tokenizer / chat template",
@@ -132,6 +150,24 @@ fn model(dir: &Path) -> anyhow::Result<(String, Value)> {
         text.push_str(&format!("  {k:<26}{v}\n"));
     }
     Ok((text, v))
+}
+
+/// The storage of the projections' frozen weights: `(format, projections, bytes)` per
+/// format, in order of first appearance.
+fn storage(m: &CausalLm<Backend>) -> Vec<(String, usize, usize)> {
+    let mut out: Vec<(String, usize, usize)> = Vec::new();
+    for (_, slot) in m.slots() {
+        let w = slot.frozen_weight();
+        let name = w.format().name().to_string();
+        match out.iter_mut().find(|(f, _, _)| *f == name) {
+            Some(e) => {
+                e.1 += 1;
+                e.2 += w.bytes();
+            }
+            None => out.push((name, 1, w.bytes())),
+        }
+    }
+    out
 }
 
 /// Every parameter once, as transformers' `num_parameters()` and PEFT count them (a tied

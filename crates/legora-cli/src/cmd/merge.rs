@@ -23,6 +23,13 @@ pub enum Dtype {
 /// Arguments of `legora merge`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// Load the base quantized first (nf4, fp4, int8), as the adapter was trained over
+    /// it (QLoRA): the weights are dequantized, merged and written in --dtype.
+    #[arg(long, value_parser = ["nf4", "fp4", "int8"])]
+    pub quantize: Option<String>,
+    /// With --quantize nf4|fp4: the base's block scales were double-quantized.
+    #[arg(long, requires = "quantize")]
+    pub double_quant: bool,
     /// Hugging Face model folder the adapter was trained on.
     #[arg(long)]
     pub model: PathBuf,
@@ -50,7 +57,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             );
         }
     }
-    let base = PretrainedModel::<Backend>::from_pretrained(&args.model, &device())?;
+    let load = crate::cmd::LoadArgs {
+        dtype: None,
+        quantize: args.quantize.clone(),
+        double_quant: args.double_quant,
+    };
+    let base = PretrainedModel::<Backend>::from_pretrained_with(
+        &args.model,
+        &device(),
+        &load.options_or_default()?,
+    )?;
     let peft = PeftModel::from_pretrained(base, &args.adapter)?;
     let merged = peft.merge_and_unload()?;
     let params = merged.model.parameter_report().total;
@@ -62,8 +78,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Dtype::Bf16 => FloatDtype::BF16,
     };
     merged.save_pretrained_as(&args.out, dtype)?;
+    let over = match &args.quantize {
+        Some(q) => format!(" over the {q} base, dequantized"),
+        None => String::new(),
+    };
     outln!(
-        "merged {} into {} ({} parameters, {}): {}",
+        "merged {} into {}{over} ({} parameters, {}): {}",
         args.adapter.display(),
         args.model.display(),
         thousands(params),

@@ -12,6 +12,9 @@ use crate::backend::{device, Backend};
 /// Arguments of `legora score`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// How the base's frozen weights are stored.
+    #[command(flatten)]
+    pub load: crate::cmd::LoadArgs,
     /// Hugging Face model folder (config.json, safetensors, tokenizer.json).
     #[arg(long)]
     pub model: PathBuf,
@@ -39,7 +42,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let device = device();
     let text = std::fs::read_to_string(&args.text)
         .with_context(|| format!("reading the text file {}", args.text.display()))?;
-    let mut base = PretrainedModel::<Backend>::from_pretrained(&args.model, &device)?;
+    let mut base = PretrainedModel::<Backend>::from_pretrained_with(
+        &args.model,
+        &device,
+        &args.load.options_or_default()?,
+    )?;
     if let Some(dir) = &args.moe {
         let cfg = base.load_mixture(dir)?;
         if cfg.router.is_none() && args.task_id.is_none() {

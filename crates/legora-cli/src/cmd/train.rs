@@ -13,6 +13,9 @@ pub use crate::progress::Progress;
 /// Arguments of `legora train`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// How the base's frozen weights are stored.
+    #[command(flatten)]
+    pub load: crate::cmd::LoadArgs,
     /// The run file (TOML; see docs/run-file.md).
     #[arg(long)]
     pub config: PathBuf,
@@ -68,6 +71,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         stop_after: args.stop_after,
         skip_eval: args.skip_eval,
         overwrite: args.overwrite,
+        load_options: args.load.options()?,
         ..PipelineOptions::default()
     };
     let mut progress = Progress::default();
