@@ -24,7 +24,7 @@ pub use chat::{Message, Role};
 pub use error::{ConfigError, Result};
 pub use lora::{
     AdapterSpec, InitLoraWeights, LayersPattern, LayersToTransform, LoraConfig, TargetModules,
-    DEFAULT_TARGETS, MAX_RANK,
+    DEFAULT_TARGETS, KEPT_AS_IS, MAX_RANK, NOT_IMPLEMENTED,
 };
 pub use proj::{Proj, SlotId};
 pub use router::{RouterConfig, RouterPooling, RoutingStrategy};

@@ -106,9 +106,17 @@ pub struct LoraConfig {
     /// default for Llama-family models, [`DEFAULT_TARGETS`].
     #[serde(default)]
     pub target_modules: Option<TargetModules>,
+    /// Modules never adapted even when `target_modules` selects them (names matched as
+    /// `target_modules` names are, or a full-match regex), as PEFT's `exclude_modules`.
+    #[serde(default)]
+    pub exclude_modules: Option<TargetModules>,
     /// rsLoRA: `scale = lora_alpha / sqrt(r)`.
     #[serde(default)]
     pub use_rslora: bool,
+    /// DoRA (weight-decomposed LoRA): a trained magnitude per output row
+    /// (`lora_magnitude_vector`) rescales `W + scale·B·A` row by row.
+    #[serde(default)]
+    pub use_dora: bool,
     /// Bias training: only `"none"` is supported.
     #[serde(default = "default_bias")]
     pub bias: String,
@@ -175,6 +183,8 @@ pub struct AdapterSpec {
     pub lora_dropout: f64,
     /// rsLoRA scaling.
     pub use_rslora: bool,
+    /// DoRA: the adapter has a magnitude vector (PEFT `use_dora`).
+    pub use_dora: bool,
     /// Initialisation.
     pub init: InitLoraWeights,
 }
@@ -187,8 +197,15 @@ impl AdapterSpec {
             lora_alpha,
             lora_dropout: 0.0,
             use_rslora: false,
+            use_dora: false,
             init: InitLoraWeights::Default,
         }
+    }
+
+    /// Set DoRA.
+    pub fn with_dora(mut self, on: bool) -> Self {
+        self.use_dora = on;
+        self
     }
 
     /// Set the dropout.
@@ -252,6 +269,55 @@ pub const MAX_RANK: usize = 1 << 16;
 
 /// The modules PEFT targets in Llama-family models when `target_modules` is unset.
 pub const DEFAULT_TARGETS: [&str; 2] = ["q_proj", "v_proj"];
+
+/// PEFT `LoraConfig` keys whose methods legora does not implement: refused when set
+/// (not null, false, or empty), with what they would turn on.
+pub const NOT_IMPLEMENTED: &[(&str, &str)] = &[
+    ("alora_invocation_tokens", "activated LoRA (aLoRA)"),
+    ("arrow_config", "Arrow routing"),
+    ("corda_config", "CorDA initialisation"),
+    ("eva_config", "EVA initialisation"),
+    ("fan_in_fan_out", "Conv1D (GPT-2 style) weights"),
+    ("kasa_config", "KaSA"),
+    ("layer_replication", "layer replication"),
+    ("loftq_config", "LoftQ initialisation"),
+    ("lora_bias", "a bias on lora_B"),
+    ("lora_ga_config", "LoRA-GA initialisation"),
+    ("megatron_config", "Megatron parallel layers"),
+    ("monteclora_config", "MonteCLoRA"),
+    ("target_parameters", "LoRA on nn.Parameter targets"),
+    ("trainable_token_indices", "trainable tokens"),
+    ("use_bdlora", "BD-LoRA"),
+    ("use_qalora", "QA-LoRA"),
+    ("velora_config", "VeLoRA"),
+];
+
+/// PEFT `LoraConfig` keys that change nothing legora computes, kept and written back:
+/// bookkeeping (`auto_mapping`, `inference_mode`, `peft_version`, `revision`), and options
+/// that only act together with a refused one (`megatron_core` with `megatron_config`,
+/// `qalora_group_size` with `use_qalora`, `ensure_weight_tying` with `modules_to_save` or
+/// `trainable_token_indices`). `task_type` is checked to be `"CAUSAL_LM"`.
+pub const KEPT_AS_IS: &[&str] = &[
+    "auto_mapping",
+    "ensure_weight_tying",
+    "inference_mode",
+    "megatron_core",
+    "peft_version",
+    "qalora_group_size",
+    "revision",
+    "task_type",
+];
+
+/// Whether a JSON option is set: not null, false, or an empty object / list / string.
+fn is_set(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Null | serde_json::Value::Bool(false) => false,
+        serde_json::Value::Object(m) => !m.is_empty(),
+        serde_json::Value::Array(a) => !a.is_empty(),
+        serde_json::Value::String(s) => !s.is_empty(),
+        _ => true,
+    }
+}
 
 /// Default `layers_pattern` names tried by PEFT when none is given.
 const DEFAULT_LAYERS_PATTERNS: [&str; 4] = ["layers", "h", "blocks", "layer"];
@@ -331,25 +397,41 @@ impl LoraConfig {
         for key in self.alpha_pattern.keys() {
             pattern_regex(key)?;
         }
-        if let Some(TargetModules::Pattern(p)) = &self.target_modules {
-            if p != "all-linear" {
-                Regex::new(&format!("^(?:{p})$")).map_err(|e| {
-                    ConfigError::invalid("target_modules", "a valid regular expression", e)
-                })?;
-            }
-        }
-        for flag in ["use_dora", "fan_in_fan_out", "lora_bias"] {
-            if let Some(v) = self.extra.get(flag) {
-                if v.as_bool() == Some(true) {
-                    return Err(ConfigError::Unsupported {
-                        field: flag.into(),
-                        found: "true".into(),
-                        reason: "not implemented by legora".into(),
-                    });
+        for (key, modules) in [
+            ("target_modules", &self.target_modules),
+            ("exclude_modules", &self.exclude_modules),
+        ] {
+            if let Some(TargetModules::Pattern(p)) = modules {
+                if p != "all-linear" {
+                    Regex::new(&format!("^(?:{p})$"))
+                        .map_err(|e| ConfigError::invalid(key, "a valid regular expression", e))?;
                 }
             }
         }
-        Ok(())
+        self.validate_extra()
+    }
+
+    /// PEFT options kept in [`extra`](Self::extra): the ones legora does not implement
+    /// are refused when set; `task_type` must be a causal LM's.
+    fn validate_extra(&self) -> Result<()> {
+        for &(key, what) in NOT_IMPLEMENTED {
+            if let Some(v) = self.extra.get(key).filter(|v| is_set(v)) {
+                return Err(ConfigError::Unsupported {
+                    field: key.into(),
+                    found: v.to_string(),
+                    reason: format!("{what} is not implemented by legora"),
+                });
+            }
+        }
+        match self.extra.get("task_type") {
+            None | Some(serde_json::Value::Null) => Ok(()),
+            Some(serde_json::Value::String(t)) if t == "CAUSAL_LM" => Ok(()),
+            Some(v) => Err(ConfigError::Unsupported {
+                field: "task_type".into(),
+                found: v.to_string(),
+                reason: "legora adapts causal language models (\"CAUSAL_LM\")".into(),
+            }),
+        }
     }
 
     fn spec_with(&self, r: usize, alpha: f64) -> AdapterSpec {
@@ -358,6 +440,7 @@ impl LoraConfig {
             lora_alpha: alpha,
             lora_dropout: self.lora_dropout,
             use_rslora: self.use_rslora,
+            use_dora: self.use_dora,
             init: self.init_lora_weights,
         }
     }
@@ -365,8 +448,21 @@ impl LoraConfig {
     /// Whether the module at `path` (e.g. `model.layers.3.self_attn.q_proj`) gets an
     /// adapter, following PEFT's `check_target_module_exists`.
     ///
-    /// `is_output_head` marks the LM head, which `"all-linear"` excludes.
+    /// `is_output_head` marks the LM head, which `"all-linear"` excludes. A module that
+    /// `exclude_modules` names is never a target.
     pub fn is_target(&self, path: &str, is_output_head: bool) -> bool {
+        let excluded = match &self.exclude_modules {
+            None => false,
+            Some(TargetModules::Pattern(p)) => Regex::new(&format!("^(?:{p})$"))
+                .map(|re| re.is_match(path))
+                .unwrap_or(false),
+            Some(TargetModules::List(names)) => names
+                .iter()
+                .any(|n| path == n || path.ends_with(&format!(".{n}"))),
+        };
+        if excluded {
+            return false;
+        }
         let matched = match &self.target_modules {
             // PEFT's `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING` for the Llama,
             // Qwen2 and Mistral families
@@ -531,6 +627,25 @@ mod tests {
     }
 
     #[test]
+    fn exclude_modules_follow_peft() {
+        let mut cfg = LoraConfig {
+            target_modules: Some(TargetModules::Pattern("all-linear".into())),
+            exclude_modules: Some(TargetModules::List(vec!["down_proj".into()])),
+            ..LoraConfig::default()
+        };
+        assert!(cfg.is_target("model.layers.0.mlp.up_proj", false));
+        assert!(!cfg.is_target("model.layers.0.mlp.down_proj", false));
+        // a regex must match the whole path
+        cfg.exclude_modules = Some(TargetModules::Pattern(r".*\.0\.self_attn\..*".into()));
+        assert!(!cfg.is_target("model.layers.0.self_attn.q_proj", false));
+        assert!(cfg.is_target("model.layers.1.self_attn.q_proj", false));
+        cfg.exclude_modules = Some(TargetModules::Pattern("self_attn".into()));
+        assert!(cfg.is_target("model.layers.1.self_attn.q_proj", false));
+        let back = LoraConfig::from_json(&cfg.to_json()).unwrap();
+        assert_eq!(back.exclude_modules, cfg.exclude_modules);
+    }
+
+    #[test]
     fn unset_targets_are_pefts_llama_default() {
         let cfg = LoraConfig::default();
         assert!(cfg.is_target("model.layers.0.self_attn.q_proj", false));
@@ -580,8 +695,10 @@ mod tests {
         );
         let e = LoraConfig::from_json(r#"{"modules_to_save": ["lm_head"]}"#).unwrap_err();
         assert!(e.to_string().contains("modules_to_save"), "{e}");
-        let e = LoraConfig::from_json(r#"{"use_dora": true}"#).unwrap_err();
-        assert!(e.to_string().contains("use_dora"), "{e}");
+        let e = LoraConfig::from_json(r#"{"lora_bias": true}"#).unwrap_err();
+        assert!(e.to_string().contains("lora_bias"), "{e}");
+        let e = LoraConfig::from_json(r#"{"exclude_modules": "(unclosed"}"#).unwrap_err();
+        assert!(e.to_string().contains("exclude_modules"), "{e}");
         let e = LoraConfig::from_json(r#"{"init_lora_weights": "pissa"}"#).unwrap_err();
         assert!(e.to_string().contains("pissa"), "{e}");
         let e = LoraConfig::from_json(r#"{"r": "eight"}"#).unwrap_err();

@@ -34,6 +34,8 @@ pub struct AdapterFiles {
     pub config: LoraConfig,
     /// `(module path, lora_A [r, in], lora_B [out, r])`, sorted by path.
     pub modules: Vec<(String, TensorData, TensorData)>,
+    /// DoRA: `lora_magnitude_vector [out]` by module path (empty for plain LoRA).
+    pub magnitudes: BTreeMap<String, TensorData>,
 }
 
 /// Read an adapter folder (no model needed).
@@ -53,18 +55,28 @@ pub fn read_adapter(dir: &Path) -> Result<AdapterFiles> {
     }
     let file = SafetensorsFile::open(&w_path)?;
     let mut pairs: BTreeMap<String, (Option<TensorData>, Option<TensorData>)> = BTreeMap::new();
+    let mut magnitudes = BTreeMap::new();
     for key in file.names() {
         let unsupported = || {
             HubError::adapter(
                 &w_path,
                 format!(
-                    "tensor `{key}` is not a LoRA matrix legora reads (expected \
-                     `{KEY_PREFIX}<module>.lora_A.weight` / `.lora_B.weight`; DoRA, embedding \
-                     and modules_to_save tensors are not supported)"
+                    "tensor `{key}` is not a LoRA tensor legora reads (expected \
+                     `{KEY_PREFIX}<module>.lora_A.weight` / `.lora_B.weight` / \
+                     `.lora_magnitude_vector`; embedding and modules_to_save tensors are not \
+                     supported)"
                 ),
             )
         };
         let rest = key.strip_prefix(KEY_PREFIX).ok_or_else(unsupported)?;
+        if let Some(m) = rest.strip_suffix(".lora_magnitude_vector") {
+            let data = file.tensor(&key)?.ok_or_else(|| HubError::MissingTensor {
+                path: w_path.clone(),
+                tensor: key.clone(),
+            })?;
+            magnitudes.insert(m.to_string(), data);
+            continue;
+        }
         let (module, is_a) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
             (m, true)
         } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
@@ -99,11 +111,52 @@ pub fn read_adapter(dir: &Path) -> Result<AdapterFiles> {
             "the adapter file holds no LoRA tensors",
         ));
     }
+    check_magnitudes(&w_path, &config, &modules, &magnitudes)?;
     Ok(AdapterFiles {
         dir: dir.to_path_buf(),
         config,
         modules,
+        magnitudes,
     })
+}
+
+/// DoRA's magnitudes agree with `use_dora`: one per module when it is on, none when off.
+fn check_magnitudes(
+    w_path: &Path,
+    config: &LoraConfig,
+    modules: &[(String, TensorData, TensorData)],
+    magnitudes: &BTreeMap<String, TensorData>,
+) -> Result<()> {
+    if !config.use_dora {
+        if let Some(m) = magnitudes.keys().next() {
+            return Err(HubError::adapter(
+                w_path,
+                format!(
+                    "tensor `{KEY_PREFIX}{m}.lora_magnitude_vector` is a DoRA magnitude, but \
+                     adapter_config.json has use_dora = false"
+                ),
+            ));
+        }
+        return Ok(());
+    }
+    for (m, _, _) in modules {
+        if !magnitudes.contains_key(m) {
+            return Err(HubError::MissingTensor {
+                path: w_path.to_path_buf(),
+                tensor: format!("{KEY_PREFIX}{m}.lora_magnitude_vector (use_dora = true)"),
+            });
+        }
+    }
+    if let Some(m) = magnitudes
+        .keys()
+        .find(|m| !modules.iter().any(|(p, _, _)| p == *m))
+    {
+        return Err(HubError::adapter(
+            w_path,
+            format!("tensor `{KEY_PREFIX}{m}.lora_magnitude_vector` has no lora_A / lora_B"),
+        ));
+    }
+    Ok(())
 }
 
 /// Load the adapter in `dir` into `model` under `name` (PEFT `load_adapter`).
@@ -172,7 +225,7 @@ pub fn load_adapter<B: Backend>(
                 });
             }
         }
-        let adapter = LoraAdapter::from_tensors(
+        let mut adapter = LoraAdapter::from_tensors(
             Tensor::from_data(a, &device),
             Tensor::from_data(b, &device),
             &spec,
@@ -180,6 +233,18 @@ pub fn load_adapter<B: Backend>(
             d_out,
         )
         .map_err(HubError::nn(&w_path))?;
+        if let Some(m) = files.magnitudes.get(&path) {
+            let key = format!("{KEY_PREFIX}{path}.lora_magnitude_vector");
+            if m.shape.to_vec() != [d_out] {
+                return Err(HubError::TensorShape {
+                    path: w_path.clone(),
+                    tensor: key,
+                    expected: vec![d_out],
+                    found: m.shape.to_vec(),
+                });
+            }
+            adapter = adapter.with_magnitude(Tensor::from_data(m.clone(), &device));
+        }
         adapters.push((id, adapter));
     }
     if !ignored.is_empty() {
@@ -302,6 +367,13 @@ pub fn save_adapter<B: Backend>(
             format!("{KEY_PREFIX}{path}.lora_B.weight"),
             a.lora_B.val().into_data(),
         ));
+        if let Some(m) = &a.lora_magnitude_vector {
+            // PEFT saves the magnitude without its `.weight` suffix
+            tensors.push((
+                format!("{KEY_PREFIX}{path}.lora_magnitude_vector"),
+                m.val().into_data(),
+            ));
+        }
     }
     write_safetensors(&dir.join(ADAPTER_WEIGHTS), &tensors, FloatDtype::F32)?;
     write_json(&dir.join(ADAPTER_CONFIG), &peft_config_json(&cfg))

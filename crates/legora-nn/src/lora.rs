@@ -7,11 +7,21 @@
 //! ```
 //!
 //! `A [r, in]` and `B [out, r]` keep PEFT's layout and names (`lora_A`, `lora_B`).
+//!
+//! DoRA (`use_dora`) adds a trained magnitude `m [out]` and rescales each output row of the
+//! adapted weight to it, with the norm detached from the graph as PEFT does:
+//!
+//! ```text
+//! n = ‖W + scale·B·A‖ per row (no gradient),   f = m / n
+//! y = x·Wᵀ + b + (f − 1)·(x'·Wᵀ) + f·scale·(x'·Aᵀ)·Bᵀ,   x' = dropout(x)
+//! ```
+//!
+//! so that without dropout `y = f·(x·(W + scale·B·A)ᵀ) + b`.
 #![allow(non_snake_case)]
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::{Distribution, Tensor, TensorData};
 
 use crate::error::{NnError, Result};
 use legora_config::{AdapterSpec, InitLoraWeights};
@@ -113,6 +123,8 @@ pub struct LoraAdapter<B: Backend> {
     pub lora_dropout: f64,
     /// rsLoRA scaling (`alpha / sqrt(r)`).
     pub use_rslora: bool,
+    /// DoRA's magnitude, PEFT `lora_magnitude_vector`, shape `[out]` (`None`: plain LoRA).
+    pub lora_magnitude_vector: Option<Param<Tensor<B, 1>>>,
 }
 
 impl<B: Backend> LoraAdapter<B> {
@@ -137,7 +149,12 @@ impl<B: Backend> LoraAdapter<B> {
             ),
             InitLoraWeights::Random => (kaiming([r, d_in], d_in), kaiming([d_out, r], r)),
         };
-        Ok(Self::new_unchecked(a, b, spec))
+        let adapter = Self::new_unchecked(a, b, spec);
+        if spec.use_dora {
+            // the row norms of the base weight are set by `LoraLinear::add_adapter`
+            return Ok(adapter.with_magnitude(Tensor::ones([d_out], device)));
+        }
+        Ok(adapter)
     }
 
     /// An adapter from given tensors (e.g. read from a PEFT file); shapes are checked
@@ -162,7 +179,39 @@ impl<B: Backend> LoraAdapter<B> {
             lora_alpha: spec.lora_alpha,
             lora_dropout: spec.lora_dropout,
             use_rslora: spec.use_rslora,
+            lora_magnitude_vector: None,
         }
+    }
+
+    /// This adapter as DoRA with magnitude `m [out]` (PEFT `lora_magnitude_vector`);
+    /// its length is checked when the adapter is inserted into a layer.
+    pub fn with_magnitude(mut self, m: Tensor<B, 1>) -> Self {
+        let trainable = self.lora_A.is_require_grad();
+        self.lora_magnitude_vector = Some(Param::from_tensor(m).set_require_grad(trainable));
+        self
+    }
+
+    /// Whether this is a DoRA adapter.
+    pub fn is_dora(&self) -> bool {
+        self.lora_magnitude_vector.is_some()
+    }
+
+    /// PEFT's `get_weight_norm`: `‖W + scale·B·A‖` per output row, detached.
+    ///
+    /// # Shapes
+    /// - weight: `[out, in]` → `[out]`
+    pub fn weight_norm(&self, weight: Tensor<B, 2>) -> Tensor<B, 1> {
+        let w = weight + self.delta_weight().detach();
+        w.powi_scalar(2).sum_dim(1).sqrt().squeeze_dim(1).detach()
+    }
+
+    /// DoRA's row factor `m / ‖W + scale·B·A‖` for base weight `W` (`None` for plain LoRA).
+    ///
+    /// # Shapes
+    /// - weight: `[out, in]` → `[out]`
+    pub fn dora_factor(&self, weight: Tensor<B, 2>) -> Option<Tensor<B, 1>> {
+        let m = self.lora_magnitude_vector.as_ref()?.val();
+        Some(m / self.weight_norm(weight))
     }
 
     /// Rank `r`.
@@ -177,6 +226,7 @@ impl<B: Backend> LoraAdapter<B> {
             lora_alpha: self.lora_alpha,
             lora_dropout: self.lora_dropout,
             use_rslora: self.use_rslora,
+            use_dora: self.is_dora(),
             init: InitLoraWeights::Default,
         }
     }
@@ -199,16 +249,50 @@ impl<B: Backend> LoraAdapter<B> {
     /// # Shapes
     /// - x: `[N, in]` → `[N, out]`
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let x = lora_dropout(x, self.lora_dropout);
+        self.lora_path(lora_dropout(x, self.lora_dropout))
+    }
+
+    /// `scale · (x·Aᵀ)·Bᵀ` on an input already through dropout.
+    fn lora_path(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         (x.matmul(self.lora_A.val().transpose()) * self.scaling())
             .matmul(self.lora_B.val().transpose())
     }
 
-    /// Mark both matrices trainable or frozen.
+    /// A DoRA adapter's contribution given `base = x·Wᵀ` (without bias; PEFT passes the
+    /// layer's result so far): `(f − 1)·base + f·scale·(x·Aᵀ)·Bᵀ`, where under dropout
+    /// `base` is recomputed on the dropped input, as PEFT's `DoraLinearLayer`.
+    ///
+    /// # Shapes
+    /// - x: `[N, in]`, base: `[N, out]` → `[N, out]`
+    pub fn dora_forward(
+        &self,
+        x: Tensor<B, 2>,
+        base: Tensor<B, 2>,
+        weight: &FrozenWeight<B>,
+    ) -> Tensor<B, 2> {
+        let f = match self.dora_factor(weight.val()) {
+            Some(f) => f.unsqueeze_dim::<2>(0),
+            None => return self.forward(x),
+        };
+        let dropped = self.lora_dropout > 0.0 && B::ad_enabled(&x.device());
+        let (x, base) = if dropped {
+            let x = lora_dropout(x, self.lora_dropout);
+            let base = base_linear(x.clone(), weight, &None);
+            (x, base)
+        } else {
+            (x, base)
+        };
+        base * (f.clone() - 1.0) + self.lora_path(x) * f
+    }
+
+    /// Mark the adapter's tensors trainable or frozen.
     pub fn set_trainable(self, trainable: bool) -> Self {
         Self {
             lora_A: self.lora_A.set_require_grad(trainable),
             lora_B: self.lora_B.set_require_grad(trainable),
+            lora_magnitude_vector: self
+                .lora_magnitude_vector
+                .map(|m| m.set_require_grad(trainable)),
             ..self
         }
     }
@@ -230,6 +314,8 @@ struct AdapterState {
     names: Vec<String>,
     active: Vec<String>,
     merged: Vec<String>,
+    /// The DoRA factor `m / ‖W + ΔW‖` of each merged DoRA adapter, to unmerge it.
+    dora_factors: Vec<(String, Vec<f32>)>,
     disabled: bool,
 }
 
@@ -312,7 +398,12 @@ impl<B: Backend> LoraLinear<B> {
     /// Add a freshly initialised adapter. The first adapter added becomes active.
     pub fn add_adapter(&mut self, name: &str, spec: &AdapterSpec) -> Result<()> {
         let (d_in, d_out) = self.dims();
-        let adapter = LoraAdapter::init(spec, d_in, d_out, &self.weight.device())?;
+        let mut adapter = LoraAdapter::init(spec, d_in, d_out, &self.weight.device())?;
+        if spec.use_dora {
+            // PEFT's `dora_init`: the magnitude starts as the adapted weight's row norms
+            let norm = adapter.weight_norm(self.weight.val());
+            adapter = adapter.with_magnitude(norm);
+        }
         self.insert_adapter(name, adapter)
     }
 
@@ -333,6 +424,13 @@ impl<B: Backend> LoraLinear<B> {
             &[d_out, r],
             &adapter.lora_B.dims(),
         )?;
+        if let Some(m) = &adapter.lora_magnitude_vector {
+            check_dims(
+                &format!("{name}.lora_magnitude_vector"),
+                &[d_out],
+                &m.dims(),
+            )?;
+        }
         let first = self.state.active.is_empty();
         self.adapters.push(adapter.set_trainable(first));
         self.state.names.push(name.to_string());
@@ -393,8 +491,20 @@ impl<B: Backend> LoraLinear<B> {
             if self.state.merged.contains(&name) {
                 continue;
             }
-            let delta = self.adapter(&name)?.delta_weight();
-            let w = self.weight.val() + delta;
+            let adapter = self.adapter(&name)?;
+            let base = self.weight.val();
+            let w = match adapter.dora_factor(base.clone()) {
+                // PEFT: W ← (m / ‖W + ΔW‖)·(W + ΔW), the factor kept to unmerge
+                Some(f) => {
+                    let values = f.clone().into_data().to_vec::<f32>().map_err(|e| {
+                        NnError::InvalidState(format!("reading the DoRA factor: {e:?}"))
+                    })?;
+                    let w = (base + adapter.delta_weight()) * f.unsqueeze_dim(1);
+                    self.state.dora_factors.push((name.clone(), values));
+                    w
+                }
+                None => base + adapter.delta_weight(),
+            };
             self.weight = self.weight.with_dense_value(w);
             self.state.merged.push(name);
         }
@@ -404,8 +514,18 @@ impl<B: Backend> LoraLinear<B> {
     /// Subtract every merged adapter from the base weight again (`W ← W − scale·B·A`).
     pub fn unmerge(&mut self) {
         while let Some(name) = self.state.merged.pop() {
+            let factor = match self.state.dora_factors.iter().position(|(n, _)| *n == name) {
+                Some(i) => Some(self.state.dora_factors.remove(i).1),
+                None => None,
+            };
             if let Ok(a) = self.adapter(&name) {
-                let w = self.weight.val() - a.delta_weight();
+                let mut w = self.weight.val();
+                if let Some(f) = factor {
+                    let n = f.len();
+                    let f = Tensor::<B, 1>::from_data(TensorData::new(f, [n]), &w.device());
+                    w = w / f.unsqueeze_dim(1);
+                }
+                let w = w - a.delta_weight();
                 self.weight = self.weight.with_dense_value(w);
             }
         }
@@ -442,6 +562,13 @@ impl<B: Backend> LoraLinear<B> {
             .iter()
             .map(|n| self.adapter(n))
             .collect::<Result<_>>()?;
+        if let Some(n) = adapters.iter().zip(&srcs).find(|(_, a)| a.is_dora()) {
+            return Err(NnError::config(
+                "adapters",
+                "LoRA adapters (PEFT cannot combine DoRA adapters either)",
+                format!("DoRA adapter `{}`", n.0),
+            ));
+        }
         let (a, b) = match combination {
             Combination::Linear => {
                 let r0 = srcs[0].rank();
@@ -509,13 +636,23 @@ impl<B: Backend> LoraLinear<B> {
         let (_, d_out) = self.dims();
         let mut live = self.live_adapters();
         if let (Some(adapter), None) = (live.next(), live.next()) {
-            // One adapter (the training case): one fused op.
-            let y = adapted_linear(x, &self.weight, &self.bias, adapter);
-            return unflatten(y, dims, d_out);
+            if !adapter.is_dora() {
+                // One adapter (the training case): one fused op.
+                let y = adapted_linear(x, &self.weight, &self.bias, adapter);
+                return unflatten(y, dims, d_out);
+            }
         }
-        let mut y = base_linear(x.clone(), &self.weight, &self.bias);
+        // PEFT's loop: a DoRA adapter rescales the result so far (bias excluded)
+        let mut y = base_linear(x.clone(), &self.weight, &None);
         for adapter in self.live_adapters() {
-            y = y + adapter.forward(x.clone());
+            y = if adapter.is_dora() {
+                y.clone() + adapter.dora_forward(x.clone(), y, &self.weight)
+            } else {
+                y + adapter.forward(x.clone())
+            };
+        }
+        if let Some(b) = &self.bias {
+            y = y + b.val().unsqueeze_dim(0);
         }
         unflatten(y, dims, d_out)
     }

@@ -144,6 +144,13 @@ impl<B: Backend> MoeLinear<B> {
     /// experts with [`set_experts_trainable`](Self::set_experts_trainable).
     pub fn insert_expert(&mut self, name: &str, adapter: LoraAdapter<B>) -> Result<()> {
         self.check_new_name(name)?;
+        if adapter.is_dora() {
+            return Err(NnError::config(
+                "use_dora",
+                "LoRA experts (DoRA experts in a mixture are not supported yet)",
+                format!("DoRA adapter `{name}`"),
+            ));
+        }
         let (d_in, d_out) = self.dims();
         let r = adapter.rank();
         check_dims(

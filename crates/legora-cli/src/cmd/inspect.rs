@@ -184,12 +184,18 @@ fn yes(b: bool) -> &'static str {
     }
 }
 
-/// Parameters of an adapter as stored (every lora_A and lora_B).
+/// Parameters of an adapter as stored (every lora_A, lora_B and DoRA magnitude).
 fn adapter_params(a: &AdapterFiles) -> usize {
-    a.modules
+    let lora: usize = a
+        .modules
         .iter()
         .map(|(_, x, y)| x.shape.num_elements() + y.shape.num_elements())
-        .sum()
+        .sum();
+    lora + a
+        .magnitudes
+        .values()
+        .map(|m| m.shape.num_elements())
+        .sum::<usize>()
 }
 
 fn targets(cfg: &LoraConfig) -> String {
@@ -205,6 +211,8 @@ fn adapter_summary(a: &AdapterFiles) -> Value {
         "r": c.r,
         "lora_alpha": c.lora_alpha,
         "use_rslora": c.use_rslora,
+        "use_dora": c.use_dora,
+        "exclude_modules": c.exclude_modules,
         "lora_dropout": c.lora_dropout,
         "target_modules": c.target_modules,
         "rank_pattern": c.rank_pattern,
@@ -262,10 +270,19 @@ fn adapter(dir: &Path, base: Option<&Path>) -> anyhow::Result<(String, Value)> {
         c.r,
         c.lora_alpha,
         scaling,
-        if c.use_rslora { ", rsLoRA" } else { "" },
+        match (c.use_rslora, c.use_dora) {
+            (true, true) => ", rsLoRA, DoRA",
+            (true, false) => ", rsLoRA",
+            (false, true) => ", DoRA",
+            (false, false) => "",
+        },
         c.lora_dropout
     ));
     text.push_str(&format!("  target_modules {}\n", targets(c)));
+    if let Some(e) = &c.exclude_modules {
+        let e = serde_json::to_string(e).unwrap_or_default();
+        text.push_str(&format!("  exclude_modules {e}\n"));
+    }
     if let Some(b) = &c.base_model_name_or_path {
         text.push_str(&format!("  base_model_name_or_path {b}\n"));
     }
