@@ -324,7 +324,7 @@ fn broken_adapter_folders() {
         matches!(&e, HubError::MissingFile { path, .. } if path.ends_with(ADAPTER_CONFIG)),
         "{e}"
     );
-    // An unsupported option (DoRA) in the config.
+    // An unsupported option in the config.
     std::fs::copy(
         fixture("llama-lora-qv").join(ADAPTER_WEIGHTS),
         tmp.path().join(ADAPTER_WEIGHTS),
@@ -334,11 +334,21 @@ fn broken_adapter_folders() {
         &std::fs::read_to_string(fixture("llama-lora-qv").join(ADAPTER_CONFIG)).unwrap(),
     )
     .unwrap();
+    v["fan_in_fan_out"] = true.into();
+    std::fs::write(tmp.path().join(ADAPTER_CONFIG), v.to_string()).unwrap();
+    let e = PeftModel::from_pretrained(base(), tmp.path()).unwrap_err();
+    assert!(
+        matches!(&e, HubError::Nn { .. }) && e.to_string().contains("fan_in_fan_out"),
+        "{e}"
+    );
+    // DoRA without its magnitudes.
+    v["fan_in_fan_out"] = false.into();
     v["use_dora"] = true.into();
     std::fs::write(tmp.path().join(ADAPTER_CONFIG), v.to_string()).unwrap();
     let e = PeftModel::from_pretrained(base(), tmp.path()).unwrap_err();
     assert!(
-        matches!(&e, HubError::Nn { .. }) && e.to_string().contains("use_dora"),
+        matches!(&e, HubError::MissingTensor { .. })
+            && e.to_string().contains("lora_magnitude_vector"),
         "{e}"
     );
     // A lora_A without its lora_B.
