@@ -10,9 +10,10 @@
 
 use std::path::{Path, PathBuf};
 
+mod common;
+
 use anyhow::Context;
 use burn::tensor::backend::Backend as _;
-use burn::tensor::{Int, Tensor, TensorData};
 use legora::backend::Flex;
 use legora::hub::io::write_safetensors;
 use legora::prelude::*;
@@ -20,20 +21,8 @@ use legora::prelude::*;
 type B = Flex;
 
 fn reference_batch(path: &Path, device: &burn::tensor::Device<B>) -> anyhow::Result<LmInput<B>> {
-    let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)?;
-    let get = |name: &str| -> anyhow::Result<Tensor<B, 2, Int>> {
-        let v = st.tensor(name)?;
-        let data: Vec<i64> = v
-            .data()
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        Ok(Tensor::from_data(
-            TensorData::new(data, [v.shape()[0], v.shape()[1]]),
-            device,
-        ))
-    };
+    let bytes = common::read(path)?;
+    let get = |name: &str| common::int_tensor::<B>(&bytes, name, device);
     Ok(LmInput::new(get("input_ids")?)
         .with_attention_mask(get("attention_mask")?)
         .with_position_ids(get("position_ids")?))

@@ -11,29 +11,16 @@
 
 use std::path::{Path, PathBuf};
 
+mod common;
+
 use anyhow::Context;
 use burn::tensor::backend::Backend as _;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor};
 use legora::backend::Flex;
 use legora::hub::io::write_safetensors;
 use legora::prelude::*;
 
 type B = Flex;
-
-fn input_ids(path: &Path, device: &burn::tensor::Device<B>) -> anyhow::Result<Tensor<B, 2, Int>> {
-    let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)?;
-    let v = st.tensor("input_ids")?;
-    let data: Vec<i64> = v
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    Ok(Tensor::from_data(
-        TensorData::new(data, [v.shape()[0], v.shape()[1]]),
-        device,
-    ))
-}
 
 fn save(model: &PeftModel<B>, ids: &Tensor<B, 2, Int>, dir: &Path) -> anyhow::Result<()> {
     model.save_pretrained(dir)?;
@@ -57,7 +44,8 @@ fn main() -> anyhow::Result<()> {
     let device = Default::default();
     B::seed(&device, 2024);
     let base = || PretrainedModel::<B>::from_pretrained(fixtures.join("models/llama"), &device);
-    let ids = input_ids(&fixtures.join("peft/reference/dora.safetensors"), &device)?;
+    let reference = common::read(&fixtures.join("peft/reference/dora.safetensors"))?;
+    let ids = common::int_tensor::<B>(&reference, "input_ids", &device)?;
 
     let resaved = PeftModel::from_pretrained(base()?, fixtures.join("peft/dora"))?;
     save(&resaved, &ids, &out.join("dora-resaved"))?;

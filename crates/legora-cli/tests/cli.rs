@@ -55,6 +55,15 @@ fn json(o: &Out) -> serde_json::Value {
     serde_json::from_str(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", o.stdout))
 }
 
+/// `legora score` on the fixtures' score.txt with `args` (model, adapter, storage): the
+/// mean NLL, in windows of the fixtures' context (max_position_embeddings).
+fn score(args: &[&str]) -> f64 {
+    let text = fx("score.txt");
+    let mut a = vec!["score", "--text", &text, "--max-length", "64"];
+    a.extend_from_slice(args);
+    json(&legora(&a))["mean_nll"].as_f64().unwrap()
+}
+
 #[test]
 fn inspect_model_folders() {
     // llama fixture: embed 300·64 + lm_head 300·64 + 2 layers × (q 64·64 + k,v 2·64·32
@@ -175,13 +184,6 @@ fn merge_writes_a_folder_that_scores_like_the_adapter() {
     assert!(out.join("config.json").is_file() && out.join("model.safetensors").is_file());
     assert!(out.join("tokenizer.json").is_file());
     // The merged folder loads again (legora score) and gives the adapter's NLL.
-    let score = |args: &[&str]| {
-        let text = fx("score.txt");
-        // the fixtures' context (max_position_embeddings)
-        let mut a = vec!["score", "--text", &text, "--max-length", "64"];
-        a.extend_from_slice(args);
-        json(&legora(&a))["mean_nll"].as_f64().unwrap()
-    };
     let merged = score(&["--model", out.to_str().unwrap()]);
     let adapted = score(&["--model", &fx("llama"), "--adapter", &fx("llama-lora-qv")]);
     assert!((merged - adapted).abs() < 1e-4, "{merged} vs {adapted}");
@@ -239,12 +241,6 @@ fn storage_flags_quantize_the_base_for_every_command() {
         "{}",
         o.stderr
     );
-    let score = |args: &[&str]| {
-        let text = fx("score.txt");
-        let mut a = vec!["score", "--text", &text, "--max-length", "64"];
-        a.extend_from_slice(args);
-        json(&legora(&a))["mean_nll"].as_f64().unwrap()
-    };
     let merged = score(&["--model", out.to_str().unwrap()]);
     let over_nf4 = score(&[
         "--model",

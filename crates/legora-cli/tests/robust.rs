@@ -339,35 +339,29 @@ fn non_finite_or_absurd_float_flags_are_usage_errors() {
 fn a_chat_template_that_loops_for_ever_is_an_error() {
     let tmp = Tmp::new("template");
     let model = tmp.copy("mistral");
-    std::fs::write(
-        model.join("chat_template.jinja"),
-        "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}",
-    )
-    .unwrap();
-    let o = legora(&[
-        "generate",
-        "--model",
-        s(&model),
-        "--prompt",
-        "hi",
-        "--chat-template",
-    ]);
-    fails(&o, 1, &["chat template", "chat_template.jinja"]);
-    // output past the cap (few instructions, a huge string)
-    std::fs::write(
-        model.join("chat_template.jinja"),
-        "{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}",
-    )
-    .unwrap();
-    let o = legora(&[
-        "generate",
-        "--model",
-        s(&model),
-        "--prompt",
-        "hi",
-        "--chat-template",
-    ]);
-    fails(&o, 1, &["chat template"]);
+    let cases: [(&str, &[&str]); 2] = [
+        (
+            "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}",
+            &["chat template", "chat_template.jinja"],
+        ),
+        // output past the cap (few instructions, a huge string)
+        (
+            "{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}",
+            &["chat template"],
+        ),
+    ];
+    for (template, needles) in cases {
+        std::fs::write(model.join("chat_template.jinja"), template).unwrap();
+        let o = legora(&[
+            "generate",
+            "--model",
+            s(&model),
+            "--prompt",
+            "hi",
+            "--chat-template",
+        ]);
+        fails(&o, 1, needles);
+    }
 }
 
 // ---- class 4: special files ---------------------------------------------------------

@@ -29,6 +29,24 @@ impl Default for TargetModules {
     }
 }
 
+impl TargetModules {
+    /// Whether the module at `path` is named: equal to a list entry or ending with
+    /// `.{entry}`, or matched whole by the pattern (`"all-linear"` is not special here).
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            TargetModules::Pattern(p) => full_match(p).is_ok_and(|re| re.is_match(path)),
+            TargetModules::List(names) => names
+                .iter()
+                .any(|n| path == n || path.ends_with(&format!(".{n}"))),
+        }
+    }
+}
+
+/// The regex that matches a whole module path, as Python's `re.fullmatch(p, path)`.
+fn full_match(p: &str) -> std::result::Result<Regex, regex::Error> {
+    Regex::new(&format!("^(?:{p})$"))
+}
+
 /// PEFT's `init_lora_weights`: how a new adapter starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum InitLoraWeights {
@@ -403,7 +421,7 @@ impl LoraConfig {
         ] {
             if let Some(TargetModules::Pattern(p)) = modules {
                 if p != "all-linear" {
-                    Regex::new(&format!("^(?:{p})$"))
+                    full_match(p)
                         .map_err(|e| ConfigError::invalid(key, "a valid regular expression", e))?;
                 }
             }
@@ -451,16 +469,11 @@ impl LoraConfig {
     /// `is_output_head` marks the LM head, which `"all-linear"` excludes. A module that
     /// `exclude_modules` names is never a target.
     pub fn is_target(&self, path: &str, is_output_head: bool) -> bool {
-        let excluded = match &self.exclude_modules {
-            None => false,
-            Some(TargetModules::Pattern(p)) => Regex::new(&format!("^(?:{p})$"))
-                .map(|re| re.is_match(path))
-                .unwrap_or(false),
-            Some(TargetModules::List(names)) => names
-                .iter()
-                .any(|n| path == n || path.ends_with(&format!(".{n}"))),
-        };
-        if excluded {
+        if self
+            .exclude_modules
+            .as_ref()
+            .is_some_and(|e| e.matches(path))
+        {
             return false;
         }
         let matched = match &self.target_modules {
@@ -470,12 +483,7 @@ impl LoraConfig {
                 .iter()
                 .any(|n| path.ends_with(&format!(".{n}"))),
             Some(TargetModules::Pattern(p)) if p == "all-linear" => !is_output_head,
-            Some(TargetModules::Pattern(p)) => Regex::new(&format!("^(?:{p})$"))
-                .map(|re| re.is_match(path))
-                .unwrap_or(false),
-            Some(TargetModules::List(names)) => names
-                .iter()
-                .any(|n| path == n || path.ends_with(&format!(".{n}"))),
+            Some(t) => t.matches(path),
         };
         if !matched {
             return false;

@@ -15,6 +15,10 @@ use std::time::Instant;
 
 use legora_kernels::quant::{matmul_dyw, matmul_xwt, Format, QuantMatrix};
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::values;
+
 struct Args {
     n: usize,
     din: usize,
@@ -53,19 +57,6 @@ fn parse_args() -> Args {
         }
     }
     a
-}
-
-/// Deterministic values in [-1, 1) (xorshift).
-fn values(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 23) as f32) - 1.0
-        })
-        .collect()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

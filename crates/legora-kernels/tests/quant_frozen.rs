@@ -4,6 +4,9 @@
 //! dequantization against the Rust one.
 #![cfg(feature = "flex")]
 
+mod common;
+use common::values;
+
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
 use burn::tensor::TensorData;
@@ -11,34 +14,6 @@ use legora_kernels::quant::{frozen_linear_reference, Format, FrozenWeight, Quant
 use legora_kernels::{frozen_linear, has_fused_kernels};
 
 type Ad = Autodiff<Flex>;
-
-const FORMATS: [Format; 8] = [
-    Format::F32,
-    Format::Bf16,
-    Format::F16,
-    Format::Int8,
-    Format::Nf4 {
-        double_quant: false,
-    },
-    Format::Nf4 { double_quant: true },
-    Format::Fp4 {
-        double_quant: false,
-    },
-    Format::Fp4 { double_quant: true },
-];
-
-/// Deterministic values in [-1, 1) (xorshift).
-fn values(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 23) as f32) - 1.0
-        })
-        .collect()
-}
 
 fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().to_vec().unwrap()
@@ -67,7 +42,7 @@ fn weight<B: Backend>(format: Format, dout: usize, din: usize) -> (FrozenWeight<
 #[test]
 fn burn_dequantization_matches_rust() {
     for (dout, din) in [(37, 45), (9, 64), (3, 7)] {
-        for format in FORMATS {
+        for format in Format::ALL {
             let (w, want) = weight::<Flex>(format, dout, din);
             assert_eq!(w.format(), format);
             assert_eq!(w.dims(), [dout, din]);
@@ -95,7 +70,7 @@ fn flex_forward_matches_reference() {
     assert!(has_fused_kernels::<Flex>());
     let (n, dout, din) = (7, 150, 70);
     let device = Default::default();
-    for format in FORMATS {
+    for format in Format::ALL {
         let (w, _) = weight::<Flex>(format, dout, din);
         assert!(w.has_fused_path(), "{}", format.name());
         let x =
@@ -117,7 +92,7 @@ fn autodiff_gradients_match_reference() {
     let (n, dout, din) = (65, 140, 67);
     let device = Default::default();
     let g = Tensor::<Ad, 2>::from_data(TensorData::new(values(n * dout, 9), [n, dout]), &device);
-    for format in FORMATS {
+    for format in Format::ALL {
         let (w, _) = weight::<Ad>(format, dout, din);
         assert!(w.has_fused_path(), "{}", format.name());
         let run = |fused: bool| {

@@ -5,36 +5,10 @@
 //! tile (several row tiles, several column tiles).
 #![cfg(feature = "flex")]
 
+mod common;
+use common::values;
+
 use legora_kernels::quant::{matmul_dyw, matmul_xwt, Format, QuantMatrix, DYW_COLUMN_TILES_FROM};
-
-/// Every storage format.
-const FORMATS: [Format; 8] = [
-    Format::F32,
-    Format::Bf16,
-    Format::F16,
-    Format::Int8,
-    Format::Nf4 {
-        double_quant: false,
-    },
-    Format::Nf4 { double_quant: true },
-    Format::Fp4 {
-        double_quant: false,
-    },
-    Format::Fp4 { double_quant: true },
-];
-
-/// Deterministic values in [-1, 1) (xorshift).
-fn values(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 23) as f32) - 1.0
-        })
-        .collect()
-}
 
 /// `a [m, k] · b [k, p]` in f64, with `b` read through `(row stride, col stride)`.
 fn reference(
@@ -71,7 +45,7 @@ fn assert_close(what: &str, got: &[f32], want: &[f32]) {
 fn products_match_dequantize_then_multiply() {
     for (dout, din) in [(300, 197), (37, 45)] {
         let w = values(dout * din, 7);
-        for format in FORMATS {
+        for format in Format::ALL {
             let m = QuantMatrix::quantize("w", &w, dout, din, format).unwrap();
             let wd = m.dequantize();
             let view = m.view();

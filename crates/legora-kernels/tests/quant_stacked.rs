@@ -6,6 +6,9 @@
 //! a row count past the column-tile threshold of the input-gradient product.
 #![cfg(feature = "flex")]
 
+mod common;
+use common::values;
+
 use std::sync::Arc;
 
 use burn::backend::{Autodiff, Flex};
@@ -15,34 +18,6 @@ use legora_kernels::quant::{Format, FrozenWeight, QuantMatrix};
 use legora_kernels::{reference, stacked_lora_frozen, Gating, StackedLora};
 
 type Ad = Autodiff<Flex>;
-
-const FORMATS: [Format; 8] = [
-    Format::F32,
-    Format::Bf16,
-    Format::F16,
-    Format::Int8,
-    Format::Nf4 {
-        double_quant: false,
-    },
-    Format::Nf4 { double_quant: true },
-    Format::Fp4 {
-        double_quant: false,
-    },
-    Format::Fp4 { double_quant: true },
-];
-
-/// Deterministic values in [-1, 1) (xorshift).
-fn values(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 23) as f32) - 1.0
-        })
-        .collect()
-}
 
 fn tensor<const D: usize>(v: Vec<f32>, shape: [usize; D]) -> Tensor<Ad, D> {
     Tensor::from_data(TensorData::new(v, shape), &Default::default())
@@ -125,7 +100,7 @@ fn run(
 fn fused_frozen_stacked_lora_matches_reference_in_every_format() {
     // 300 rows: past the input gradient's column-tile threshold; 7 rows: row tiles.
     for dims in [(7, 45, 70), (300, 37, 96)] {
-        for format in FORMATS {
+        for format in Format::ALL {
             for case in 0..3 {
                 let f = run(true, format, dims, case);
                 let r = run(false, format, dims, case);
@@ -143,7 +118,7 @@ fn fused_frozen_stacked_lora_matches_reference_in_every_format() {
 #[test]
 fn plain_flex_forward_matches() {
     let (n, dout, din) = (5, 33, 64);
-    for format in FORMATS {
+    for format in Format::ALL {
         let m = QuantMatrix::quantize("w", &values(dout * din, 1), dout, din, format).unwrap();
         let w = FrozenWeight::<Flex>::from_quant(m.clone(), &Default::default());
         let x: Tensor<Flex, 2> = Tensor::from_data(

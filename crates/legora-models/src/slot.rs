@@ -41,38 +41,8 @@ impl<B: Backend> FrozenLinear<B> {
     /// # Shapes
     /// - x: `[..., in]` → `[..., out]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        plain_linear(x, &self.weight, &self.bias)
+        legora_nn::frozen_forward(x, &self.weight, &self.bias)
     }
-}
-
-/// `x·Wᵀ + b` over the last dimension: an f32 weight by burn's matmul, any other storage
-/// by [`legora_kernels::frozen_linear`] (tile-dequantizing on the CPU kernels).
-///
-/// # Shapes
-/// - x: `[..., in]`, weight `[out, in]`, bias `[out]` → `[..., out]`
-fn plain_linear<B: Backend, const D: usize>(
-    x: Tensor<B, D>,
-    weight: &FrozenWeight<B>,
-    bias: &Option<Param<Tensor<B, 1>>>,
-) -> Tensor<B, D> {
-    let mut dims = x.dims();
-    let d_in = dims[D - 1];
-    let n = dims[..D - 1].iter().product::<usize>();
-    let d_out = weight.dims()[0];
-    let x = x.reshape([n, d_in]);
-    let bias = bias.as_ref().map(|b| b.val());
-    let y = match weight {
-        FrozenWeight::Dense(w) if weight.format() == Format::F32 => {
-            let y = x.matmul(w.val().transpose());
-            match bias {
-                Some(b) => y + b.unsqueeze_dim(0),
-                None => y,
-            }
-        }
-        _ => legora_kernels::frozen_linear(x, weight, bias),
-    };
-    dims[D - 1] = d_out;
-    y.reshape(dims)
 }
 
 /// One projection of the model: the adapter slot.
@@ -249,7 +219,9 @@ impl<B: Backend> Slot<B> {
         match self {
             Slot::Linear(l) => Ok((l.forward(x), None)),
             Slot::Lora(l) => Ok((l.forward(x), None)),
-            Slot::Moe(m) if m.num_experts() == 0 => Ok((plain_linear(x, &m.weight, &m.bias), None)),
+            Slot::Moe(m) if m.num_experts() == 0 => {
+                Ok((legora_nn::frozen_forward(x, &m.weight, &m.bias), None))
+            }
             Slot::Moe(m) => m.forward(x, experts).map_err(ModelError::layer(id)),
         }
     }

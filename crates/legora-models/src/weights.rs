@@ -72,23 +72,8 @@ impl Init<'_> {
             Init::Random(_) => return Ok(FrozenWeight::dense(self.load(name, expected, device)?)),
             Init::Source(src) => src,
         };
-        let m = src
-            .frozen(name)
-            .map_err(|source| ModelError::Weights {
-                tensor: name.to_string(),
-                source,
-            })?
-            .ok_or_else(|| ModelError::MissingTensor {
-                tensor: name.to_string(),
-            })?;
-        let found = vec![m.rows(), m.cols()];
-        if found != expected {
-            return Err(ModelError::ShapeMismatch {
-                tensor: name.to_string(),
-                expected: expected.to_vec(),
-                found,
-            });
-        }
+        let m = required(name, src.frozen(name))?;
+        check_shape(name, &expected, vec![m.rows(), m.cols()])?;
         Ok(FrozenWeight::from_quant(m, device))
     }
 
@@ -109,23 +94,8 @@ impl Init<'_> {
             }
             Init::Source(src) => src,
         };
-        let data = src
-            .tensor(name)
-            .map_err(|source| ModelError::Weights {
-                tensor: name.to_string(),
-                source,
-            })?
-            .ok_or_else(|| ModelError::MissingTensor {
-                tensor: name.to_string(),
-            })?;
-        let found = data.shape.to_vec();
-        if found != expected {
-            return Err(ModelError::ShapeMismatch {
-                tensor: name.to_string(),
-                expected: expected.to_vec(),
-                found,
-            });
-        }
+        let data = required(name, src.tensor(name))?;
+        check_shape(name, &expected, data.shape.to_vec())?;
         if !matches!(
             data.dtype,
             DType::F32 | DType::F64 | DType::F16 | DType::BF16
@@ -137,4 +107,28 @@ impl Init<'_> {
         }
         Ok(Tensor::from_data(data, device))
     }
+}
+
+/// A tensor a source was asked for: its read error or its absence as the model's error
+/// naming it.
+fn required<T>(name: &str, got: std::result::Result<Option<T>, SourceError>) -> Result<T> {
+    got.map_err(|source| ModelError::Weights {
+        tensor: name.to_string(),
+        source,
+    })?
+    .ok_or_else(|| ModelError::MissingTensor {
+        tensor: name.to_string(),
+    })
+}
+
+/// The shape the model expects for `name`, or an error naming both.
+fn check_shape(name: &str, expected: &[usize], found: Vec<usize>) -> Result<()> {
+    if found != expected {
+        return Err(ModelError::ShapeMismatch {
+            tensor: name.to_string(),
+            expected: expected.to_vec(),
+            found,
+        });
+    }
+    Ok(())
 }

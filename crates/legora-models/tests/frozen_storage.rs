@@ -16,21 +16,6 @@ use legora_nn::{InitLoraWeights, LoraAdapter, LoraConfig, RouterConfig};
 
 type B = Autodiff<Flex>;
 
-const FORMATS: [Format; 8] = [
-    Format::F32,
-    Format::Bf16,
-    Format::F16,
-    Format::Int8,
-    Format::Nf4 {
-        double_quant: false,
-    },
-    Format::Nf4 { double_quant: true },
-    Format::Fp4 {
-        double_quant: false,
-    },
-    Format::Fp4 { double_quant: true },
-];
-
 fn model() -> CausalLm<B> {
     let cfg = Config::from_json(
         r#"{"model_type": "qwen2", "vocab_size": 37, "hidden_size": 24,
@@ -143,7 +128,7 @@ fn run(m: &CausalLm<B>, input: LmInput<B>) -> (Vec<f32>, Vec<(String, Vec<f32>)>
 }
 
 fn compare(what: &str, m: &CausalLm<B>, input: impl Fn() -> LmInput<B>) {
-    for format in FORMATS {
+    for format in Format::ALL {
         let (stored, reference) = stored_and_reference(m, format);
         let (ls, gs) = run(&stored, input());
         let (lr, gr) = run(&reference, input());

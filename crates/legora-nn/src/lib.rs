@@ -40,7 +40,7 @@ pub use legora_config::{
     AdapterSpec, ConfigError, InitLoraWeights, LayersPattern, LayersToTransform, LoraConfig, Proj,
     SlotId, TargetModules,
 };
-pub use lora::{Combination, LoraAdapter, LoraLinear};
+pub use lora::{frozen_forward, Combination, LoraAdapter, LoraLinear};
 pub use moe::{Experts, MoeLinear};
 pub use params::{trainable_parameters, ParamReport};
 pub use router::{Router, RouterConfig, RouterOutput, RouterPooling, RoutingStrategy};

@@ -75,6 +75,20 @@ pub(crate) fn base_linear<B: Backend>(
     }
 }
 
+/// [`base_linear`] over the last dimension: the frozen product of a slot without adapters.
+///
+/// # Shapes
+/// - x: `[..., in]`, weight: `[out, in]`, bias: `[out]` → `[..., out]`
+pub fn frozen_forward<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: &FrozenWeight<B>,
+    bias: &Option<Param<Tensor<B, 1>>>,
+) -> Tensor<B, D> {
+    let (x, dims) = flatten(x);
+    let d_out = weight.dims()[0];
+    unflatten(base_linear(x, weight, bias), dims, d_out)
+}
+
 /// `x·Wᵀ + b + adapter(x)` as one [`legora_kernels::stacked_lora_frozen`] op (the weight
 /// read in its storage format).
 ///

@@ -29,6 +29,22 @@ pub enum Format {
 }
 
 impl Format {
+    /// Every storage format, dense first.
+    pub const ALL: [Format; 8] = [
+        Format::F32,
+        Format::Bf16,
+        Format::F16,
+        Format::Int8,
+        Format::Nf4 {
+            double_quant: false,
+        },
+        Format::Nf4 { double_quant: true },
+        Format::Fp4 {
+            double_quant: false,
+        },
+        Format::Fp4 { double_quant: true },
+    ];
+
     /// A short name for messages and reports (`"nf4-dq"`, `"bf16"`, ...).
     pub fn name(self) -> &'static str {
         match self {

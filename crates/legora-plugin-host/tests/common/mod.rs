@@ -5,14 +5,17 @@
 //! example and the broken test plugins under `tests/bad-plugins/`) are built
 //! as dynamic libraries by running cargo from the test, into their own target
 //! directory under `CARGO_TARGET_TMPDIR` (so the outer `cargo test` lock is
-//! never waited on). legora-cli's plugin tests build the same list with the
-//! same flags into the same folder: keep the two in step.
+//! never waited on), by [`build_plugins::build_plugins`], which legora-cli's tests
+//! include too.
 
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
+
+mod build_plugins;
+#[allow(unused_imports)] // not every test file uses it
+pub use build_plugins::workspace_root;
 
 use legora_plugin_host::{Isolation, PluginHost};
 
@@ -32,34 +35,11 @@ pub const PACKAGES: &[&str] = &[
     "legora-test-plugin-garbage",
 ];
 
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 /// Builds every plugin cdylib once per test process; returns the folder
 /// holding the libraries.
 pub fn plugin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-test");
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.arg("build")
-            .arg("--manifest-path")
-            .arg(workspace_root().join("Cargo.toml"))
-            // Unoptimized, without debug info: the plugins only run tiny
-            // inputs here, and this keeps the cold build short on small CI machines.
-            .args(["--config", "profile.dev.opt-level=0"])
-            .args(["--config", r#"profile.dev.package."*".opt-level=0"#])
-            .args(["--config", "profile.dev.debug=0"])
-            .env("CARGO_TARGET_DIR", &target)
-            .env_remove("CARGO_BUILD_TARGET");
-        for p in PACKAGES {
-            cmd.args(["-p", p]);
-        }
-        let status = cmd.status().expect("cargo can be run");
-        assert!(status.success(), "building the plugins failed: {status}");
-        target.join("debug")
-    })
+    DIR.get_or_init(|| build_plugins::build_plugins(PACKAGES))
 }
 
 /// The library file of a crate's lib name (`legora_plugin_medical`).
