@@ -80,7 +80,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         skip_eval: args.skip_eval,
         overwrite: args.overwrite,
         mode: Mode::Compose(args.experts.clone()),
-        load_options: args.load.options()?,
+        load_options: args.load.options(),
     };
     let mut progress = Progress::default();
     let report = run_pipeline::<TrainBackend>(&cfg, &host, &opts, &mut progress, &device())?;

@@ -29,7 +29,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let host = load_plugins(&cfg, &args.plugin_dirs)?;
     let opts = PipelineOptions {
         mode: Mode::EvalOnly,
-        load_options: args.load.options()?,
+        load_options: args.load.options(),
         ..PipelineOptions::default()
     };
     let mut progress = Progress::default();

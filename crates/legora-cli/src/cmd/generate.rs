@@ -80,7 +80,7 @@ fn load(args: &Args) -> anyhow::Result<Loaded> {
     let mut base = PretrainedModel::<Backend>::from_pretrained_with(
         &args.model,
         &device,
-        &args.load.options_or_default()?,
+        &args.load.options_or_default(),
     )?;
     if let Some(dir) = &args.moe {
         let cfg = base.load_mixture(dir)?;

@@ -74,7 +74,7 @@ fn model(dir: &Path, load: &crate::cmd::LoadArgs) -> anyhow::Result<(String, Val
     let m = PretrainedModel::<Backend>::from_pretrained_with(
         dir,
         &device(),
-        &load.options_or_default()?,
+        &load.options_or_default(),
     )?;
     let params = all_params(&m.model);
     let storage = storage(&m.model);

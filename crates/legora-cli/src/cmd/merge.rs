@@ -9,27 +9,13 @@ use legora::prelude::*;
 use crate::backend::{device, Backend};
 use crate::text::thousands;
 
-/// Weight dtype of the merged folder.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum Dtype {
-    /// float32.
-    F32,
-    /// float16.
-    F16,
-    /// bfloat16.
-    Bf16,
-}
-
 /// Arguments of `legora merge`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Load the base quantized first (nf4, fp4, int8), as the adapter was trained over
-    /// it (QLoRA): the weights are dequantized, merged and written in --dtype.
-    #[arg(long, value_parser = ["nf4", "fp4", "int8"])]
-    pub quantize: Option<String>,
-    /// With --quantize nf4|fp4: the base's block scales were double-quantized.
-    #[arg(long, requires = "quantize")]
-    pub double_quant: bool,
+    /// Load the base quantized first, as the adapter was trained over it (QLoRA): the
+    /// weights are dequantized, merged and written in --dtype.
+    #[command(flatten)]
+    pub quant: crate::cmd::QuantArgs,
     /// Hugging Face model folder the adapter was trained on.
     #[arg(long)]
     pub model: PathBuf,
@@ -42,7 +28,7 @@ pub struct Args {
     pub out: PathBuf,
     /// Weight dtype written.
     #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: Dtype,
+    pub dtype: crate::cmd::Dtype,
 }
 
 /// Run `legora merge`.
@@ -59,27 +45,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let load = crate::cmd::LoadArgs {
         dtype: None,
-        quantize: args.quantize.clone(),
-        double_quant: args.double_quant,
+        quant: args.quant.clone(),
     };
     let base = PretrainedModel::<Backend>::from_pretrained_with(
         &args.model,
         &device(),
-        &load.options_or_default()?,
+        &load.options_or_default(),
     )?;
     let peft = PeftModel::from_pretrained(base, &args.adapter)?;
     let merged = peft.merge_and_unload()?;
     let params = merged.model.parameter_report().total;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating the output folder {}", args.out.display()))?;
-    let dtype = match args.dtype {
-        Dtype::F32 => FloatDtype::F32,
-        Dtype::F16 => FloatDtype::F16,
-        Dtype::Bf16 => FloatDtype::BF16,
-    };
+    let dtype = args.dtype.float();
     merged.save_pretrained_as(&args.out, dtype)?;
-    let over = match &args.quantize {
-        Some(q) => format!(" over the {q} base, dequantized"),
+    let over = match args.quant.quantize {
+        Some(q) => {
+            let name = clap::ValueEnum::to_possible_value(&q).map(|v| v.get_name().to_owned());
+            format!(" over the {} base, dequantized", name.unwrap_or_default())
+        }
         None => String::new(),
     };
     outln!(

@@ -45,7 +45,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut base = PretrainedModel::<Backend>::from_pretrained_with(
         &args.model,
         &device,
-        &args.load.options_or_default()?,
+        &args.load.options_or_default(),
     )?;
     if let Some(dir) = &args.moe {
         let cfg = base.load_mixture(dir)?;

@@ -71,7 +71,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         stop_after: args.stop_after,
         skip_eval: args.skip_eval,
         overwrite: args.overwrite,
-        load_options: args.load.options()?,
+        load_options: args.load.options(),
         ..PipelineOptions::default()
     };
     let mut progress = Progress::default();
