@@ -38,6 +38,16 @@ pub struct AdapterFiles {
     pub magnitudes: BTreeMap<String, TensorData>,
 }
 
+/// Which of a module's tensors a key of adapter_model.safetensors holds.
+enum Part {
+    /// `lora_A.weight`.
+    A,
+    /// `lora_B.weight`.
+    B,
+    /// DoRA's `lora_magnitude_vector`.
+    Magnitude,
+}
+
 /// Read an adapter folder (no model needed).
 pub fn read_adapter(dir: &Path) -> Result<AdapterFiles> {
     let cfg_path = dir.join(ADAPTER_CONFIG);
@@ -69,30 +79,25 @@ pub fn read_adapter(dir: &Path) -> Result<AdapterFiles> {
             )
         };
         let rest = key.strip_prefix(KEY_PREFIX).ok_or_else(unsupported)?;
-        if let Some(m) = rest.strip_suffix(".lora_magnitude_vector") {
-            let data = file.tensor(&key)?.ok_or_else(|| HubError::MissingTensor {
-                path: w_path.clone(),
-                tensor: key.clone(),
-            })?;
-            magnitudes.insert(m.to_string(), data);
-            continue;
-        }
-        let (module, is_a) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
-            (m, true)
-        } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
-            (m, false)
-        } else {
-            return Err(unsupported());
-        };
+        let (module, part) = [
+            (".lora_A.weight", Part::A),
+            (".lora_B.weight", Part::B),
+            (".lora_magnitude_vector", Part::Magnitude),
+        ]
+        .into_iter()
+        .find_map(|(suffix, part)| rest.strip_suffix(suffix).map(|m| (m, part)))
+        .ok_or_else(unsupported)?;
         let data = file.tensor(&key)?.ok_or_else(|| HubError::MissingTensor {
             path: w_path.clone(),
             tensor: key.clone(),
         })?;
-        let e = pairs.entry(module.to_string()).or_default();
-        if is_a {
-            e.0 = Some(data);
-        } else {
-            e.1 = Some(data);
+        let module = module.to_string();
+        match part {
+            Part::A => pairs.entry(module).or_default().0 = Some(data),
+            Part::B => pairs.entry(module).or_default().1 = Some(data),
+            Part::Magnitude => {
+                magnitudes.insert(module, data);
+            }
         }
     }
     let mut modules = Vec::with_capacity(pairs.len());
@@ -190,9 +195,11 @@ pub fn load_adapter<B: Backend>(
     let device = model.model.embed_tokens.device();
     let mut adapters = Vec::with_capacity(files.modules.len());
     let mut ignored = Vec::new();
+    let mut magnitudes = files.magnitudes;
     for (path, a, b) in files.modules {
         let key_a = format!("{KEY_PREFIX}{path}.lora_A.weight");
         let key_b = format!("{KEY_PREFIX}{path}.lora_B.weight");
+        let key_m = format!("{KEY_PREFIX}{path}.lora_magnitude_vector");
         let id = path.parse::<SlotId>().ok();
         // PEFT 0.21 injects LoRA only into the modules `target_modules` selects and
         // loads the state dict non-strictly: tensors of other modules are not loaded
@@ -214,13 +221,19 @@ pub fn load_adapter<B: Backend>(
         })?;
         let (d_in, d_out) = slot.dims();
         let spec = cfg.spec_for(&path);
-        for (key, data, expected) in [(&key_a, &a, [spec.r, d_in]), (&key_b, &b, [d_out, spec.r])] {
+        let magnitude = magnitudes.remove(&path);
+        let mut shapes = vec![
+            (&key_a, &a, vec![spec.r, d_in]),
+            (&key_b, &b, vec![d_out, spec.r]),
+        ];
+        shapes.extend(magnitude.as_ref().map(|m| (&key_m, m, vec![d_out])));
+        for (key, data, expected) in shapes {
             let found = data.shape.to_vec();
             if found != expected {
                 return Err(HubError::TensorShape {
                     path: w_path.clone(),
                     tensor: key.clone(),
-                    expected: expected.to_vec(),
+                    expected,
                     found,
                 });
             }
@@ -233,17 +246,8 @@ pub fn load_adapter<B: Backend>(
             d_out,
         )
         .map_err(HubError::nn(&w_path))?;
-        if let Some(m) = files.magnitudes.get(&path) {
-            let key = format!("{KEY_PREFIX}{path}.lora_magnitude_vector");
-            if m.shape.to_vec() != [d_out] {
-                return Err(HubError::TensorShape {
-                    path: w_path.clone(),
-                    tensor: key,
-                    expected: vec![d_out],
-                    found: m.shape.to_vec(),
-                });
-            }
-            adapter = adapter.with_magnitude(Tensor::from_data(m.clone(), &device));
+        if let Some(m) = magnitude {
+            adapter = adapter.with_magnitude(Tensor::from_data(m, &device));
         }
         adapters.push((id, adapter));
     }

@@ -528,10 +528,11 @@ impl<B: Backend> LoraLinear<B> {
     /// Subtract every merged adapter from the base weight again (`W ← W − scale·B·A`).
     pub fn unmerge(&mut self) {
         while let Some(name) = self.state.merged.pop() {
-            let factor = match self.state.dora_factors.iter().position(|(n, _)| *n == name) {
-                Some(i) => Some(self.state.dora_factors.remove(i).1),
-                None => None,
-            };
+            let factors = &mut self.state.dora_factors;
+            let factor = factors
+                .iter()
+                .position(|(n, _)| *n == name)
+                .map(|i| factors.remove(i).1);
             if let Ok(a) = self.adapter(&name) {
                 let mut w = self.weight.val();
                 if let Some(f) = factor {
