@@ -435,6 +435,48 @@ fn merge_refuses_an_output_inside_its_inputs() {
     assert_eq!(snapshot(&tmp.0), before, "a refused merge changed files");
 }
 
+#[test]
+fn train_and_compose_refuse_an_output_inside_their_inputs() {
+    let tmp = Tmp::new("runover");
+    let model = tmp.copy("mistral");
+    let expert = tmp.copy("mistral-lora-qv");
+    let (run, _) = tiny_run(&tmp, "o", 2);
+    let text = std::fs::read_to_string(&run)
+        .unwrap()
+        .replace(s(&fixtures().join("mistral")), s(&model));
+    let before = snapshot(&tmp.0);
+    let with_output = |out: &Path| {
+        let file = tmp.0.join("over.toml");
+        let body = text
+            .lines()
+            .map(|l| match l.starts_with("output_dir") {
+                true => format!("output_dir = \"{}\"", s(out)),
+                false => l.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(&file, body).unwrap();
+        file.to_str().unwrap().to_string()
+    };
+    for out in [model.clone(), model.join("run")] {
+        let o = legora(&["train", "--config", &with_output(&out)]);
+        fails(&o, 1, &["output_dir", "outside the base model's folder"]);
+    }
+    let experts = [s(&expert), s(&expert)];
+    for (out, what) in [
+        (model.join("run"), "the base model's folder"),
+        (expert.join("mixture"), "an expert folder"),
+    ] {
+        let run = with_output(&out);
+        let mut args = vec!["compose", "--config", &run, "--experts"];
+        args.extend(experts);
+        let o = legora(&args);
+        fails(&o, 1, &["output_dir", what]);
+    }
+    std::fs::remove_file(tmp.0.join("over.toml")).unwrap();
+    assert_eq!(snapshot(&tmp.0), before, "a refused run changed files");
+}
+
 // ---- class 8: errors read well ------------------------------------------------------
 
 #[test]
@@ -653,6 +695,19 @@ fn adapters(out: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     files
 }
 
+/// Change checkpoint file `name` in `dir` with `f` and record its new length and
+/// checksum in `state.json`, as a deliberate edit would.
+fn resummed(dir: &Path, name: &str, f: impl FnOnce(&mut Vec<u8>)) {
+    let p = dir.join(name);
+    let mut b = std::fs::read(&p).unwrap();
+    f(&mut b);
+    let sum = legora::train::FileSum::of(&b);
+    std::fs::write(&p, &b).unwrap();
+    edit_json(&dir.join("state.json"), |v| {
+        v["files"][name] = serde_json::to_value(sum).unwrap();
+    });
+}
+
 #[test]
 fn resume_validates_every_checkpoint_file_and_never_deletes_without_overwrite() {
     let tmp = Tmp::new("resume");
@@ -669,16 +724,33 @@ fn resume_validates_every_checkpoint_file_and_never_deletes_without_overwrite() 
     assert_eq!(snapshot(&out), before);
 
     // damaged checkpoint files: typed errors naming the file, nothing deleted
-    let damage: [Damage; 4] = [
+    let damage: [Damage; 6] = [
         (
-            "optimizer.bin",
-            Box::new(|d: &Path| std::fs::write(d.join("optimizer.bin"), [0u8; 8]).unwrap()),
-            "optimizer.bin",
+            "optimizer.safetensors",
+            Box::new(|d: &Path| std::fs::write(d.join("optimizer.safetensors"), [0u8; 8]).unwrap()),
+            "optimizer.safetensors",
+        ),
+        // damaged as an attacker would: the sums in state.json match the damaged bytes,
+        // so the bytes reach the optimizer-state reader, which checks every value
+        (
+            "optimizer.safetensors",
+            Box::new(|d: &Path| {
+                resummed(d, "optimizer.safetensors", |b| {
+                    let header = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+                    b[8 + header..12 + header].copy_from_slice(&f32::NAN.to_le_bytes());
+                })
+            }),
+            "expected finite values",
         ),
         (
-            "optimizer.bin",
+            "optimizer.safetensors",
+            Box::new(|d: &Path| resummed(d, "optimizer.safetensors", |b| b.truncate(b.len() / 2))),
+            "not a safetensors file",
+        ),
+        (
+            "optimizer.safetensors",
             Box::new(|d: &Path| {
-                let p = d.join("optimizer.bin");
+                let p = d.join("optimizer.safetensors");
                 let mut b = std::fs::read(&p).unwrap();
                 let n = b.len();
                 b[n / 2] ^= 0xff;
@@ -707,10 +779,12 @@ fn resume_validates_every_checkpoint_file_and_never_deletes_without_overwrite() 
     ];
     for (file, hurt, needle) in &damage {
         let saved = std::fs::read(step.join(file)).unwrap();
+        let state = std::fs::read(step.join("state.json")).unwrap();
         hurt(&step);
         let o = legora(&["train", "--config", &run, "--resume"]);
         fails(&o, 1, &[file, needle]);
         std::fs::write(step.join(file), saved).unwrap();
+        std::fs::write(step.join("state.json"), state).unwrap();
     }
     // `latest` may only name a checkpoint folder of the run
     std::fs::write(ckpt.join("latest"), "../../../../etc").unwrap();

@@ -22,6 +22,7 @@
 //! Every write is atomic (temporary file + rename); every error is a [`HubError`] naming
 //! the file, and the tensor with its expected and found shape where one is involved.
 
+mod contain;
 mod error;
 pub mod gguf;
 pub mod io;
@@ -31,6 +32,7 @@ mod moe;
 mod peft;
 mod tokenizer;
 
+pub use contain::contain_panic;
 pub use error::{HubError, Result};
 pub use gguf::GgufFile;
 pub use io::{write_atomic, Checkpoint, FloatDtype, SafetensorsFile};

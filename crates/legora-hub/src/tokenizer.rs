@@ -26,7 +26,7 @@ pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
 /// malformed files (found by fuzzing: a decoder entry of the wrong shape); the panic is
 /// contained and reported as [`HubError::Tokenizer`].
 pub fn tokenizer_from_bytes(path: &Path, bytes: &[u8]) -> Result<Tokenizer> {
-    let parsed = std::panic::catch_unwind(|| Tokenizer::from_bytes(bytes));
+    let parsed = crate::contain_panic(|| Tokenizer::from_bytes(bytes));
     let err = |message: String| HubError::Tokenizer {
         path: path.to_path_buf(),
         message,
@@ -34,7 +34,9 @@ pub fn tokenizer_from_bytes(path: &Path, bytes: &[u8]) -> Result<Tokenizer> {
     match parsed {
         Ok(Ok(t)) => Ok(t),
         Ok(Err(e)) => Err(err(e.to_string())),
-        Err(_) => Err(err("malformed tokenizer.json (the parser failed)".into())),
+        Err(panic) => Err(err(format!(
+            "malformed tokenizer.json (the parser failed: {panic})"
+        ))),
     }
 }
 

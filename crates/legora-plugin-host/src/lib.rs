@@ -267,18 +267,7 @@ impl PluginHandle {
     pub fn parse(&self, request: &ParseRequest) -> Result<ParseOutput, HostError> {
         let (header, payload) = ParseHeader::split(request);
         match self.call(Call::Parse(header), &payload)? {
-            Reply::Parse(output) => {
-                for (i, record) in output.records.iter().enumerate() {
-                    record
-                        .validate()
-                        .map_err(|e| HostError::MalformedResponse {
-                            plugin: self.name().to_string(),
-                            method: "parse".into(),
-                            reason: format!("record #{} is invalid: {e}", i + 1),
-                        })?;
-                }
-                Ok(output)
-            }
+            Reply::Parse(output) => Ok(output),
             other => Err(self.wrong_reply("parse", &other)),
         }
     }
@@ -358,7 +347,7 @@ fn call_backend(
     match backend {
         Backend::Static(plugin_impl) => {
             let response = handle_request(plugin_impl.as_ref(), &request, payload);
-            decode_response(plugin, method, &response)
+            decode_reply(plugin, method, &response)
         }
         Backend::Dynamic {
             table,
@@ -366,24 +355,24 @@ fn call_backend(
         } => {
             let response =
                 dylib::call_table(table, &request, payload, *max_reply_len).map_err(malformed)?;
-            decode_response(plugin, method, &response)
+            decode_reply(plugin, method, &response)
         }
         Backend::Isolated(worker) => {
             let reply = worker
                 .call(plugin, method, &request, payload)?
                 .map_err(malformed)?;
-            decode_response(plugin, method, reply.body())
+            decode_reply(plugin, method, reply.body())
         }
     }
 }
 
-/// Decodes a plugin's response envelope; an error reply becomes the matching
-/// [`HostError`].
-pub(crate) fn decode_response(
-    plugin: &str,
-    method: &str,
-    bytes: &[u8],
-) -> Result<Reply, HostError> {
+/// Decode the bytes of plugin `plugin`'s reply to a `method` call: the response
+/// envelope of [`legora_plugin_api::protocol`], its schema version, and every record
+/// of a parse reply. An error reply becomes the matching [`HostError`]; anything
+/// else that is not a valid reply is a [`HostError::MalformedResponse`] naming the
+/// plugin and the call. Every path (static, in-process, worker process) decodes
+/// replies here.
+pub fn decode_reply(plugin: &str, method: &str, bytes: &[u8]) -> Result<Reply, HostError> {
     let malformed = |reason: String| HostError::MalformedResponse {
         plugin: plugin.to_string(),
         method: method.to_string(),
@@ -401,6 +390,14 @@ pub(crate) fn decode_response(
     }
     match response.reply {
         Reply::Error(error) => Err(plugin_error(plugin, error)),
+        Reply::Parse(output) => {
+            for (i, record) in output.records.iter().enumerate() {
+                record
+                    .validate()
+                    .map_err(|e| malformed(format!("record #{} is invalid: {e}", i + 1)))?;
+            }
+            Ok(Reply::Parse(output))
+        }
         reply => Ok(reply),
     }
 }

@@ -619,7 +619,7 @@ impl Isolated {
             reason,
         };
         let reply = reply.map_err(malformed)?;
-        match crate::decode_response(plugin, "manifest", reply.body())? {
+        match crate::decode_reply(plugin, "manifest", reply.body())? {
             Reply::Manifest(m) if m == *expected => Ok(process),
             Reply::Manifest(_) => Err(malformed(
                 "the restarted worker reports another manifest than at load time".into(),

@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,6 +68,22 @@ pub struct GenRequest {
     pub gen: GenerationConfig,
     /// Where the events go; a closed receiver frees the sequence.
     pub events: mpsc::UnboundedSender<Event>,
+    /// Set by the HTTP side when one of the request's stop strings ended the
+    /// completion: its receiver then closes because the request is done, not because
+    /// the client went away.
+    pub stop_matched: Arc<AtomicBool>,
+}
+
+impl GenRequest {
+    /// Why a sequence whose receiver closed is freed (`/metrics`'
+    /// `legora_sequences_freed_total` reason): `finished` after a stop string,
+    /// `closed` when the client went away.
+    fn closed_reason(&self) -> &'static str {
+        match self.stop_matched.load(Ordering::Relaxed) {
+            true => "finished",
+            false => "closed",
+        }
+    }
 }
 
 /// Messages to the engine thread.
@@ -221,7 +237,7 @@ impl<B: Backend> Engine<B> {
             };
             self.shared.metrics.queue.fetch_sub(1, Ordering::Relaxed);
             if req.events.is_closed() {
-                self.shared.metrics.freed("closed");
+                self.shared.metrics.freed(req.closed_reason());
                 continue;
             }
             match self.registry.resolve(&req.model) {
@@ -255,11 +271,14 @@ impl<B: Backend> Engine<B> {
 
     /// Free the sequences whose client went away.
     fn drop_closed(&mut self) {
-        let before = self.active.len();
-        self.active.retain(|s| !s.req.events.is_closed());
-        for _ in self.active.len()..before {
-            self.shared.metrics.freed("closed");
-        }
+        let metrics = &self.shared.metrics;
+        self.active.retain(|s| {
+            let open = !s.req.events.is_closed();
+            if !open {
+                metrics.freed(s.req.closed_reason());
+            }
+            open
+        });
     }
 
     /// One packed forward over every running sequence, then one token for each that
@@ -359,7 +378,7 @@ impl<B: Backend> Engine<B> {
             s.seen.push(t);
             s.generated += 1;
             if s.req.events.send(Event::Token(t)).is_err() {
-                finished.push((*i, "closed"));
+                finished.push((*i, s.req.closed_reason()));
                 continue;
             }
             let reason = if s.stops.contains(&t) {

@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -222,6 +222,8 @@ struct Job {
     created: u64,
     prompt_tokens: usize,
     stops: Vec<String>,
+    /// Shared with the engine's [`GenRequest::stop_matched`].
+    stop_matched: Arc<AtomicBool>,
     include_usage: bool,
     start: Instant,
 }
@@ -259,7 +261,15 @@ async fn generate(s: Arc<Shared>, kind: Kind, ids: Vec<u32>, sampling: api::Samp
         Err(e) => return error_response(kind.route(), &s, &e),
     };
     let (tx, rx) = mpsc::unbounded_channel();
-    if let Err(e) = enqueue(&s, &sampling.model, ids.clone(), gen, tx) {
+    let stop_matched = Arc::new(AtomicBool::new(false));
+    let request = GenRequest {
+        model: sampling.model.clone(),
+        prompt: ids.clone(),
+        gen,
+        events: tx,
+        stop_matched: stop_matched.clone(),
+    };
+    if let Err(e) = enqueue(&s, request) {
         return error_response(kind.route(), &s, &e);
     }
     s.metrics
@@ -278,6 +288,7 @@ async fn generate(s: Arc<Shared>, kind: Kind, ids: Vec<u32>, sampling: api::Samp
         created: now(),
         prompt_tokens: ids.len(),
         stops: sampling.stops(),
+        stop_matched,
         include_usage: sampling
             .stream_options
             .as_ref()
@@ -293,13 +304,7 @@ async fn generate(s: Arc<Shared>, kind: Kind, ids: Vec<u32>, sampling: api::Samp
 }
 
 /// Put a request in the engine's queue (429 when it is full).
-fn enqueue(
-    s: &Shared,
-    model: &str,
-    prompt: Vec<u32>,
-    gen: GenerationConfig,
-    events: mpsc::UnboundedSender<Event>,
-) -> Result<()> {
+fn enqueue(s: &Shared, request: GenRequest) -> Result<()> {
     let q = &s.metrics.queue;
     let cap = s.limits.max_queue as u64;
     if q.fetch_add(1, Ordering::Relaxed) >= cap {
@@ -308,12 +313,7 @@ fn enqueue(
             "the server is at capacity ({cap} requests waiting); retry later"
         )));
     }
-    let r = s.send(Command::Generate(Box::new(GenRequest {
-        model: model.to_string(),
-        prompt,
-        gen,
-        events,
-    })));
+    let r = s.send(Command::Generate(Box::new(request)));
     if r.is_err() {
         q.fetch_sub(1, Ordering::Relaxed);
     }
@@ -355,6 +355,7 @@ async fn whole_response(job: Job, mut rx: mpsc::UnboundedReceiver<Event>) -> Res
                     return error_response(job.kind.route(), &s, &e);
                 }
                 if text.stopped {
+                    job.stop_matched.store(true, Ordering::Relaxed);
                     break FinishReason::Stop;
                 }
             }
@@ -475,6 +476,7 @@ impl Streaming {
                 match self.text.push(t) {
                     Ok(delta) => {
                         if self.text.stopped {
+                            self.job.stop_matched.store(true, Ordering::Relaxed);
                             finish(self, FinishReason::Stop);
                             self.rx.close();
                         } else if !delta.is_empty() {

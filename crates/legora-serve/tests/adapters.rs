@@ -123,3 +123,41 @@ fn hot_load_unload_refuse_escapes_and_free_cancelled_streams() {
     server.shutdown();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_stop_string_finishes_the_sequence_rather_than_closing_it() {
+    let dir = scratch("stop-metric");
+    let fx = fixtures(&dir);
+    let server = server(&fx, |_| {});
+    let prompt = "Once upon a time";
+    let full = reference(&fx, "base", prompt, false, 40);
+    // a stop string a few characters into the greedy completion
+    let chars: Vec<char> = full.chars().collect();
+    assert!(chars.len() > 8, "{full:?}");
+    let stop: String = chars[4..7].iter().collect();
+    let finished = "legora_sequences_freed_total{reason=\"finished\"}";
+    let closed = "legora_sequences_freed_total{reason=\"closed\"}";
+    let (finished_before, closed_before) = (metric(&server, finished), metric(&server, closed));
+    let body = |stream: bool| {
+        json!({"model": "base", "prompt": prompt, "max_tokens": 40, "temperature": 0,
+               "stop": [stop], "stream": stream})
+        .to_string()
+    };
+    let (code, v) = post(&server, "/v1/completions", &body(false), None);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    let chunks = post_stream(&server, "/v1/completions", &body(true));
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "stop", "{last}");
+    wait_for("both sequences to be freed", || {
+        metric(&server, finished) >= finished_before + 2.0
+            && metric(&server, "legora_active_sequences") == 0.0
+    });
+    assert_eq!(
+        metric(&server, closed),
+        closed_before,
+        "a stop string is not a client that went away"
+    );
+    server.shutdown();
+    let _ = std::fs::remove_dir_all(dir);
+}

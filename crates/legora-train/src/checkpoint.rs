@@ -7,13 +7,14 @@
 //! | file | content |
 //! | --- | --- |
 //! | `trainable.safetensors` | every parameter with `require_grad`, f32, keyed by its module path (`layers.0.q_proj.experts.1.lora_A`) |
-//! | `optimizer.bin` | burn's AdamW record (`BinBytesRecorder`, full precision), keyed by parameter id |
+//! | `optimizer.safetensors` | AdamW's moments, f32, keyed by module path with PyTorch's names (`<path>.exp_avg`, `<path>.exp_avg_sq`), step counts in the metadata |
 //! | `state.json` | [`TrainerState`]: step, loader/sampler state, early-stopping state, the parameter ids by path |
 //!
 //! A checkpoint is written into a hidden temporary folder and renamed into place; the
 //! `latest` file (also replaced by rename) names the newest one. A crash at any point
-//! leaves the previous checkpoint intact. On load, optimizer moments are re-keyed from
-//! the saved parameter ids to the ids of the rebuilt model through the module paths.
+//! leaves the previous checkpoint intact. On load, optimizer moments are matched to the
+//! rebuilt model's parameters through their module paths and checked against their
+//! shapes.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -23,7 +24,6 @@ use std::path::{Path, PathBuf};
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, Optimizer};
-use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use legora_data::LoaderState;
@@ -32,14 +32,14 @@ use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
+use crate::optim_state::{optimizer_from_safetensors, optimizer_to_safetensors, OPTIMIZER_FILE};
 
-/// Version of the checkpoint layout (2: `state.json` records the data files' sums).
-pub const CHECKPOINT_VERSION: u32 = 2;
+/// Version of the checkpoint layout (2: `state.json` records the data files' sums;
+/// 3: the optimizer state is `optimizer.safetensors`).
+pub const CHECKPOINT_VERSION: u32 = 3;
 
 /// The AdamW optimizer the trainer uses, over module `M`.
 pub type AdamWOptimizer<M, B> = OptimizerAdaptor<AdamW, M, B>;
-
-type OptRecord<M, B> = <AdamWOptimizer<M, B> as Optimizer<M, B>>::Record;
 
 /// Everything besides tensors that a checkpoint restores.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,10 +63,11 @@ pub struct TrainerState {
     /// Length of `metrics.jsonl` when the checkpoint was written (lines after it are
     /// dropped on resume, so the file has no duplicate steps).
     pub metrics_len: Option<u64>,
-    /// Parameter ids of the saved run, by module path (to re-key optimizer state).
+    /// Parameter ids of the saved run, by module path: the trainable parameters the
+    /// checkpoint holds.
     pub param_ids: BTreeMap<String, u64>,
     /// Length and FNV-1a 64 checksum of each data file of the checkpoint
-    /// (`trainable.safetensors`, `optimizer.bin`), written at save and verified before
+    /// (`trainable.safetensors`, `optimizer.safetensors`), written at save and verified before
     /// either is parsed.
     #[serde(default)]
     pub files: BTreeMap<String, FileSum>,
@@ -111,7 +112,7 @@ mod hex_u64 {
 }
 
 /// Data files of a checkpoint whose sums `state.json` records.
-const SUMMED_FILES: [&str; 2] = ["trainable.safetensors", "optimizer.bin"];
+const SUMMED_FILES: [&str; 2] = ["trainable.safetensors", OPTIMIZER_FILE];
 
 /// Host tensors by module path: `path → (shape, f32 values)`.
 pub type TensorMap = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
@@ -397,9 +398,7 @@ where
         .map(|t| (t.path.clone(), t.id.val()))
         .collect();
     let st = tensors_to_safetensors(&tensors, None)?;
-    let opt = BinBytesRecorder::<FullPrecisionSettings>::default()
-        .record(optim.to_record(), ())
-        .map_err(|e| TrainError::checkpoint(root, format!("cannot record optimizer state: {e}")))?;
+    let opt = optimizer_to_safetensors(optim, &tensors)?;
     state.files = SUMMED_FILES
         .iter()
         .zip([&st, &opt])
@@ -417,7 +416,7 @@ where
     let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
     fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
     let written = write_file(&tmp.join("trainable.safetensors"), &st)
-        .and_then(|_| write_file(&tmp.join("optimizer.bin"), &opt))
+        .and_then(|_| write_file(&tmp.join(OPTIMIZER_FILE), &opt))
         .and_then(|_| write_file(&tmp.join("state.json"), &json))
         .and_then(|_| legora_hub::io::sync_dir(&tmp).map_err(|e| TrainError::io(&tmp, e)));
     if let Err(e) = written {
@@ -571,7 +570,7 @@ where
     let state = read_state(dir)?;
     let st_path = dir.join("trainable.safetensors");
     let st_bytes = read_summed(dir, "trainable.safetensors", &state)?;
-    let opt_bytes = read_summed(dir, "optimizer.bin", &state)?;
+    let opt_bytes = read_summed(dir, OPTIMIZER_FILE, &state)?;
     let tensors = tensors_from_safetensors(&st_bytes, &st_path)?;
     let module = load_tensors(module, &tensors, device, &st_path)?;
     // every trainable parameter of the model must come from the checkpoint
@@ -588,62 +587,10 @@ where
             ),
         ));
     }
-    let ids = param_ids(&module);
-    let mut remap = BTreeMap::new();
-    for (path, old) in &state.param_ids {
-        if let Some(new) = ids.get(path) {
-            remap.insert(*old, *new);
-        }
-    }
-    let opt_path = dir.join("optimizer.bin");
-    // burn's recorder panics on some malformed input: contain it as a typed error
-    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        BinBytesRecorder::<FullPrecisionSettings>::default()
-            .load::<OptRecord<M, B>>(opt_bytes, device)
-    }));
-    let record: OptRecord<M, B> = match decoded {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
-            return Err(TrainError::checkpoint(
-                &opt_path,
-                format!("cannot read optimizer state: {e}"),
-            ))
-        }
-        Err(_) => {
-            return Err(TrainError::checkpoint(
-                &opt_path,
-                "cannot read optimizer state: the decoder failed on malformed data",
-            ))
-        }
-    };
-    let trainable = current.len();
-    // AdamW keeps state only for parameters that got a gradient: at most one each
-    if record.len() > trainable || (record.is_empty() && trainable > 0 && state.step > 0) {
-        return Err(TrainError::checkpoint(
-            &opt_path,
-            format!(
-                "expected optimizer state for {trainable} trainable parameters, found {}",
-                record.len()
-            ),
-        ));
-    }
-    let mut rekeyed: OptRecord<M, B> = Default::default();
-    for (old, rec) in record.into_iter() {
-        match remap.get(&old.val()) {
-            Some(new) => {
-                rekeyed.insert(*new, rec);
-            }
-            None => {
-                return Err(TrainError::checkpoint(
-                    &opt_path,
-                    format!(
-                        "optimizer state for parameter id {old} has no module path in state.json"
-                    ),
-                ))
-            }
-        }
-    }
-    Ok((module, optim.load_record(rekeyed), state))
+    let opt_path = dir.join(OPTIMIZER_FILE);
+    let record =
+        optimizer_from_safetensors::<B, M>(&opt_bytes, &opt_path, &current, state.step, device)?;
+    Ok((module, optim.load_record(record), state))
 }
 
 /// The first `checkpoints` folder holding a `latest` pointer found under `dir`, at

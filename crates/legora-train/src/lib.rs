@@ -17,6 +17,7 @@ mod config;
 mod error;
 mod lm;
 mod metrics;
+mod optim_state;
 mod pipeline;
 mod plan;
 mod plot;
@@ -29,7 +30,7 @@ pub use checkpoint::{
     all_tensors, checkpoint_name, latest_checkpoint, load_checkpoint, load_tensors, load_trainable,
     param_ids, prune_checkpoints, read_state, save_checkpoint, save_trainable,
     tensors_from_safetensors, tensors_to_safetensors, trainable_tensors, write_atomic,
-    AdamWOptimizer, NamedTensor, TensorMap, TrainerState, CHECKPOINT_VERSION,
+    AdamWOptimizer, FileSum, NamedTensor, TensorMap, TrainerState, CHECKPOINT_VERSION,
 };
 pub use clip::{clip_grad_norm, global_grad_norm, scalar, scale_grads};
 pub use config::{
