@@ -1,6 +1,8 @@
 //! The `legora` binary's subcommands on the fixtures of tests/fixtures/models (made by
 //! tests/fixtures/make_model_fixtures.py): outputs, exit codes and error messages.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -436,38 +438,24 @@ fn plugins_lists_or_reports_what_is_missing() {
         1,
         "plugin `nosuch` not found",
     );
-    // The bundled plugins, when this target folder has them built as libraries
-    // (`cargo build --workspace`); building them here would dominate the test time.
-    let exe_dir = Path::new(env!("CARGO_BIN_EXE_legora")).parent().unwrap();
-    let built = std::fs::read_dir(exe_dir)
+    // The bundled plugins, built once for the CLI tests.
+    let d = common::bundled_plugins().to_str().unwrap();
+    let v = json(&legora(&[
+        "plugins",
+        "--plugin-dir",
+        d,
+        "--no-default-dirs",
+        "--json",
+        "medical",
+    ]));
+    assert_eq!(v[0]["name"], "medical");
+    assert!(v[0]["formats"]
+        .as_array()
         .unwrap()
-        .filter_map(Result::ok)
-        .any(|f| {
-            let n = f.file_name().to_string_lossy().into_owned();
-            n.starts_with(&format!(
-                "{}legora_plugin_medical",
-                std::env::consts::DLL_PREFIX
-            )) && n.ends_with(std::env::consts::DLL_SUFFIX)
-        });
-    if built {
-        let d = exe_dir.to_str().unwrap();
-        let v = json(&legora(&[
-            "plugins",
-            "--plugin-dir",
-            d,
-            "--no-default-dirs",
-            "--json",
-            "medical",
-        ]));
-        assert_eq!(v[0]["name"], "medical");
-        assert!(v[0]["formats"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|f| f == "medical/medqa"));
-        let o = legora(&["plugins", "--plugin-dir", d, "--no-default-dirs"]);
-        assert!(o.ok && o.stdout.starts_with("plugin"), "{}", o.stderr);
-    }
+        .iter()
+        .any(|f| f == "medical/medqa"));
+    let o = legora(&["plugins", "--plugin-dir", d, "--no-default-dirs"]);
+    assert!(o.ok && o.stdout.starts_with("plugin"), "{}", o.stderr);
     let _ = std::fs::remove_dir_all(&empty);
 }
 

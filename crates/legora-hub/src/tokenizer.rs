@@ -23,42 +23,64 @@ pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
 }
 
 /// Parse tokenizer.json bytes read from `path`. The `tokenizers` crate panics on some
-/// malformed files (found by fuzzing: a decoder entry of the wrong shape); the panic is
-/// contained and reported as [`HubError::Tokenizer`].
+/// malformed files instead of returning an error (found by fuzzing: a decoder entry of
+/// the wrong shape while parsing; a post-processor template naming a special token it
+/// does not define, at the first encode). Parsing is contained, and a loaded tokenizer
+/// must encode and decode a probe text before it is accepted, so both are reported
+/// here as [`HubError::Tokenizer`] instead of failing later.
 pub fn tokenizer_from_bytes(path: &Path, bytes: &[u8]) -> Result<Tokenizer> {
-    let parsed = crate::contain_panic(|| Tokenizer::from_bytes(bytes));
-    let err = |message: String| HubError::Tokenizer {
-        path: path.to_path_buf(),
-        message,
-    };
-    match parsed {
-        Ok(Ok(t)) => Ok(t),
-        Ok(Err(e)) => Err(err(e.to_string())),
-        Err(panic) => Err(err(format!(
-            "malformed tokenizer.json (the parser failed: {panic})"
-        ))),
-    }
+    let tokenizer = unpanicked(path, "parsing", || Tokenizer::from_bytes(bytes))?
+        .map_err(|e| tokenizer_error(path, e))?;
+    probe(&tokenizer, path)?;
+    Ok(tokenizer)
 }
+
+/// Encode and decode [`PROBE_TEXT`]: a panic refuses the tokenizer; an ordinary error
+/// (a vocabulary without an unknown token, say) does not, as the text a user gives
+/// may well encode.
+fn probe(tokenizer: &Tokenizer, path: &Path) -> Result<()> {
+    let ids = unpanicked(path, "encoding", || tokenizer.encode(PROBE_TEXT, true))?
+        .map(|e| e.get_ids().to_vec())
+        .unwrap_or_default();
+    unpanicked(path, "decoding", || tokenizer.decode(&ids, true))?.ok();
+    Ok(())
+}
+
+/// The text a freshly loaded tokenizer must encode and decode without panicking.
+const PROBE_TEXT: &str = "Hello, world! 123";
 
 /// Encode `text` (with the tokenizer's special tokens, as `tokenizer(text)` does).
 pub fn encode(tokenizer: &Tokenizer, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-    tokenizer
-        .encode(text, add_special_tokens)
-        .map(|e| e.get_ids().to_vec())
-        .map_err(|e| HubError::Tokenizer {
-            path: PathBuf::from("tokenizer.json"),
-            message: e.to_string(),
-        })
+    let path = Path::new("tokenizer.json");
+    let r = unpanicked(path, "encoding", || {
+        tokenizer.encode(text, add_special_tokens)
+    })?;
+    r.map(|e| e.get_ids().to_vec())
+        .map_err(|e| tokenizer_error(path, e))
 }
 
 /// Decode ids to text (special tokens skipped).
 pub fn decode(tokenizer: &Tokenizer, ids: &[u32]) -> Result<String> {
-    tokenizer
-        .decode(ids, true)
-        .map_err(|e| HubError::Tokenizer {
-            path: PathBuf::from("tokenizer.json"),
-            message: e.to_string(),
-        })
+    let path = Path::new("tokenizer.json");
+    let r = unpanicked(path, "decoding", || tokenizer.decode(ids, true))?;
+    r.map_err(|e| tokenizer_error(path, e))
+}
+
+/// Run a `tokenizers` call with its panic contained as [`HubError::Tokenizer`] naming
+/// `path` and what was being done; the call's own result is returned as it is.
+fn unpanicked<T>(path: &Path, what: &str, f: impl FnOnce() -> T) -> Result<T> {
+    crate::contain_panic(f).map_err(|panic| HubError::Tokenizer {
+        path: path.to_path_buf(),
+        message: format!("malformed tokenizer.json ({what} failed: {panic})"),
+    })
+}
+
+/// A `tokenizers` error as [`HubError::Tokenizer`] for `path`.
+fn tokenizer_error(path: &Path, e: tokenizers::Error) -> HubError {
+    HubError::Tokenizer {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
 }
 
 /// Instructions a chat template may execute in one render (minijinja's fuel). Real

@@ -200,6 +200,26 @@ fn missing_or_corrupt_tokenizer() {
     );
 }
 
+/// Found by fuzzing: tokenizers 0.22 parses a post-processor template that names a
+/// special token it does not define, then panics at the first encode. The load refuses it.
+#[test]
+fn tokenizer_whose_template_names_an_undefined_special_token() {
+    let tmp = TempDir::copy_of("badtemplate", &fixture("mistral"));
+    let p = tmp.path().join("tokenizer.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let specials = &mut v["post_processor"]["special_tokens"];
+    let s = specials.as_object_mut().unwrap().remove("<s>").unwrap();
+    specials["<t>"] = s;
+    std::fs::write(&p, v.to_string()).unwrap();
+    let e = load_tokenizer(tmp.path()).unwrap_err();
+    assert!(
+        matches!(&e, HubError::Tokenizer { path, message }
+            if path.ends_with("tokenizer.json") && message.contains("encoding failed")),
+        "{e}"
+    );
+}
+
 #[test]
 fn adapter_whose_target_modules_match_nothing() {
     let tmp = TempDir::new("notarget");

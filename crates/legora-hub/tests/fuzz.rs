@@ -76,8 +76,9 @@ fn fuzz_tokenizer_json() {
     let seeds = [read("models/mistral/tokenizer.json")];
     // tokenizer.json is large: fewer inputs (each parse builds the whole vocabulary)
     fuzz("tokenizer.json", &seeds, Mutation::Json, |b| {
-        // regression: tokenizers 0.22 panicked on 13 of the first 1,500 inputs here
-        // (decoders/mod.rs); legora contains it as a typed error
+        // regressions: tokenizers 0.22 panicked on 13 of the first 1,500 inputs here
+        // while parsing (decoders/mod.rs), and on 2 of 100,000 at the first encode
+        // (processors/template.rs); legora contains both as typed errors at load
         if let Ok(t) = legora_hub::tokenizer_from_bytes(Path::new("tokenizer.json"), b) {
             let _ = legora_hub::encode(&t, "the router picks", true);
         }

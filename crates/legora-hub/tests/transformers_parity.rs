@@ -20,7 +20,13 @@ fn base(family: &str) -> PretrainedModel<B> {
 /// scored text; transformers scored the whole text in one window, and RoPE does not read
 /// that key, so the reference numbers hold).
 fn base_long(family: &str) -> PretrainedModel<B> {
-    let dir = std::env::temp_dir().join(format!("legora-parity-{family}-{}", std::process::id()));
+    // one folder per call: tests running at once in this process must not share it
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!(
+        "legora-parity-{family}-{}-{call}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     for entry in std::fs::read_dir(fixture(family)).unwrap() {
