@@ -315,6 +315,17 @@ fn generate_prints_a_completion() {
         let o = legora(&a);
         assert!(o.ok, "{}", o.stderr);
         assert!(o.stdout.ends_with('\n'));
+        // The timing line: prompt and new tokens (at most 6), and the speed.
+        let timing = o.stderr.lines().last().unwrap_or_default();
+        let words: Vec<&str> = timing.split(' ').collect();
+        assert_eq!(
+            words.get(1..3),
+            Some(&["prompt", "tokens,"][..]),
+            "{timing}"
+        );
+        let new: usize = words[3].parse().unwrap();
+        assert!((1..=6).contains(&new), "{timing}");
+        assert!(timing.ends_with(" tokens/s"), "{timing}");
         o.stdout
     };
     let greedy = gen(&[]);

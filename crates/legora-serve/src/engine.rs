@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Result, ServeError};
 use crate::registry::{Entry, EntryKind, Registry};
+use crate::snapshot::Snapshot;
 use crate::state::Shared;
 
 /// Why a sequence ended.
@@ -400,7 +401,12 @@ impl<B: Backend> Engine<B> {
     }
 
     fn load_adapter(&mut self, name: &str, path: &Path) -> Result<()> {
-        let mut entry = Entry::adapter(self.registry.base(), name, path)?;
+        // From a private copy: what is read is what was checked (see `snapshot`).
+        let cap = self.cfg.adapter_memory as u64;
+        let snap = Snapshot::take(&self.shared.limits.adapter_dirs, path, cap)?;
+        let mut entry = Entry::adapter(self.registry.base(), name, snap.dir())
+            .map_err(|e| snap.named_as(e, path))?;
+        entry.path = path.to_path_buf();
         entry.runtime = true;
         entry.last_used = self.tick;
         self.make_room(entry.bytes)?;

@@ -27,6 +27,7 @@ pub mod engine;
 mod error;
 pub mod http;
 pub mod registry;
+pub mod snapshot;
 pub mod state;
 
 use std::net::SocketAddr;

@@ -95,6 +95,42 @@ fn hot_load_unload_refuse_escapes_and_free_cancelled_streams() {
         assert_eq!(code, 403, "{path}: {v}");
         assert_eq!(v["error"]["type"], "permission_error");
     }
+    // Inside, but a file in it links outside: what is opened is checked, not the path.
+    #[cfg(unix)]
+    {
+        let linked = dir.join("adapters/linked");
+        std::fs::create_dir_all(&linked).unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::os::unix::fs::symlink(escaped.join(f), linked.join(f)).unwrap();
+        }
+        let (code, v) = post(
+            &server,
+            "/v1/adapters",
+            &json!({"name": "x", "path": "linked"}).to_string(),
+            None,
+        );
+        assert_eq!(code, 403, "{v}");
+        assert_eq!(v["error"]["type"], "permission_error");
+    }
+    // A damaged adapter: 400, naming the folder asked for.
+    let broken = dir.join("adapters/broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::copy(
+        fx.adapter_a.join("adapter_model.safetensors"),
+        broken.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    std::fs::write(broken.join("adapter_config.json"), b"{\"r\": \"eight\"}").unwrap();
+    let (code, v) = post(
+        &server,
+        "/v1/adapters",
+        &json!({"name": "x", "path": "broken"}).to_string(),
+        None,
+    );
+    assert_eq!(code, 400, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    let named = broken.canonicalize().unwrap().join("adapter_config.json");
+    assert!(msg.contains(&named.display().to_string()), "{msg}");
     let (code, v) = delete(&server, "/v1/adapters/mix");
     assert_eq!(code, 400, "start-up models stay: {v}");
     let (code, v) = delete(&server, "/v1/adapters/never");

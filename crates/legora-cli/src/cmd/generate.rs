@@ -171,6 +171,27 @@ fn generation_config(args: &Args, model: &PretrainedModel<Backend>) -> Generatio
     g
 }
 
+/// What one completion took: its prompt and new token counts and the wall time of
+/// `generate` (prefill and decode).
+struct Timing {
+    prompt_tokens: usize,
+    new_tokens: usize,
+    secs: f64,
+}
+
+impl std::fmt::Display for Timing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} prompt tokens, {} new tokens in {:.3} s: {:.1} tokens/s",
+            self.prompt_tokens,
+            self.new_tokens,
+            self.secs,
+            self.new_tokens as f64 / self.secs.max(1e-9)
+        )
+    }
+}
+
 /// Generate from `text`; `templated` text already holds its special tokens (as
 /// transformers' `apply_chat_template(tokenize=True)`, no BOS is added again).
 fn complete(
@@ -178,19 +199,26 @@ fn complete(
     text: &str,
     templated: bool,
     gen: &GenerationConfig,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<(String, Timing)> {
     let tok = m.model.tokenizer()?;
     let ids = legora::hub::encode(tok, text, !templated)?;
     if ids.is_empty() {
         bail!("the prompt is empty after tokenization");
     }
+    let prompt_tokens = ids.len();
     let task_ids = m.task_id.map(|t| vec![t]);
+    let start = std::time::Instant::now();
     let out = m
         .model
         .model
         .generate(&[ids], gen, task_ids.as_deref())
         .with_context(|| format!("generating with {}", m.model.name_or_path.display()))?;
-    Ok(m.model.decode(&out[0])?)
+    let timing = Timing {
+        prompt_tokens,
+        new_tokens: out[0].len(),
+        secs: start.elapsed().as_secs_f64(),
+    };
+    Ok((m.model.decode(&out[0])?, timing))
 }
 
 /// Run `legora generate`.
@@ -206,7 +234,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         } else {
             (prompt.clone(), false)
         };
-        outln!("{}", complete(&loaded, &text, templated, &gen)?);
+        let (completion, timing) = complete(&loaded, &text, templated, &gen)?;
+        outln!("{completion}");
+        // On stderr, as llama.cpp prints its timings: stdout stays the completion alone.
+        eprintln!("{timing}");
         return Ok(());
     }
     chat(&loaded, &gen)
@@ -251,7 +282,8 @@ fn chat(m: &Loaded, gen: &GenerationConfig) -> anyhow::Result<()> {
         } else {
             (transcript(&history), false)
         };
-        let reply = complete(m, &text, templated, gen)?;
+        let (reply, timing) = complete(m, &text, templated, gen)?;
+        tracing::info!("{timing}");
         // Without a template nothing stops the model from writing the next turn.
         let reply = match reply.find("\nUser:") {
             Some(i) if !has_template => reply[..i].to_string(),

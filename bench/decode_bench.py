@@ -1,0 +1,150 @@
+"""Single-stream decode speed: `legora generate` beside transformers' `generate`, on the
+same model folder, prompt and thread count.
+
+    python bench/decode_bench.py --legora target/release/legora --threads 2
+
+The model is a random-weight Llama of SmolLM-135M's shape (hidden 576, 30 layers, 9 / 3
+heads, intermediate 1536, vocabulary 49152, tied embeddings; 134.5M parameters, f32),
+written once to `--model-dir` by transformers. Its tokenizer is the demo base's, padded
+with added tokens to the model's vocabulary, so any id the model picks decodes.
+
+Both sides decode greedily `--new-tokens` tokens after the same prompt and are timed the
+same way: the wall time of one `generate` call (prefill and decode; loading excluded).
+legora reports it on stderr; transformers' call is timed around `model.generate`. The
+two sides alternate, `--runs` times each; the medians and their ratio are printed,
+with how many times per second the machine can read the f32 weights at all (a sum over
+as many floats): a single f32 stream that reads each weight once per token cannot decode
+faster. Needs torch and transformers (a venv outside the repository).
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SMOLLM_135M = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=49152,
+    hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+    rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+    pad_token_id=0,
+)
+PROMPT = "Patient presents with fever and a persistent cough; the first step is"
+
+
+def make_model(out: Path):
+    """The random SmolLM-135M-shape model and the padded demo tokenizer, in `out`."""
+    import torch
+    from tokenizers import AddedToken, Tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**SMOLLM_135M)
+    model = LlamaForCausalLM(cfg).to(torch.float32)
+    model.save_pretrained(out)
+    tok = Tokenizer.from_file(str(REPO / "demo/base/tokenizer.json"))
+    have = tok.get_vocab_size(with_added_tokens=True)
+    tok.add_tokens([AddedToken(f"<t{i}>", special=False)
+                    for i in range(have, cfg.vocab_size)])
+    assert tok.get_vocab_size(with_added_tokens=True) == cfg.vocab_size
+    tok.save(str(out / "tokenizer.json"))
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        src = REPO / "demo/base" / name
+        if src.exists():
+            (out / name).write_text(src.read_text())
+    print(f"wrote {out} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
+
+
+def legora_run(args, model_dir: Path):
+    """(new tokens, seconds) of one `legora generate`, as it reports them."""
+    env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
+    cmd = [args.legora, "generate", "--model", str(model_dir), "--prompt", PROMPT,
+           "--max-new-tokens", str(args.new_tokens), "--temperature", "0"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    line = p.stderr.strip().splitlines()[-1]
+    m = re.match(r"(\d+) prompt tokens, (\d+) new tokens in ([\d.]+) s", line)
+    if not m:
+        sys.exit(f"unexpected legora output: {line}")
+    return int(m[1]), int(m[2]), float(m[3])
+
+
+def read_ceiling(n: int, threads: int) -> float:
+    """How many times per second this machine reads `n` f32 values (a sum over them, by
+    torch at `threads` threads, median of 10): a decoder that reads every weight once
+    per token decodes one stream at most this many tokens per second."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.ones(n)
+    x.sum()
+    times = []
+    for _ in range(10):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return 1 / statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--legora", default=str(REPO / "target/release/legora"))
+    ap.add_argument("--model-dir", default=str(REPO / "out/smollm-135m-shape"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").exists():
+        make_model(model_dir)
+
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    kw = dict(do_sample=False, max_new_tokens=args.new_tokens,
+              min_new_tokens=args.new_tokens, pad_token_id=0)
+
+    def hf_run():
+        with torch.inference_mode():
+            t = time.perf_counter()
+            out = hf.generate(ids, **kw)
+            dt = time.perf_counter() - t
+        return ids.shape[1], out.shape[1] - ids.shape[1], dt
+
+    with torch.inference_mode():
+        hf.generate(ids, do_sample=False, max_new_tokens=4, pad_token_id=0)  # warm-up
+    legora_run(args, model_dir)  # warm-up (page cache)
+    rates = {"legora": [], "transformers": []}
+    for i in range(args.runs):
+        for side, run in (("legora", lambda: legora_run(args, model_dir)),
+                          ("transformers", hf_run)):
+            prompt, new, dt = run()
+            rates[side].append(new / dt)
+            print(f"run {i + 1} {side:12s} prompt {prompt} tokens, {new} new in "
+                  f"{dt:.3f} s: {new / dt:6.1f} tokens/s", flush=True)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    ceiling = read_ceiling(sum(p.numel() for p in hf.parameters()), args.threads)
+    print(f"reading {sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M f32 weights once: "
+          f"{ceiling:.1f} times/s at {args.threads} threads (the single-stream f32 ceiling)")
+    print(json.dumps({
+        "threads": args.threads, "new_tokens": args.new_tokens, "runs": args.runs,
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "legora_tokens_per_s": round(med["legora"], 1),
+        "transformers_tokens_per_s": round(med["transformers"], 1),
+        "ratio": round(med["legora"] / med["transformers"], 2),
+        "read_ceiling_per_s": round(ceiling, 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()
