@@ -10,15 +10,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::json;
 
-/// A metric's value from `/metrics` (0 when absent).
-fn metric(server: &legora_serve::Server, line_start: &str) -> f64 {
-    let (_, text) = get_text(server, "/metrics", None);
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     let t = Instant::now();
     while !ok() {

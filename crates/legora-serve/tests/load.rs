@@ -71,15 +71,6 @@ fn storm(
     })
 }
 
-/// The value of the metric line starting with `prefix`.
-fn metric(server: &legora_serve::Server, prefix: &str) -> f64 {
-    let (_, text) = get_text(server, "/metrics", None);
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[test]
 fn load_within_the_queue_is_served_and_beyond_it_refused_with_429() {
     let dir = scratch("load");

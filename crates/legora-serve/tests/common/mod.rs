@@ -198,3 +198,13 @@ pub fn post_stream(server: &Server, path: &str, body: &str) -> Vec<Value> {
     }
     panic!("the stream ended without data: [DONE]");
 }
+
+/// A metric's value from `/metrics`: the last field of the first line starting with
+/// `line_start` (0 when absent).
+pub fn metric(server: &Server, line_start: &str) -> f64 {
+    let (_, text) = get_text(server, "/metrics", None);
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
