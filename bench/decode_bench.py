@@ -1,7 +1,7 @@
 """Single-stream decode speed: `legora generate` beside transformers' `generate`, on the
 same model folder, prompt and thread count.
 
-    python bench/decode_bench.py --legora target/release/legora --threads 2
+    python bench/decode_bench.py --legora target/release/legora --threads 2 --dtype bf16
 
 The model is a random-weight Llama of SmolLM-135M's shape (hidden 576, 30 layers, 9 / 3
 heads, intermediate 1536, vocabulary 49152, tied embeddings; 134.5M parameters, f32),
@@ -10,6 +10,9 @@ with added tokens to the model's vocabulary, so any id the model picks decodes.
 
 Both sides decode greedily `--new-tokens` tokens after the same prompt and are timed the
 same way: the wall time of one `generate` call (prefill and decode; loading excluded).
+`--dtype` is the storage legora loads the f32 checkpoint in (`legora generate --dtype`);
+transformers runs the checkpoint in float32 and, with `--hf-dtypes float32,bfloat16`, in
+each listed dtype too; the ratio is against transformers' fastest.
 legora reports it on stderr; transformers' call is timed around `model.generate`. The
 two sides alternate, `--runs` times each; the medians and their ratio are printed,
 with how many times per second the machine can read the f32 weights at all (a sum over
@@ -65,7 +68,8 @@ def legora_run(args, model_dir: Path):
     """(new tokens, seconds) of one `legora generate`, as it reports them."""
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
     cmd = [args.legora, "generate", "--model", str(model_dir), "--prompt", PROMPT,
-           "--max-new-tokens", str(args.new_tokens), "--temperature", "0"]
+           "--max-new-tokens", str(args.new_tokens), "--temperature", "0",
+           "--dtype", args.dtype]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     line = p.stderr.strip().splitlines()[-1]
     m = re.match(r"(\d+) prompt tokens, (\d+) new tokens in ([\d.]+) s", line)
@@ -98,6 +102,10 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"],
+                    help="legora's storage of the frozen weights")
+    ap.add_argument("--hf-dtypes", default="float32",
+                    help="comma-separated torch dtypes transformers runs in")
     args = ap.parse_args()
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").exists():
@@ -109,39 +117,48 @@ def main():
 
     torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = tok(PROMPT, return_tensors="pt").input_ids
     kw = dict(do_sample=False, max_new_tokens=args.new_tokens,
               min_new_tokens=args.new_tokens, pad_token_id=0)
+    hf_dtypes = [d.strip() for d in args.hf_dtypes.split(",") if d.strip()]
+    models = {}
+    for name in hf_dtypes:
+        m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, name)).eval()
+        with torch.inference_mode():
+            m.generate(ids, do_sample=False, max_new_tokens=4, pad_token_id=0)  # warm-up
+        models[f"transformers {name}"] = m
 
-    def hf_run():
+    def hf_run(model):
         with torch.inference_mode():
             t = time.perf_counter()
-            out = hf.generate(ids, **kw)
+            out = model.generate(ids, **kw)
             dt = time.perf_counter() - t
         return ids.shape[1], out.shape[1] - ids.shape[1], dt
 
-    with torch.inference_mode():
-        hf.generate(ids, do_sample=False, max_new_tokens=4, pad_token_id=0)  # warm-up
     legora_run(args, model_dir)  # warm-up (page cache)
-    rates = {"legora": [], "transformers": []}
+    legora = f"legora {args.dtype}"
+    sides = [(legora, lambda: legora_run(args, model_dir))]
+    sides += [(k, (lambda m=m: hf_run(m))) for k, m in models.items()]
+    rates = {k: [] for k, _ in sides}
     for i in range(args.runs):
-        for side, run in (("legora", lambda: legora_run(args, model_dir)),
-                          ("transformers", hf_run)):
+        for side, run in sides:
             prompt, new, dt = run()
             rates[side].append(new / dt)
-            print(f"run {i + 1} {side:12s} prompt {prompt} tokens, {new} new in "
+            print(f"run {i + 1} {side:22s} prompt {prompt} tokens, {new} new in "
                   f"{dt:.3f} s: {new / dt:6.1f} tokens/s", flush=True)
     med = {k: statistics.median(v) for k, v in rates.items()}
-    ceiling = read_ceiling(sum(p.numel() for p in hf.parameters()), args.threads)
-    print(f"reading {sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M f32 weights once: "
+    best_hf = max((k for k in med if k != legora), key=med.get)
+    numel = sum(p.numel() for p in next(iter(models.values())).parameters())
+    ceiling = read_ceiling(numel, args.threads)
+    print(f"reading {numel / 1e6:.1f}M f32 weights once: "
           f"{ceiling:.1f} times/s at {args.threads} threads (the single-stream f32 ceiling)")
     print(json.dumps({
         "threads": args.threads, "new_tokens": args.new_tokens, "runs": args.runs,
         "torch": torch.__version__, "transformers": transformers.__version__,
-        "legora_tokens_per_s": round(med["legora"], 1),
-        "transformers_tokens_per_s": round(med["transformers"], 1),
-        "ratio": round(med["legora"] / med["transformers"], 2),
+        "legora_dtype": args.dtype,
+        **{f"{k.replace(' ', '_')}_tokens_per_s": round(v, 1) for k, v in med.items()},
+        "ratio": round(med[legora] / med[best_hf], 2),
+        "ratio_against": best_hf,
         "read_ceiling_per_s": round(ceiling, 1),
     }))
 

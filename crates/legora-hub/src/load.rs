@@ -148,13 +148,14 @@ impl BitsAndBytesConfig {
 /// behaviour: every weight as f32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoadOptions {
-    /// The float dtype of every frozen weight that is not quantized (projections without
-    /// a quantization, embeddings stay f32 in this release).
+    /// The float dtype of every frozen weight that is not quantized (the projections
+    /// without a quantization, the embeddings and `lm_head`; norms stay f32).
     pub dtype: FloatDtype,
     /// A quantization of the decoder projections.
     pub quantize: Option<Quantize>,
-    /// The storage of an untied `lm_head` (`None`: bf16 when the projections are
-    /// quantized, as bitsandbytes leaves it in half precision; `dtype` otherwise).
+    /// The storage of the embeddings and an untied `lm_head` (`None`: bf16 when the
+    /// projections are quantized, as bitsandbytes leaves them in half precision; `dtype`
+    /// otherwise).
     pub lm_head: Option<Format>,
 }
 
@@ -185,7 +186,7 @@ impl LoadOptions {
             FloatDtype::BF16 => Format::Bf16,
             FloatDtype::F16 => Format::F16,
         };
-        if name.starts_with("lm_head.") {
+        if name.starts_with("lm_head.") || name.starts_with("model.embed_tokens.") {
             return match (self.lm_head, self.quantize) {
                 (Some(f), _) => f,
                 (None, Some(_)) => Format::Bf16,
@@ -200,11 +201,15 @@ impl LoadOptions {
         *self == Self::default()
     }
 
-    /// A short description for logs and reports (`"nf4 (lm_head bf16)"`, `"bf16"`).
+    /// A short description for logs and reports (`"nf4 projections, embeddings and
+    /// lm_head bf16"`, `"bf16"`).
     pub fn describe(&self) -> String {
         let head = self.format_of("lm_head.weight").name();
         match self.quantize {
-            Some(q) => format!("{} projections, lm_head {head}", q.format().name()),
+            Some(q) => format!(
+                "{} projections, embeddings and lm_head {head}",
+                q.format().name()
+            ),
             None => self.dtype.torch_name().to_string(),
         }
     }

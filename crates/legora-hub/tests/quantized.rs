@@ -241,15 +241,17 @@ fn bits_and_bytes_options_are_checked() {
         }
     }
     assert!(Quantize::parse("q4").is_err());
-    // lm_head: bf16 beside quantized projections, the dtype otherwise.
+    // lm_head and the embeddings: bf16 beside quantized projections, the dtype otherwise.
     let o = LoadOptions::new(FloatDtype::F32, Some(Quantize::Int8));
     assert_eq!(o.format_of("lm_head.weight"), Format::Bf16);
+    assert_eq!(o.format_of("model.embed_tokens.weight"), Format::Bf16);
     assert_eq!(
         o.format_of("model.layers.0.self_attn.q_proj.weight"),
         Format::Int8
     );
     let o = LoadOptions::new(FloatDtype::BF16, None);
     assert_eq!(o.format_of("lm_head.weight"), Format::Bf16);
+    assert_eq!(o.format_of("model.embed_tokens.weight"), Format::Bf16);
 }
 
 #[test]

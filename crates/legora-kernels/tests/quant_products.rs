@@ -1,6 +1,7 @@
 //! The tile-dequantizing products (`matmul_xwt`: `y = x·Wᵀ`, `matmul_dyw`: `dx = dy·W`)
-//! against dequantize-then-multiply, for every storage format, on odd sizes: `n` = 1, 7,
-//! 65 (the input gradient's row tiles with partial sums) and 260 (its column tiles);
+//! against dequantize-then-multiply, for every storage format, on odd sizes: `n` = 1 to 4
+//! (the decode matrix–vector products), 7, 65 (the input gradient's row tiles with
+//! partial sums) and 260 (its column tiles);
 //! `out` and `in` not multiples of 64 (4-bit blocks straddle rows) and larger than one
 //! tile (several row tiles, several column tiles).
 #![cfg(feature = "flex")]
@@ -43,7 +44,7 @@ fn assert_close(what: &str, got: &[f32], want: &[f32]) {
 
 #[test]
 fn products_match_dequantize_then_multiply() {
-    for (dout, din) in [(300, 197), (37, 45)] {
+    for (dout, din) in [(300, 197), (37, 45), (9, 5)] {
         let w = values(dout * din, 7);
         for format in Format::ALL {
             let m = QuantMatrix::quantize("w", &w, dout, din, format).unwrap();
@@ -54,7 +55,7 @@ fn products_match_dequantize_then_multiply() {
             } else {
                 1
             };
-            for n in [1, 7, 65, many] {
+            for n in [1, 2, 3, 4, 7, 65, many] {
                 let what = format!("{} [{dout}, {din}] n={n}", format.name());
                 let x = values(n * din, 11 + n as u64);
                 let mut y = vec![0.0f32; n * dout];
@@ -73,12 +74,20 @@ fn products_match_dequantize_then_multiply() {
     }
 }
 
-/// `accumulate` adds to what is there.
+/// `accumulate` adds to what is there (the tile path, NF4, and the matrix–vector path,
+/// bf16 at 3 rows).
 #[test]
 fn products_accumulate() {
-    let (n, dout, din) = (5, 70, 33);
+    let nf4 = Format::Nf4 { double_quant: true };
+    for (n, format) in [(5, nf4), (3, Format::Bf16)] {
+        accumulates(n, format);
+    }
+}
+
+fn accumulates(n: usize, format: Format) {
+    let (dout, din) = (70, 33);
     let w = values(dout * din, 3);
-    let m = QuantMatrix::quantize("w", &w, dout, din, Format::Nf4 { double_quant: true }).unwrap();
+    let m = QuantMatrix::quantize("w", &w, dout, din, format).unwrap();
     let x = values(n * din, 4);
     let mut fresh = vec![0.0f32; n * dout];
     matmul_xwt(n, &x, &m.view(), &mut fresh, false).unwrap();

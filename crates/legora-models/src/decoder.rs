@@ -7,6 +7,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
+use legora_kernels::FrozenWeight;
 use legora_nn::{Experts, Proj, Router, RouterOutput, RouterPooling, SlotId};
 
 use crate::config::ModelConfig;
@@ -132,8 +133,8 @@ pub struct DecoderLayer<B: Backend> {
 /// transformers' `LlamaModel`: embeddings, layers, final norm.
 #[derive(Module, Debug)]
 pub struct DecoderModel<B: Backend> {
-    /// `[vocab, hidden]` (frozen).
-    pub embed_tokens: Param<Tensor<B, 2>>,
+    /// `[vocab, hidden]` (frozen, in the load's storage: f32, bf16 or f16).
+    pub embed_tokens: FrozenWeight<B>,
     /// Decoder layers.
     pub layers: Vec<DecoderLayer<B>>,
     /// Final norm.
@@ -550,20 +551,20 @@ impl<B: Backend> CausalLm<B> {
             layers.push(Self::build_layer(c, i, &mut init, device)?);
         }
         let final_norm = norm(c, "model.norm.weight", &mut init, device)?;
-        let embed = init.load::<B, 2>(
+        let embed = init.load_frozen(
             "model.embed_tokens.weight",
             [c.vocab_size, c.hidden_size],
             device,
         )?;
         let lm_head = if c.tie_word_embeddings {
-            Slot::linear(embed.clone(), None)
+            Slot::frozen(embed.clone(), None)
         } else {
             let shape = [c.vocab_size, c.hidden_size];
             Slot::frozen(init.load_frozen("lm_head.weight", shape, device)?, None)
         };
         Ok(Self {
             model: DecoderModel {
-                embed_tokens: Param::from_tensor(embed).set_require_grad(false),
+                embed_tokens: embed,
                 layers,
                 norm: final_norm,
             },
@@ -628,7 +629,7 @@ impl<B: Backend> CausalLm<B> {
         let mut report = legora_nn::trainable_parameters(self);
         for (_, slot) in self.slots() {
             let w = slot.frozen_weight();
-            if let legora_kernels::FrozenWeight::Quantized(_) = w {
+            if let FrozenWeight::Quantized(_) = w {
                 let [o, i] = w.dims();
                 let stored = legora_nn::trainable_parameters(w).total;
                 report.total = report.total.saturating_sub(stored) + o * i;
@@ -807,12 +808,7 @@ impl<B: Backend> CausalLm<B> {
 
         let ids = input.input_ids.reshape([b * s]);
         let hidden = self.config.hidden_size;
-        let mut h = self
-            .model
-            .embed_tokens
-            .val()
-            .select(0, ids)
-            .reshape([b, s, hidden]);
+        let mut h = self.model.embed_tokens.rows(ids).reshape([b, s, hidden]);
         let mut routing = Vec::new();
         for (i, layer) in self.model.layers.iter().enumerate() {
             let (slot, pool) = match cache.as_deref_mut() {

@@ -419,8 +419,7 @@ impl<B: Backend> CausalLm<B> {
         let mut h = self
             .model
             .embed_tokens
-            .val()
-            .select(0, ids)
+            .rows(ids)
             .reshape([1, st.rows, hidden]);
         for (i, layer) in self.model.layers.iter().enumerate() {
             h = packed_layer(layer, i, h, st, caches)?;

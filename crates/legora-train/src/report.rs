@@ -106,7 +106,7 @@ pub struct Report {
     /// Base model (path or name).
     pub base_model: String,
     /// How the base's frozen weights were stored (`"float32"`, `"nf4 projections,
-    /// lm_head bf16"`, ...).
+    /// embeddings and lm_head bf16"`, ...).
     #[serde(default)]
     pub base_storage: String,
     /// Expert names in gate order.

@@ -10,6 +10,7 @@ mod dropout;
 mod elementwise;
 pub(crate) mod frozen;
 mod math;
+pub(crate) mod matvec;
 mod nll;
 pub(crate) mod qgemm;
 mod stacked;

@@ -18,7 +18,7 @@
 
 use rayon::prelude::*;
 
-use super::{gemm, gemm_with, SendPtr};
+use super::{gemm, gemm_with, matvec, SendPtr};
 use crate::quant::{QuantView, ViewData};
 use crate::{KernelError, Result};
 
@@ -114,6 +114,10 @@ fn xwt(n: usize, x: &[f32], w: &QuantView<'_>, y: &mut [f32], accumulate: bool) 
         if !accumulate {
             y.fill(0.0);
         }
+        return;
+    }
+    if n <= matvec::MATVEC_MAX_ROWS && matvec::supports(w) {
+        matvec::xwt(n, x, w, y, accumulate);
         return;
     }
     if let ViewData::F32(wf) = w.data() {

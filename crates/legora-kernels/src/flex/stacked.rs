@@ -491,15 +491,13 @@ fn stacked_backward(
 }
 
 /// The frozen part's output `bias + x·Wᵀ` `[n, dout]` for a weight in any storage
-/// format: f32 by [`base_forward`], the others by the tile-dequantizing product.
+/// format ([`qgemm::base_forward`]: matrix–vector products for a few rows, one
+/// multi-threaded gemm on an f32 weight, the tile-dequantizing product for the others).
 ///
 /// # Shapes
 /// - x: `[n, in]`, w: `[out, in]`, bias: `[out]` → `[n, out]`
 fn frozen_forward(x: &[f32], w: &QuantView<'_>, bias: Option<&[f32]>, n: usize) -> Vec<f32> {
-    match w.data() {
-        ViewData::F32(wf) => base_forward(x, wf, bias, n, w.cols(), w.rows()),
-        _ => qgemm::base_forward(x, w, bias, n),
-    }
+    qgemm::base_forward(x, w, bias, n)
 }
 
 /// `dY·W` `[n, in]` for a weight in any storage format: f32 by [`base_dx`], the others
@@ -512,36 +510,6 @@ fn frozen_dx(dy: &[f32], w: &QuantView<'_>, n: usize) -> Vec<f32> {
         ViewData::F32(wf) => base_dx(dy, wf, n, w.cols(), w.rows()),
         _ => qgemm::base_dx(dy, w, n),
     }
-}
-
-/// The frozen part's output `bias + x·Wᵀ` `[n, dout]` (one multi-threaded gemm writing
-/// over the broadcast bias).
-pub(crate) fn base_forward(
-    x: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
-    n: usize,
-    din: usize,
-    dout: usize,
-) -> Vec<f32> {
-    let mut y = match bias {
-        Some(bias) => bias.repeat(n),
-        None => vec![0.0f32; n * dout],
-    };
-    // SAFETY: x [n, din], w [dout, din] read as Wᵀ, y [n, dout].
-    unsafe {
-        gemm_with(
-            gemm::Parallelism::Rayon(0),
-            (n, dout, din),
-            y.as_mut_ptr(),
-            dout,
-            bias.is_some(),
-            (x.as_ptr(), din, 1),
-            (w.as_ptr(), 1, din),
-            1.0,
-        );
-    }
-    y
 }
 
 /// `dY·W`, `[n, din]`: the input gradient of the frozen part.

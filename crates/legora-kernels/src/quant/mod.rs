@@ -13,7 +13,8 @@
 //! - [`ggml`]: GGML/GGUF block types (`Q4_0`, `Q4_K`, ...), their sizes and reference
 //!   dequantization, bit-exact with the `gguf` Python package;
 //! - with the `flex` feature, [`matmul_xwt`] / [`matmul_dyw`]: `x·Wᵀ` and `dy·W` on the
-//!   CPU with `W` dequantized one tile at a time into per-thread scratch;
+//!   CPU with `W` dequantized one tile at a time into per-thread scratch, and for at most
+//!   [`MATVEC_MAX_ROWS`] rows of `x` (decoding) read in its stored format directly;
 //! - [`FrozenWeight`] / [`frozen_linear`]: the burn glue (a module holding a frozen weight
 //!   in its format on any backend).
 
@@ -30,6 +31,11 @@ pub(crate) use frozen::note_reference_path;
 pub use frozen::{frozen_linear, frozen_linear_reference, FrozenWeight, QuantizedWeight};
 pub use matrix::{Format, QuantMatrix, QuantView, Storage, ViewData};
 pub use saved::{load_bnb_4bit, load_bnb_int8, SavedTensor};
+
+/// Products `x·Wᵀ` with at most this many rows of `x` (one new token per sequence while
+/// decoding) read a dense or int8 weight as matrix–vector products in its stored format,
+/// on the `flex` CPU kernels (f32 weights included); more rows take the tiled `gemm` path.
+pub const MATVEC_MAX_ROWS: usize = 4;
 
 #[cfg(feature = "flex")]
 pub use crate::flex::qgemm::{matmul_dyw, matmul_xwt, COL_TILE, DYW_COLUMN_TILES_FROM, ROW_TILE};
