@@ -51,8 +51,8 @@ pub mod prelude {
     };
 
     pub use legora_nn::{
-        trainable_parameters, Combination, Experts, LoraAdapter, LoraLinear, MoeLinear, NnError,
-        ParamReport, Router, RouterOutput,
+        trainable_parameters, Combination, Experts, LoraAdapter, LoraLinear, MajoritySignMethod,
+        MergeOptions, MoeLinear, NnError, ParamReport, Router, RouterOutput,
     };
 
     pub use legora_models::{

@@ -340,6 +340,19 @@ fn generate_prints_a_completion() {
         "1,0",
     ]);
     assert_eq!(one, cat);
+    // `svd` at a rank that holds the first adapter (r 4) with weights 1, 0 is that adapter
+    // again (up to f32 rounding, which greedy decoding does not see here)
+    let svd = gen(&[
+        "--adapters",
+        &format!("{},{}", fx("llama-lora-qv"), fx("llama-lora-all")),
+        "--weights",
+        "1,0",
+        "--combination",
+        "svd",
+        "--svd-rank",
+        "12",
+    ]);
+    assert_eq!(one, svd);
     let sampled = gen(&["--temperature", "0.8", "--top-k", "20", "--seed", "3"]);
     assert_eq!(
         sampled,
@@ -420,6 +433,106 @@ fn generate_reports_bad_input() {
         &legora(&["generate", "--model", "/nonexistent/m", "--prompt", "x"]),
         1,
         "config.json",
+    );
+    // the merge flags: each a usage error before anything is loaded
+    let pair = format!("{},{}", fx("llama-lora-qv"), fx("llama-lora-all"));
+    let merge = |extra: &[&str]| {
+        let mut a = vec![
+            "generate",
+            "--model",
+            "/nonexistent/m",
+            "--prompt",
+            "x",
+            "--adapters",
+            &pair,
+            "--weights",
+            "1,1",
+        ];
+        a.extend_from_slice(extra);
+        legora(&a)
+    };
+    fails(&merge(&["--combination", "sum"]), 2, "combination_type");
+    fails(
+        &merge(&["--combination", "ties"]),
+        2,
+        "--combination ties needs --density",
+    );
+    fails(
+        &merge(&["--combination", "ties", "--density", "1.5"]),
+        2,
+        "--density",
+    );
+    fails(
+        &merge(&["--density", "0.5"]),
+        2,
+        "--density does not apply to --combination cat",
+    );
+    fails(
+        &merge(&[
+            "--combination",
+            "ties",
+            "--density",
+            "0.5",
+            "--svd-rank",
+            "4",
+        ]),
+        2,
+        "--svd-rank does not apply",
+    );
+    fails(
+        &merge(&["--combination", "svd", "--svd-rank", "0"]),
+        2,
+        "--svd-rank",
+    );
+    fails(
+        &merge(&[
+            "--combination",
+            "ties",
+            "--density",
+            "0.5",
+            "--majority-sign-method",
+            "most",
+        ]),
+        2,
+        "majority_sign_method",
+    );
+    fails(
+        &merge(&["--combination", "svd", "--majority-sign-method", "total"]),
+        2,
+        "--majority-sign-method does not apply",
+    );
+    fails(
+        &legora(&[
+            "generate",
+            "--model",
+            &model,
+            "--prompt",
+            "x",
+            "--density",
+            "0.5",
+        ]),
+        2,
+        "--adapters",
+    );
+    // a valid flag set the adapters cannot take: ranks 4 and 8 for `ties`
+    fails(
+        &legora(&[
+            "generate",
+            "--model",
+            &model,
+            "--prompt",
+            "x",
+            "--adapters",
+            &pair,
+            "--weights",
+            "1,1",
+            "--combination",
+            "ties",
+            "--density",
+            "0.5",
+        ]),
+        1,
+        "adapters of equal rank for \"ties\"",
     );
     fails(
         &legora(&[

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 use legora_models::{CausalLm, Config, GenerationConfig, ModelError};
-use legora_nn::{Combination, LoraConfig, ParamReport};
+use legora_nn::{Combination, LoraConfig, MergeOptions, ParamReport};
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
@@ -441,18 +441,24 @@ impl<B: Backend> PeftModel<B> {
         Ok(())
     }
 
-    /// PEFT `add_weighted_adapter` (`combination_type` `linear` or `cat`).
+    /// PEFT `add_weighted_adapter(adapters, weights, adapter_name, combination_type, ...)`
+    /// with every combination type (see [`Combination`] and
+    /// [`LoraLinear::add_weighted_adapter`](legora_nn::LoraLinear::add_weighted_adapter)
+    /// for the math and where legora differs from PEFT). The new adapter's config is
+    /// the first source's with the new rank, `lora_alpha = r` and `use_rslora = false`
+    /// (scaling 1), as its tensors hold the weights and the sources' scalings.
     pub fn add_weighted_adapter(
         &mut self,
         adapters: &[&str],
         weights: &[f64],
         new_name: &str,
         combination: Combination,
+        options: &MergeOptions,
     ) -> Result<()> {
         check_name(&self.base.name_or_path, new_name)?;
         self.base
             .model
-            .add_weighted_adapter(adapters, weights, new_name, combination)
+            .add_weighted_adapter(adapters, weights, new_name, combination, options)
             .map_err(HubError::model(&self.base.name_or_path))?;
         let template = self.peft_config(adapters[0]).cloned().unwrap_or_default();
         let cfg = derive_config(&self.base.model, new_name, &template);

@@ -172,8 +172,14 @@ fn weighted_adapter_saves_and_reloads() {
     let r = Reference::load("llama");
     let mut m = PeftModel::from_pretrained(base("llama"), fixture("llama-lora-all")).unwrap();
     // "cat" with one adapter at weight 1 is exactly that adapter (rank pattern kept).
-    m.add_weighted_adapter(&["default"], &[1.0], "copy", Combination::Cat)
-        .unwrap();
+    m.add_weighted_adapter(
+        &["default"],
+        &[1.0],
+        "copy",
+        Combination::Cat,
+        &Default::default(),
+    )
+    .unwrap();
     m.set_adapter("copy").unwrap();
     let d = r.max_diff(m.model().forward(r.batch()).unwrap().logits, "logits_all");
     assert!(d < TOL, "{d}");

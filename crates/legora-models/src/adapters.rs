@@ -7,7 +7,8 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::TensorData;
 use legora_nn::{
-    Combination, LoraAdapter, LoraConfig, LoraLinear, NnError, Proj, Router, RouterConfig, SlotId,
+    Combination, LoraAdapter, LoraConfig, LoraLinear, MergeOptions, NnError, Proj, Router,
+    RouterConfig, SlotId,
 };
 
 use crate::decoder::{CausalLm, DecoderLayer};
@@ -318,13 +319,17 @@ impl<B: Backend> CausalLm<B> {
 
     /// PEFT `add_weighted_adapter`: a new adapter `new_name` from `weights`-weighted
     /// `adapters` on every slot holding at least one of them (as PEFT, a slot combines
-    /// the adapters it holds).
+    /// the adapters it holds), with [`LoraLinear::add_weighted_adapter`]'s math. Each slot
+    /// draws its DARE masks from `options.seed` mixed with its module path
+    /// ([`MergeOptions::for_module`]). When a slot refuses the combination, the adapter
+    /// is removed again from the slots already done: the model is left as it was.
     pub fn add_weighted_adapter(
         &mut self,
         adapters: &[&str],
         weights: &[f64],
         new_name: &str,
         combination: Combination,
+        options: &MergeOptions,
     ) -> Result<()> {
         if adapters.is_empty() || adapters.len() != weights.len() {
             return Err(ModelError::Input(format!(
@@ -336,6 +341,8 @@ impl<B: Backend> CausalLm<B> {
         for n in adapters {
             self.require_adapter(n)?;
         }
+        let mut done: Vec<SlotId> = Vec::new();
+        let mut failure = None;
         for (path, l) in self.lora_slots_mut() {
             let (names, ws): (Vec<&str>, Vec<f64>) = adapters
                 .iter()
@@ -343,12 +350,28 @@ impl<B: Backend> CausalLm<B> {
                 .filter(|(n, _)| l.adapter_names().iter().any(|h| h == *n))
                 .map(|(n, w)| (*n, *w))
                 .unzip();
-            if !names.is_empty() {
-                l.add_weighted_adapter(&names, &ws, new_name, combination)
+            if names.is_empty() {
+                continue;
+            }
+            let opts = options.for_module(&path.to_string());
+            match l.add_weighted_adapter(&names, &ws, new_name, combination, &opts) {
+                Ok(()) => done.push(path),
+                Err(e) => {
+                    failure = Some(ModelError::layer(path)(e));
+                    break;
+                }
+            }
+        }
+        let Some(failure) = failure else {
+            return Ok(());
+        };
+        for (path, l) in self.lora_slots_mut() {
+            if done.contains(&path) {
+                l.delete_adapter(new_name)
                     .map_err(ModelError::layer(path))?;
             }
         }
-        Ok(())
+        Err(failure)
     }
 
     /// Fold the active adapters into the base weights and drop every adapter (PEFT

@@ -187,7 +187,7 @@ fn adapters_follow_peft_semantics() {
     m.enable_adapters();
 
     // cat of one adapter at weight 1 is that adapter.
-    m.add_weighted_adapter(&["a"], &[1.0], "a2", Combination::Cat)
+    m.add_weighted_adapter(&["a"], &[1.0], "a2", Combination::Cat, &Default::default())
         .unwrap();
     m.set_adapter(&["a2"]).unwrap();
     assert!(

@@ -5,7 +5,8 @@
 //!
 //! - [`LoraLinear`]: a frozen linear with named PEFT-style adapters, computed in
 //!   activation space (`y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ`), `merge`/`unmerge`,
-//!   `add_weighted_adapter`.
+//!   `add_weighted_adapter` with every PEFT combination type ([`merge`], on a small
+//!   f64 [`svd`]).
 //! - [`Router`]: top-k / dense / switch gating with the load-balancing aux loss and z-loss.
 //! - [`MoeLinear`]: E experts over one frozen base in two matmuls (stacked ranks), a loop
 //!   reference, and task-routed mode for concurrent expert training.
@@ -30,17 +31,20 @@
 
 mod error;
 mod lora;
+pub mod merge;
 mod moe;
 mod params;
 pub mod reference;
 mod router;
+pub mod svd;
 
 pub use error::{NnError, Result};
 pub use legora_config::{
     AdapterSpec, ConfigError, InitLoraWeights, LayersPattern, LayersToTransform, LoraConfig, Proj,
     SlotId, TargetModules,
 };
-pub use lora::{frozen_forward, Combination, LoraAdapter, LoraLinear};
+pub use lora::{frozen_forward, LoraAdapter, LoraLinear};
+pub use merge::{Combination, MajoritySignMethod, MergeOptions};
 pub use moe::{Experts, MoeLinear};
 pub use params::{trainable_parameters, ParamReport};
 pub use router::{Router, RouterConfig, RouterOutput, RouterPooling, RoutingStrategy};

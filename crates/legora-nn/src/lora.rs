@@ -24,6 +24,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor, TensorData};
 
 use crate::error::{NnError, Result};
+use crate::merge::{self, Combination, HostLora, Masks, MergeOptions, SplitMix64};
 use legora_config::{AdapterSpec, InitLoraWeights};
 use legora_kernels::quant::{Format, MATVEC_MAX_ROWS};
 use legora_kernels::FrozenWeight;
@@ -113,6 +114,18 @@ pub(crate) fn adapted_linear<B: Backend>(
         gating: legora_kernels::Gating::Single(0),
     };
     legora_kernels::stacked_lora_frozen(x, weight, bias.as_ref().map(|b| b.val()), lora)
+}
+
+/// A tensor's values as f64, for the host-side merges.
+fn host<B: Backend>(t: Tensor<B, 2>, adapter: &str, tensor: &str) -> Result<Vec<f64>> {
+    let v = t
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .map_err(|e| {
+            NnError::InvalidState(format!("reading `{adapter}.{tensor}.weight`: {e:?}"))
+        })?;
+    Ok(v.into_iter().map(f64::from).collect())
 }
 
 /// Make a frozen parameter (no gradient, no optimizer state).
@@ -314,16 +327,6 @@ impl<B: Backend> LoraAdapter<B> {
             ..self
         }
     }
-}
-
-/// How [`LoraLinear::add_weighted_adapter`] combines adapters (PEFT's `combination_type`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Combination {
-    /// Same-rank adapters: `A = Σ sign(wᵢsᵢ)·√|wᵢsᵢ|·Aᵢ`, `B = Σ √|wᵢsᵢ|·Bᵢ`
-    /// (approximate: cross terms appear when more than one adapter is combined).
-    Linear,
-    /// Concatenate ranks: `A = cat(wᵢsᵢ·Aᵢ)`, `B = cat(Bᵢ)` — exactly `Σ wᵢ·ΔWᵢ`.
-    Cat,
 }
 
 /// Which adapters a layer holds and uses; not a tensor, so ignored by records.
@@ -559,17 +562,91 @@ impl<B: Backend> LoraLinear<B> {
         Ok((self.weight.val(), self.bias.map(|b| b.val())))
     }
 
-    /// Create `new_name` from a weighted combination of existing adapters
-    /// (PEFT `add_weighted_adapter` with `combination_type` `"linear"` or `"cat"`).
-    /// The new adapter has `lora_alpha = r`, i.e. scaling 1: the weights and the
-    /// source scalings are folded into its matrices.
+    /// Create `new_name` from a weighted combination of existing adapters: PEFT's
+    /// `add_weighted_adapter(adapters, weights, new_name, combination_type, ...)`, every
+    /// [`Combination`] with its [`MergeOptions`] (see there for the math).
+    ///
+    /// The sources' real scalings (`alpha / r`, or `alpha / √r` with rsLoRA) are folded
+    /// into the new matrices and the new adapter is plain LoRA with `lora_alpha = r`, i.e.
+    /// scaling 1, so its `ΔW` is the intended combination. (PEFT copies the first source's
+    /// config with `r = lora_alpha = new rank`: when that source uses rsLoRA the merged
+    /// adapter keeps `use_rslora` and its `ΔW` comes out `√r` times too large; legora does
+    /// not follow that.) Other deliberate differences: weights must be one per adapter
+    /// (PEFT zips and drops the extra), `svd_rank = 0` is refused (PEFT reads it as
+    /// unset), a `new_name` already taken is an error (PEFT returns without a word), DARE
+    /// at `density = 0` gives zero (PEFT: NaN), and DARE's masks come from
+    /// [`MergeOptions::seed`], not torch's generator.
     pub fn add_weighted_adapter(
         &mut self,
         adapters: &[&str],
         weights: &[f64],
         new_name: &str,
         combination: Combination,
+        options: &MergeOptions,
     ) -> Result<()> {
+        let masks = Masks::Seeded(SplitMix64(options.seed));
+        self.weighted_adapter(adapters, weights, new_name, combination, options, masks)
+    }
+
+    /// [`add_weighted_adapter`](Self::add_weighted_adapter) with DARE's keep-masks given
+    /// (`true` = kept), to reproduce a merge made elsewhere (e.g. PEFT's, whose masks come
+    /// from `torch.bernoulli`). The masks are taken in PEFT's draw order: for `dare_linear`
+    /// and `dare_ties` the `lora_A` of every source (`[r·in]` each), then every `lora_B`
+    /// (`[out·r]`); for the `_svd` variants one `[out·in]` mask per source `ΔW`; none at
+    /// `density = 1`. A missing, extra or wrongly sized mask is an error.
+    pub fn add_weighted_adapter_with_masks(
+        &mut self,
+        adapters: &[&str],
+        weights: &[f64],
+        new_name: &str,
+        combination: Combination,
+        options: &MergeOptions,
+        masks: &[Vec<bool>],
+    ) -> Result<()> {
+        let masks = Masks::Given(masks.iter());
+        self.weighted_adapter(adapters, weights, new_name, combination, options, masks)
+    }
+
+    fn weighted_adapter(
+        &mut self,
+        adapters: &[&str],
+        weights: &[f64],
+        new_name: &str,
+        combination: Combination,
+        options: &MergeOptions,
+        mut masks: Masks<'_>,
+    ) -> Result<()> {
+        if self.state.names.iter().any(|n| n == new_name) {
+            return Err(NnError::DuplicateAdapter {
+                name: new_name.into(),
+            });
+        }
+        let srcs = self.merge_sources(adapters, weights)?;
+        let (d_in, d_out) = self.dims();
+        let (a, b, r) = merge::combine(
+            &srcs,
+            weights,
+            (d_in, d_out),
+            combination,
+            options,
+            &mut masks,
+        )?;
+        masks.finish()?;
+        let device = self.weight.device();
+        let to_tensor = |v: Vec<f64>, shape: [usize; 2]| {
+            let v: Vec<f32> = v.into_iter().map(|x| x as f32).collect();
+            Tensor::<B, 2>::from_data(TensorData::new(v, shape), &device)
+        };
+        let dropout = self.adapter(adapters[0])?.lora_dropout;
+        let spec = AdapterSpec::new(r, r as f64).with_dropout(dropout);
+        let (a, b) = (to_tensor(a, [r, d_in]), to_tensor(b, [d_out, r]));
+        let adapter = LoraAdapter::from_tensors(a, b, &spec, d_in, d_out)?;
+        self.insert_adapter(new_name, adapter)
+    }
+
+    /// The named sources on the host, checked: one finite weight per adapter, known
+    /// names, no DoRA.
+    fn merge_sources(&self, adapters: &[&str], weights: &[f64]) -> Result<Vec<HostLora>> {
         if adapters.is_empty() || adapters.len() != weights.len() {
             return Err(NnError::config(
                 "weights",
@@ -577,60 +654,28 @@ impl<B: Backend> LoraLinear<B> {
                 format!("{} weights", weights.len()),
             ));
         }
-        let srcs: Vec<&LoraAdapter<B>> = adapters
-            .iter()
-            .map(|n| self.adapter(n))
-            .collect::<Result<_>>()?;
-        if let Some(n) = adapters.iter().zip(&srcs).find(|(_, a)| a.is_dora()) {
-            return Err(NnError::config(
-                "adapters",
-                "LoRA adapters (PEFT cannot combine DoRA adapters either)",
-                format!("DoRA adapter `{}`", n.0),
-            ));
+        if let Some(w) = weights.iter().find(|w| !w.is_finite()) {
+            return Err(NnError::config("weights", "finite values", w));
         }
-        let (a, b) = match combination {
-            Combination::Linear => {
-                let r0 = srcs[0].rank();
-                if let Some(bad) = srcs.iter().find(|s| s.rank() != r0) {
+        adapters
+            .iter()
+            .map(|name| {
+                let s = self.adapter(name)?;
+                if s.is_dora() {
                     return Err(NnError::config(
-                        "combination_type",
-                        format!("adapters of equal rank for \"linear\" (first has r = {r0})"),
-                        format!("an adapter with r = {} (use \"cat\")", bad.rank()),
+                        "adapters",
+                        "LoRA adapters (PEFT cannot combine DoRA adapters either)",
+                        format!("DoRA adapter `{name}`"),
                     ));
                 }
-                let mut a_sum: Option<Tensor<B, 2>> = None;
-                let mut b_sum: Option<Tensor<B, 2>> = None;
-                for (s, w) in srcs.iter().zip(weights) {
-                    let t = w * s.scaling();
-                    let root = t.abs().sqrt();
-                    let a = s.lora_A.val() * (t.signum() * root);
-                    let b = s.lora_B.val() * root;
-                    a_sum = Some(match a_sum {
-                        Some(acc) => acc + a,
-                        None => a,
-                    });
-                    b_sum = Some(match b_sum {
-                        Some(acc) => acc + b,
-                        None => b,
-                    });
-                }
-                (a_sum.expect("non-empty"), b_sum.expect("non-empty"))
-            }
-            Combination::Cat => {
-                let a_parts = srcs
-                    .iter()
-                    .zip(weights)
-                    .map(|(s, w)| s.lora_A.val() * (w * s.scaling()))
-                    .collect();
-                let b_parts = srcs.iter().map(|s| s.lora_B.val()).collect();
-                (Tensor::cat(a_parts, 0), Tensor::cat(b_parts, 1))
-            }
-        };
-        let r = a.dims()[0];
-        let spec = AdapterSpec::new(r, r as f64).with_dropout(srcs[0].lora_dropout);
-        let (d_in, d_out) = self.dims();
-        let adapter = LoraAdapter::from_tensors(a.detach(), b.detach(), &spec, d_in, d_out)?;
-        self.insert_adapter(new_name, adapter)
+                Ok(HostLora {
+                    a: host(s.lora_A.val(), name, "lora_A")?,
+                    b: host(s.lora_B.val(), name, "lora_B")?,
+                    r: s.rank(),
+                    scaling: s.scaling(),
+                })
+            })
+            .collect()
     }
 
     /// The adapters that take part in `forward`: active, not merged, not disabled.

@@ -428,7 +428,13 @@ fn merge_unmerge_and_adapter_management() {
 
     // "cat" is exactly Σ wᵢ ΔWᵢ; "linear" with one adapter is exactly w·ΔW
     layer
-        .add_weighted_adapter(&["a", "b"], &[0.7, -0.3], "cat", Combination::Cat)
+        .add_weighted_adapter(
+            &["a", "b"],
+            &[0.7, -0.3],
+            "cat",
+            Combination::Cat,
+            &MergeOptions::default(),
+        )
         .unwrap();
     let da = vals(layer.adapter("a").unwrap().delta_weight());
     let db = vals(layer.adapter("b").unwrap().delta_weight());
@@ -441,7 +447,13 @@ fn merge_unmerge_and_adapter_management() {
         1e-5,
     );
     layer
-        .add_weighted_adapter(&["a"], &[-0.5], "lin", Combination::Linear)
+        .add_weighted_adapter(
+            &["a"],
+            &[-0.5],
+            "lin",
+            Combination::Linear,
+            &MergeOptions::default(),
+        )
         .unwrap();
     let want: Vec<f32> = da.iter().map(|a| -0.5 * a).collect();
     assert_close(
@@ -451,7 +463,13 @@ fn merge_unmerge_and_adapter_management() {
         1e-5,
     );
     let e = layer
-        .add_weighted_adapter(&["a", "b"], &[1.0, 1.0], "x", Combination::Linear)
+        .add_weighted_adapter(
+            &["a", "b"],
+            &[1.0, 1.0],
+            "x",
+            Combination::Linear,
+            &MergeOptions::default(),
+        )
         .unwrap_err();
     assert!(e.to_string().contains("combination_type"), "{e}");
 

@@ -70,6 +70,35 @@ pub fn token_count(s: &str) -> Result<usize, String> {
     }
 }
 
+/// `--density`: in `[0, 1]`.
+pub fn density(s: &str) -> Result<f64, String> {
+    in_range(s, 0.0, 1.0)
+}
+
+/// `--svd-clamp`: a quantile in `[0, 1]`.
+pub fn quantile(s: &str) -> Result<f64, String> {
+    in_range(s, 0.0, 1.0)
+}
+
+/// `--svd-rank`: an integer ≥ 1 (its upper bound, `min(out, in)` of each module, is
+/// checked against the model).
+pub fn rank(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(v) if v >= 1 => Ok(v),
+        _ => Err(format!("`{s}` is not a positive integer")),
+    }
+}
+
+/// `--combination`: one of PEFT's `combination_type` names.
+pub fn combination(s: &str) -> Result<legora::nn::Combination, String> {
+    s.parse().map_err(|e: legora::nn::NnError| e.to_string())
+}
+
+/// `--majority-sign-method`: `total` or `frequency`.
+pub fn majority_sign_method(s: &str) -> Result<legora::nn::MajoritySignMethod, String> {
+    s.parse().map_err(|e: legora::nn::NnError| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,6 @@
 //! `legora generate`: complete one prompt, or chat on stdin, with a model folder and
 //! optionally a PEFT adapter, a mixture folder, or several adapters combined with
-//! PEFT's `add_weighted_adapter` (`cat`).
+//! PEFT's `add_weighted_adapter` (any `combination_type`, `cat` by default).
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -27,13 +27,36 @@ pub struct Args {
     #[arg(long, conflicts_with = "adapters")]
     pub moe: Option<PathBuf>,
     /// Several PEFT adapter folders, combined into one adapter (PEFT
-    /// `add_weighted_adapter`, combination `cat`: exactly `Σ wᵢ·ΔWᵢ`).
+    /// `add_weighted_adapter`, see --combination).
     #[arg(long, value_delimiter = ',', requires = "weights")]
     pub adapters: Vec<PathBuf>,
     /// One weight per `--adapters` folder.
     #[arg(long, value_delimiter = ',', requires = "adapters",
           value_parser = super::flags::adapter_weight)]
     pub weights: Vec<f64>,
+    /// How --adapters are combined, PEFT's `combination_type`: cat (exactly Σ wᵢ·ΔWᵢ),
+    /// linear, svd, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd,
+    /// dare_ties_svd, magnitude_prune, magnitude_prune_svd.
+    #[arg(long, default_value = "cat", requires = "adapters",
+          value_parser = super::flags::combination)]
+    pub combination: Combination,
+    /// Fraction of entries kept, in [0, 1] (the ties, dare and magnitude_prune
+    /// combinations, which need it).
+    #[arg(long, requires = "adapters", value_parser = super::flags::density)]
+    pub density: Option<f64>,
+    /// TIES sign election: total or frequency (default total; ties and dare_ties
+    /// combinations).
+    #[arg(long, requires = "adapters", value_parser = super::flags::majority_sign_method)]
+    pub majority_sign_method: Option<MajoritySignMethod>,
+    /// Rank of an *svd combination's result (default: the largest source rank).
+    #[arg(long, requires = "adapters", value_parser = super::flags::rank)]
+    pub svd_rank: Option<usize>,
+    /// Clamp an *svd combination's factors at this quantile of their entries, in [0, 1].
+    #[arg(long, requires = "adapters", value_parser = super::flags::quantile)]
+    pub svd_clamp: Option<f64>,
+    /// Seed of the dare combinations' random masks (default 0).
+    #[arg(long, requires = "adapters")]
+    pub merge_seed: Option<u64>,
     /// Route every token to this expert of the mixture (needed for a mixture without
     /// routers).
     #[arg(long, requires = "moe")]
@@ -75,7 +98,7 @@ struct Loaded {
     task_id: Option<usize>,
 }
 
-fn load(args: &Args) -> anyhow::Result<Loaded> {
+fn load(args: &Args, merge: &MergeOptions) -> anyhow::Result<Loaded> {
     let device = device();
     let mut base = PretrainedModel::<Backend>::from_pretrained_with(
         &args.model,
@@ -130,7 +153,7 @@ fn load(args: &Args) -> anyhow::Result<Loaded> {
             names.push(name);
         }
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        peft.add_weighted_adapter(&refs, &args.weights, "combined", Combination::Cat)?;
+        peft.add_weighted_adapter(&refs, &args.weights, "combined", args.combination, merge)?;
         peft.set_adapter("combined")?;
         return Ok(Loaded {
             model: peft.base,
@@ -140,6 +163,50 @@ fn load(args: &Args) -> anyhow::Result<Loaded> {
     Ok(Loaded {
         model: base,
         task_id: None,
+    })
+}
+
+/// A flag combination clap cannot express, reported as clap reports its own: usage, exit 2.
+fn usage_error(msg: String) -> anyhow::Error {
+    // `exit` never returns: the usage error ends the process with status 2.
+    clap::Error::raw(clap::error::ErrorKind::ArgumentConflict, format!("{msg}\n")).exit()
+}
+
+/// The merge flags as [`MergeOptions`], each refused where `--combination` does not read
+/// it and `--density` required where it does.
+fn merge_options(args: &Args) -> Result<MergeOptions, String> {
+    let c = args.combination;
+    let refuse = |flag: &str, which: &str| {
+        Err(format!(
+            "{flag} does not apply to --combination {c} (only to the {which} combinations)"
+        ))
+    };
+    if args.density.is_some() && !c.uses_density() {
+        return refuse("--density", "ties, dare and magnitude_prune");
+    }
+    if args.density.is_none() && c.uses_density() {
+        return Err(format!("--combination {c} needs --density (in [0, 1])"));
+    }
+    if args.majority_sign_method.is_some() && !c.uses_majority_sign() {
+        return refuse("--majority-sign-method", "ties and dare_ties");
+    }
+    if (args.svd_rank.is_some() || args.svd_clamp.is_some()) && !c.uses_svd() {
+        let flag = if args.svd_rank.is_some() {
+            "--svd-rank"
+        } else {
+            "--svd-clamp"
+        };
+        return refuse(flag, "svd");
+    }
+    if args.merge_seed.is_some() && !c.is_dare() {
+        return refuse("--merge-seed", "dare");
+    }
+    Ok(MergeOptions {
+        density: args.density,
+        majority_sign_method: args.majority_sign_method.unwrap_or_default(),
+        svd_rank: args.svd_rank,
+        svd_clamp: args.svd_clamp,
+        seed: args.merge_seed.unwrap_or(0),
     })
 }
 
@@ -223,7 +290,9 @@ fn complete(
 
 /// Run `legora generate`.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let loaded = load(&args)?;
+    // flag combinations first, before anything is loaded
+    let merge = merge_options(&args).map_err(usage_error)?;
+    let loaded = load(&args, &merge)?;
     let gen = generation_config(&args, &loaded.model);
     gen.validate()
         .context("generation settings (--temperature, --top-p, --repetition-penalty)")?;
