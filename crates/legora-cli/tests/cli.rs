@@ -204,7 +204,10 @@ fn storage_flags_quantize_the_base_for_every_command() {
         "nf4",
     ]));
     assert_eq!(v["storage"][0]["format"], "nf4", "{v}");
-    assert_eq!(v["storage"][0]["projections"], 14, "{v}");
+    assert_eq!(v["storage"][0]["matrices"], 14, "{v}");
+    // the embeddings stay bf16 beside the 4-bit projections, with the untied lm_head
+    assert_eq!(v["storage"][1]["format"], "bf16", "{v}");
+    assert_eq!(v["storage"][1]["matrices"], 2, "{v}");
     // the elements are counted, not the 4-bit codes
     assert_eq!(v["parameters"], 112_448, "{v}");
     let v = json(&legora(&[

@@ -98,7 +98,7 @@ fn model(dir: &Path, load: &crate::cmd::LoadArgs) -> anyhow::Result<(String, Val
         "dtype": dtype,
         "storage": storage
             .iter()
-            .map(|(f, n, b)| json!({"format": f, "projections": n, "bytes": b}))
+            .map(|(f, n, b)| json!({"format": f, "matrices": n, "bytes": b}))
             .collect::<Vec<_>>(),
         "parameters": params,
         "tokenizer": m.tokenizer.is_some(),
@@ -152,12 +152,14 @@ fn model(dir: &Path, load: &crate::cmd::LoadArgs) -> anyhow::Result<(String, Val
     Ok((text, v))
 }
 
-/// The storage of the projections' frozen weights: `(format, projections, bytes)` per
-/// format, in order of first appearance.
+/// The storage of the frozen weights (every projection and the embeddings):
+/// `(format, matrices, bytes)` per format, in order of first appearance.
 fn storage(m: &CausalLm<Backend>) -> Vec<(String, usize, usize)> {
     let mut out: Vec<(String, usize, usize)> = Vec::new();
-    for (_, slot) in m.slots() {
-        let w = slot.frozen_weight();
+    // A tied lm_head slot is the embedding matrix: count it once.
+    let embed = (!m.config().tie_word_embeddings).then_some(&m.model.embed_tokens);
+    let slots = m.slots();
+    for w in slots.iter().map(|(_, s)| s.frozen_weight()).chain(embed) {
         let name = w.format().name().to_string();
         match out.iter_mut().find(|(f, _, _)| *f == name) {
             Some(e) => {
