@@ -39,7 +39,11 @@ use serde_spanned::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use crate::error::{Result, TrainError};
+use crate::lr_groups::{LrGroups, ParamKind};
 use crate::schedule::ScheduleKind;
+
+/// PEFT's default `loraplus_lr_embedding`, the only value accepted.
+pub const LORAPLUS_LR_EMBEDDING: f64 = 1e-6;
 
 fn default_seed() -> u64 {
     42
@@ -270,6 +274,19 @@ pub struct StageSection {
     /// Peak learning rate (default 2e-4 for experts, 1e-3 for the router).
     #[serde(default)]
     pub learning_rate: Option<f64>,
+    /// LoRA+ (PEFT's `create_loraplus_optimizer`): `lora_B` and DoRA's
+    /// `lora_magnitude_vector` train at `learning_rate × loraplus_lr_ratio` (default: no
+    /// LoRA+, every tensor at `learning_rate`).
+    #[serde(default)]
+    pub loraplus_lr_ratio: Option<f64>,
+    /// PEFT's learning rate of LoRA on embedding layers under LoRA+; legora has no
+    /// embedding LoRA, so only PEFT's default, 1e-6, is accepted.
+    #[serde(default)]
+    pub loraplus_lr_embedding: Option<f64>,
+    /// Per-kind multipliers of `learning_rate` (`lora_A`, `lora_B`,
+    /// `lora_magnitude_vector`, `router`).
+    #[serde(default)]
+    pub lr_groups: LrGroups,
     /// Optimizer steps; overrides `num_train_epochs`.
     #[serde(default)]
     pub max_steps: Option<usize>,
@@ -424,6 +441,13 @@ impl StageKind {
 pub struct TrainSettings {
     /// Peak learning rate.
     pub learning_rate: f64,
+    /// LoRA+ ratio of `lora_B`'s (and `lora_magnitude_vector`'s) learning rate to
+    /// `learning_rate` (`None` = 1).
+    #[serde(default)]
+    pub loraplus_lr_ratio: Option<f64>,
+    /// Per-kind multipliers of the learning rate (they override `loraplus_lr_ratio`).
+    #[serde(default)]
+    pub lr_groups: LrGroups,
     /// Optimizer steps.
     pub total_steps: usize,
     /// Rows per micro-batch.
@@ -474,6 +498,8 @@ impl TrainSettings {
     pub fn new(total_steps: usize, seed: u64) -> Self {
         Self {
             learning_rate: 2e-4,
+            loraplus_lr_ratio: None,
+            lr_groups: LrGroups::default(),
             total_steps,
             batch_size: 8,
             gradient_accumulation_steps: 1,
@@ -496,6 +522,17 @@ impl TrainSettings {
             experts: ExpertsMode::Frozen,
             routing_loss_coef: 0.0,
         }
+    }
+
+    /// The multiplier of the learning rate for tensors of `kind`: its `lr_groups` entry,
+    /// else `loraplus_lr_ratio` for `lora_B` and `lora_magnitude_vector` (PEFT's LoRA+
+    /// puts every 1-D tensor with `lora_B`), else 1.
+    pub fn lr_scale(&self, kind: ParamKind) -> f64 {
+        let loraplus = matches!(kind, ParamKind::LoraB | ParamKind::LoraMagnitudeVector);
+        self.lr_groups
+            .get(kind)
+            .or(self.loraplus_lr_ratio.filter(|_| loraplus))
+            .unwrap_or(1.0)
     }
 }
 
@@ -882,6 +919,8 @@ impl RunConfig {
             t.learning_rate = 1e-3;
         }
         t.learning_rate = s.learning_rate.unwrap_or(t.learning_rate);
+        t.loraplus_lr_ratio = s.loraplus_lr_ratio;
+        t.lr_groups = s.lr_groups;
         t.batch_size = s.batch_size.unwrap_or(t.batch_size);
         t.gradient_accumulation_steps = s.gradient_accumulation_steps.unwrap_or(1);
         t.total_steps = match (s.max_steps, s.num_train_epochs) {
@@ -1143,6 +1182,27 @@ impl RunConfig {
             }
         };
         positive("learning_rate", s.learning_rate)?;
+        positive("loraplus_lr_ratio", s.loraplus_lr_ratio)?;
+        for kind in ParamKind::ALL {
+            positive(&format!("lr_groups.{}", kind.name()), s.lr_groups.get(kind))?;
+        }
+        if s.loraplus_lr_ratio.is_some() && s.lr_groups.lora_B.is_some() {
+            return Err(at(
+                "lr_groups.lora_B",
+                "expected either loraplus_lr_ratio or lr_groups.lora_B, found both".into(),
+            ));
+        }
+        if let Some(v) = s.loraplus_lr_embedding {
+            if v != LORAPLUS_LR_EMBEDDING {
+                return Err(at(
+                    "loraplus_lr_embedding",
+                    format!(
+                        "expected PEFT's default {LORAPLUS_LR_EMBEDDING} (legora has no LoRA on \
+                         embedding layers), found {v}"
+                    ),
+                ));
+            }
+        }
         positive("num_train_epochs", s.num_train_epochs)?;
         positive("adam_epsilon", s.adam_epsilon)?;
         non_negative("max_grad_norm", s.max_grad_norm)?;

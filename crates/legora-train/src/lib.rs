@@ -16,6 +16,7 @@ mod clip;
 mod config;
 mod error;
 mod lm;
+mod lr_groups;
 mod metrics;
 mod optim_state;
 mod pipeline;
@@ -35,10 +36,11 @@ pub use checkpoint::{
 pub use clip::{clip_grad_norm, global_grad_norm, scalar, scale_grads};
 pub use config::{
     DataSection, EvalSection, ExpertsMode, ModelSection, Precision, RunConfig, RunFile, StageKind,
-    StageSection, StagesSection, TaskSection, TrainSettings,
+    StageSection, StagesSection, TaskSection, TrainSettings, LORAPLUS_LR_EMBEDDING,
 };
 pub use error::{Result, TrainError};
 pub use lm::{lm_input, shifted_targets, token_nll, LmModel, Objective};
+pub use lr_groups::{param_groups, LrGroups, ParamKind};
 pub use metrics::{
     read_metrics, EvalMetrics, MetricLine, MetricsWriter, RoutingStats, TrainMetrics,
 };

@@ -15,10 +15,10 @@
 //! there, before any data is read); then one function per stage runs on a [`Run`]
 //! holding what the stages share.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use burn::module::{AutodiffModule, Module, ParamId};
+use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use legora_data::{
     derive_seed, eval_batches, prepare_task, split_indices, Batcher, Example, Loader, Record,
@@ -34,6 +34,7 @@ use crate::checkpoint::write_atomic;
 use crate::config::{ExpertsMode, RunConfig, StageKind, TrainSettings};
 use crate::error::{Result, TrainError};
 use crate::lm::{lm_input, shifted_targets, token_nll, LmModel, Objective};
+use crate::lr_groups::param_groups;
 use crate::metrics::{read_metrics, RoutingStats};
 use crate::plan::{ExpertSource, Mode, RunPlan, TaskPlan, Variant};
 use crate::plot::{plot_routing_load, plot_stage_losses};
@@ -210,7 +211,16 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         m.adapters_to_mixture(&refs, None)?;
         let settings = self.settings(StageKind::Experts)?;
-        let groups = expert_lr_groups(&m, self.plan, settings.learning_rate);
+        let expert_scales: Vec<f64> = self
+            .plan
+            .tasks
+            .iter()
+            .map(|t| {
+                t.learning_rate
+                    .map_or(1.0, |lr| lr / settings.learning_rate)
+            })
+            .collect();
+        let groups = param_groups(&m, &settings, &expert_scales);
         let data = &self.cfg.file.data;
         let model = LmModel::new(m, Objective::TaskRouted)
             .with_pad_per_task(data.pad_per_task)
@@ -316,16 +326,9 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             let objective = Objective::Routed {
                 routing_loss_coef: settings.routing_loss_coef,
             };
+            let groups = param_groups(&mixture, &settings, &[]);
             let model = LmModel::new(mixture, objective);
-            mixture = self.train(
-                "router",
-                settings,
-                false,
-                Vec::new(),
-                model,
-                callback,
-                device,
-            )?;
+            mixture = self.train("router", settings, false, groups, model, callback, device)?;
         }
         let base_name = Some(self.plan.model_path.display().to_string());
         legora_hub::save_mixture(
@@ -360,13 +363,14 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
         self.seed_init(device, &[INIT_SINGLE_LORA]);
         m.add_adapter("single_lora", cfg)?;
         let settings = self.settings(StageKind::SingleLora)?;
+        let groups = param_groups(&m, &settings, &[]);
         let model =
             LmModel::new(m, Objective::Lm).with_pad_per_task(self.cfg.file.data.pad_per_task);
         let m = self.train(
             "single_lora",
             settings,
             true,
-            Vec::new(),
+            groups,
             model,
             callback,
             device,
@@ -647,40 +651,6 @@ fn set_experts_trainable<B: Backend>(model: &mut CausalLm<B>, trainable: bool) {
             *m = m.clone().set_experts_trainable(trainable);
         }
     }
-}
-
-/// A learning-rate group per task whose expert has its own learning rate.
-fn expert_lr_groups<B: Backend>(
-    model: &CausalLm<B>,
-    plan: &RunPlan,
-    stage_lr: f64,
-) -> Vec<LrGroup> {
-    plan.tasks
-        .iter()
-        .enumerate()
-        .filter_map(|(e, t)| {
-            let lr = t.learning_rate?;
-            Some(LrGroup {
-                name: t.name.clone(),
-                params: expert_params(model, e),
-                scale: lr / stage_lr,
-            })
-        })
-        .collect()
-}
-
-/// The parameter ids of expert `e`'s adapters in every mixture slot.
-fn expert_params<B: Backend>(model: &CausalLm<B>, e: usize) -> HashSet<ParamId> {
-    let mut ids = HashSet::new();
-    for (_, slot) in model.slots() {
-        if let Slot::Moe(m) = slot {
-            if let Some(a) = m.expert(e) {
-                ids.insert(a.lora_A.id);
-                ids.insert(a.lora_B.id);
-            }
-        }
-    }
-    ids
 }
 
 /// `<out>/data/<task>.val.jsonl`: the tokenized validation examples (`input_ids`,

@@ -28,6 +28,7 @@ use crate::checkpoint::{
 use crate::clip::{clip_grad_norm, global_grad_norm, scalar, take_grads};
 use crate::config::TrainSettings;
 use crate::error::{Result, TrainError};
+use crate::lr_groups::ParamKind;
 use crate::metrics::{EvalMetrics, MetricLine, MetricsWriter, RoutingStats, TrainMetrics};
 use crate::schedule::LrSchedule;
 
@@ -195,7 +196,8 @@ pub struct ValSet {
 }
 
 /// A set of parameters trained with their own learning rate: `scale ×` the schedule's
-/// (a task's expert with the learning rate of its preset, LoRA+'s `B` matrices).
+/// (a task's expert with the learning rate of its preset, LoRA+'s `B` matrices; see
+/// [`param_groups`](crate::param_groups)). Groups must not share parameters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LrGroup {
     /// What the group is (for logs and errors).
@@ -361,6 +363,7 @@ impl<'a> Trainer<'a> {
         M: AutodiffModule<B> + TrainModel<B>,
     {
         let s = &self.settings;
+        check_settings(s)?;
         B::seed(device, derive_seed(s.seed, &[step as u64]));
         let lr = self.schedule().lr(step);
         let (grads, mut report) = self.gradients(&model, step, next_batch)?;
@@ -847,12 +850,17 @@ fn check_settings(s: &TrainSettings) -> Result<()> {
     if let Some(n) = s.save_steps {
         one("save_steps", n)?;
     }
-    if !(s.learning_rate > 0.0 && s.learning_rate.is_finite()) {
-        return Err(TrainError::invalid(
-            "learning_rate",
-            "a finite number > 0",
-            s.learning_rate,
-        ));
+    let multipliers = ParamKind::ALL
+        .iter()
+        .map(|k| (format!("lr_groups.{}", k.name()), s.lr_groups.get(*k)));
+    let rates = [("learning_rate".to_string(), Some(s.learning_rate))]
+        .into_iter()
+        .chain([("loraplus_lr_ratio".to_string(), s.loraplus_lr_ratio)])
+        .chain(multipliers);
+    for (key, v) in rates {
+        if let Some(v) = v.filter(|v| !(*v > 0.0 && v.is_finite())) {
+            return Err(TrainError::invalid(key, "a finite number > 0", v));
+        }
     }
     Ok(())
 }

@@ -371,3 +371,67 @@ fn the_documented_example_parses() {
     let r = c.train_settings(StageKind::Router, 100).unwrap();
     assert_eq!((r.total_steps, r.experts), (200, ExpertsMode::Frozen));
 }
+
+#[test]
+fn loraplus_and_lr_groups_resolve_and_bad_values_name_the_key() {
+    let d = setup("cfg-loraplus");
+    let good = edit(
+        "lr_scheduler_type = \"linear\"\n",
+        "lr_scheduler_type = \"linear\"\nloraplus_lr_ratio = 16.0\nloraplus_lr_embedding = 1e-6\n\
+         lr_groups = { lora_A = 0.5, router = 2.0 }\n",
+    );
+    let c = parse(&d, &good).unwrap();
+    let e = c.train_settings(StageKind::Experts, 25).unwrap();
+    assert_eq!(e.loraplus_lr_ratio, Some(16.0));
+    let scales = ParamKind::ALL.map(|k| e.lr_scale(k));
+    assert_eq!(scales, [0.5, 16.0, 16.0, 2.0]);
+    let r = c.train_settings(StageKind::Router, 25).unwrap();
+    assert_eq!(ParamKind::ALL.map(|k| r.lr_scale(k)), [1.0; 4]);
+
+    let bad = [
+        (
+            "loraplus_lr_ratio = 0.0",
+            "stages.experts.loraplus_lr_ratio",
+            "> 0",
+        ),
+        (
+            "loraplus_lr_ratio = -2.0",
+            "stages.experts.loraplus_lr_ratio",
+            "> 0",
+        ),
+        (
+            "loraplus_lr_ratio = nan",
+            "stages.experts.loraplus_lr_ratio",
+            "NaN",
+        ),
+        (
+            "loraplus_lr_embedding = 1e-4",
+            "stages.experts.loraplus_lr_embedding",
+            "0.0001",
+        ),
+        (
+            "lr_groups = { lora_C = 2.0 }",
+            "stages.experts.lr_groups.lora_C",
+            "unknown field",
+        ),
+        (
+            "lr_groups = { lora_B = 0.0 }",
+            "stages.experts.lr_groups.lora_B",
+            "> 0",
+        ),
+        (
+            "loraplus_lr_ratio = 4.0\nlr_groups = { lora_B = 8.0 }",
+            "stages.experts.lr_groups.lora_B",
+            "found both",
+        ),
+    ];
+    for (line, want_key, want_msg) in bad {
+        let text = edit("lr_scheduler_type = \"linear\"\n", &format!("{line}\n"));
+        let e = parse(&d, &text).unwrap_err();
+        let shown = e.to_string();
+        let (at, key, msg) = config_err(e);
+        assert_eq!(key, want_key, "{line}: {shown}");
+        assert!(msg.contains(want_msg), "{line}: {shown}");
+        assert!(at.is_some(), "{line}: {shown}");
+    }
+}
