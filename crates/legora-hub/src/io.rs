@@ -360,8 +360,34 @@ impl SafetensorsFile {
             Err(_) => return Ok(None),
         };
         let data = to_f32(&self.path, name, &view)?;
+        self.release(view.data());
         check_finite(&self.path, name, &data)?;
         Ok(Some(TensorData::new(data, view.shape().to_vec())))
+    }
+
+    /// Drops the mapped pages of `data` (a tensor of this file that has just been copied
+    /// out) from the process's resident memory, so that loading tensor by tensor peaks at
+    /// what is kept plus one tensor, not plus the whole file. The pages stay in the page
+    /// cache; reading them again maps them again. Best effort: a refusal changes nothing.
+    fn release(&self, data: &[u8]) {
+        #[cfg(unix)]
+        {
+            let offset = data.as_ptr() as usize - self.bytes.as_ptr() as usize;
+            // SAFETY: the mapping is a read-only file mapping nothing in this process
+            // writes; MADV_DONTNEED only drops its resident pages, and a later read of any
+            // borrowed slice faults them in again from the unchanged file (the same
+            // contract as the mapping itself). `data` lies inside the mapping (a view
+            // of it), so the range is in bounds.
+            let _ = unsafe {
+                self.bytes.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    offset,
+                    data.len(),
+                )
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = data;
     }
 
     /// `bits` (bf16 or f16) unless one is NaN or ±inf (all exponent bits set: `exp_mask`).
@@ -420,6 +446,7 @@ impl SafetensorsFile {
                 Storage::F32(data)
             }
         };
+        self.release(view.data());
         let m = QuantMatrix::new(name, rows, cols, storage).map_err(crate::load::kernel(name))?;
         crate::load::convert(name, m, format).map(Some)
     }

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use burn::module::{Module, Param, ParamId};
 use burn::prelude::*;
 use burn::tensor::{DType, ElementConversion, TensorCreationOptions, TensorData};
+use half::vec::HalfBitsVecExt;
 
 use super::bnb::{Absmax, FourBit};
 use super::int8::INV_127;
@@ -109,12 +110,13 @@ impl<B: Backend> FrozenWeight<B> {
         let scheme;
         let (codes, scales, nested_codes) = match m.into_storage() {
             Storage::F32(w) => return Self::dense(float(TensorData::new(w, shape), DType::F32)),
+            // The bits reinterpreted in place (same layout): no second copy while loading.
             Storage::Bf16(bits) => {
-                let w: Vec<half::bf16> = bits.into_iter().map(half::bf16::from_bits).collect();
+                let w: Vec<half::bf16> = bits.reinterpret_into();
                 return Self::dense(float(TensorData::new(w, shape), DType::BF16));
             }
             Storage::F16(bits) => {
-                let w: Vec<half::f16> = bits.into_iter().map(half::f16::from_bits).collect();
+                let w: Vec<half::f16> = bits.reinterpret_into();
                 return Self::dense(float(TensorData::new(w, shape), DType::F16));
             }
             Storage::Int8 { codes, scales } => {
