@@ -26,7 +26,7 @@ use burn::tensor::{Distribution, Tensor, TensorData};
 use crate::error::{NnError, Result};
 use crate::merge::{self, Combination, HostLora, Masks, MergeOptions, SplitMix64};
 use legora_config::{AdapterSpec, InitLoraWeights};
-use legora_kernels::quant::{Format, MATVEC_MAX_ROWS};
+use legora_kernels::quant::Format;
 use legora_kernels::FrozenWeight;
 
 /// Flatten `[..., d]` to `[N, d]`, returning the leading dims for [`unflatten`].
@@ -53,10 +53,9 @@ pub(crate) fn lora_dropout<B: Backend>(x: Tensor<B, 2>, p: f64) -> Tensor<B, 2> 
 }
 
 /// `x·Wᵀ + b` for a frozen HF-layout weight `[out, in]` in its storage format: an f32
-/// weight by burn's matmul (as a plain `nn.Linear`), any other — and an f32 one with at
-/// most [`MATVEC_MAX_ROWS`] rows of `x`, as when decoding — by
-/// [`legora_kernels::frozen_linear`] (on the CPU kernels: matrix–vector products for few
-/// rows, tile-dequantizing `gemm` for many).
+/// weight by burn's matmul (as a plain `nn.Linear`), any other by
+/// [`legora_kernels::frozen_linear`] (on the CPU kernels: matrix–vector products in the
+/// stored type for a few rows, as when decoding; tile-dequantizing `gemm` for many).
 ///
 /// # Shapes
 /// - x: `[N, in]`, weight: `[out, in]`, bias: `[out]` → `[N, out]`
@@ -67,9 +66,7 @@ pub(crate) fn base_linear<B: Backend>(
 ) -> Tensor<B, 2> {
     let bias = bias.as_ref().map(|b| b.val());
     match weight {
-        FrozenWeight::Dense(w)
-            if weight.format() == Format::F32 && x.dims()[0] > MATVEC_MAX_ROWS =>
-        {
+        FrozenWeight::Dense(w) if weight.format() == Format::F32 => {
             let y = x.matmul(w.val().transpose());
             match bias {
                 Some(b) => y + b.unsqueeze_dim(0),

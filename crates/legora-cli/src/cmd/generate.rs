@@ -275,10 +275,10 @@ fn complete(
     let prompt_tokens = ids.len();
     let task_ids = m.task_id.map(|t| vec![t]);
     let start = std::time::Instant::now();
-    let out = m
-        .model
-        .model
-        .generate(&[ids], gen, task_ids.as_deref())
+    // The decode loop runs on a worker of the thread pool, so that each step's many small
+    // parallel products start on the thread that asks for them instead of waking a worker
+    // and putting the asking thread to sleep, twice per product.
+    let out = rayon::scope(|_| m.model.model.generate(&[ids], gen, task_ids.as_deref()))
         .with_context(|| format!("generating with {}", m.model.name_or_path.display()))?;
     let timing = Timing {
         prompt_tokens,

@@ -1,6 +1,6 @@
 //! Matrix–vector products for decoding: `y[n, out] (+)= x[n, in] · Wᵀ` for a few rows of
 //! `x` (`n ≤` [`MATVEC_MAX_ROWS`]: one new token per sequence), reading `W` in its stored
-//! format (f32, bf16, f16 or int8) straight from memory and converting eight values at a
+//! format (bf16, f16 or int8; the element code serves f32 too) straight from memory and converting eight values at a
 //! time in registers. A decode step reads every frozen weight once, so its speed is the
 //! memory's: bf16 halves the bytes of f32, int8 quarters them — the gemm path, which
 //! first expands a tile to f32 in a scratch buffer, reads and writes more than it saves.
@@ -19,11 +19,13 @@ use crate::quant::{QuantView, ViewData};
 
 pub(crate) use crate::quant::MATVEC_MAX_ROWS;
 
-/// Whether [`xwt`] reads this weight's format directly.
+/// Whether [`xwt`] serves this weight: bf16, f16 and int8. An f32 weight keeps `gemm`'s
+/// own matrix–vector path, which is as fast (both run at the memory's speed) and gives
+/// few rows exactly the sums the batched products give.
 pub(crate) fn supports(w: &QuantView<'_>) -> bool {
     matches!(
         w.data(),
-        ViewData::F32(_) | ViewData::Bf16(_) | ViewData::F16(_) | ViewData::Int8 { .. }
+        ViewData::Bf16(_) | ViewData::F16(_) | ViewData::Int8 { .. }
     )
 }
 

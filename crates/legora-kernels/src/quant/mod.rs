@@ -14,7 +14,8 @@
 //!   dequantization, bit-exact with the `gguf` Python package;
 //! - with the `flex` feature, [`matmul_xwt`] / [`matmul_dyw`]: `x·Wᵀ` and `dy·W` on the
 //!   CPU with `W` dequantized one tile at a time into per-thread scratch, and for at most
-//!   [`MATVEC_MAX_ROWS`] rows of `x` (decoding) read in its stored format directly;
+//!   [`MATVEC_MAX_ROWS`] rows of `x` (decoding) read in its stored format directly
+//!   (bf16, f16, int8);
 //! - [`FrozenWeight`] / [`frozen_linear`]: the burn glue (a module holding a frozen weight
 //!   in its format on any backend).
 
@@ -33,8 +34,9 @@ pub use matrix::{Format, QuantMatrix, QuantView, Storage, ViewData};
 pub use saved::{load_bnb_4bit, load_bnb_int8, SavedTensor};
 
 /// Products `x·Wᵀ` with at most this many rows of `x` (one new token per sequence while
-/// decoding) read a dense or int8 weight as matrix–vector products in its stored format,
-/// on the `flex` CPU kernels (f32 weights included); more rows take the tiled `gemm` path.
+/// decoding) read a bf16, f16 or int8 weight as matrix–vector products in its stored
+/// format, on the `flex` CPU kernels; more rows take the tiled `gemm` path (and f32
+/// weights `gemm` at any row count).
 pub const MATVEC_MAX_ROWS: usize = 4;
 
 #[cfg(feature = "flex")]
