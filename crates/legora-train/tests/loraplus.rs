@@ -1,7 +1,7 @@
 //! LoRA+ and per-kind learning rates against PEFT 0.21's `create_loraplus_optimizer` on the
 //! tiny Llama (tests/fixtures/loraplus, made by tests/fixtures/make_loraplus_fixtures.py):
 //! after each of two steps of `Trainer::step` (AdamW, weight decay 0.01, linear schedule,
-//! no clipping) every trainable tensor is PEFT's within 1e-6, with and without the ratio.
+//! no clipping) every trainable tensor is PEFT's within 1e-5, with and without the ratio.
 
 mod common;
 
@@ -16,7 +16,11 @@ use legora_models::{CausalLm, Slot};
 use legora_train::*;
 use safetensors::SafeTensors;
 
-const TOL: f32 = 1e-6;
+/// Absolute, on tensors of magnitude ~1e-2 to 1e-1. With the reference burn ops the steps
+/// agree with PEFT to 1e-6; the fused CPU kernels (a workspace build enables them) sum the
+/// gradients in another order, and AdamW's second step divides by `√v`, which magnifies a
+/// 1e-7 gradient difference where a gradient is near zero (1.24e-6 seen in one `lora_B`).
+const TOL: f32 = 1e-5;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
