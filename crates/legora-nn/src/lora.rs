@@ -425,11 +425,17 @@ impl<B: Backend> LoraLinear<B> {
         self.insert_adapter(name, adapter)
     }
 
-    /// Add an existing adapter (e.g. loaded from disk); its shapes are checked.
-    pub fn insert_adapter(&mut self, name: &str, adapter: LoraAdapter<B>) -> Result<()> {
+    /// `name` is not yet an adapter of this layer.
+    fn check_free_name(&self, name: &str) -> Result<()> {
         if self.state.names.iter().any(|n| n == name) {
             return Err(NnError::DuplicateAdapter { name: name.into() });
         }
+        Ok(())
+    }
+
+    /// Add an existing adapter (e.g. loaded from disk); its shapes are checked.
+    pub fn insert_adapter(&mut self, name: &str, adapter: LoraAdapter<B>) -> Result<()> {
+        self.check_free_name(name)?;
         let (d_in, d_out) = self.dims();
         let r = adapter.rank();
         check_dims(
@@ -613,11 +619,8 @@ impl<B: Backend> LoraLinear<B> {
         options: &MergeOptions,
         mut masks: Masks<'_>,
     ) -> Result<()> {
-        if self.state.names.iter().any(|n| n == new_name) {
-            return Err(NnError::DuplicateAdapter {
-                name: new_name.into(),
-            });
-        }
+        // Before the merge's work; `insert_adapter` checks it again.
+        self.check_free_name(new_name)?;
         let srcs = self.merge_sources(adapters, weights)?;
         let (d_in, d_out) = self.dims();
         let (a, b, r) = merge::combine(

@@ -1,6 +1,6 @@
 //! Matrix–vector products for decoding: `y[n, out] (+)= x[n, in] · Wᵀ` for a few rows of
 //! `x` (`n ≤` [`MATVEC_MAX_ROWS`]: one new token per sequence), reading `W` in its stored
-//! format (bf16, f16 or int8; the element code serves f32 too) straight from memory and converting eight values at a
+//! format (bf16, f16 or int8) straight from memory and converting eight values at a
 //! time in registers. A decode step reads every frozen weight once, so its speed is the
 //! memory's: bf16 halves the bytes of f32, int8 quarters them — the gemm path, which
 //! first expands a tile to f32 in a scratch buffer, reads and writes more than it saves.
@@ -70,7 +70,6 @@ fn row_dots(n: usize, x: &[f32], w: &QuantView<'_>, j: usize, dots: &mut [f32; M
     let din = w.cols();
     let span = j * din..(j + 1) * din;
     match w.data() {
-        ViewData::F32(v) => dots_of(n, x, Stored::<F32>::elems(&v[span]), dots),
         ViewData::Bf16(v) => dots_of(n, x, Stored::<Bf16>::elems(&v[span]), dots),
         ViewData::F16(v) => dots_of(n, x, Stored::<F16>::elems(&v[span]), dots),
         ViewData::Int8 { codes, scales } => {
@@ -79,7 +78,9 @@ fn row_dots(n: usize, x: &[f32], w: &QuantView<'_>, j: usize, dots: &mut [f32; M
             // As bitsandbytes' dequantization: (code · SCB) · (1/127), here summed first.
             dots[..n].iter_mut().for_each(|d| *d = (*d * s) * INV_127);
         }
-        ViewData::Bnb4(_) => unreachable!("supports() excludes 4-bit weights"),
+        ViewData::F32(_) | ViewData::Bnb4(_) => {
+            unreachable!("supports() excludes f32 and 4-bit weights")
+        }
     }
 }
 
@@ -95,10 +96,6 @@ trait Elem: Copy {
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
 }
 
-/// An f32 weight element.
-#[derive(Clone, Copy)]
-#[repr(transparent)]
-struct F32(f32);
 /// A bf16 weight element (its bits).
 #[derive(Clone, Copy)]
 #[repr(transparent)]
@@ -151,7 +148,6 @@ macro_rules! elem {
     };
 }
 
-elem!(F32, f32, |v| v, |p| _mm256_loadu_ps(p));
 elem!(Bf16, u16, |v| f32::from_bits(u32::from(v) << 16), |p| {
     _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
         _mm_loadu_si128(p as *const __m128i),
@@ -198,16 +194,12 @@ fn portable_dots<E: Elem>(n: usize, x: &[f32], row: &[E], dots: &mut [f32; MATVE
     }
 }
 
-/// Whether the AVX2 + FMA + F16C dot products can run (detected once).
+/// Whether the AVX2 + FMA + F16C dot products can run (std caches the detection).
 #[cfg(target_arch = "x86_64")]
 fn avx2() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-    })
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -326,11 +318,9 @@ mod tests {
                 .iter()
                 .map(|&v| F16(half::f16::from_f32(v).to_bits()))
                 .collect();
-            let f: Vec<F32> = w.iter().map(|&v| F32(v)).collect();
             let q: Vec<I8> = w.iter().map(|&v| I8((v * 127.0) as i8)).collect();
             for n in 1..=MATVEC_MAX_ROWS {
                 let x = values(n * din, 7 + n as u32);
-                check(n, &x, &f);
                 check(n, &x, &bf);
                 check(n, &x, &hf);
                 check(n, &x, &q);

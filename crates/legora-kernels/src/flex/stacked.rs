@@ -157,7 +157,7 @@ fn routed_forward(
     d: &Dims,
 ) -> (Vec<f32>, Vec<f32>) {
     let (n, din, dout, big_r, rm) = (d.n, d.d_in, d.d_out, d.total_rank(), d.max_rank());
-    let mut y = frozen_forward(x, w, bias, n);
+    let mut y = qgemm::base_forward(x, w, bias, n);
     let mut h = vec![0.0f32; n * rm];
     let (y_p, h_p) = (SendPtr(y.as_mut_ptr()), SendPtr(h.as_mut_ptr()));
     d.blocks().into_par_iter().for_each(|(start, rows, e)| {
@@ -205,7 +205,7 @@ fn dense_forward(
     d: &Dims,
 ) -> (Vec<f32>, Vec<f32>) {
     let (n, din, dout, big_r) = (d.n, d.d_in, d.d_out, d.total_rank());
-    let mut y = frozen_forward(x, w, bias, n);
+    let mut y = qgemm::base_forward(x, w, bias, n);
     let mut u = vec![0.0f32; n * big_r];
     y.par_chunks_mut(BLOCK * dout)
         .zip(u.par_chunks_mut(BLOCK * big_r))
@@ -488,16 +488,6 @@ fn stacked_backward(
         needs[4].then(|| tensor(sum.db, &[dout, big_r])),
         (needs[5] && dense).then(|| tensor(dg, &[n, e])),
     ]
-}
-
-/// The frozen part's output `bias + x·Wᵀ` `[n, dout]` for a weight in any storage
-/// format ([`qgemm::base_forward`]: matrix–vector products for a few rows, one
-/// multi-threaded gemm on an f32 weight, the tile-dequantizing product for the others).
-///
-/// # Shapes
-/// - x: `[n, in]`, w: `[out, in]`, bias: `[out]` → `[n, out]`
-fn frozen_forward(x: &[f32], w: &QuantView<'_>, bias: Option<&[f32]>, n: usize) -> Vec<f32> {
-    qgemm::base_forward(x, w, bias, n)
 }
 
 /// `dY·W` `[n, in]` for a weight in any storage format: f32 by [`base_dx`], the others
