@@ -2,6 +2,7 @@
 
 #[macro_use]
 mod text;
+#[macro_use]
 mod backend;
 mod cmd;
 mod progress;
@@ -16,6 +17,10 @@ struct Cli {
     /// (faster calls; a crashing or hanging plugin then takes legora down).
     #[arg(long, global = true)]
     plugins_in_process: bool,
+    /// The burn backend to run on: flex, ndarray, wgpu or cuda, among those compiled into
+    /// this binary (default: the first compiled of cuda, wgpu, ndarray, flex).
+    #[arg(long, global = true, value_parser = backend::Kind::parse)]
+    backend: Option<backend::Kind>,
     #[command(subcommand)]
     command: Command,
 }
@@ -104,18 +109,25 @@ fn main() -> std::process::ExitCode {
         .init();
     let cli = Cli::parse();
     configure_plugins(cli.plugins_in_process);
+    let kind = cli.backend.unwrap_or_else(backend::Kind::default_compiled);
+    if !matches!(
+        cli.command,
+        Command::Plugins(_) | Command::PluginWorker { .. }
+    ) {
+        tracing::info!(backend = %kind, "backend");
+    }
     let result = match cli.command {
-        Command::Score(args) => cmd::score::run(args),
-        Command::Train(args) => cmd::train::run(args),
-        Command::Demo(args) => cmd::demo::run(args),
-        Command::Compose(args) => cmd::compose::run(args),
-        Command::Eval(args) => cmd::eval::run(args),
-        Command::Generate(args) => cmd::generate::run(args),
-        Command::Merge(args) => cmd::merge::run(args),
+        Command::Score(args) => on_backend!(kind, cmd::score::run(args)),
+        Command::Train(args) => on_backend!(kind, cmd::train::run(args)),
+        Command::Demo(args) => on_backend!(kind, cmd::demo::run(args)),
+        Command::Compose(args) => on_backend!(kind, cmd::compose::run(args)),
+        Command::Eval(args) => on_backend!(kind, cmd::eval::run(args)),
+        Command::Generate(args) => on_backend!(kind, cmd::generate::run(args)),
+        Command::Merge(args) => on_backend!(kind, cmd::merge::run(args)),
         Command::Plugins(args) => cmd::plugins::run(args),
-        Command::Inspect(args) => cmd::inspect::run(args),
-        Command::Bench(args) => cmd::bench::run(args),
-        Command::Serve(args) => cmd::serve::run(args),
+        Command::Inspect(args) => on_backend!(kind, cmd::inspect::run(args)),
+        Command::Bench(args) => on_backend!(kind, cmd::bench::run(args)),
+        Command::Serve(args) => on_backend!(kind, cmd::serve::run(args)),
         // Nothing above writes to stdout: it carries the worker's replies.
         Command::PluginWorker { path } => return legora_plugin_host::worker::run(&path),
     };

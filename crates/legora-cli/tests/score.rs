@@ -87,6 +87,45 @@ fn score_prints_transformers_nll_as_json() {
     assert!((v["mean_nll"].as_f64().unwrap() - want).abs() < 1e-4);
 }
 
+/// `--backend` picks a compiled backend at run time (the report names it); one not compiled
+/// into the binary, or an unknown name, is a usage error listing the compiled ones.
+#[test]
+fn backend_flag_chooses_a_compiled_backend_and_refuses_the_others() {
+    let v = score(&["--backend", "flex"]);
+    assert_eq!(v["backend"], "flex");
+    let want = reference_score("qwen2", "score_base");
+    assert!((v["mean_nll"].as_f64().unwrap() - want).abs() < 1e-4);
+    assert_eq!(score(&[])["backend"], "flex", "the default build runs flex");
+    let text = fixtures().join("score.txt");
+    let model = fixtures().join("qwen2");
+    for (name, needle) in [
+        (
+            "cuda",
+            "backend `cuda` is not compiled into this binary (it has flex",
+        ),
+        (
+            "wgpu",
+            "backend `wgpu` is not compiled into this binary (it has flex",
+        ),
+        (
+            "metal",
+            "unknown backend `metal`: expected one of cuda, wgpu, ndarray, flex",
+        ),
+    ] {
+        let (ok, _, stderr) = legora(&[
+            "score",
+            "--backend",
+            name,
+            "--model",
+            model.to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+        ]);
+        assert!(!ok && stderr.contains(needle), "--backend {name}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
 #[test]
 fn score_defaults_to_windows_of_max_position_embeddings() {
     let model = fixtures().join("qwen2");

@@ -127,6 +127,7 @@ pub fn run_pipeline<B: AutodiffBackend>(
     let mixture = run.router_stage(mixture, callback, device)?;
     let single = run.single_lora_stage(callback, device)?;
     let mut report = run.report_header();
+    report.backend = B::InnerBackend::name(device);
     if !plan.variants.is_empty() {
         run.evaluate(&mixture, single, &mut report)?;
     }

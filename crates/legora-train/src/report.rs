@@ -109,6 +109,9 @@ pub struct Report {
     /// embeddings and lm_head bf16"`, ...).
     #[serde(default)]
     pub base_storage: String,
+    /// The burn backend that ran (`"flex"`, `"fusion<cubecl<wgpu<vulkan>>>"`, ...).
+    #[serde(default)]
+    pub backend: String,
     /// Expert names in gate order.
     pub experts: Vec<String>,
     /// Model variants in column order (`base`, `single_lora`, `mixture`).
@@ -223,6 +226,9 @@ impl Report {
         let _ = writeln!(md, "Base model: `{}`  ", self.base_model);
         if !self.base_storage.is_empty() {
             let _ = writeln!(md, "Base weights stored as: {}  ", self.base_storage);
+        }
+        if !self.backend.is_empty() {
+            let _ = writeln!(md, "Backend: {}  ", self.backend);
         }
         let _ = writeln!(
             md,

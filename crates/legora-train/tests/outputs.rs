@@ -147,6 +147,7 @@ fn report() -> Report {
         run: "demo".into(),
         base_model: "models/tiny".into(),
         base_storage: String::new(),
+        backend: String::new(),
         experts: vec!["medical".into(), "finance".into()],
         variants: vec!["base".into(), "single_lora".into(), "mixture".into()],
         tasks,

@@ -16,14 +16,13 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Context};
 use burn::module::AutodiffModule;
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use legora::backend::Autodiff;
 use legora::data::{derive_seed, Batch, Rng};
 use legora::models::{CausalLm, Config};
 use legora::nn::{trainable_parameters, LoraConfig, Proj, RouterConfig};
 use legora::train::{LmModel, Objective, ScheduleKind, TrainSettings, Trainer};
 use serde_json::{json, Value};
-
-use crate::backend::{self, device, TrainBackend};
 
 /// A benchmark case (`--case`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -449,7 +448,7 @@ fn run_case<B: AutodiffBackend>(
     Ok(json!({
         "impl": "legora",
         "case": label,
-        "backend": backend::NAME,
+        "backend": B::InnerBackend::name(&device),
         "threads": threads(),
         "steps": steps,
         "timed_steps": timings.steps.len(),
@@ -518,7 +517,7 @@ fn table(rows: &[Value]) -> String {
 }
 
 /// Run `legora bench`.
-pub fn run(args: Args) -> anyhow::Result<()> {
+pub fn run<B: Backend>(args: Args) -> anyhow::Result<()> {
     let mut cases: Vec<CaseName> = Vec::new();
     for c in args.case.iter().flat_map(|c| c.expand()) {
         if !cases.contains(&c) {
@@ -528,7 +527,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for case in cases {
         tracing::info!(case = case.label(), "bench case");
-        let row = run_case::<TrainBackend>(case, &args, &device())
+        let row = run_case::<Autodiff<B>>(case, &args, &Default::default())
             .with_context(|| format!("case {}", case.label()))?;
         if args.json {
             outln!("{}", serde_json::to_string(&row)?);

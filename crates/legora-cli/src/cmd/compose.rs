@@ -10,8 +10,9 @@ use anyhow::Context;
 
 use legora::train::{run_pipeline, Mode, PipelineOptions, RunConfig};
 
-use crate::backend::{device, TrainBackend};
 use crate::cmd::train::{load_plugins, Progress};
+use burn::tensor::backend::Backend;
+use legora::backend::Autodiff;
 
 /// Arguments of `legora compose`.
 #[derive(Debug, clap::Args)]
@@ -45,7 +46,7 @@ pub struct Args {
 }
 
 /// Run `legora compose`.
-pub fn run(args: Args) -> anyhow::Result<()> {
+pub fn run<B: Backend>(args: Args) -> anyhow::Result<()> {
     let cfg = RunConfig::load(&args.config)?;
     let tasks = cfg.task_names();
     if args.experts.len() != tasks.len() {
@@ -83,7 +84,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         load_options: args.load.options(),
     };
     let mut progress = Progress::default();
-    let report = run_pipeline::<TrainBackend>(&cfg, &host, &opts, &mut progress, &device())?;
+    let report =
+        run_pipeline::<Autodiff<B>>(&cfg, &host, &opts, &mut progress, &Default::default())?;
     outln!("{}", report.to_markdown());
     outln!(
         "outputs written to {}",

@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use legora::train::{run_pipeline, PipelineOptions, RunConfig};
 
-use crate::backend::{device, TrainBackend};
 use crate::cmd::train::{load_plugins, Progress};
+use burn::tensor::backend::Backend;
+use legora::backend::Autodiff;
 
 /// Arguments of `legora demo`.
 #[derive(Debug, clap::Args)]
@@ -25,7 +26,7 @@ pub struct Args {
 }
 
 /// Run `legora demo`.
-pub fn run(args: Args) -> anyhow::Result<()> {
+pub fn run<B: Backend>(args: Args) -> anyhow::Result<()> {
     let cfg = RunConfig::load(&args.config).with_context(|| {
         format!(
             "the demo run file {} (run `legora demo` from the repository root, or pass --config)",
@@ -41,7 +42,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut progress = Progress::default();
     let t0 = std::time::Instant::now();
-    let report = run_pipeline::<TrainBackend>(&cfg, &host, &opts, &mut progress, &device())?;
+    let report =
+        run_pipeline::<Autodiff<B>>(&cfg, &host, &opts, &mut progress, &Default::default())?;
     outln!("{}", report.to_markdown());
     outln!(
         "demo finished in {:.1} min; outputs in {}",

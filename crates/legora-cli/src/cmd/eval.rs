@@ -6,8 +6,9 @@ use std::path::PathBuf;
 
 use legora::train::{run_pipeline, Mode, PipelineOptions, RunConfig};
 
-use crate::backend::{device, TrainBackend};
 use crate::cmd::train::{load_plugins, Progress};
+use burn::tensor::backend::Backend;
+use legora::backend::Autodiff;
 
 /// Arguments of `legora eval`.
 #[derive(Debug, clap::Args)]
@@ -24,7 +25,7 @@ pub struct Args {
 }
 
 /// Run `legora eval`.
-pub fn run(args: Args) -> anyhow::Result<()> {
+pub fn run<B: Backend>(args: Args) -> anyhow::Result<()> {
     let cfg = RunConfig::load(&args.config)?;
     let host = load_plugins(&cfg, &args.plugin_dirs)?;
     let opts = PipelineOptions {
@@ -33,7 +34,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ..PipelineOptions::default()
     };
     let mut progress = Progress::default();
-    let report = run_pipeline::<TrainBackend>(&cfg, &host, &opts, &mut progress, &device())?;
+    let report =
+        run_pipeline::<Autodiff<B>>(&cfg, &host, &opts, &mut progress, &Default::default())?;
     outln!("{}", report.to_markdown());
     outln!("report written to {}", cfg.output_dir().display());
     Ok(())

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use legora::prelude::*;
 
-use crate::backend::{device, Backend};
+use burn::tensor::backend::Backend;
 
 /// Arguments of `legora generate`.
 #[derive(Debug, clap::Args)]
@@ -93,14 +93,14 @@ pub struct Args {
 }
 
 /// The model with whatever was asked for loaded into it.
-struct Loaded {
-    model: PretrainedModel<Backend>,
+struct Loaded<B: Backend> {
+    model: PretrainedModel<B>,
     task_id: Option<usize>,
 }
 
-fn load(args: &Args, merge: &MergeOptions) -> anyhow::Result<Loaded> {
-    let device = device();
-    let mut base = PretrainedModel::<Backend>::from_pretrained_with(
+fn load<B: Backend>(args: &Args, merge: &MergeOptions) -> anyhow::Result<Loaded<B>> {
+    let device = B::Device::default();
+    let mut base = PretrainedModel::<B>::from_pretrained_with(
         &args.model,
         &device,
         &args.load.options_or_default(),
@@ -211,7 +211,7 @@ fn merge_options(args: &Args) -> Result<MergeOptions, String> {
 }
 
 /// The folder's generation config with the command-line overrides.
-fn generation_config(args: &Args, model: &PretrainedModel<Backend>) -> GenerationConfig {
+fn generation_config<B: Backend>(args: &Args, model: &PretrainedModel<B>) -> GenerationConfig {
     let mut g = model.generation_config.clone();
     if let Some(n) = args.max_new_tokens {
         g.max_new_tokens = Some(n);
@@ -261,8 +261,8 @@ impl std::fmt::Display for Timing {
 
 /// Generate from `text`; `templated` text already holds its special tokens (as
 /// transformers' `apply_chat_template(tokenize=True)`, no BOS is added again).
-fn complete(
-    m: &Loaded,
+fn complete<B: Backend>(
+    m: &Loaded<B>,
     text: &str,
     templated: bool,
     gen: &GenerationConfig,
@@ -289,10 +289,10 @@ fn complete(
 }
 
 /// Run `legora generate`.
-pub fn run(args: Args) -> anyhow::Result<()> {
+pub fn run<B: Backend>(args: Args) -> anyhow::Result<()> {
     // flag combinations first, before anything is loaded
     let merge = merge_options(&args).map_err(usage_error)?;
-    let loaded = load(&args, &merge)?;
+    let loaded = load::<B>(&args, &merge)?;
     let gen = generation_config(&args, &loaded.model);
     gen.validate()
         .context("generation settings (--temperature, --top-p, --repetition-penalty)")?;
@@ -313,7 +313,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// The interactive loop: one user message per stdin line.
-fn chat(m: &Loaded, gen: &GenerationConfig) -> anyhow::Result<()> {
+fn chat<B: Backend>(m: &Loaded<B>, gen: &GenerationConfig) -> anyhow::Result<()> {
     let has_template = m.model.chat_template.is_some();
     let interactive = std::io::stdin().is_terminal();
     eprintln!(

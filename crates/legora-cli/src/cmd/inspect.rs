@@ -12,8 +12,8 @@ use legora::hub::{
 use legora::prelude::*;
 use serde_json::{json, Value};
 
-use crate::backend::{device, Backend};
 use crate::text::{table, thousands};
+use burn::tensor::backend::Backend;
 
 /// Arguments of `legora inspect`.
 #[derive(Debug, clap::Args)]
@@ -33,15 +33,15 @@ pub struct Args {
 }
 
 /// Run `legora inspect`.
-pub fn run(args: Args) -> anyhow::Result<()> {
+pub fn run<B: Backend>(args: Args) -> anyhow::Result<()> {
     let p = &args.path;
     if !p.is_dir() {
         bail!("{}: no such folder", p.display());
     }
     let (text, value) = if p.join(MOE_CONFIG).is_file() {
-        mixture(p, args.model.as_deref())?
+        mixture::<B>(p, args.model.as_deref())?
     } else if p.join(ADAPTER_CONFIG).is_file() {
-        adapter(p, args.model.as_deref())?
+        adapter::<B>(p, args.model.as_deref())?
     } else if p.join("config.json").is_file() {
         if args.model.is_some() {
             bail!(
@@ -49,7 +49,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 p.display()
             );
         }
-        model(p, &args.load)?
+        model::<B>(p, &args.load)?
     } else {
         bail!(
             "{}: not a model, adapter or mixture folder (no config.json, {ADAPTER_CONFIG} or \
@@ -65,15 +65,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn model(dir: &Path, load: &crate::cmd::LoadArgs) -> anyhow::Result<(String, Value)> {
+fn model<B: Backend>(dir: &Path, load: &crate::cmd::LoadArgs) -> anyhow::Result<(String, Value)> {
     let (cfg, _) = legora::hub::load_config(dir)?;
     let rc = cfg
         .resolve()
         .with_context(|| format!("{}", dir.join("config.json").display()))?;
     let dtype = Checkpoint::open(dir)?.dtype().unwrap_or_else(|| "?".into());
-    let m = PretrainedModel::<Backend>::from_pretrained_with(
+    let m = PretrainedModel::<B>::from_pretrained_with(
         dir,
-        &device(),
+        &Default::default(),
         &load.options_or_default(),
     )?;
     let params = all_params(&m.model);
@@ -154,7 +154,7 @@ fn model(dir: &Path, load: &crate::cmd::LoadArgs) -> anyhow::Result<(String, Val
 
 /// The storage of the frozen weights (every projection and the embeddings):
 /// `(format, matrices, bytes)` per format, in order of first appearance.
-fn storage(m: &CausalLm<Backend>) -> Vec<(String, usize, usize)> {
+fn storage<B: Backend>(m: &CausalLm<B>) -> Vec<(String, usize, usize)> {
     let mut out: Vec<(String, usize, usize)> = Vec::new();
     // A tied lm_head slot is the embedding matrix: count it once.
     let embed = (!m.config().tie_word_embeddings).then_some(&m.model.embed_tokens);
@@ -174,7 +174,7 @@ fn storage(m: &CausalLm<Backend>) -> Vec<(String, usize, usize)> {
 
 /// Every parameter once, as transformers' `num_parameters()` and PEFT count them (a tied
 /// `lm_head` counts once).
-fn all_params(model: &CausalLm<Backend>) -> usize {
+fn all_params<B: Backend>(model: &CausalLm<B>) -> usize {
     model.parameter_report().total
 }
 
@@ -225,7 +225,7 @@ fn adapter_summary(a: &AdapterFiles) -> Value {
     })
 }
 
-fn adapter(dir: &Path, base: Option<&Path>) -> anyhow::Result<(String, Value)> {
+fn adapter<B: Backend>(dir: &Path, base: Option<&Path>) -> anyhow::Result<(String, Value)> {
     let a = read_adapter(dir)?;
     let c = &a.config;
     let n = adapter_params(&a);
@@ -307,7 +307,7 @@ fn adapter(dir: &Path, base: Option<&Path>) -> anyhow::Result<(String, Value)> {
         .collect();
     text.push_str(&table(&["module", "rank", "in -> out", "scaling"], &rows));
     if let Some(base) = base {
-        let m = PretrainedModel::<Backend>::from_pretrained(base, &device())?;
+        let m = PretrainedModel::<B>::from_pretrained(base, &Default::default())?;
         let peft = PeftModel::from_pretrained(m, dir)?;
         let report = ParamReport {
             trainable: n,
@@ -321,7 +321,7 @@ fn adapter(dir: &Path, base: Option<&Path>) -> anyhow::Result<(String, Value)> {
     Ok((text, v))
 }
 
-fn mixture(dir: &Path, base: Option<&Path>) -> anyhow::Result<(String, Value)> {
+fn mixture<B: Backend>(dir: &Path, base: Option<&Path>) -> anyhow::Result<(String, Value)> {
     let cfg: MoeConfig = read_json(&dir.join(MOE_CONFIG), "mixture config (moe_config.json)")?;
     let mut experts = Vec::new();
     let mut expert_params = 0;
@@ -400,7 +400,7 @@ fn mixture(dir: &Path, base: Option<&Path>) -> anyhow::Result<(String, Value)> {
         &rows,
     ));
     if let Some(base) = base {
-        let mut m = PretrainedModel::<Backend>::from_pretrained(base, &device())?;
+        let mut m = PretrainedModel::<B>::from_pretrained(base, &Default::default())?;
         m.load_mixture(dir)?;
         let report = ParamReport {
             trainable: expert_params + router_params,

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use legora::prelude::*;
 
-use crate::backend::{device, Backend};
 use crate::text::thousands;
+use burn::tensor::backend::Backend;
 
 /// Arguments of `legora merge`.
 #[derive(Debug, clap::Args)]
@@ -32,7 +32,7 @@ pub struct Args {
 }
 
 /// Run `legora merge`.
-pub fn run(args: Args) -> anyhow::Result<()> {
+pub fn run<B: Backend>(args: Args) -> anyhow::Result<()> {
     for (what, input) in [("model", &args.model), ("adapter", &args.adapter)] {
         if legora::hub::io::path_within(&args.out, input) {
             bail!(
@@ -47,9 +47,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         dtype: None,
         quant: args.quant.clone(),
     };
-    let base = PretrainedModel::<Backend>::from_pretrained_with(
+    let base = PretrainedModel::<B>::from_pretrained_with(
         &args.model,
-        &device(),
+        &Default::default(),
         &load.options_or_default(),
     )?;
     let peft = PeftModel::from_pretrained(base, &args.adapter)?;

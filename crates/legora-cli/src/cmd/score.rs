@@ -1,13 +1,13 @@
 //! `legora score`: mean token NLL and perplexity of a text file under a model folder,
 //! optionally with a PEFT adapter or a mixture folder. Prints
-//! `{"mean_nll": …, "perplexity": …, "tokens": …}`.
+//! `{"mean_nll": …, "perplexity": …, "tokens": …, "backend": …}`.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use legora::prelude::*;
 
-use crate::backend::{device, Backend};
+use burn::tensor::backend::Backend;
 
 /// Arguments of `legora score`.
 #[derive(Debug, clap::Args)]
@@ -38,11 +38,11 @@ pub struct Args {
 }
 
 /// Run `legora score`.
-pub fn run(args: Args) -> anyhow::Result<()> {
-    let device = device();
+pub fn run<B: Backend>(args: Args) -> anyhow::Result<()> {
+    let device = B::Device::default();
     let text = std::fs::read_to_string(&args.text)
         .with_context(|| format!("reading the text file {}", args.text.display()))?;
-    let mut base = PretrainedModel::<Backend>::from_pretrained_with(
+    let mut base = PretrainedModel::<B>::from_pretrained_with(
         &args.model,
         &device,
         &args.load.options_or_default(),
@@ -69,6 +69,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => base.model.score(&ids, max_length, args.task_id)?,
     };
     tracing::info!(tokens = score.tokens, "scored {}", args.text.display());
-    outln!("{}", serde_json::to_string(&score)?);
+    let mut json = serde_json::to_value(score)?;
+    json["backend"] = B::name(&device).into();
+    outln!("{json}");
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use legora::hub::PretrainedModel;
 
-use crate::backend::{device, Backend};
+use burn::tensor::backend::Backend;
 
 /// Arguments of `legora serve`.
 #[derive(Debug, clap::Args)]
@@ -67,8 +67,8 @@ fn named(flag: &str, s: &str) -> anyhow::Result<(String, PathBuf)> {
 }
 
 /// Run `legora serve` until the process is stopped.
-pub fn run(args: Args) -> anyhow::Result<()> {
-    let model = PretrainedModel::<Backend>::from_pretrained(&args.model, &device())
+pub fn run<B: Backend>(args: Args) -> anyhow::Result<()> {
+    let model = PretrainedModel::<B>::from_pretrained(&args.model, &Default::default())
         .with_context(|| format!("loading {}", args.model.display()))?;
     let mut opts = legora_serve::ServeOptions::new(args.addr);
     opts.base_name = args.name.clone();

@@ -7,8 +7,9 @@ use anyhow::Context;
 use legora::train::{run_pipeline, PipelineOptions, RunConfig};
 use legora_plugin_host::PluginHost;
 
-use crate::backend::{device, TrainBackend};
 pub use crate::progress::Progress;
+use burn::tensor::backend::Backend;
+use legora::backend::Autodiff;
 
 /// Arguments of `legora train`.
 #[derive(Debug, clap::Args)]
@@ -63,7 +64,7 @@ pub fn load_plugins(cfg: &RunConfig, dirs: &[PathBuf]) -> anyhow::Result<PluginH
 }
 
 /// Run `legora train`.
-pub fn run(args: Args) -> anyhow::Result<()> {
+pub fn run<B: Backend>(args: Args) -> anyhow::Result<()> {
     let cfg = RunConfig::load(&args.config)?;
     let host = load_plugins(&cfg, &args.plugin_dirs)?;
     let opts = PipelineOptions {
@@ -75,7 +76,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ..PipelineOptions::default()
     };
     let mut progress = Progress::default();
-    let report = run_pipeline::<TrainBackend>(&cfg, &host, &opts, &mut progress, &device())?;
+    let report =
+        run_pipeline::<Autodiff<B>>(&cfg, &host, &opts, &mut progress, &Default::default())?;
     let out = cfg.output_dir();
     outln!("{}", report.to_markdown());
     outln!("outputs written to {}", crate::text::tidy(&out).display());
