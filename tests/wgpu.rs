@@ -5,7 +5,9 @@
 //!   random inputs: values and the gradient of every input, within 1e-4;
 //! - the model fixtures' logits within 1e-4 of transformers and 20 greedy tokens identical;
 //! - two training steps of a tiny router-gated mixture within 1e-4 of the same steps on
-//!   flex.
+//!   flex;
+//! - half-precision and NF4 bases: f16 where the device has it, bf16 refused at load (wgpu
+//!   has none), a quantized base's embeddings kept f32 instead of bf16.
 //!
 //! Build and run with `cargo test -p legora --features wgpu --test wgpu` (`.ci/run` does,
 //! with `CUBECL_AUTOTUNE_LEVEL=minimal`).
@@ -15,10 +17,11 @@ use std::sync::Arc;
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::DType;
 use burn::tensor::{Int, Tensor, TensorData};
 use legora::backend::{Autodiff, Flex, Wgpu};
 use legora::data::Batch;
-use legora::hub::{PeftModel, PretrainedModel};
+use legora::hub::{FloatDtype, LoadOptions, PeftModel, PretrainedModel, Quantize};
 use legora::kernels::quant::{Format, FrozenWeight, QuantMatrix};
 use legora::kernels::{self as k, Gating, KvSeq, StackedLora};
 use legora::models::{GenerationConfig, LmInput};
@@ -596,4 +599,53 @@ fn two_training_steps_of_a_mixture_equal_flex() {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// f16 frozen weights compute on wgpu where the device has f16 (lavapipe does) and are
+/// refused with a typed error where it does not; bf16, which wgpu lacks, is refused at
+/// load, and a quantized base keeps its embeddings f32 there instead of bf16.
+#[test]
+fn half_precision_bases_compute_or_are_refused() {
+    let device = Default::default();
+    let dir = fixtures().join("llama");
+    let load = |dtype, quantize| {
+        let o = LoadOptions::new(dtype, quantize);
+        PretrainedModel::<Wgpu>::from_pretrained_with(&dir, &device, &o)
+    };
+    if <Wgpu as Backend>::supports_dtype(&device, DType::F16) {
+        let (w, f) = (frozen::<AW>(Format::F16), frozen::<AF>(Format::F16));
+        for ((what, a), (_, b)) in w.iter().zip(&f) {
+            let d = worst(a, b);
+            assert!(d <= TOL, "f16 {what}: wgpu vs flex {d}");
+        }
+        let r = Reference::load("llama");
+        let m = load(FloatDtype::F16, None).unwrap();
+        let d = r.max_diff(m.model.forward(r.batch()).unwrap().logits, "logits_base");
+        assert!(
+            d < 5e-2,
+            "f16 base: logits differ from transformers f32 by {d}"
+        );
+    } else {
+        let e = load(FloatDtype::F16, None).unwrap_err().to_string();
+        assert!(e.contains("found f16"), "{e}");
+    }
+    assert!(!<Wgpu as Backend>::supports_dtype(&device, DType::BF16));
+    let e = load(FloatDtype::BF16, None).unwrap_err().to_string();
+    assert!(
+        e.contains("load option `dtype (of the projections)`") && e.contains("found bf16"),
+        "{e}"
+    );
+    // NF4 projections with f32 embeddings: the same logits as flex with the same storage.
+    let nf4 = Some(Quantize::Nf4 { double_quant: true });
+    let m = load(FloatDtype::F32, nf4).unwrap();
+    let mut o = LoadOptions::new(FloatDtype::F32, nf4);
+    o.lm_head = Some(Format::F32);
+    let f = PretrainedModel::<Flex>::from_pretrained_with(&dir, &Default::default(), &o).unwrap();
+    let r = Reference::load("llama");
+    let (w, f) = (
+        host(m.model.forward(r.batch()).unwrap().logits),
+        host(f.model.forward(r.batch()).unwrap().logits),
+    );
+    let d = worst(&w, &f);
+    assert!(d <= TOL, "nf4 base: wgpu vs flex logits {d}");
 }

@@ -6,6 +6,8 @@
 //! mapped) file, converts or quantizes it, and moves on, so the peak while loading is the
 //! final size plus one tensor, never a whole-model f32 copy.
 
+use burn::tensor::backend::Backend;
+use burn::tensor::DType;
 use legora_kernels::quant::{Format, QuantMatrix, Storage};
 use serde::{Deserialize, Serialize};
 
@@ -199,6 +201,57 @@ impl LoadOptions {
     /// Whether any weight is stored other than as f32.
     pub fn is_default(&self) -> bool {
         *self == Self::default()
+    }
+
+    /// These options on backend `B`: the bf16 embeddings and lm_head that a quantized
+    /// base gets by default become f32 where `B` has no bf16 on `device` (wgpu), and a
+    /// half-precision storage asked for that `B` cannot compute with is refused (without
+    /// this check the weights would load and give wrong numbers).
+    pub fn for_backend<B: Backend>(mut self, device: &B::Device) -> Result<Self> {
+        if self.quantize.is_some()
+            && self.lm_head.is_none()
+            && !B::supports_dtype(device, DType::BF16)
+        {
+            tracing::info!(
+                "backend {} has no bf16: embeddings and lm_head of the quantized base kept f32",
+                B::name(device)
+            );
+            self.lm_head = Some(Format::F32);
+        }
+        self.check_backend::<B>(device)?;
+        Ok(self)
+    }
+
+    fn check_backend<B: Backend>(&self, device: &B::Device) -> Result<()> {
+        let names = ["model.layers.0.self_attn.q_proj.weight", "lm_head.weight"];
+        for (name, what) in names
+            .into_iter()
+            .zip(["projections", "embeddings and lm_head"])
+        {
+            let (dtype, label) = match self.format_of(name) {
+                Format::Bf16 => (DType::BF16, "bf16"),
+                Format::F16 => (DType::F16, "f16"),
+                _ => continue,
+            };
+            if !B::supports_dtype(device, dtype) {
+                let supported: Vec<&str> = [(DType::F16, "f16"), (DType::BF16, "bf16")]
+                    .into_iter()
+                    .filter(|(d, _)| B::supports_dtype(device, *d))
+                    .map(|(_, n)| n)
+                    .chain(["f32"])
+                    .collect();
+                return Err(HubError::Options {
+                    key: format!("dtype (of the {what})"),
+                    expected: format!(
+                        "a type backend {} computes with on this device ({})",
+                        B::name(device),
+                        supported.join(", ")
+                    ),
+                    found: label.into(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// A short description for logs and reports (`"nf4 projections, embeddings and

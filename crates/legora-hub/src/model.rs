@@ -104,6 +104,7 @@ impl<B: Backend> PretrainedModel<B> {
         options: &LoadOptions,
     ) -> Result<Self> {
         let dir = dir.as_ref();
+        let options = &options.for_backend::<B>(device)?;
         if crate::gguf::is_gguf_path(dir) {
             return Self::from_gguf_with(dir, device, options);
         }
