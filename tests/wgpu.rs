@@ -85,16 +85,20 @@ fn worst(a: &[f32], b: &[f32]) -> f32 {
 /// A kernel case: its named outputs (the value, then input gradients) on one backend.
 type Outputs = Vec<(&'static str, Vec<f32>)>;
 
+/// Every output of a case on wgpu within [`TOL`] of the same output on flex.
+fn assert_same(case: &str, wgpu: &Outputs, flex: &Outputs) {
+    assert_eq!(wgpu.len(), flex.len(), "{case}: outputs");
+    for ((what, a), (_, b)) in wgpu.iter().zip(flex) {
+        let d = worst(a, b);
+        assert!(d <= TOL, "{case} {what}: wgpu vs flex {d} > {TOL}");
+    }
+}
+
 /// Runs `case` on `Autodiff<Wgpu>` and `Autodiff<Flex>` and compares every output.
 macro_rules! same_on_both {
-    ($name:literal, $case:ident) => {{
-        let (w, f) = ($case::<AW>(), $case::<AF>());
-        assert_eq!(w.len(), f.len());
-        for ((what, a), (_, b)) in w.iter().zip(&f) {
-            let d = worst(a, b);
-            assert!(d <= TOL, "{} {what}: wgpu vs flex {d} > {TOL}", $name);
-        }
-    }};
+    ($name:literal, $case:ident) => {
+        assert_same($name, &$case::<AW>(), &$case::<AF>())
+    };
 }
 
 // ---------------------------------------------------------------------------------------
@@ -226,11 +230,7 @@ fn quantized_frozen_weights_equal_flex() {
         Format::Nf4 { double_quant: true },
         Format::Fp4 { double_quant: true },
     ] {
-        let (w, f) = (frozen::<AW>(format), frozen::<AF>(format));
-        for ((what, a), (_, b)) in w.iter().zip(&f) {
-            let d = worst(a, b);
-            assert!(d <= TOL, "{} {what}: wgpu vs flex {d}", format.name());
-        }
+        assert_same(format.name(), &frozen::<AW>(format), &frozen::<AF>(format));
     }
 }
 
@@ -613,11 +613,11 @@ fn half_precision_bases_compute_or_are_refused() {
         PretrainedModel::<Wgpu>::from_pretrained_with(&dir, &device, &o)
     };
     if <Wgpu as Backend>::supports_dtype(&device, DType::F16) {
-        let (w, f) = (frozen::<AW>(Format::F16), frozen::<AF>(Format::F16));
-        for ((what, a), (_, b)) in w.iter().zip(&f) {
-            let d = worst(a, b);
-            assert!(d <= TOL, "f16 {what}: wgpu vs flex {d}");
-        }
+        assert_same(
+            "f16",
+            &frozen::<AW>(Format::F16),
+            &frozen::<AF>(Format::F16),
+        );
         let r = Reference::load("llama");
         let m = load(FloatDtype::F16, None).unwrap();
         let d = r.max_diff(m.model.forward(r.batch()).unwrap().logits, "logits_base");

@@ -109,7 +109,7 @@ pub struct Report {
     /// embeddings and lm_head bf16"`, ...).
     #[serde(default)]
     pub base_storage: String,
-    /// The burn backend that ran (`"flex"`, `"fusion<cubecl<wgpu<vulkan>>>"`, ...).
+    /// The burn backend that ran (burn's name for it: `"flex"`, `"fusion<cubecl<wgpu<wgsl>>>"`, ...).
     #[serde(default)]
     pub backend: String,
     /// Expert names in gate order.
