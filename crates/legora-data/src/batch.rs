@@ -95,6 +95,51 @@ impl Batch {
         }
     }
 
+    /// Rank `rank`'s rows of `world` data-parallel peers: a contiguous run of rows, the
+    /// first `batch_size % world` ranks holding one more (a rank may hold none), trimmed
+    /// as [`select_rows`](Self::select_rows) trims.
+    pub fn shard(&self, rank: usize, world: usize) -> Batch {
+        let world = world.max(1);
+        let (base, extra) = (self.batch_size / world, self.batch_size % world);
+        let start = rank * base + rank.min(extra);
+        let len = if rank < world {
+            base + usize::from(rank < extra)
+        } else {
+            0
+        };
+        let rows: Vec<usize> = (start..(start + len).min(self.batch_size)).collect();
+        self.select_rows(&rows)
+    }
+
+    /// The counts a loss over this batch is normalised by (see [`BatchTotals`]).
+    pub fn totals(&self) -> BatchTotals {
+        let (b, s) = (self.batch_size, self.seq_len);
+        let tasks = self.task_ids.iter().copied().max().map_or(1, |m| m + 1);
+        let mut t = BatchTotals {
+            target_tokens: 0,
+            real_tokens: 0,
+            task_target_tokens: vec![0; tasks],
+            task_real_tokens: vec![0; tasks],
+        };
+        for r in 0..b {
+            let task = self.task_ids.get(r).copied().unwrap_or(0);
+            let targets = self.labels[r * s..(r + 1) * s]
+                .iter()
+                .skip(1)
+                .filter(|l| **l != IGNORE_INDEX)
+                .count();
+            let real = self.attention_mask[r * s..(r + 1) * s]
+                .iter()
+                .filter(|m| **m != 0)
+                .count();
+            t.target_tokens += targets;
+            t.real_tokens += real;
+            t.task_target_tokens[task] += targets;
+            t.task_real_tokens[task] += real;
+        }
+        t
+    }
+
     /// One batch per task present (in order of first appearance), each trimmed to its own
     /// longest row: the same rows in fewer padded tokens when tasks differ in length.
     pub fn split_by_task(&self) -> Vec<Batch> {
@@ -113,6 +158,39 @@ impl Batch {
                 self.select_rows(&rows)
             })
             .collect()
+    }
+}
+
+/// The token counts of a whole batch that a loss over it (or over one of its
+/// [shards](Batch::shard)) is normalised by. A data-parallel peer computes its shard's
+/// loss with the whole batch's totals, so the peers' losses — and gradients — sum to
+/// the whole batch's.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BatchTotals {
+    /// Labels that carry loss, after the HF shift.
+    pub target_tokens: usize,
+    /// Real (non-padding) tokens.
+    pub real_tokens: usize,
+    /// `target_tokens` per task id.
+    pub task_target_tokens: Vec<usize>,
+    /// `real_tokens` per task id.
+    pub task_real_tokens: Vec<usize>,
+}
+
+impl BatchTotals {
+    /// Target tokens of task `task` (0 when the batch has none).
+    pub fn task_targets(&self, task: usize) -> usize {
+        self.task_target_tokens.get(task).copied().unwrap_or(0)
+    }
+
+    /// Real tokens of task `task` (0 when the batch has none).
+    pub fn task_real(&self, task: usize) -> usize {
+        self.task_real_tokens.get(task).copied().unwrap_or(0)
+    }
+
+    /// Tasks with at least one real token.
+    pub fn tasks_present(&self) -> usize {
+        self.task_real_tokens.iter().filter(|n| **n > 0).count()
     }
 }
 

@@ -36,7 +36,7 @@ mod split;
 mod template;
 mod tokenize;
 
-pub use batch::{pack, Batch, Batcher};
+pub use batch::{pack, Batch, BatchTotals, Batcher};
 pub use error::{DataError, Result};
 pub use legora_plugin_api::{Message, Record, Role};
 pub use loader::{eval_batches, prepare_task, Loader, LoaderState};

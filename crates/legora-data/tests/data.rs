@@ -182,6 +182,40 @@ fn split_by_task_keeps_each_row_and_trims_its_padding() {
 }
 
 #[test]
+fn shards_split_the_rows_evenly_and_keep_the_whole_batchs_totals() {
+    let rows: Vec<Example> = (0..5)
+        .map(|i| {
+            let prompt = "p".repeat(i + 1);
+            example(
+                &Record::completion(&prompt, "x", "y".repeat(5 - i)),
+                i % 2,
+                4096,
+            )
+        })
+        .collect();
+    let refs: Vec<&Example> = rows.iter().collect();
+    let batch = Batcher::new(ByteTokenizer::PAD).collate(&refs).unwrap();
+    let totals = batch.totals();
+    assert_eq!(totals.target_tokens, batch.num_target_tokens());
+    assert_eq!(totals.real_tokens, batch.num_tokens());
+    assert_eq!(totals.tasks_present(), 2);
+    // 5 rows over 2 ranks: 3 + 2, in order; over 7 ranks: one each, then empty shards
+    let shards: Vec<Batch> = (0..2).map(|r| batch.shard(r, 2)).collect();
+    assert_eq!(shards[0].batch_size, 3);
+    assert_eq!(shards[1].batch_size, 2);
+    assert_eq!(shards[1].task_ids, batch.task_ids[3..]);
+    let targets: usize = shards.iter().map(|s| s.num_target_tokens()).sum();
+    assert_eq!(targets, totals.target_tokens);
+    for task in 0..2 {
+        let per_task: usize = shards.iter().map(|s| s.totals().task_targets(task)).sum();
+        assert_eq!(per_task, totals.task_targets(task));
+    }
+    let sizes: Vec<usize> = (0..7).map(|r| batch.shard(r, 7).batch_size).collect();
+    assert_eq!(sizes, [1, 1, 1, 1, 1, 0, 0]);
+    assert_eq!(batch.shard(0, 1), batch.select_rows(&[0, 1, 2, 3, 4]));
+}
+
+#[test]
 fn packing_keeps_sequences_apart() {
     let exs: Vec<Example> = (0..10)
         .map(|i| example(&Record::completion("t", "q", "a".repeat(i + 1)), 0, 4096))

@@ -100,6 +100,63 @@ pub enum TrainError {
         /// The serde error.
         message: String,
     },
+    /// Data-parallel training: a peer closed its connection (it stopped or died), so
+    /// every rank stops; restart them all with `--resume`.
+    #[error(
+        "data-parallel rank {rank}: rank {peer} closed the connection during {during} (it \
+         stopped or died); every rank stops: restart all of them with --resume"
+    )]
+    PeerLost {
+        /// This process's rank.
+        rank: usize,
+        /// The rank that went away.
+        peer: usize,
+        /// What was being exchanged (`handshake`, `stage experts step 3`).
+        during: String,
+    },
+    /// Data-parallel training: a peer sent nothing within the timeout.
+    #[error(
+        "data-parallel rank {rank}: rank {peer} sent nothing for {secs} s during {during} \
+         (`[distributed] timeout_s`); every rank stops: restart all of them with --resume"
+    )]
+    PeerTimeout {
+        /// This process's rank.
+        rank: usize,
+        /// The silent rank.
+        peer: usize,
+        /// What was being exchanged.
+        during: String,
+        /// The timeout.
+        secs: f64,
+    },
+    /// Data-parallel training: a peer is not running the same thing (another world
+    /// size, run file, stage, step or parameter count).
+    #[error(
+        "data-parallel rank {rank}: rank {peer} differs in {what}: expected {expected}, found \
+         {found}"
+    )]
+    PeerMismatch {
+        /// This process's rank.
+        rank: usize,
+        /// The other rank.
+        peer: usize,
+        /// What differs.
+        what: String,
+        /// This side's value.
+        expected: String,
+        /// The other side's.
+        found: String,
+    },
+    /// Data-parallel training: the coordinator address could not be bound or reached.
+    #[error("data-parallel rank {rank}: coordinator {addr}: {message}")]
+    Coordinator {
+        /// This process's rank.
+        rank: usize,
+        /// The `host:port` given.
+        addr: String,
+        /// What failed.
+        message: String,
+    },
     /// An argument outside its domain (e.g. an empty validation set with early stopping).
     #[error("invalid value for `{key}`: expected {expected}, found {found}")]
     Invalid {

@@ -6,6 +6,8 @@
 //! - [`Trainer`]: the loop over any [`TrainModel`] — AdamW, [`LrSchedule`] (warmup +
 //!   cosine/linear), gradient accumulation, global-norm clipping ([`clip_grad_norm`]),
 //!   NaN/inf guard, early stopping, progress [`TrainCallback`]s, `metrics.jsonl`;
+//! - data-parallel training across processes ([`Peer`], [`DistributedConfig`]): each
+//!   rank trains on its shard of every batch and the gradients are summed each step;
 //! - checkpoints ([`save_checkpoint`], [`load_checkpoint`]): trainable tensors only,
 //!   optimizer state, data cursor, written atomically, resuming exactly;
 //! - outputs: PNG plots ([`plot_loss_curves`], [`plot_routing_load`]) and the
@@ -14,6 +16,7 @@
 mod checkpoint;
 mod clip;
 mod config;
+mod distributed;
 mod error;
 mod lm;
 mod lr_groups;
@@ -38,6 +41,7 @@ pub use config::{
     DataSection, EvalSection, ExpertsMode, ModelSection, Precision, RunConfig, RunFile, StageKind,
     StageSection, StagesSection, TaskSection, TrainSettings, LORAPLUS_LR_EMBEDDING,
 };
+pub use distributed::{DistributedConfig, FrameTag, Peer};
 pub use error::{Result, TrainError};
 pub use lm::{lm_input, shifted_targets, token_nll, LmModel, Objective};
 pub use lr_groups::{param_groups, LrGroups, ParamKind};

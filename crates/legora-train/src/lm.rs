@@ -5,7 +5,7 @@
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use legora_data::{Batch, IGNORE_INDEX};
+use legora_data::{Batch, BatchTotals, IGNORE_INDEX};
 use legora_models::{CausalLm, LmInput};
 
 use crate::metrics::RoutingStats;
@@ -73,26 +73,25 @@ impl<B: Backend> LmModel<B> {
 
     /// `Lm` / `TaskRouted` loss as one forward pass per task of the batch: the token mean
     /// over the whole batch (`lm_loss`) and the sum of per-task means, each part weighted
-    /// as in the unsplit batch.
+    /// as in the unsplit batch (normalised by `totals`, the whole batch's counts).
     fn per_task_losses(
         &self,
         batch: &Batch,
+        totals: &BatchTotals,
         device: &B::Device,
     ) -> std::result::Result<(Tensor<B, 1>, Tensor<B, 1>), ModelError> {
-        let total = targets(batch).count.max(1);
         let task_routed = self.objective == Objective::TaskRouted;
         let mut lm = Tensor::zeros([1], device);
         let mut per_task = Tensor::zeros([1], device);
         for part in batch.split_by_task() {
-            let t = targets(&part);
+            let t = targets(&part, totals);
             if t.count == 0 || part.seq_len < 2 {
                 continue;
             }
             let out = self.model.forward(lm_input(&part, task_routed, device))?;
             let nll = token_nll(out.logits, &t.ids);
-            // one task per part: its mean is exactly the task's mean over the batch
             per_task = per_task + weighted_sum(nll.clone(), &t.task_w);
-            lm = lm + weighted_sum(nll, &t.mean_w) * (t.count as f64 / total as f64);
+            lm = lm + weighted_sum(nll, &t.mean_w);
         }
         Ok((lm, per_task))
     }
@@ -129,18 +128,12 @@ pub fn shifted_targets(batch: &Batch) -> (Vec<i64>, Vec<bool>) {
     (ids, valid)
 }
 
-fn targets(batch: &Batch) -> Targets {
+/// The targets of `batch`, weighted by the counts of `totals` (the batch's own, or the
+/// whole batch's when `batch` is a data-parallel shard of it).
+fn targets(batch: &Batch, totals: &BatchTotals) -> Targets {
     let (b, s) = (batch.batch_size, batch.seq_len);
     let n = b * (s - 1);
     let (ids, valid) = shifted_targets(batch);
-    let tasks = batch.task_ids.iter().copied().max().map_or(0, |m| m + 1);
-    let mut per_task = vec![0usize; tasks.max(1)];
-    for (r, &task) in batch.task_ids.iter().enumerate().take(b) {
-        per_task[task] += valid[r * (s - 1)..(r + 1) * (s - 1)]
-            .iter()
-            .filter(|v| **v)
-            .count();
-    }
     let count = valid.iter().filter(|v| **v).count();
     let mut mean_w = vec![0f32; n];
     let mut task_w = vec![0f32; n];
@@ -149,8 +142,8 @@ fn targets(batch: &Batch) -> Targets {
         for t in 0..s - 1 {
             let i = r * (s - 1) + t;
             if valid[i] {
-                mean_w[i] = 1.0 / count as f32;
-                task_w[i] = 1.0 / per_task[task].max(1) as f32;
+                mean_w[i] = 1.0 / totals.target_tokens.max(1) as f32;
+                task_w[i] = 1.0 / totals.task_targets(task).max(1) as f32;
             }
         }
     }
@@ -214,7 +207,7 @@ impl<B: Backend> TrainModel<B> for LmModel<B> {
     fn forward_loss(
         &self,
         batch: &Batch,
-        _ctx: &StepContext<'_>,
+        ctx: &StepContext<'_>,
     ) -> std::result::Result<StepOutput<B>, ModelError> {
         if batch.is_packed() {
             return Err(
@@ -225,6 +218,14 @@ impl<B: Backend> TrainModel<B> for LmModel<B> {
             return Err(format!("sequences of length {} have no next token", batch.seq_len).into());
         }
         let device = device_of::<B, _>(&self.model);
+        let own;
+        let totals = match ctx.totals {
+            Some(t) => t,
+            None => {
+                own = batch.totals();
+                &own
+            }
+        };
         let task_routed = self.objective == Objective::TaskRouted;
         let several_tasks = batch
             .task_ids
@@ -232,7 +233,7 @@ impl<B: Backend> TrainModel<B> for LmModel<B> {
             .any(|t| Some(t) != batch.task_ids.first());
         if self.pad_per_task && several_tasks && !matches!(self.objective, Objective::Routed { .. })
         {
-            let (lm_loss, per_task) = self.per_task_losses(batch, &device)?;
+            let (lm_loss, per_task) = self.per_task_losses(batch, totals, &device)?;
             let loss = if task_routed {
                 per_task
             } else {
@@ -241,7 +242,7 @@ impl<B: Backend> TrainModel<B> for LmModel<B> {
             return Ok(StepOutput::new(loss).with_term("lm_loss", lm_loss));
         }
         let out = self.model.forward(lm_input(batch, task_routed, &device))?;
-        let t = targets(batch);
+        let t = targets(batch, totals);
         let nll = token_nll(out.logits.clone(), &t.ids);
         let lm_loss = if t.count == 0 {
             Tensor::zeros([1], &device)
@@ -262,33 +263,33 @@ impl<B: Backend> TrainModel<B> for LmModel<B> {
                 .filter(|r| r.slot.is_none() && r.layer.is_some())
                 .collect();
             if let Some(aux) = out.aux_loss() {
+                // over this batch's tokens; a data-parallel shard's weighs by its share
+                // of the whole batch's real tokens
+                let share = batch.num_tokens() as f64 / totals.real_tokens.max(1) as f64;
+                let aux = if ctx.totals.is_some() {
+                    aux * share
+                } else {
+                    aux
+                };
                 step.loss = step.loss + aux.clone();
                 step = step.with_term("aux_loss", aux);
             }
             let (b, s) = (batch.batch_size, batch.seq_len);
-            let real: usize = batch.attention_mask.iter().filter(|m| **m != 0).count();
-            if routing_loss_coef > 0.0 && !layer_routers.is_empty() && real > 0 {
+            if routing_loss_coef > 0.0 && !layer_routers.is_empty() && totals.real_tokens > 0 {
                 let e = layer_routers[0].output.probs.dims()[1];
-                // One-hot target expert of each real token. Every task present in the
-                // batch weighs the same, whatever its rows' lengths (long dialogue rows
-                // would otherwise pull the routers towards their expert): weight
-                // 1 / (tasks · task's real tokens · layers).
-                let mut per_task = vec![0usize; e];
-                for r in 0..b {
-                    let task = batch.task_ids[r];
-                    if task >= e {
-                        return Err(format!("task id {task} has no expert (E = {e})").into());
-                    }
-                    per_task[task] += batch.attention_mask[r * s..(r + 1) * s]
-                        .iter()
-                        .filter(|m| **m != 0)
-                        .count();
+                if let Some(task) = batch.task_ids.iter().find(|t| **t >= e) {
+                    return Err(format!("task id {task} has no expert (E = {e})").into());
                 }
-                let tasks = per_task.iter().filter(|n| **n > 0).count();
+                // One-hot target expert of each real token. Every task present in the
+                // (whole) batch weighs the same, whatever its rows' lengths (long dialogue
+                // rows would otherwise pull the routers towards their expert): weight
+                // 1 / (tasks · task's real tokens · layers).
+                let tasks = totals.tasks_present();
                 let mut w = vec![0f32; b * s * e];
                 for r in 0..b {
                     let task = batch.task_ids[r];
-                    let scale = 1.0 / (tasks * per_task[task] * layer_routers.len()) as f32;
+                    let n = totals.task_real(task).max(1);
+                    let scale = 1.0 / (tasks * n * layer_routers.len()) as f32;
                     for j in 0..s {
                         if batch.attention_mask[r * s + j] != 0 {
                             w[(r * s + j) * e + task] = scale;

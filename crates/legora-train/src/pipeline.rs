@@ -17,6 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -32,6 +33,7 @@ use legora_plugin_host::PluginHost;
 
 use crate::checkpoint::write_atomic;
 use crate::config::{ExpertsMode, RunConfig, StageKind, TrainSettings};
+use crate::distributed::Peer;
 use crate::error::{Result, TrainError};
 use crate::lm::{lm_input, shifted_targets, token_nll, LmModel, Objective};
 use crate::lr_groups::param_groups;
@@ -65,6 +67,9 @@ pub struct PipelineOptions {
     /// How to store the base's frozen weights, instead of the run file's `[model]
     /// precision` / `[model.quantization]` (the CLI's `--dtype` / `--quantize`).
     pub load_options: Option<legora_hub::LoadOptions>,
+    /// Train data-parallel with these peers (`legora train --world-size`): rank 0
+    /// trains, evaluates and writes everything; the other ranks train and write nothing.
+    pub peer: Option<Arc<Peer>>,
 }
 
 /// One task's data, parsed and tokenized.
@@ -118,6 +123,14 @@ pub fn run_pipeline<B: AutodiffBackend>(
             ));
         }
     }
+    if options.peer.is_some() && plan.mode != Mode::Train {
+        let found = format!("{:?}", plan.mode);
+        return Err(TrainError::invalid(
+            "world-size",
+            "1 unless training (`legora train`)",
+            found,
+        ));
+    }
     let mut run = Run::<B>::open(cfg, &plan, host, options, device)?;
     let mixture = match &plan.mode {
         Mode::Train => run.experts_stage(callback, device)?,
@@ -128,6 +141,9 @@ pub fn run_pipeline<B: AutodiffBackend>(
     let single = run.single_lora_stage(callback, device)?;
     let mut report = run.report_header();
     report.backend = B::InnerBackend::name(device);
+    if !run.is_writer() {
+        return Ok(report); // rank 0 evaluates and writes the outputs
+    }
     if !plan.variants.is_empty() {
         run.evaluate(&mixture, single, &mut report)?;
     }
@@ -161,9 +177,12 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             }
         };
         let tasks = load_tasks(cfg, plan, host, &template, &tok)?;
-        write_val_data(&out, &tasks)?;
+        let writer = options.peer.as_ref().is_none_or(|p| p.is_writer());
+        if writer {
+            write_val_data(&out, &tasks)?;
+        }
         let metrics_path = out.join("metrics.jsonl");
-        if !options.resume && plan.mode != Mode::EvalOnly {
+        if writer && !options.resume && plan.mode != Mode::EvalOnly {
             let _ = std::fs::remove_file(&metrics_path);
         }
         let mut run = Self {
@@ -331,6 +350,9 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             let model = LmModel::new(mixture, objective);
             mixture = self.train("router", settings, false, groups, model, callback, device)?;
         }
+        if !self.is_writer() {
+            return Ok(mixture);
+        }
         let base_name = Some(self.plan.model_path.display().to_string());
         legora_hub::save_mixture(
             &mixture,
@@ -376,14 +398,29 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             callback,
             device,
         )?;
-        legora_hub::save_adapter(&m, "single_lora", cfg, &dir)?;
+        if self.is_writer() {
+            legora_hub::save_adapter(&m, "single_lora", cfg, &dir)?;
+        }
         Ok(Some(m))
     }
 
-    /// A stage's settings, `num_train_epochs` counted on its own loader.
+    /// Whether this process writes the run's outputs (no peers, or rank 0).
+    fn is_writer(&self) -> bool {
+        self.options.peer.as_ref().is_none_or(|p| p.is_writer())
+    }
+
+    /// A stage's settings, `num_train_epochs` counted in batches of the stage's batch
+    /// size (times the data-parallel world size: every rank takes `batch_size` rows).
     fn settings(&self, kind: StageKind) -> Result<TrainSettings> {
-        let l = self.loader(1, self.cfg.file.seed)?;
-        self.cfg.train_settings(kind, l.batches_per_epoch())
+        let rows = self.loader(1, self.cfg.file.seed)?.num_rows();
+        let batch = self.cfg.train_settings(kind, rows)?.batch_size.max(1);
+        self.cfg
+            .train_settings(kind, rows.div_ceil(batch * self.world_size()))
+    }
+
+    /// Processes training together (1 without peers).
+    fn world_size(&self) -> usize {
+        self.options.peer.as_ref().map_or(1, |p| p.world_size())
     }
 
     /// The training stream: the task mixture of `[data] mixing` (also for the single-LoRA
@@ -417,7 +454,8 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
         callback: &mut dyn TrainCallback,
         device: &B::Device,
     ) -> Result<CausalLm<B>> {
-        let mut l = self.loader(settings.batch_size, settings.seed)?;
+        // every rank reads the whole batch and keeps its shard of it
+        let mut l = self.loader(settings.batch_size * self.world_size(), settings.seed)?;
         let val = val_sets(
             &self.tasks,
             settings.eval_batch_size,
@@ -436,6 +474,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             .metrics_path(&self.metrics_path)
             .callback(callback)
             .lr_groups(groups)
+            .peer(self.options.peer.as_deref())
             .run(model, &mut l, &val, device)?;
         self.summaries.push(res.summary);
         Ok(res.model.model)

@@ -18,7 +18,7 @@ use burn::module::{AutodiffModule, Module, ParamId};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
-use legora_data::{derive_seed, Batch, Loader};
+use legora_data::{derive_seed, Batch, BatchTotals, Loader};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{
@@ -27,6 +27,7 @@ use crate::checkpoint::{
 };
 use crate::clip::{clip_grad_norm, global_grad_norm, scalar, take_grads};
 use crate::config::TrainSettings;
+use crate::distributed::{reduce_step, Peer};
 use crate::error::{Result, TrainError};
 use crate::lr_groups::ParamKind;
 use crate::metrics::{EvalMetrics, MetricLine, MetricsWriter, RoutingStats, TrainMetrics};
@@ -46,6 +47,10 @@ pub struct StepContext<'a> {
     pub micro_step: usize,
     /// Training (true) or validation (false).
     pub training: bool,
+    /// The counts of the whole batch this one is a part or a data-parallel shard of: the
+    /// loss is normalised by them, so the parts' losses sum to the whole batch's (`None`:
+    /// the batch is whole).
+    pub totals: Option<&'a BatchTotals>,
 }
 
 /// The model's answer for one batch.
@@ -91,7 +96,10 @@ impl<B: Backend> StepOutput<B> {
 pub trait TrainModel<B: Backend>: Module<B> {
     /// The objective and logged terms for `batch`.
     ///
-    /// `batch.labels` follow the HF convention (unshifted, `-100` = no loss).
+    /// `batch.labels` follow the HF convention (unshifted, `-100` = no loss). In training
+    /// `ctx.totals` holds the counts of the whole batch `batch` is a part or a
+    /// data-parallel shard of: a loss that is a mean over tokens divides by them, so the
+    /// parts' objectives (and logged terms) add up to the whole batch's.
     fn forward_loss(
         &self,
         batch: &Batch,
@@ -100,9 +108,8 @@ pub trait TrainModel<B: Backend>: Module<B> {
 
     /// Parts of `batch` whose objectives sum to the batch's objective (so their
     /// gradients sum to its gradient). The trainer runs forward and backward part by
-    /// part, so only one part's activations are alive at a time; logged terms are
-    /// combined weighted by each part's share of the target tokens. Default: the batch
-    /// whole.
+    /// part, so only one part's activations are alive at a time, and adds up their
+    /// objectives and logged terms. Default: the batch whole.
     fn micro_batches(&self, batch: Batch) -> Vec<Batch> {
         vec![batch]
     }
@@ -253,12 +260,14 @@ pub struct Trainer<'a> {
     stop_after: Option<usize>,
     callback: Option<&'a mut dyn TrainCallback>,
     groups: Vec<LrGroup>,
+    peer: Option<&'a Peer>,
 }
 
 /// The state of a stage while it runs.
 struct Session {
     state: TrainerState,
-    metrics: MetricsWriter,
+    /// `None` on data-parallel ranks other than 0 (they write nothing).
+    metrics: Option<MetricsWriter>,
     last_checkpoint: Option<PathBuf>,
     last_eval: Option<EvalMetrics>,
     started: Instant,
@@ -280,6 +289,7 @@ impl<'a> Trainer<'a> {
             stop_after: None,
             callback: None,
             groups: Vec::new(),
+            peer: None,
         }
     }
 
@@ -313,6 +323,20 @@ impl<'a> Trainer<'a> {
     pub fn lr_groups(mut self, groups: Vec<LrGroup>) -> Self {
         self.groups = groups;
         self
+    }
+
+    /// Train data-parallel with the other ranks of `peer`: each step every rank takes
+    /// its shard of the batch (`batch_size` rows per rank), and the gradients are summed
+    /// before the update. Only rank 0 writes checkpoints, best weights and metrics; every
+    /// rank resumes from rank 0's checkpoints (a folder all ranks see).
+    pub fn peer(mut self, peer: Option<&'a Peer>) -> Self {
+        self.peer = peer.filter(|p| p.world_size() > 1);
+        self
+    }
+
+    /// Whether this process writes the stage's files (no peers, or rank 0).
+    fn is_writer(&self) -> bool {
+        self.peer.is_none_or(|p| p.is_writer())
     }
 
     /// The checkpoint folder.
@@ -364,10 +388,19 @@ impl<'a> Trainer<'a> {
     {
         let s = &self.settings;
         check_settings(s)?;
-        B::seed(device, derive_seed(s.seed, &[step as u64]));
+        let rank = self.peer.map_or(0, |p| p.rank());
+        let parts: &[u64] = if rank == 0 {
+            &[step as u64]
+        } else {
+            &[step as u64, rank as u64]
+        };
+        B::seed(device, derive_seed(s.seed, parts));
         let lr = self.schedule().lr(step);
         let (grads, mut report) = self.gradients(&model, step, next_batch)?;
         let mut grads = grads;
+        if let Some(peer) = self.peer {
+            reduce_step::<B, M>(peer, &model, &mut grads, &mut report, &self.stage, step)?;
+        }
         report.lr = lr;
         let t = Instant::now();
         report.grad_norm = match s.max_grad_norm {
@@ -423,24 +456,30 @@ impl<'a> Trainer<'a> {
             report.target_tokens += batch.num_target_tokens();
             report.tokens += batch.num_tokens();
             report.rows += batch.batch_size;
+            let totals = batch.totals();
+            let batch = match self.peer {
+                Some(p) => batch.shard(p.rank(), p.world_size()),
+                None => batch,
+            };
             let ctx = StepContext {
                 stage: &self.stage,
                 step,
                 micro_step: micro,
                 training: true,
+                totals: Some(&totals),
             };
-            let parts = model.micro_batches(batch);
-            let part_tokens: Vec<usize> = parts.iter().map(|p| p.num_target_tokens()).collect();
-            let all_tokens: usize = part_tokens.iter().sum();
+            let mut parts = if batch.batch_size == 0 {
+                Vec::new()
+            } else {
+                model.micro_batches(batch.clone())
+            };
+            if parts.is_empty() && self.peer.is_some() && batch.batch_size > 0 {
+                // a shard without targets still reports the terms every rank sums
+                parts.push(batch);
+            }
             let one = accum == 1 && parts.len() == 1;
-            for (part, tokens) in parts.iter().zip(&part_tokens) {
-                // a part's logged terms weigh by its share of the target tokens
-                let share = if parts.len() == 1 || all_tokens == 0 {
-                    1.0 / parts.len() as f64
-                } else {
-                    *tokens as f64 / all_tokens as f64
-                };
-                let grads = self.part_gradients(model, part, &ctx, share, &mut report)?;
+            for part in &parts {
+                let grads = self.part_gradients(model, part, &ctx, &mut report)?;
                 if one {
                     single = Some(grads);
                 } else {
@@ -453,13 +492,13 @@ impl<'a> Trainer<'a> {
         Ok((grads, report))
     }
 
-    /// Forward and backward of one micro-batch part.
+    /// Forward and backward of one micro-batch part (its loss normalised by the counts of
+    /// the whole batch, `ctx.totals`).
     fn part_gradients<B, M>(
         &self,
         model: &M,
         part: &Batch,
         ctx: &StepContext<'_>,
-        share: f64,
         report: &mut StepReport,
     ) -> Result<GradientsParams>
     where
@@ -476,7 +515,8 @@ impl<'a> Trainer<'a> {
                 message: e.to_string(),
             })?;
         for (name, t) in &out.terms {
-            *report.terms.entry(name.clone()).or_default() += scalar(t.clone()) * share / accum;
+            // parts are normalised by the whole batch's counts: their terms add up
+            *report.terms.entry(name.clone()).or_default() += scalar(t.clone()) / accum;
         }
         let lv = scalar(out.loss.clone());
         if !lv.is_finite() {
@@ -597,11 +637,15 @@ impl<'a> Trainer<'a> {
         B: AutodiffBackend,
         M: AutodiffModule<B>,
     {
-        let metrics = MetricsWriter::new(
-            self.metrics_path
-                .clone()
-                .unwrap_or_else(|| self.dir.join("metrics.jsonl")),
-        )?;
+        let path = self
+            .metrics_path
+            .clone()
+            .unwrap_or_else(|| self.dir.join("metrics.jsonl"));
+        let metrics = if self.is_writer() {
+            Some(MetricsWriter::new(path)?)
+        } else {
+            None
+        };
         let mut session = Session {
             state: TrainerState {
                 version: CHECKPOINT_VERSION,
@@ -626,8 +670,10 @@ impl<'a> Trainer<'a> {
         let ckpt_dir = self.checkpoint_dir();
         if !self.resume {
             // a fresh run starts over: stale checkpoints would otherwise be resumed later
-            for stale in [ckpt_dir.clone(), self.best_path()] {
-                remove_path(&stale)?;
+            if self.is_writer() {
+                for stale in [ckpt_dir.clone(), self.best_path()] {
+                    remove_path(&stale)?;
+                }
             }
             return Ok((model, session));
         }
@@ -647,8 +693,8 @@ impl<'a> Trainer<'a> {
         }
         *optim = o;
         loader.restore(st.loader.clone())?;
-        if let Some(len) = st.metrics_len {
-            session.metrics.truncate(len)?;
+        if let (Some(len), Some(m)) = (st.metrics_len, &session.metrics) {
+            m.truncate(len)?;
         }
         session.state = st;
         session.state.total_steps = self.settings.total_steps;
@@ -683,8 +729,10 @@ impl<'a> Trainer<'a> {
             tokens_per_second: r.tokens as f64 / dt,
             elapsed_s: session.started.elapsed().as_secs_f64(),
         };
-        if step % s.logging_steps == 0 || step == s.total_steps {
-            session.metrics.write(&MetricLine::Train(tm.clone()))?;
+        if let Some(m) = session.metrics.as_ref() {
+            if step % s.logging_steps == 0 || step == s.total_steps {
+                m.write(&MetricLine::Train(tm.clone()))?;
+            }
         }
         cb.on_step(&tm);
         Ok(())
@@ -720,13 +768,15 @@ impl<'a> Trainer<'a> {
             st.best_step = Some(step);
             st.bad_evals = 0;
             em.is_best = true;
-            if s.early_stopping_patience.is_some() {
+            if s.early_stopping_patience.is_some() && self.is_writer() {
                 save_trainable(model, &self.best_path())?;
             }
         } else {
             st.bad_evals += 1;
         }
-        session.metrics.write(&MetricLine::Eval(em.clone()))?;
+        if let Some(m) = &session.metrics {
+            m.write(&MetricLine::Eval(em.clone()))?;
+        }
         cb.on_eval(&em);
         session.last_eval = Some(em);
         Ok(s.early_stopping_patience
@@ -750,12 +800,15 @@ impl<'a> Trainer<'a> {
         let s = &self.settings;
         let step = session.state.step;
         let due = s.save_steps.is_some_and(|n| step % n == 0) || step == s.total_steps;
+        let Some(metrics) = &session.metrics else {
+            return Ok(()); // a data-parallel rank other than 0
+        };
         if !(due || stopping) {
             return Ok(());
         }
         let ckpt_dir = self.checkpoint_dir();
         session.state.loader = loader.state();
-        session.state.metrics_len = Some(session.metrics.len());
+        session.state.metrics_len = Some(metrics.len());
         let path = save_checkpoint(&ckpt_dir, model, optim, &session.state)?;
         prune_checkpoints(&ckpt_dir, s.save_total_limit)?;
         cb.on_checkpoint(step, &path);
@@ -895,6 +948,7 @@ pub fn evaluate_inner<B: Backend, M: TrainModel<B>>(
                 step,
                 micro_step: 0,
                 training: false,
+                totals: None,
             };
             let out = model
                 .forward_loss(batch, &ctx)

@@ -67,6 +67,7 @@ fn training_step() -> StepContext<'static> {
         step: 0,
         micro_step: 0,
         training: true,
+        totals: None,
     }
 }
 

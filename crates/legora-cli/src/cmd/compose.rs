@@ -82,6 +82,7 @@ pub fn run<B: Backend>(args: Args) -> anyhow::Result<()> {
         overwrite: args.overwrite,
         mode: Mode::Compose(args.experts.clone()),
         load_options: args.load.options(),
+        peer: None,
     };
     let mut progress = Progress::default();
     let report =

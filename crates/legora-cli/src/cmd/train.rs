@@ -2,9 +2,12 @@
 //! the experts, the mixture, the report, plots and metrics.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
-use legora::train::{run_pipeline, PipelineOptions, RunConfig};
+use legora::data::stable_hash;
+use legora::train::{run_pipeline, DistributedConfig, Peer, PipelineOptions, RunConfig};
 use legora_plugin_host::PluginHost;
 
 pub use crate::progress::Progress;
@@ -36,6 +39,63 @@ pub struct Args {
     /// Skip the evaluation stage.
     #[arg(long)]
     pub skip_eval: bool,
+    /// How to train together with other processes.
+    #[command(flatten)]
+    pub distributed: DistributedArgs,
+}
+
+/// Data-parallel training: start `legora train` once per rank with the same run file
+/// (and the same output folder, on a file system every rank sees).
+#[derive(Debug, clap::Args)]
+pub struct DistributedArgs {
+    /// Number of processes training together (each takes `batch_size` rows of every
+    /// batch; their gradients are summed before each step).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub world_size: u32,
+    /// This process's rank: 0 coordinates and writes every output, 1.. only train.
+    #[arg(long, default_value_t = 0)]
+    pub rank: u32,
+    /// `host:port` that rank 0 listens on and the other ranks connect to.
+    #[arg(long, default_value = "127.0.0.1:29500")]
+    pub coordinator: String,
+    /// Seconds a rank waits for a peer (to join, and at every step) before stopping
+    /// with an error.
+    #[arg(long, default_value_t = 600.0)]
+    pub peer_timeout: f64,
+}
+
+impl DistributedArgs {
+    /// Join the run (`None` for one process).
+    fn connect(&self, run_file: &std::path::Path) -> anyhow::Result<Option<Arc<Peer>>> {
+        if self.world_size == 1 && self.rank == 0 {
+            return Ok(None);
+        }
+        let timeout = Duration::try_from_secs_f64(self.peer_timeout)
+            .ok()
+            .filter(|t| !t.is_zero())
+            .with_context(|| {
+                format!(
+                    "--peer-timeout {}: expected a number of seconds > 0",
+                    self.peer_timeout
+                )
+            })?;
+        let cfg = DistributedConfig {
+            world_size: self.world_size as usize,
+            rank: self.rank as usize,
+            coordinator: self.coordinator.clone(),
+            timeout,
+        };
+        let text =
+            std::fs::read(run_file).with_context(|| format!("reading {}", run_file.display()))?;
+        let fingerprint = stable_hash(&String::from_utf8_lossy(&text));
+        tracing::info!(
+            rank = cfg.rank,
+            world_size = cfg.world_size,
+            coordinator = %cfg.coordinator,
+            "joining the data-parallel run"
+        );
+        Ok(Some(Arc::new(Peer::connect(&cfg, fingerprint)?)))
+    }
 }
 
 /// Load the plugins a run file names (`<plugin>/<format>`), from the search folders.
@@ -67,7 +127,9 @@ pub fn load_plugins(cfg: &RunConfig, dirs: &[PathBuf]) -> anyhow::Result<PluginH
 pub fn run<B: Backend>(args: Args) -> anyhow::Result<()> {
     let cfg = RunConfig::load(&args.config)?;
     let host = load_plugins(&cfg, &args.plugin_dirs)?;
+    let peer = args.distributed.connect(&args.config)?;
     let opts = PipelineOptions {
+        peer: peer.clone(),
         resume: args.resume,
         stop_after: args.stop_after,
         skip_eval: args.skip_eval,
@@ -79,6 +141,15 @@ pub fn run<B: Backend>(args: Args) -> anyhow::Result<()> {
     let report =
         run_pipeline::<Autodiff<B>>(&cfg, &host, &opts, &mut progress, &Default::default())?;
     let out = cfg.output_dir();
+    if let Some(p) = peer.filter(|p| !p.is_writer()) {
+        outln!(
+            "rank {} of {}: training done; rank 0 writes the outputs to {}",
+            p.rank(),
+            p.world_size(),
+            crate::text::tidy(&out).display()
+        );
+        return Ok(());
+    }
     outln!("{}", report.to_markdown());
     outln!("outputs written to {}", crate::text::tidy(&out).display());
     Ok(())
