@@ -394,3 +394,51 @@ fn mismatched_ranks_are_refused_before_training() {
         "{e}"
     );
 }
+
+/// The `epoch` of a run's last train line.
+fn last_epoch(out: &Path) -> f64 {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let last = text
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v.get("epoch").is_some())
+        .expect("a train line");
+    last["epoch"].as_f64().unwrap()
+}
+
+#[test]
+fn one_epoch_is_one_pass_over_the_rows_whatever_the_ranks() {
+    let dir = temp_dir("epoch");
+    let epoch_file = |name: &str, batch: usize| {
+        let p = run_file(&dir, name, batch, 1, 0);
+        let text = std::fs::read_to_string(&p).unwrap();
+        let text = text.replace("max_steps = 1\n", "num_train_epochs = 1\n");
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let whole = epoch_file("whole", 4);
+    let sharded = epoch_file("sharded", 2);
+    ok(
+        &wait(
+            legora(&dir, &train_args(&whole, &[])).spawn().unwrap(),
+            "one process",
+        ),
+        "one process",
+    );
+    let outs: Vec<Output> = spawn_ranks(&dir, &sharded, 2, &[])
+        .into_iter()
+        .map(|c| wait(c, "a rank"))
+        .collect();
+    ok(&outs[1], "rank 1");
+    ok(&outs[0], "rank 0");
+    // the last step ends the first pass over the training rows (a batch of 4 rows more
+    // than the rows at most): one process with 4 rows, and two ranks with 2 each
+    for out in ["out-whole", "out-sharded"] {
+        let e = last_epoch(&dir.join(out));
+        assert!(
+            (1.0..1.25).contains(&e),
+            "{out}: the run ended at epoch {e}"
+        );
+    }
+}
