@@ -4,6 +4,10 @@
     ~/.cache/legora-venv/bin/python bench/compare_peft.py [--steps 8] [--warmup 2] [--threads N]
         [--cases S-qv,S-all,S-moe,S-concurrent] [--repeat N] [--json-out results.jsonl]
 
+    # on a CUDA GPU (legora built with `--features cuda`): the G- cases
+    cargo build --release -p legora-cli --features cuda
+    python bench/compare_peft.py --gpu [--cases G-qv,G-all,G-concurrent]
+
 Each run is a fresh subprocess (so its peak RSS is its own): first the PyTorch side of a
 case (this script with --worker), then `target/release/legora bench --case <case> --json`.
 Both get the same thread count (torch.set_num_threads + OMP_NUM_THREADS,
@@ -31,6 +35,17 @@ optimizer step; warmup steps are not timed.
                 `[data] backward_per_task`) and in one pass (`S-concurrent-batched`), and, for
                 the mixture checks, the same three trained one after another
                 (`S-concurrent-seq`).
+
+GPU cases (`--gpu`: both sides on the first CUDA device, legora with `--backend cuda`): the
+M shape (Qwen2-0.5B: hidden 896, 24 layers, 14 / 2 heads, intermediate 4864, vocab 151936,
+tied), frozen base in bf16 (PyTorch: the model cast to bfloat16; PEFT keeps the adapters
+f32), the same LoRA and optimizer settings.
+  G-qv          LoRA on q_proj, v_proj, batch 8 x seq 512.
+  G-all         LoRA on all seven projections, batch 8 x seq 512.
+  G-concurrent  3 adapters (all seven projections), 1 x 256 rows each: PEFT one after
+                another, legora one task-routed run of 3 x 1 rows.
+Peak GPU memory is what `nvidia-smi` reports for the process (sampled every 50 ms), the
+same measure on both sides; PyTorch's own `max_memory_allocated` is printed too.
 """
 
 import argparse
@@ -46,19 +61,33 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = ["S-qv", "S-all", "S-moe", "S-concurrent"]
+GPU_CASES = ["G-qv", "G-all", "G-concurrent"]
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 HIDDEN, LAYERS, HEADS, KV_HEADS, INTER, VOCAB = 512, 8, 8, 2, 1408, 8192
 BATCH, SEQ = 4, 256
+# the M shape of the G- cases
+M_SHAPE = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+               num_key_value_heads=2, intermediate_size=4864, vocab_size=151936)
+
+
+def batch_shape(case):
+    """(rows, tokens per row) of one adapter's batch."""
+    if case in ("G-qv", "G-all"):
+        return 8, 512
+    if case == "G-concurrent":
+        return 1, 256
+    return BATCH, SEQ
 R, ALPHA, DROPOUT = 8, 16, 0.05
 LR, CLIP = 1e-4, 1.0
 
 
-def qwen2_small():
+def qwen2_small(shape=None):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                      num_key_value_heads=KV_HEADS, intermediate_size=INTER, vocab_size=VOCAB,
-                      tie_word_embeddings=True, max_position_embeddings=1024,
+    shape = shape or dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                          num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                          intermediate_size=INTER, vocab_size=VOCAB)
+    cfg = Qwen2Config(**shape, tie_word_embeddings=True, max_position_embeddings=1024,
                       attention_dropout=0.0, use_cache=False)
     # sdpa: PyTorch's fused attention, the transformers default
     cfg._attn_implementation = "sdpa"
@@ -148,7 +177,7 @@ def peak_rss_mb():
     return v / (1024.0 * 1024.0) if sys.platform == "darwin" else v / 1024.0
 
 
-def worker(case, steps, warmup, threads):
+def worker(case, steps, warmup, threads, gpu=False):
     import torch
     import transformers
     import peft
@@ -156,20 +185,26 @@ def worker(case, steps, warmup, threads):
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = qwen2_small()
+    device = "cuda" if gpu else "cpu"
+    if gpu:
+        model = qwen2_small(M_SHAPE).to(dtype=torch.bfloat16, device=device)
+    else:
+        model = qwen2_small()
+    vocab = model.config.vocab_size
+    rows, seq = batch_shape(case)
     aux = None
     lora = lambda targets: LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT,  # noqa: E731
                                       target_modules=targets)
     if case == "S-moe":
         model, aux = attach_moe(model)
-    elif case == "S-qv":
+    elif case in ("S-qv", "G-qv"):
         model = get_peft_model(model, lora(["q_proj", "v_proj"]))
-    elif case in ("S-all", "S-concurrent"):
+    elif case in ("S-all", "S-concurrent", "G-all", "G-concurrent"):
         model = get_peft_model(model, lora(ALL))
     else:
-        raise SystemExit(f"unknown case {case!r}; cases: {', '.join(CASES)}")
+        raise SystemExit(f"unknown case {case!r}; cases: {', '.join(CASES + GPU_CASES)}")
     adapters = [None]
-    if case == "S-concurrent":
+    if case in ("S-concurrent", "G-concurrent"):
         for name in ("t1", "t2"):
             model.add_adapter(name, lora(ALL))
         adapters = ["default", "t1", "t2"]
@@ -183,7 +218,9 @@ def worker(case, steps, warmup, threads):
         trainable += sum(p.numel() for p in params)
         opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
         for step in range(warmup + steps):
-            x = torch.randint(0, VOCAB, (BATCH, SEQ))
+            x = torch.randint(0, vocab, (rows, seq), device=device)
+            if gpu:
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             if aux is not None:
                 aux.clear()
@@ -195,9 +232,11 @@ def worker(case, steps, warmup, threads):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, CLIP)
             opt.step()
+            if gpu:
+                torch.cuda.synchronize()
             if step >= warmup:
                 times.append(time.perf_counter() - t0)
-    tokens = BATCH * SEQ
+    tokens = rows * seq
     med = statistics.median(times)
     out = {"impl": "pytorch+peft" if case != "S-moe" else "pytorch (MixLoRA-style loop)",
            "case": case, "threads": threads, "steps": steps, "timed_steps": len(times),
@@ -208,18 +247,58 @@ def worker(case, steps, warmup, threads):
            "trainable_params": trainable, "last_loss": loss_value,
            "torch": torch.__version__, "transformers": transformers.__version__,
            "peft": peft.__version__}
+    if gpu:
+        out["device"] = torch.cuda.get_device_name(0)
+        out["torch_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(out))
 
 
-def run_json(cmd, env):
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+def gpu_memory_mb(pid):
+    """What `nvidia-smi` reports for process `pid` (MiB), or None."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                              "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[0] == str(pid) and parts[1].isdigit():
+            return float(parts[1])
+    return None
+
+
+def run_json(cmd, env, gpu=False):
+    """Run `cmd`, return its last JSON line; with `gpu`, add the process's peak GPU
+    memory as `nvidia-smi` sampled it (`peak_gpu_mb`)."""
+    if not gpu:
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    else:
+        import threading
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=env)
+        peak = [None]
+        def sample():
+            while proc.poll() is None:
+                m = gpu_memory_mb(proc.pid)
+                if m is not None and (peak[0] is None or m > peak[0]):
+                    peak[0] = m
+                time.sleep(0.05)
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        stdout, stderr = proc.communicate()
+        sampler.join()
+        res = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if res.returncode != 0:
         sys.stderr.write(res.stderr)
         raise SystemExit(f"failed ({res.returncode}): {' '.join(cmd)}")
     lines = [line for line in res.stdout.splitlines() if line.startswith("{")]
     if not lines:
         raise SystemExit(f"no JSON from: {' '.join(cmd)}\n{res.stdout}{res.stderr}")
-    return json.loads(lines[-1])
+    r = json.loads(lines[-1])
+    if gpu:
+        r["peak_gpu_mb"] = peak[0]
+    return r
 
 
 def cpu_name():
@@ -250,15 +329,21 @@ def main():
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs of each side per case, alternating PyTorch and legora; the "
                          "table shows each side's median (default 1)")
+    ap.add_argument("--gpu", action="store_true",
+                    help="the G- cases on the first CUDA device (legora --backend cuda)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, args.steps, args.warmup, args.threads)
+        worker(args.worker, args.steps, args.warmup, args.threads, args.gpu)
         return
+    known = GPU_CASES if args.gpu else CASES
+    if args.gpu and args.cases == ",".join(CASES):
+        args.cases = ",".join(GPU_CASES)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    bad = [c for c in cases if c not in CASES]
+    bad = [c for c in cases if c not in known]
     if bad:
-        raise SystemExit(f"unknown case(s) {bad}; cases: {', '.join(CASES)}")
+        raise SystemExit(f"unknown case(s) {bad}; cases{' with --gpu' if args.gpu else ''}: "
+                         f"{', '.join(known)}")
     if not Path(args.legora).is_file():
         raise SystemExit(f"{args.legora} not found: run `cargo build --release -p legora-cli` first")
     if args.steps < 1 or args.warmup < 0 or args.repeat < 1:
@@ -288,10 +373,14 @@ def main():
         pts, lgs = [], []
         extras = {"S-concurrent-batched": [], "S-concurrent-seq": []}
         for _ in range(args.repeat):
+            gpu_flag = ["--gpu"] if args.gpu else []
+            backend = ["--backend", "cuda"] if args.gpu else []
             pts.append(record(run_json([sys.executable, str(Path(__file__).resolve()),
-                                        "--worker", case, "--threads", t] + common, env)))
-            lgs.append(record(run_json([args.legora, "bench", "--case", case, "--json"]
-                                       + common, env)))
+                                        "--worker", case, "--threads", t] + gpu_flag + common,
+                                       env, args.gpu)))
+            lgs.append(record(run_json([args.legora] + backend + ["bench", "--case", case,
+                                                                 "--json"] + common,
+                                       env, args.gpu)))
             if case == "S-concurrent":
                 for extra, runs in extras.items():
                     runs.append(record(run_json(
@@ -320,6 +409,17 @@ def main():
               f"| {ratio(q['tokens_per_s'], p['tokens_per_s']):.2f}x "
               f"| {p['peak_rss_mb']:.0f} | {q['peak_rss_mb'] or float('nan'):.0f} "
               f"| {ratio(q['peak_rss_mb'], p['peak_rss_mb']):.2f} |")
+    if args.gpu:
+        print()
+        print(f"GPU: {pt0.get('device')}")
+        print()
+        print("| case | PyTorch peak GPU MB | legora peak GPU MB | ratio (legora/PyTorch) "
+              "| PyTorch max_memory_allocated MB |")
+        print("|---|---:|---:|---:|---:|")
+        for case, p, q in rows:
+            pg, qg = p.get("peak_gpu_mb"), q.get("peak_gpu_mb")
+            print(f"| {case} | {pg or float('nan'):.0f} | {qg or float('nan'):.0f} "
+                  f"| {ratio(qg, pg):.2f} | {p.get('torch_max_allocated_mb') or float('nan'):.0f} |")
     if "S-concurrent" in legora:
         print()
         print("S-concurrent: PyTorch = PEFT training the 3 adapters one after another (batch 4); "

@@ -155,3 +155,38 @@ fn unknown_case_is_a_usage_error_listing_the_cases() {
     let out = legora(&["bench", "--case", "tiny", "--steps", "0"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn gpu_cases_run_on_the_tiny_shape_with_bf16_projections() {
+    let args = |dtype: Option<&'static str>| {
+        let mut a = vec![
+            "bench",
+            "--case",
+            "G-qv,G-all,G-concurrent",
+            "--tiny",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+        ];
+        if let Some(d) = dtype {
+            a.extend(["--dtype", d]);
+        }
+        records(&a)
+    };
+    let bf16 = args(None);
+    assert_eq!(bf16.len(), 3);
+    check(&bf16[0], "G-qv@tiny", 1, 1, 32);
+    check(&bf16[1], "G-all@tiny", 1, 1, 32);
+    check(&bf16[2], "G-concurrent@tiny", 1, 1, 3 * 32);
+    assert!(bf16.iter().all(|r| r["dtype"] == "bf16"), "{bf16:?}");
+    // the same random weights and batches with f32 projections: the first step's loss
+    // moves only by bf16's rounding of the weights
+    let f32 = args(Some("f32"));
+    assert!(f32.iter().all(|r| r["dtype"] == "f32"), "{f32:?}");
+    for (a, b) in bf16.iter().zip(&f32) {
+        let (x, y) = (num(a, "last_loss"), num(b, "last_loss"));
+        assert!(x != y && (x - y).abs() < 1e-2 * y.abs(), "{x} vs {y}");
+    }
+}

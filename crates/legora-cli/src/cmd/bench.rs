@@ -17,8 +17,10 @@ use std::time::Instant;
 use anyhow::{anyhow, Context};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::DType;
 use legora::backend::Autodiff;
 use legora::data::{derive_seed, Batch, Rng};
+use legora::kernels::FrozenWeight;
 use legora::models::{CausalLm, Config};
 use legora::nn::{trainable_parameters, LoraConfig, Proj, RouterConfig};
 use legora::train::{LmModel, Objective, ScheduleKind, TrainSettings, Trainer};
@@ -46,6 +48,17 @@ pub enum CaseName {
     /// The same 3 experts trained one after another (batch rows each, steps each).
     #[value(name = "S-concurrent-seq")]
     SConcurrentSeq,
+    /// The GPU cases: LoRA r=8 on q_proj, v_proj over the M shape (Qwen2-0.5B), batch
+    /// 8 × 512, bf16 frozen projections.
+    #[value(name = "G-qv")]
+    GQv,
+    /// G-qv with LoRA on all seven projections.
+    #[value(name = "G-all")]
+    GAll,
+    /// 3 task-routed experts (all seven projections) over the M shape, bf16 frozen
+    /// projections, 1 × 256 rows each, forward and backward per task.
+    #[value(name = "G-concurrent")]
+    GConcurrent,
     /// S-qv on the tiny shape (hidden 32, 2 layers, vocab 64, batch 2 × seq 16).
     #[value(name = "tiny")]
     Tiny,
@@ -58,7 +71,7 @@ pub enum CaseName {
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Cases to run, comma-separated or repeated: S-qv, S-all, S-moe, S-concurrent, S-concurrent-batched,
-    /// S-concurrent-seq, tiny, or all (every S- case).
+    /// S-concurrent-seq, G-qv, G-all, G-concurrent, tiny, or all (every S- case).
     #[arg(long, value_delimiter = ',', required = true)]
     pub case: Vec<CaseName>,
     /// Timed training steps per case (per expert for S-concurrent-seq).
@@ -82,6 +95,10 @@ pub struct Args {
     /// Seed of the random weights, token ids and dropout masks.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Storage of the frozen projections (default: f32 for the S- cases, bf16 for G-);
+    /// embeddings and norms stay f32.
+    #[arg(long, value_enum)]
+    pub dtype: Option<crate::cmd::Dtype>,
 }
 
 /// Model and batch sizes of a case.
@@ -107,6 +124,19 @@ const SMALL: Shape = Shape {
     vocab: 8192,
     batch: 4,
     seq: 256,
+};
+
+/// The M shape of the G- cases: Qwen2-0.5B (hidden 896, 24 layers, 14 / 2 heads,
+/// intermediate 4864, vocab 151936, tied), batch 8 × 512.
+const MEDIUM: Shape = Shape {
+    hidden: 896,
+    layers: 24,
+    heads: 14,
+    kv_heads: 2,
+    intermediate: 4864,
+    vocab: 151_936,
+    batch: 8,
+    seq: 512,
 };
 
 /// A shape for smoke tests (seconds in a debug build).
@@ -158,6 +188,25 @@ impl CaseName {
         }
     }
 
+    /// The case's model and batch shape, and the default storage of its frozen
+    /// projections.
+    fn shape(self) -> (Shape, crate::cmd::Dtype) {
+        use crate::cmd::Dtype;
+        match self {
+            CaseName::GQv | CaseName::GAll => (MEDIUM, Dtype::Bf16),
+            CaseName::GConcurrent => (
+                Shape {
+                    batch: 1,
+                    seq: 256,
+                    ..MEDIUM
+                },
+                Dtype::Bf16,
+            ),
+            CaseName::Tiny => (TINY, Dtype::F32),
+            _ => (SMALL, Dtype::F32),
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             CaseName::SQv => "S-qv",
@@ -166,6 +215,9 @@ impl CaseName {
             CaseName::SConcurrent => "S-concurrent",
             CaseName::SConcurrentBatched => "S-concurrent-batched",
             CaseName::SConcurrentSeq => "S-concurrent-seq",
+            CaseName::GQv => "G-qv",
+            CaseName::GAll => "G-all",
+            CaseName::GConcurrent => "G-concurrent",
             CaseName::Tiny => "tiny",
             CaseName::All => "all",
         }
@@ -173,15 +225,15 @@ impl CaseName {
 
     fn kind(self) -> Kind {
         match self {
-            CaseName::SQv | CaseName::Tiny | CaseName::All => {
+            CaseName::SQv | CaseName::GQv | CaseName::Tiny | CaseName::All => {
                 Kind::Lora(&[Proj::QProj, Proj::VProj])
             }
-            CaseName::SAll => Kind::Lora(&Proj::ALL),
+            CaseName::SAll | CaseName::GAll => Kind::Lora(&Proj::ALL),
             CaseName::SMoe => Kind::Moe {
                 experts: 4,
                 top_k: 2,
             },
-            CaseName::SConcurrent => Kind::Concurrent {
+            CaseName::SConcurrent | CaseName::GConcurrent => Kind::Concurrent {
                 experts: 3,
                 per_task: true,
             },
@@ -208,6 +260,31 @@ fn model_config(s: &Shape) -> anyhow::Result<legora::models::ModelConfig> {
         "tie_word_embeddings": true,
     });
     Ok(Config::from_json(&cfg.to_string())?.resolve()?)
+}
+
+/// Store every frozen projection of `model` as `dtype` (cast from the random f32),
+/// refused where the backend cannot compute with it on `device`.
+fn store_projections<B: Backend>(
+    model: &mut CausalLm<B>,
+    dtype: crate::cmd::Dtype,
+    device: &B::Device,
+) -> anyhow::Result<()> {
+    let to = match dtype {
+        crate::cmd::Dtype::F32 => return Ok(()),
+        crate::cmd::Dtype::F16 => DType::F16,
+        crate::cmd::Dtype::Bf16 => DType::BF16,
+    };
+    if !B::supports_dtype(device, to) {
+        return Err(anyhow!(
+            "--dtype {dtype:?}: backend {} does not compute with it on this device",
+            B::name(device)
+        ));
+    }
+    for (_, slot) in model.slots_mut() {
+        let w = slot.frozen_weight().val().cast(to);
+        *slot.frozen_weight_mut() = FrozenWeight::dense(w);
+    }
+    Ok(())
 }
 
 /// A batch of random token ids, `labels = input_ids`, no padding; row `r` belongs to
@@ -359,7 +436,9 @@ fn run_case<B: AutodiffBackend>(
 ) -> anyhow::Result<Value> {
     let device = device.clone();
     let tiny = args.tiny || case == CaseName::Tiny;
-    let mut shape = if tiny { TINY } else { SMALL };
+    let (case_shape, case_dtype) = case.shape();
+    let mut shape = if tiny { TINY } else { case_shape };
+    let dtype = args.dtype.unwrap_or(case_dtype);
     if let Some(b) = args.batch {
         shape.batch = b as usize;
     }
@@ -375,8 +454,9 @@ fn run_case<B: AutodiffBackend>(
     let rss_reset = reset_peak_rss();
     let started = Instant::now();
     B::seed(&device, args.seed);
-    let base = CausalLm::<B>::random(model_config(&shape)?, 0.02, &device)
+    let mut base = CausalLm::<B>::random(model_config(&shape)?, 0.02, &device)
         .context("building the random model")?;
+    store_projections(&mut base, dtype, &device)?;
     let total_params = base.parameter_report().total;
     let mut rng = Rng::new(derive_seed(args.seed, &[1]));
     let kind = case.kind();
@@ -459,6 +539,7 @@ fn run_case<B: AutodiffBackend>(
         "hidden": shape.hidden,
         "layers": shape.layers,
         "vocab": shape.vocab,
+        "dtype": format!("{dtype:?}").to_lowercase(),
         "tokens_per_step": tokens_per_step,
         "step_s_median": med,
         "step_s_min": min,
