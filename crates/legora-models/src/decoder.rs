@@ -260,7 +260,7 @@ impl<B: Backend> CausalLmOutput<B> {
 }
 
 /// Per-forward context shared by the layers.
-struct Ctx<B: Backend> {
+pub(crate) struct Ctx<B: Backend> {
     cos: Tensor<B, 4>,
     sin: Tensor<B, 4>,
     /// Additive masks `[batch, 1, seq, total]` per distinct window.
@@ -526,6 +526,20 @@ impl<B: Backend> DecoderLayer<B> {
         }
         Ok(h + self.mlp.forward(x, &experts, layer, routing)?)
     }
+
+    /// [`DecoderLayer::forward`] without a cache (training).
+    ///
+    /// # Shapes
+    /// - h: `[batch, seq, hidden]` → `[batch, seq, hidden]`
+    pub(crate) fn forward_uncached(
+        &self,
+        h: Tensor<B, 3>,
+        ctx: &Ctx<B>,
+        layer: usize,
+        routing: &mut Vec<Routing<B>>,
+    ) -> Result<Tensor<B, 3>> {
+        self.forward(h, ctx, None, None, layer, routing)
+    }
 }
 
 impl<B: Backend> CausalLm<B> {
@@ -733,14 +747,33 @@ impl<B: Backend> CausalLm<B> {
         input: LmInput<B>,
         mut cache: Option<&mut KvCache<B>>,
     ) -> Result<CausalLmOutput<B>> {
+        let past = cache.as_ref().map(|c| c.len).unwrap_or(0);
+        let (ctx, mut h) = self.prepare(input, past)?;
+        let [_, s, _] = h.dims();
+        let mut routing = Vec::new();
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let (slot, pool) = match cache.as_deref_mut() {
+                Some(c) => (Some(&mut c.layers[i]), Some(&mut c.pooled[i])),
+                None => (None, None),
+            };
+            h = layer.forward(h, &ctx, slot, pool, i, &mut routing)?;
+        }
+        let logits = self.head(h, &ctx, &mut routing)?;
+        if let Some(c) = cache {
+            c.len = past + s;
+        }
+        Ok(CausalLmOutput { logits, routing })
+    }
+
+    /// Shapes of the ids, mask, positions and expert selection against the cache length
+    /// `past`.
+    fn check_input(&self, input: &LmInput<B>, past: usize) -> Result<()> {
         let [b, s] = input.input_ids.dims();
         if b == 0 || s == 0 {
             return Err(ModelError::Input(format!(
                 "empty input_ids of shape [{b}, {s}]"
             )));
         }
-        let device = input.input_ids.device();
-        let past = cache.as_ref().map(|c| c.len).unwrap_or(0);
         let total = past + s;
         if let Some(m) = &input.attention_mask {
             if m.dims() != [b, total] {
@@ -759,6 +792,19 @@ impl<B: Backend> CausalLm<B> {
             }
         }
         self.check_experts(input.experts.as_ref(), b, s)?;
+        Ok(())
+    }
+
+    /// Checks the input against the cache length `past`, builds the layers' shared
+    /// context (rotary tables, masks, expert selection) and embeds the tokens.
+    ///
+    /// # Shapes
+    /// - input_ids: `[batch, seq]` → the embeddings `[batch, seq, hidden]`
+    pub(crate) fn prepare(&self, input: LmInput<B>, past: usize) -> Result<(Ctx<B>, Tensor<B, 3>)> {
+        self.check_input(&input, past)?;
+        let [b, s] = input.input_ids.dims();
+        let device = input.input_ids.device();
+        let total = past + s;
         let positions = match (input.position_ids, &input.attention_mask) {
             (Some(p), _) => p,
             // position_ids = attention_mask.long().cumsum(-1) - 1; masked_fill_(mask == 0, 1)
@@ -807,22 +853,31 @@ impl<B: Backend> CausalLm<B> {
         };
 
         let ids = input.input_ids.reshape([b * s]);
-        let hidden = self.config.hidden_size;
-        let mut h = self.model.embed_tokens.rows(ids).reshape([b, s, hidden]);
-        let mut routing = Vec::new();
-        for (i, layer) in self.model.layers.iter().enumerate() {
-            let (slot, pool) = match cache.as_deref_mut() {
-                Some(c) => (Some(&mut c.layers[i]), Some(&mut c.pooled[i])),
-                None => (None, None),
-            };
-            h = layer.forward(h, &ctx, slot, pool, i, &mut routing)?;
-        }
+        let h = self
+            .model
+            .embed_tokens
+            .rows(ids)
+            .reshape([b, s, self.config.hidden_size]);
+        Ok((ctx, h))
+    }
+
+    /// The final norm and `lm_head`.
+    ///
+    /// # Shapes
+    /// - h: `[batch, seq, hidden]` → logits `[batch, seq, vocab]`
+    pub(crate) fn head(
+        &self,
+        h: Tensor<B, 3>,
+        ctx: &Ctx<B>,
+        routing: &mut Vec<Routing<B>>,
+    ) -> Result<Tensor<B, 3>> {
         let h = self.model.norm.forward(h);
-        let experts = ctx.slot_experts();
-        let logits = run_slot(&self.lm_head, h, &experts, SlotId::LmHead, &mut routing)?;
-        if let Some(c) = cache {
-            c.len = total;
-        }
-        Ok(CausalLmOutput { logits, routing })
+        run_slot(
+            &self.lm_head,
+            h,
+            &ctx.slot_experts(),
+            SlotId::LmHead,
+            routing,
+        )
     }
 }

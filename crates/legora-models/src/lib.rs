@@ -15,6 +15,9 @@
 //!   router, or by the input's [`Experts`] selection ([`LmInput::with_task_ids`],
 //!   [`LmInput::with_experts`]); every router's output (aux losses included) is returned
 //!   in [`CausalLmOutput::routing`];
+//! - [`CausalLm::backward_checkpointed`]: a training step's backward with gradient
+//!   checkpointing (each decoder layer recomputed from its input), gradients equal to
+//!   the one-graph backward;
 //! - [`CausalLm::generate`]: greedy / sampled decoding, batched with left padding;
 //! - [`CausalLm::forward_packed`]: continuous batching, one forward over sequences of
 //!   different lengths, each with its own [`SeqCache`] and its own adapter, the base or a
@@ -40,6 +43,7 @@
 //! ```
 
 mod adapters;
+mod checkpoint;
 mod config;
 pub mod decoder;
 mod error;

@@ -145,7 +145,9 @@ pub struct ModelSection {
     /// `bnb_4bit_compute_dtype`) for the frozen projections.
     #[serde(default)]
     pub quantization: Option<legora_hub::BitsAndBytesConfig>,
-    /// Recompute activations in the backward pass to save memory.
+    /// Keep only each decoder layer's input in the forward pass and recompute the layer
+    /// in the backward: the same gradients, one layer's activations in memory instead of
+    /// all of them (transformers' `gradient_checkpointing_enable()`).
     #[serde(default)]
     pub gradient_checkpointing: bool,
 }
@@ -989,12 +991,6 @@ impl RunConfig {
         }
         // Settings the pipeline cannot honour yet are refused, not silently ignored.
         self.load_options()?;
-        if f.model.gradient_checkpointing {
-            return Err(self.error_at(
-                "model.gradient_checkpointing",
-                "expected false, found true (activation recomputation is not implemented yet)",
-            ));
-        }
         if f.data.packing {
             return Err(self.error_at(
                 "data.packing",

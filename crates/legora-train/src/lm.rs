@@ -2,11 +2,12 @@
 //! `-100`, task-routed or router-gated mixtures, the router's aux losses, the supervised
 //! routing loss, and routing statistics.
 
-use burn::module::Module;
-use burn::tensor::backend::Backend;
+use burn::module::{AutodiffModule, Module};
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use legora_data::{Batch, BatchTotals, IGNORE_INDEX};
-use legora_models::{CausalLm, LmInput};
+use legora_models::{CausalLm, CausalLmOutput, LmInput};
 
 use crate::metrics::RoutingStats;
 use crate::trainer::{ModelError, StepContext, StepOutput, TrainModel};
@@ -46,6 +47,11 @@ pub struct LmModel<B: Backend> {
     /// [`TrainModel::micro_batches`]).
     #[module(skip)]
     pub backward_per_task: bool,
+    /// Recompute each decoder layer in the backward instead of keeping its activations
+    /// (see [`CausalLm::backward_checkpointed`]): the gradients are the same, the memory
+    /// one layer's activations instead of all of them.
+    #[module(skip)]
+    pub gradient_checkpointing: bool,
 }
 
 impl<B: Backend> LmModel<B> {
@@ -56,7 +62,14 @@ impl<B: Backend> LmModel<B> {
             objective,
             pad_per_task: false,
             backward_per_task: false,
+            gradient_checkpointing: false,
         }
+    }
+
+    /// Gradient checkpointing (see [`LmModel::gradient_checkpointing`]).
+    pub fn with_gradient_checkpointing(mut self, on: bool) -> Self {
+        self.gradient_checkpointing = on;
+        self
     }
 
     /// Forward and backward per task (see [`LmModel::backward_per_task`]).
@@ -209,14 +222,7 @@ impl<B: Backend> TrainModel<B> for LmModel<B> {
         batch: &Batch,
         ctx: &StepContext<'_>,
     ) -> std::result::Result<StepOutput<B>, ModelError> {
-        if batch.is_packed() {
-            return Err(
-                "packed batches are not supported by CausalLm (set data.packing = false)".into(),
-            );
-        }
-        if batch.seq_len < 2 {
-            return Err(format!("sequences of length {} have no next token", batch.seq_len).into());
-        }
+        check_batch(batch)?;
         let device = device_of::<B, _>(&self.model);
         let own;
         let totals = match ctx.totals {
@@ -226,22 +232,55 @@ impl<B: Backend> TrainModel<B> for LmModel<B> {
                 &own
             }
         };
-        let task_routed = self.objective == Objective::TaskRouted;
-        let several_tasks = batch
-            .task_ids
-            .iter()
-            .any(|t| Some(t) != batch.task_ids.first());
-        if self.pad_per_task && several_tasks && !matches!(self.objective, Objective::Routed { .. })
-        {
+        if self.splits_by_task(batch) {
             let (lm_loss, per_task) = self.per_task_losses(batch, totals, &device)?;
-            let loss = if task_routed {
+            let loss = if self.objective == Objective::TaskRouted {
                 per_task
             } else {
                 lm_loss.clone()
             };
             return Ok(StepOutput::new(loss).with_term("lm_loss", lm_loss));
         }
+        let task_routed = self.objective == Objective::TaskRouted;
         let out = self.model.forward(lm_input(batch, task_routed, &device))?;
+        self.objective_of(batch, ctx, totals, out)
+    }
+
+    fn checkpointed_gradients(
+        &self,
+        batch: &Batch,
+        ctx: &StepContext<'_>,
+        scale: f64,
+    ) -> Option<std::result::Result<(StepOutput<B>, GradientsParams), ModelError>>
+    where
+        B: AutodiffBackend,
+        Self: AutodiffModule<B>,
+    {
+        self.gradient_checkpointing
+            .then(|| self.checkpointed(batch, ctx, scale))
+    }
+}
+
+impl<B: Backend> LmModel<B> {
+    /// Whether `batch` runs as one forward pass per task (`pad_per_task` with several
+    /// tasks, `Lm` / `TaskRouted` objectives).
+    fn splits_by_task(&self, batch: &Batch) -> bool {
+        let several_tasks = batch
+            .task_ids
+            .iter()
+            .any(|t| Some(t) != batch.task_ids.first());
+        self.pad_per_task && several_tasks && !matches!(self.objective, Objective::Routed { .. })
+    }
+
+    /// The objective and logged terms of the model's output `out` for `batch`.
+    fn objective_of(
+        &self,
+        batch: &Batch,
+        ctx: &StepContext<'_>,
+        totals: &BatchTotals,
+        out: CausalLmOutput<B>,
+    ) -> std::result::Result<StepOutput<B>, ModelError> {
+        let device = out.logits.device();
         let t = targets(batch, totals);
         let nll = token_nll(out.logits.clone(), &t.ids);
         let lm_loss = if t.count == 0 {
@@ -257,64 +296,180 @@ impl<B: Backend> TrainModel<B> for LmModel<B> {
         .with_term("lm_loss", lm_loss);
 
         if let Objective::Routed { routing_loss_coef } = self.objective {
-            let layer_routers: Vec<_> = out
-                .routing
-                .iter()
-                .filter(|r| r.slot.is_none() && r.layer.is_some())
-                .collect();
-            if let Some(aux) = out.aux_loss() {
-                // over this batch's tokens; a data-parallel shard's weighs by its share
-                // of the whole batch's real tokens
-                let share = batch.num_tokens() as f64 / totals.real_tokens.max(1) as f64;
-                let aux = if ctx.totals.is_some() {
-                    aux * share
-                } else {
-                    aux
-                };
-                step.loss = step.loss + aux.clone();
-                step = step.with_term("aux_loss", aux);
-            }
-            let (b, s) = (batch.batch_size, batch.seq_len);
-            if routing_loss_coef > 0.0 && !layer_routers.is_empty() && totals.real_tokens > 0 {
-                let e = layer_routers[0].output.probs.dims()[1];
-                if let Some(task) = batch.task_ids.iter().find(|t| **t >= e) {
-                    return Err(format!("task id {task} has no expert (E = {e})").into());
-                }
-                // One-hot target expert of each real token. Every task present in the
-                // (whole) batch weighs the same, whatever its rows' lengths (long dialogue
-                // rows would otherwise pull the routers towards their expert): weight
-                // 1 / (tasks · task's real tokens · layers).
-                let tasks = totals.tasks_present();
-                let mut w = vec![0f32; b * s * e];
-                for r in 0..b {
-                    let task = batch.task_ids[r];
-                    let n = totals.task_real(task).max(1);
-                    let scale = 1.0 / (tasks * n * layer_routers.len()) as f32;
-                    for j in 0..s {
-                        if batch.attention_mask[r * s + j] != 0 {
-                            w[(r * s + j) * e + task] = scale;
-                        }
-                    }
-                }
-                let w: Tensor<B, 2> = Tensor::from_data(TensorData::new(w, [b * s, e]), &device);
-                let ce = layer_routers
-                    .iter()
-                    .map(|r| {
-                        (r.output.probs.clone().clamp_min(1e-9).log() * w.clone())
-                            .sum()
-                            .neg()
-                    })
-                    .reduce(|a, c| a + c)
-                    .expect("non-empty");
-                step.loss = step.loss + ce.clone() * routing_loss_coef;
-                step = step.with_term("routing_loss", ce);
-            }
-            if !layer_routers.is_empty() {
-                step = step.with_routing(routing_stats(batch, &layer_routers));
-            }
+            step = routed_terms(step, batch, ctx, totals, &out, routing_loss_coef)?;
         }
         Ok(step)
     }
+}
+
+impl<B: AutodiffBackend> LmModel<B> {
+    /// [`TrainModel::checkpointed_gradients`]: the step's objective (scaled by `scale`)
+    /// differentiated one decoder layer at a time.
+    fn checkpointed(
+        &self,
+        batch: &Batch,
+        ctx: &StepContext<'_>,
+        scale: f64,
+    ) -> std::result::Result<(StepOutput<B>, GradientsParams), ModelError> {
+        check_batch(batch)?;
+        let own;
+        let totals = match ctx.totals {
+            Some(t) => t,
+            None => {
+                own = batch.totals();
+                &own
+            }
+        };
+        let mut acc = GradientsAccumulator::<Self>::new();
+        let mut on_grads =
+            |g: B::Gradients| acc.accumulate(self, GradientsParams::from_grads(g, self));
+        let step = if self.splits_by_task(batch) {
+            self.checkpointed_per_task(batch, totals, scale, &mut on_grads)?
+        } else {
+            let task_routed = self.objective == Objective::TaskRouted;
+            let device = device_of::<B, _>(&self.model);
+            self.model.backward_checkpointed(
+                lm_input(batch, task_routed, &device),
+                |out| {
+                    let step = self.objective_of(batch, ctx, totals, out)?;
+                    Ok::<_, ModelError>((step.loss.clone() * scale, detached(step)))
+                },
+                &mut on_grads,
+            )?
+        };
+        Ok((step, acc.grads()))
+    }
+
+    /// [`LmModel::per_task_losses`] with one checkpointed backward per task.
+    fn checkpointed_per_task(
+        &self,
+        batch: &Batch,
+        totals: &BatchTotals,
+        scale: f64,
+        on_grads: &mut dyn FnMut(B::Gradients),
+    ) -> std::result::Result<StepOutput<B>, ModelError> {
+        let task_routed = self.objective == Objective::TaskRouted;
+        let device = device_of::<B, _>(&self.model);
+        let mut lm = Tensor::zeros([1], &device);
+        let mut per_task = Tensor::zeros([1], &device);
+        for part in batch.split_by_task() {
+            let t = targets(&part, totals);
+            if t.count == 0 || part.seq_len < 2 {
+                continue;
+            }
+            let (l, p) = self.model.backward_checkpointed(
+                lm_input(&part, task_routed, &device),
+                |out| {
+                    let nll = token_nll(out.logits, &t.ids);
+                    let p = weighted_sum(nll.clone(), &t.task_w);
+                    let l = weighted_sum(nll, &t.mean_w);
+                    let objective = if task_routed { p.clone() } else { l.clone() };
+                    Ok::<_, ModelError>((objective * scale, (l.detach(), p.detach())))
+                },
+                on_grads,
+            )?;
+            lm = lm + l;
+            per_task = per_task + p;
+        }
+        let loss = if task_routed { per_task } else { lm.clone() };
+        Ok(StepOutput::new(loss).with_term("lm_loss", lm))
+    }
+}
+
+/// `step` with its tensors cut from the graph (their values are all the trainer reads).
+fn detached<B: Backend>(step: StepOutput<B>) -> StepOutput<B> {
+    StepOutput {
+        loss: step.loss.detach(),
+        terms: step
+            .terms
+            .into_iter()
+            .map(|(n, t)| (n, t.detach()))
+            .collect(),
+        routing: step.routing,
+    }
+}
+
+/// The `Routed` objective's terms added to `step`: the routers' aux losses and the
+/// supervised routing loss (cross-entropy of the layer routers' probabilities against each
+/// token's task), with the routing statistics.
+fn routed_terms<B: Backend>(
+    mut step: StepOutput<B>,
+    batch: &Batch,
+    ctx: &StepContext<'_>,
+    totals: &BatchTotals,
+    out: &CausalLmOutput<B>,
+    routing_loss_coef: f64,
+) -> std::result::Result<StepOutput<B>, ModelError> {
+    let device = out.logits.device();
+    let layer_routers: Vec<_> = out
+        .routing
+        .iter()
+        .filter(|r| r.slot.is_none() && r.layer.is_some())
+        .collect();
+    if let Some(aux) = out.aux_loss() {
+        // over this batch's tokens; a data-parallel shard's weighs by its share
+        // of the whole batch's real tokens
+        let share = batch.num_tokens() as f64 / totals.real_tokens.max(1) as f64;
+        let aux = if ctx.totals.is_some() {
+            aux * share
+        } else {
+            aux
+        };
+        step.loss = step.loss + aux.clone();
+        step = step.with_term("aux_loss", aux);
+    }
+    let (b, s) = (batch.batch_size, batch.seq_len);
+    if routing_loss_coef > 0.0 && !layer_routers.is_empty() && totals.real_tokens > 0 {
+        let e = layer_routers[0].output.probs.dims()[1];
+        if let Some(task) = batch.task_ids.iter().find(|t| **t >= e) {
+            return Err(format!("task id {task} has no expert (E = {e})").into());
+        }
+        // One-hot target expert of each real token. Every task present in the
+        // (whole) batch weighs the same, whatever its rows' lengths (long dialogue
+        // rows would otherwise pull the routers towards their expert): weight
+        // 1 / (tasks · task's real tokens · layers).
+        let tasks = totals.tasks_present();
+        let mut w = vec![0f32; b * s * e];
+        for r in 0..b {
+            let task = batch.task_ids[r];
+            let n = totals.task_real(task).max(1);
+            let scale = 1.0 / (tasks * n * layer_routers.len()) as f32;
+            for j in 0..s {
+                if batch.attention_mask[r * s + j] != 0 {
+                    w[(r * s + j) * e + task] = scale;
+                }
+            }
+        }
+        let w: Tensor<B, 2> = Tensor::from_data(TensorData::new(w, [b * s, e]), &device);
+        let ce = layer_routers
+            .iter()
+            .map(|r| {
+                (r.output.probs.clone().clamp_min(1e-9).log() * w.clone())
+                    .sum()
+                    .neg()
+            })
+            .reduce(|a, c| a + c)
+            .expect("non-empty");
+        step.loss = step.loss + ce.clone() * routing_loss_coef;
+        step = step.with_term("routing_loss", ce);
+    }
+    if !layer_routers.is_empty() {
+        step = step.with_routing(routing_stats(batch, &layer_routers));
+    }
+    Ok(step)
+}
+
+/// The batch shapes `CausalLm` trains on.
+fn check_batch(batch: &Batch) -> std::result::Result<(), ModelError> {
+    if batch.is_packed() {
+        return Err(
+            "packed batches are not supported by CausalLm (set data.packing = false)".into(),
+        );
+    }
+    if batch.seq_len < 2 {
+        return Err(format!("sequences of length {} have no next token", batch.seq_len).into());
+    }
+    Ok(())
 }
 
 /// Load per expert, routing accuracy (top expert = the row's task) and mean entropy of

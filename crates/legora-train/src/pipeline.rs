@@ -244,7 +244,8 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
         let data = &self.cfg.file.data;
         let model = LmModel::new(m, Objective::TaskRouted)
             .with_pad_per_task(data.pad_per_task)
-            .with_backward_per_task(data.backward_per_task);
+            .with_backward_per_task(data.backward_per_task)
+            .with_gradient_checkpointing(self.cfg.file.model.gradient_checkpointing);
         self.train("experts", settings, false, groups, model, callback, device)
     }
 
@@ -347,7 +348,8 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
                 routing_loss_coef: settings.routing_loss_coef,
             };
             let groups = param_groups(&mixture, &settings, &[]);
-            let model = LmModel::new(mixture, objective);
+            let model = LmModel::new(mixture, objective)
+                .with_gradient_checkpointing(self.cfg.file.model.gradient_checkpointing);
             mixture = self.train("router", settings, false, groups, model, callback, device)?;
         }
         if !self.is_writer() {
@@ -387,8 +389,9 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
         m.add_adapter("single_lora", cfg)?;
         let settings = self.settings(StageKind::SingleLora)?;
         let groups = param_groups(&m, &settings, &[]);
-        let model =
-            LmModel::new(m, Objective::Lm).with_pad_per_task(self.cfg.file.data.pad_per_task);
+        let model = LmModel::new(m, Objective::Lm)
+            .with_pad_per_task(self.cfg.file.data.pad_per_task)
+            .with_gradient_checkpointing(self.cfg.file.model.gradient_checkpointing);
         let m = self.train(
             "single_lora",
             settings,

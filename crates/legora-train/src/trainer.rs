@@ -113,6 +113,22 @@ pub trait TrainModel<B: Backend>: Module<B> {
     fn micro_batches(&self, batch: Batch) -> Vec<Batch> {
         vec![batch]
     }
+
+    /// The objective of `batch` and its gradients (the objective times `scale`), for a
+    /// model that runs its own backward (gradient checkpointing); `None`, the default:
+    /// the trainer differentiates [`TrainModel::forward_loss`].
+    fn checkpointed_gradients(
+        &self,
+        _batch: &Batch,
+        _ctx: &StepContext<'_>,
+        _scale: f64,
+    ) -> Option<std::result::Result<(StepOutput<B>, GradientsParams), ModelError>>
+    where
+        B: AutodiffBackend,
+        Self: AutodiffModule<B>,
+    {
+        None
+    }
 }
 
 /// Progress hooks (the CLI drives its progress bars with them). All methods have empty
@@ -506,23 +522,21 @@ impl<'a> Trainer<'a> {
         M: AutodiffModule<B> + TrainModel<B>,
     {
         let accum = self.settings.gradient_accumulation_steps as f64;
+        let model_error = |e: ModelError| TrainError::Model {
+            stage: self.stage.clone(),
+            step: ctx.step,
+            message: e.to_string(),
+        };
         let t = Instant::now();
-        let out = model
-            .forward_loss(part, ctx)
-            .map_err(|e| TrainError::Model {
-                stage: self.stage.clone(),
-                step: ctx.step,
-                message: e.to_string(),
-            })?;
-        for (name, t) in &out.terms {
-            // parts are normalised by the whole batch's counts: their terms add up
-            *report.terms.entry(name.clone()).or_default() += scalar(t.clone()) / accum;
+        if let Some(done) = model.checkpointed_gradients(part, ctx, 1.0 / accum) {
+            // forward and backward in one pass, timed as the backward
+            let (out, grads) = done.map_err(model_error)?;
+            self.record(&out, ctx.step, report)?;
+            report.phases.backward += t.elapsed().as_secs_f64();
+            return Ok(grads);
         }
-        let lv = scalar(out.loss.clone());
-        if !lv.is_finite() {
-            return Err(self.non_finite(ctx.step, "loss", lv));
-        }
-        report.loss += lv;
+        let out = model.forward_loss(part, ctx).map_err(model_error)?;
+        self.record(&out, ctx.step, report)?;
         report.phases.forward += t.elapsed().as_secs_f64();
         let t = Instant::now();
         let loss = if accum > 1.0 {
@@ -533,6 +547,27 @@ impl<'a> Trainer<'a> {
         let grads = GradientsParams::from_grads(loss.backward(), model);
         report.phases.backward += t.elapsed().as_secs_f64();
         Ok(grads)
+    }
+
+    /// Adds a part's loss and logged terms to the step's report (a non-finite loss is
+    /// an error).
+    fn record<B: Backend>(
+        &self,
+        out: &StepOutput<B>,
+        step: usize,
+        report: &mut StepReport,
+    ) -> Result<()> {
+        let accum = self.settings.gradient_accumulation_steps as f64;
+        for (name, t) in &out.terms {
+            // parts are normalised by the whole batch's counts: their terms add up
+            *report.terms.entry(name.clone()).or_default() += scalar(t.clone()) / accum;
+        }
+        let lv = scalar(out.loss.clone());
+        if !lv.is_finite() {
+            return Err(self.non_finite(step, "loss", lv));
+        }
+        report.loss += lv;
+        Ok(())
     }
 
     fn non_finite(&self, step: usize, quantity: &str, value: f64) -> TrainError {

@@ -300,14 +300,6 @@ fn missing_required_key_and_semantic_errors() {
             "model.quantization.bnb_4bit_quant_type",
             "\"nf4\" or \"fp4\"",
         ),
-        // parsed, but refused until the pipeline honours them
-        (
-            "max_seq_len = 128",
-            "max_seq_len = 128\ngradient_checkpointing = true",
-            8,
-            "model.gradient_checkpointing",
-            "not implemented",
-        ),
     ];
     let e = parse(&d, &edit("r = 4", "r = 0")).unwrap_err().to_string();
     assert!(

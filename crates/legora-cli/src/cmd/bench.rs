@@ -99,6 +99,10 @@ pub struct Args {
     /// embeddings and norms stay f32.
     #[arg(long, value_enum)]
     pub dtype: Option<crate::cmd::Dtype>,
+    /// Recompute each decoder layer in the backward instead of keeping its activations
+    /// (the run file's `model.gradient_checkpointing`).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
 }
 
 /// Model and batch sizes of a case.
@@ -463,6 +467,7 @@ fn run_case<B: AutodiffBackend>(
     let b = shape.batch;
     // one training run of `model` on `rows` random rows per step (`b` rows per task)
     let mut run = |model: LmModel<B>, rows: usize, seed: u64| -> anyhow::Result<(usize, Timings)> {
+        let model = model.with_gradient_checkpointing(args.gradient_checkpointing);
         let trainable = trainable_parameters(&model).trainable;
         let batches = || random_batch(&mut rng, &shape, rows, b);
         Ok((
@@ -540,6 +545,7 @@ fn run_case<B: AutodiffBackend>(
         "layers": shape.layers,
         "vocab": shape.vocab,
         "dtype": format!("{dtype:?}").to_lowercase(),
+        "gradient_checkpointing": args.gradient_checkpointing,
         "tokens_per_step": tokens_per_step,
         "step_s_median": med,
         "step_s_min": min,
