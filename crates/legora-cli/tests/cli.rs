@@ -1,7 +1,7 @@
 //! The `legora` binary's subcommands on the fixtures of tests/fixtures/models (made by
 //! tests/fixtures/make_model_fixtures.py): outputs, exit codes and error messages.
 
-mod common;
+use super::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

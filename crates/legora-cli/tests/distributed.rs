@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-mod common;
+use super::common;
 use common::workspace_root;
 
 /// Longest a run of these tests may take before it is killed and the test fails.

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-mod common;
+use super::common;
 use common::workspace_root;
 
 const PACKAGES: &[&str] = &[

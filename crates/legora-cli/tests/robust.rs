@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-mod common;
+use super::common;
 
 /// A way to damage a checkpoint: its name, what it does to the folder, the error expected.
 type Damage<'a> = (&'a str, Box<dyn Fn(&Path)>, &'a str);

@@ -1,7 +1,7 @@
 //! Bad input: every case is a typed error naming the file (and tensor / field), never a
 //! panic.
 
-mod common;
+use super::common;
 
 use burn::tensor::TensorData;
 use common::{fixture, TempDir, B};

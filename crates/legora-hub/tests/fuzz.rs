@@ -8,6 +8,7 @@
 //! The engine (mutations, the panic and allocation checks) is `fuzz_engine`, shared with
 //! the fuzz tests of legora-train and legora-plugin-host.
 
+#[path = "fuzz_engine/mod.rs"]
 mod fuzz_engine;
 
 use std::path::{Path, PathBuf};

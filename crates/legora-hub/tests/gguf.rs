@@ -3,9 +3,8 @@
 //! `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained(dir, gguf_file=...)` and decoded
 //! the blocks with `gguf.quants.dequantize`.
 
-mod common;
-#[path = "common/gguf_writer.rs"]
-mod gguf_writer;
+use super::common;
+use super::common::gguf_writer;
 
 use std::path::{Path, PathBuf};
 

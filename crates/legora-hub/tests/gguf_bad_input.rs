@@ -3,12 +3,11 @@
 //! unchecked number from the file (a count of 10^12 entries would abort the process if it
 //! were allocated before being checked).
 
-mod common;
+use super::common;
 
 use std::path::PathBuf;
 
-#[path = "common/gguf_writer.rs"]
-mod gguf_writer;
+use super::common::gguf_writer;
 
 use common::{TempDir, B};
 use gguf_writer::{parts, put_str, write_gguf, T};

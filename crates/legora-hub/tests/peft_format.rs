@@ -1,6 +1,6 @@
 //! Adapter, merged-export and mixture folders, compared with the PEFT-written fixtures.
 
-mod common;
+use super::common;
 
 use std::collections::BTreeSet;
 use std::path::Path;

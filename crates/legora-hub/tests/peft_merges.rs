@@ -4,7 +4,7 @@
 //! scaling 1 (also when the first source is rsLoRA), and a refused combination leaves the
 //! model as it was.
 
-mod common;
+use super::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 //! tensor within 1e-4 relative, merged logits, and the files legora writes have PEFT's
 //! keys, shapes and config.
 
-mod common;
+use super::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

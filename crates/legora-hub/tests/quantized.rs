@@ -5,7 +5,7 @@
 //! re-quantized) and gives the same logits; bad bitsandbytes checkpoints and options are
 //! typed errors naming the tensor or the key.
 
-mod common;
+use super::common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 //! tied with q/k/v bias, Mistral with sliding window 4): logits within 1e-4, greedy ids
 //! equal, scores equal, chat template equal.
 
-mod common;
+use super::common;
 
 use common::{fixture, Reference, TempDir, B};
 use legora_hub::{Message, PeftModel, PretrainedModel};

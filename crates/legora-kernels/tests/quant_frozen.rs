@@ -4,7 +4,7 @@
 //! dequantization against the Rust one.
 #![cfg(feature = "flex")]
 
-mod common;
+use super::common;
 use common::values;
 
 use burn::backend::{Autodiff, Flex};

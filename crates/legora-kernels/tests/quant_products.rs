@@ -6,7 +6,7 @@
 //! tile (several row tiles, several column tiles).
 #![cfg(feature = "flex")]
 
-mod common;
+use super::common;
 use common::values;
 
 use legora_kernels::quant::{matmul_dyw, matmul_xwt, Format, QuantMatrix, DYW_COLUMN_TILES_FROM};

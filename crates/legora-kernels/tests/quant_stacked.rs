@@ -6,7 +6,7 @@
 //! a row count past the column-tile threshold of the input-gradient product.
 #![cfg(feature = "flex")]
 
-mod common;
+use super::common;
 use common::values;
 
 use std::sync::Arc;

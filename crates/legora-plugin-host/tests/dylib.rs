@@ -5,7 +5,7 @@
 //! and in process. The same plugins are also linked as rlibs and registered
 //! statically; all paths must give identical results.
 
-mod common;
+use super::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -852,17 +852,25 @@ fn plugins_are_found_through_legora_plugin_path() {
     let dir = plugin_dir();
     let path =
         std::env::join_paths([Path::new("/nonexistent-legora-plugins"), dir]).expect("joinable");
-    let status = Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "--ignored",
-            "--exact",
-            "child_loads_from_env_path",
-            "--test-threads=1",
-        ])
+    // the harness names a test by its module path without the crate's name
+    let module = module_path!().split_once("::").map_or("", |(_, m)| m);
+    let child = format!("{module}::child_loads_from_env_path");
+    let out = Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--ignored", "--exact", &child, "--test-threads=1"])
         .env(legora_plugin_host::PLUGIN_PATH_ENV, path)
         // the worker program, found through its environment variable
         .env(legora_plugin_host::WORKER_ENV, common::worker_program())
-        .status()
+        .output()
         .expect("child runs");
-    assert!(status.success(), "child test failed: {status}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "child test failed: {}\n{stdout}",
+        out.status
+    );
+    // a filter that matches nothing also exits 0
+    assert!(
+        stdout.contains("test result: ok. 1 passed"),
+        "the child ran no test `{child}`:\n{stdout}"
+    );
 }

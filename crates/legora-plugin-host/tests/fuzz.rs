@@ -9,7 +9,7 @@
 #[path = "../../legora-hub/tests/fuzz_engine/mod.rs"]
 mod fuzz_engine;
 
-mod common;
+use super::common;
 
 use std::path::PathBuf;
 

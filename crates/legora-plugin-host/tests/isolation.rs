@@ -5,7 +5,7 @@
 //! loaded beside it go on. The test plugins are under `tests/bad-plugins/`;
 //! the worker program is this crate's `legora-plugin-worker`.
 
-mod common;
+use super::common;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

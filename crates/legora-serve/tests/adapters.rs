@@ -2,7 +2,7 @@
 //! gets exactly its completion), refused outside `--adapter-dir` (symlinks resolved);
 //! a streaming client that goes away frees its sequence (the metrics show it).
 
-mod common;
+use super::common;
 
 use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};

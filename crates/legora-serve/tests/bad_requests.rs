@@ -3,7 +3,7 @@
 //! 10^9, a prompt longer than the context, an unknown model, a body over the cap, a full
 //! queue.
 
-mod common;
+use super::common;
 
 use common::*;
 use serde_json::{json, Value};

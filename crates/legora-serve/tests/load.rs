@@ -4,7 +4,7 @@
 //! requests beyond it get 429 with OpenAI's error object (counted in `/metrics`), none
 //! gets another error, and the server serves on.
 
-mod common;
+use super::common;
 
 use std::collections::BTreeMap;
 use std::sync::Barrier;

@@ -3,7 +3,7 @@
 //! exactly the completion `legora generate` gives alone (greedy); `usage` is right; the
 //! streamed chunks concatenate to the same text.
 
-mod common;
+use super::common;
 
 use common::*;
 use serde_json::{json, Value};

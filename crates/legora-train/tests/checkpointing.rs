@@ -2,7 +2,7 @@
 //! backward ends at the weights of training with the whole graph kept, for every
 //! objective and batch layout the pipeline uses.
 
-mod common;
+use super::common;
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
@@ -13,10 +13,6 @@ use legora_data::Mixing;
 use legora_models::{CausalLm, Config};
 use legora_nn::{InitLoraWeights, LoraConfig, RouterConfig, TargetModules};
 use legora_train::*;
-
-/// The backend's generator is one per process: the tests here seed it and draw from it
-/// one at a time.
-static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Two LoRA experts on every projection of a 2-layer Llama over the byte vocabulary,
 /// task-routed, router-gated (with aux and z losses) or kept as plain adapters.
@@ -90,7 +86,7 @@ fn cases() -> [(&'static str, Objective, bool); 4] {
 
 #[test]
 fn checkpointed_training_ends_at_the_same_weights() {
-    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = common::serial();
     let device = Default::default();
     for (kind, objective, pad_per_task) in cases() {
         let run = |checkpointing: bool| {
@@ -143,7 +139,7 @@ fn grads_of(m: &LmModel<AD>, g: &GradientsParams) -> Vec<(String, Vec<f32>)> {
 
 #[test]
 fn checkpointed_gradients_equal_the_one_graph_gradients() {
-    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = common::serial();
     let mut l = loader(3, 4, Mixing::Uniform);
     let batch = l.next_batch().unwrap();
     let ctx = StepContext {

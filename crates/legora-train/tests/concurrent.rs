@@ -35,6 +35,7 @@ fn vals(t: burn::tensor::Tensor<Flex, 2>) -> Vec<f32> {
 
 #[test]
 fn concurrent_experts_equal_experts_trained_alone() {
+    let _serial = crate::common::serial();
     // whole batches, and forward + backward per task with summed gradients
     for per_task in [false, true] {
         concurrent_equals_alone(per_task);
@@ -190,6 +191,7 @@ fn tempdir(name: &str) -> std::path::PathBuf {
 
 #[test]
 fn padding_does_not_change_real_tokens() {
+    let _serial = crate::common::serial();
     use legora_models::LmInput;
     let model = tiny_model().valid();
     let dev = Default::default();

@@ -1,6 +1,6 @@
 //! Run-file parsing: defaults, resolution, and errors that name key and line.
 
-mod common;
+use super::common;
 
 use std::path::{Path, PathBuf};
 
@@ -87,6 +87,7 @@ fn config_err(e: TrainError) -> (Option<usize>, String, String) {
 
 #[test]
 fn good_file_resolves_with_defaults() {
+    let _serial = crate::common::serial();
     let d = setup("cfg-good");
     let c = parse(&d, GOOD).unwrap();
     assert_eq!(c.name(), "demo");
@@ -126,6 +127,7 @@ fn good_file_resolves_with_defaults() {
 
 #[test]
 fn unknown_key_names_key_and_line() {
+    let _serial = crate::common::serial();
     let d = setup("cfg-unknown");
     let e = parse(
         &d,
@@ -159,6 +161,7 @@ fn unknown_key_names_key_and_line() {
 
 #[test]
 fn wrong_type_names_key_and_line() {
+    let _serial = crate::common::serial();
     let d = setup("cfg-type");
     let e = parse(&d, &edit("batch_size = 4", "batch_size = \"four\"")).unwrap_err();
     let text = e.to_string();
@@ -186,6 +189,7 @@ fn wrong_type_names_key_and_line() {
 
 #[test]
 fn missing_file_names_key_and_line() {
+    let _serial = crate::common::serial();
     let d = setup("cfg-missing");
     std::fs::remove_file(d.join("data/fin-eval.json")).unwrap();
     let e = parse(&d, GOOD).unwrap_err();
@@ -217,6 +221,7 @@ fn missing_file_names_key_and_line() {
 
 #[test]
 fn missing_required_key_and_semantic_errors() {
+    let _serial = crate::common::serial();
     let d = setup("cfg-semantic");
     let e = parse(&d, &edit("format = \"finance/alpaca\"\n", "")).unwrap_err();
     let text = e.to_string();
@@ -333,6 +338,7 @@ fn missing_required_key_and_semantic_errors() {
 
 #[test]
 fn the_documented_example_parses() {
+    let _serial = crate::common::serial();
     let doc = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../docs/run-file.md"
@@ -366,6 +372,7 @@ fn the_documented_example_parses() {
 
 #[test]
 fn loraplus_and_lr_groups_resolve_and_bad_values_name_the_key() {
+    let _serial = crate::common::serial();
     let d = setup("cfg-loraplus");
     let good = edit(
         "lr_scheduler_type = \"linear\"\n",

@@ -12,7 +12,7 @@
 #[path = "../../legora-hub/tests/fuzz_engine/mod.rs"]
 mod fuzz_engine;
 
-mod common;
+use super::common;
 
 use std::path::{Path, PathBuf};
 
@@ -26,6 +26,7 @@ use legora_train::{
 
 #[test]
 fn fuzz_run_files() {
+    let _serial = crate::common::serial();
     let demo = fixtures().join("../../demo");
     let seeds: Vec<Vec<u8>> = ["demo.toml", "compose.toml"]
         .iter()
@@ -105,17 +106,20 @@ fn fuzz_checkpoint_file(name: &str, mutation: Mutation, resum: bool) {
 
 #[test]
 fn fuzz_checkpoint_state_json() {
+    let _serial = crate::common::serial();
     fuzz_checkpoint_file("state.json", Mutation::Json, false);
 }
 
 #[test]
 fn fuzz_checkpoint_trainable_safetensors() {
+    let _serial = crate::common::serial();
     fuzz_checkpoint_file("trainable.safetensors", Mutation::Bytes, false);
     fuzz_checkpoint_file("trainable.safetensors", Mutation::Bytes, true);
 }
 
 #[test]
 fn fuzz_checkpoint_optimizer_safetensors() {
+    let _serial = crate::common::serial();
     fuzz_checkpoint_file("optimizer.safetensors", Mutation::Bytes, false);
     fuzz_checkpoint_file("optimizer.safetensors", Mutation::Bytes, true);
 }

@@ -3,7 +3,7 @@
 //! after each of two steps of `Trainer::step` (AdamW, weight decay 0.01, linear schedule,
 //! no clipping) every trainable tensor is PEFT's within 1e-5, with and without the ratio.
 
-mod common;
+use super::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -160,6 +160,7 @@ fn steps_match(case: &str, s: TrainSettings, tag: &str) -> BTreeMap<&'static str
 
 #[test]
 fn loraplus_steps_move_a_and_b_as_peft() {
+    let _serial = crate::common::serial();
     let worst = steps_match("lora", settings(Some(16.0)), "loraplus");
     assert_eq!(
         worst.keys().copied().collect::<Vec<_>>(),
@@ -169,12 +170,14 @@ fn loraplus_steps_move_a_and_b_as_peft() {
 
 #[test]
 fn loraplus_trains_dora_magnitudes_at_the_b_rate_as_peft() {
+    let _serial = crate::common::serial();
     let worst = steps_match("dora", settings(Some(16.0)), "loraplus");
     assert!(worst.contains_key("lora_magnitude_vector"), "{worst:?}");
 }
 
 #[test]
 fn without_the_ratio_b_moves_as_plain_adamw() {
+    let _serial = crate::common::serial();
     steps_match("lora", settings(None), "plain");
     steps_match("dora", settings(None), "plain");
     // the ratio matters: PEFT's LoRA+ B after one step is far from plain AdamW's
@@ -189,6 +192,7 @@ fn without_the_ratio_b_moves_as_plain_adamw() {
 
 #[test]
 fn param_groups_classify_tensors_as_peft() {
+    let _serial = crate::common::serial();
     for case in ["lora", "dora"] {
         let path = fixtures()
             .join("loraplus/reference")
@@ -210,6 +214,7 @@ fn param_groups_classify_tensors_as_peft() {
 
 #[test]
 fn lr_groups_override_the_ratio_per_kind() {
+    let _serial = crate::common::serial();
     let mut s = settings(Some(16.0));
     let scales = |s: &TrainSettings| ParamKind::ALL.map(|k| s.lr_scale(k));
     assert_eq!(scales(&s), [1.0, 16.0, 16.0, 1.0]);
@@ -225,6 +230,7 @@ fn lr_groups_override_the_ratio_per_kind() {
 
 #[test]
 fn bad_ratio_or_multiplier_is_refused_by_the_step() {
+    let _serial = crate::common::serial();
     let r = reference("lora");
     let b = batch(&r);
     let device = Default::default();

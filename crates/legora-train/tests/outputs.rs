@@ -1,6 +1,6 @@
 //! Plots and reports: files that decode, show text, and tables that hold the numbers.
 
-mod common;
+use super::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -51,6 +51,7 @@ fn train_line(stage: &str, step: usize, loss: f64) -> MetricLine {
 
 #[test]
 fn loss_plots_per_stage_render_with_text() {
+    let _serial = crate::common::serial();
     let dir = tmp_dir("plots");
     let mut lines: Vec<MetricLine> = (1..=20)
         .map(|s| train_line("experts", s, 3.0 / s as f64))
@@ -82,6 +83,7 @@ fn loss_plots_per_stage_render_with_text() {
 
 #[test]
 fn routing_heatmap_has_a_cell_per_layer_and_expert() {
+    let _serial = crate::common::serial();
     let dir = tmp_dir("heatmap");
     let stats = RoutingStats {
         layers: (0..3)
@@ -183,6 +185,7 @@ fn report() -> Report {
 
 #[test]
 fn report_markdown_and_json() {
+    let _serial = crate::common::serial();
     let dir = tmp_dir("report");
     let r = report();
     r.write(&dir).unwrap();

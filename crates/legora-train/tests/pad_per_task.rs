@@ -102,6 +102,7 @@ fn grads_of(m: &CausalLm<AD>, loss: Tensor<AD, 1>) -> Vec<f32> {
 
 #[test]
 fn per_task_passes_give_the_padded_batch_loss_and_gradients() {
+    let _serial = crate::common::serial();
     let batch = batch();
     let ctx = training_step();
     for (objective, routed) in [(Objective::TaskRouted, true), (Objective::Lm, false)] {
@@ -129,6 +130,7 @@ fn per_task_passes_give_the_padded_batch_loss_and_gradients() {
 
 #[test]
 fn backward_per_task_parts_sum_to_the_batch_loss_and_gradients() {
+    let _serial = crate::common::serial();
     let batch = batch();
     let ctx = training_step();
     let m = mixture(&["a", "b"], true);

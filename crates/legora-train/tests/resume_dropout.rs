@@ -3,7 +3,7 @@
 //! run draws. Alone in its own test binary: the backend RNG is process-global, and a
 //! concurrently running test would draw from it.
 
-mod common;
+use super::common;
 
 use common::*;
 use legora_data::Mixing;
@@ -11,6 +11,7 @@ use legora_train::*;
 
 #[test]
 fn resume_is_exact_with_dropout() {
+    let _serial = crate::common::serial();
     let device = Default::default();
     let mut s = TrainSettings::new(6, 11);
     s.learning_rate = 5e-2;

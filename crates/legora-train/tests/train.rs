@@ -1,7 +1,7 @@
 //! The training loop on a toy model made of legora-nn layers: exact resume, NaN guard,
 //! gradient accumulation, early stopping, clipping, metrics.
 
-mod common;
+use super::common;
 
 use burn::module::Module;
 use burn::optim::GradientsParams;
@@ -33,6 +33,7 @@ fn val_sets() -> Vec<ValSet> {
 
 #[test]
 fn interrupted_and_resumed_run_equals_uninterrupted_run() {
+    let _serial = crate::common::serial();
     let device = Default::default();
     let total = 9;
     let val = val_sets();
@@ -95,6 +96,7 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run() {
 
 #[test]
 fn nan_loss_stops_training_and_keeps_the_last_good_checkpoint() {
+    let _serial = crate::common::serial();
     let device = Default::default();
     let dir = tmp_dir("nan");
     let mut s = settings(10);
@@ -147,6 +149,7 @@ fn nan_loss_stops_training_and_keeps_the_last_good_checkpoint() {
 
 #[test]
 fn gradient_accumulation_equals_one_large_batch() {
+    let _serial = crate::common::serial();
     // Every toy row has the same number of targets, so the mean of two micro-batch means
     // equals the mean over the merged batch, and the loader hands out the same rows.
     let device = Default::default();
@@ -171,6 +174,7 @@ fn gradient_accumulation_equals_one_large_batch() {
 
 #[test]
 fn early_stopping_restores_the_best_weights() {
+    let _serial = crate::common::serial();
     let device = Default::default();
     let dir = tmp_dir("early");
     let mut s = settings(20);
@@ -217,6 +221,7 @@ struct Two<B: burn::tensor::backend::Backend> {
 
 #[test]
 fn global_norm_clipping_matches_hand_computation() {
+    let _serial = crate::common::serial();
     let device = Default::default();
     let p1 = |v: Vec<f32>, n| Tensor::<AD, 1>::from_data(TensorData::new(v, [n]), &device);
     let m = Two::<AD> {
@@ -268,6 +273,7 @@ fn global_norm_clipping_matches_hand_computation() {
 
 #[test]
 fn checkpoint_refuses_a_model_that_does_not_fit() {
+    let _serial = crate::common::serial();
     let device = Default::default();
     let dir = tmp_dir("mismatch");
     let mut s = settings(2);

@@ -8,6 +8,9 @@ use burn::backend::Flex;
 use burn::tensor::{Int, Tensor, TensorData};
 use safetensors::SafeTensors;
 
+/// A GGUF writer for the GGUF tests.
+pub mod gguf_writer;
+
 pub type B = Flex;
 
 /// `tests/fixtures/models` (made by tests/fixtures/make_model_fixtures.py).
