@@ -1,15 +1,10 @@
 //! `legora bench` on the tiny shape: it runs, emits one valid JSON object per case and
 //! refuses unknown cases. No timing thresholds (timings depend on the machine).
 
-use std::process::Command;
-
 use serde_json::Value;
 
 fn legora(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_legora"))
-        .args(args)
-        .output()
-        .unwrap()
+    super::common::legora_cmd().args(args).output().unwrap()
 }
 
 /// The JSON lines of a successful run.

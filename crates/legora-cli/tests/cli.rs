@@ -4,34 +4,18 @@
 use super::common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models")
-}
+use legora_testing::model_fixtures as fixtures;
 
 fn fx(name: &str) -> String {
     fixtures().join(name).to_str().unwrap().to_string()
 }
 
-struct Out {
-    ok: bool,
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
+use common::Out;
 
 fn legora(args: &[&str]) -> Out {
-    let out = Command::new(env!("CARGO_BIN_EXE_legora"))
-        .args(args)
-        .output()
-        .unwrap();
-    Out {
-        ok: out.status.success(),
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    common::legora_cmd().args(args).output().unwrap().into()
 }
 
 /// A failure: exit code 1 (an `error:` line) or 2 (clap's usage error), never a panic.
@@ -366,7 +350,7 @@ fn generate_prints_a_completion() {
 #[test]
 fn generate_chat_reads_stdin_until_exit() {
     use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_legora"))
+    let mut child = common::legora_cmd()
         .args([
             "generate",
             "--model",

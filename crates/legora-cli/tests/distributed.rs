@@ -72,7 +72,7 @@ fn run_file(
 }
 
 fn legora(dir: &Path, args: &[String]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_legora"));
+    let mut c = common::legora_cmd();
     c.args(args)
         .current_dir(dir)
         .env_remove("LEGORA_PLUGIN_PATH")

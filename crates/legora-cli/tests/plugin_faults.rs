@@ -8,7 +8,7 @@
 //! flags, into the same folder as legora-plugin-host's tests (keep the two in step).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::OnceLock;
 
 use super::common;
@@ -33,7 +33,9 @@ const PACKAGES: &[&str] = &[
 /// Builds the plugin libraries once per test process; returns their folder.
 fn built_plugins() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| common::build_plugins(PACKAGES))
+    DIR.get_or_init(|| {
+        legora_testing::build_plugins(Path::new(env!("CARGO_TARGET_TMPDIR")), PACKAGES)
+    })
 }
 
 fn lib_file(lib_name: &str) -> String {
@@ -83,7 +85,7 @@ const FAULTY: [&str; 5] = ["abort", "segfault", "panic_abort", "hang", "garbage"
 
 /// Runs `legora` in `cwd` with extra environment variables.
 fn legora(args: &[&str], env: &[(&str, &str)], cwd: &Path) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_legora"));
+    let mut cmd = common::legora_cmd();
     cmd.args(args)
         .current_dir(cwd)
         .env_remove("LEGORA_PLUGIN_PATH");

@@ -14,28 +14,18 @@ use super::common;
 /// A way to damage a checkpoint: its name, what it does to the folder, the error expected.
 type Damage<'a> = (&'a str, Box<dyn Fn(&Path)>, &'a str);
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models")
-}
+use legora_testing::model_fixtures as fixtures;
 
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
+use common::Out;
 
 fn legora(args: &[&str]) -> Out {
     // the bundled plugins are found through LEGORA_PLUGIN_PATH, as an operator's would be
-    let out = Command::new(env!("CARGO_BIN_EXE_legora"))
+    common::legora_cmd()
         .args(args)
         .env("LEGORA_PLUGIN_PATH", common::bundled_plugins())
         .output()
-        .unwrap();
-    Out {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+        .unwrap()
+        .into()
 }
 
 /// Exit `code` (1: an `error:` line, 2: clap's usage error) with every needle in
@@ -868,7 +858,7 @@ fn a_run_killed_five_times_and_resumed_ends_where_an_uninterrupted_run_does() {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         let at = span / 10 + (x >> 33) % (span * 8 / 10).max(1);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_legora"))
+        let mut child = common::legora_cmd()
             .args(["train", "--config", &run, "--resume"])
             .env("LEGORA_PLUGIN_PATH", common::bundled_plugins())
             .stdout(std::process::Stdio::null())

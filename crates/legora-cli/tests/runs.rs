@@ -6,7 +6,7 @@
 //! the same folder as the faulty-plugin tests of `plugin_faults.rs`).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use super::common;
@@ -25,7 +25,7 @@ fn temp_dir(tag: &str) -> PathBuf {
 }
 
 fn legora(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_legora"))
+    common::legora_cmd()
         .args(args)
         .current_dir(cwd)
         .env_remove("LEGORA_PLUGIN_PATH")
@@ -106,7 +106,7 @@ fn experts_from_two_presets_differ_in_rank_and_targets_and_reload() {
     // stdout and stderr into one file, as `legora train … > log.txt 2>&1`
     let log = dir.join("log.txt");
     let file = std::fs::File::create(&log).unwrap();
-    let status = Command::new(env!("CARGO_BIN_EXE_legora"))
+    let status = common::legora_cmd()
         .args([
             "train",
             "--config",
@@ -292,7 +292,7 @@ fn an_error_in_the_eval_section_fails_at_once_with_line_and_column() {
 #[test]
 fn a_reader_that_goes_away_ends_the_output_quietly() {
     let plugins = built_plugins();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_legora"))
+    let mut child = common::legora_cmd()
         .args([
             "plugins",
             "--plugin-dir",

@@ -1,12 +1,9 @@
 //! `legora score` on the transformers fixtures (numbers from
 //! tests/fixtures/make_model_fixtures.py: transformers' mean NLL of score.txt).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models")
-}
+use legora_testing::model_fixtures as fixtures;
 
 fn reference_score(family: &str, key: &str) -> f64 {
     let bytes = std::fs::read(
@@ -42,15 +39,12 @@ fn long_context(name: &str) -> PathBuf {
 }
 
 fn legora(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_legora"))
+    let out: super::common::Out = super::common::legora_cmd()
         .args(args)
         .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+        .unwrap()
+        .into();
+    (out.ok, out.stdout, out.stderr)
 }
 
 fn score(extra: &[&str]) -> serde_json::Value {

@@ -40,15 +40,7 @@ fn plain<const D: usize>(d: &TensorData) -> Tensor<Flex, D> {
 fn assert_close(what: &str, a: TensorData, b: TensorData, tol: f32) {
     assert_eq!(a.shape, b.shape, "{what}: shapes");
     let (a, b) = (a.to_vec::<f32>().unwrap(), b.to_vec::<f32>().unwrap());
-    let worst = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
-        .fold(0.0f32, f32::max);
-    assert!(
-        worst <= tol,
-        "{what}: max relative difference {worst} > {tol}"
-    );
+    legora_testing::assert_close_rel(what, &a, &b, tol);
 }
 
 /// `Σ out ⊙ w` for a fixed random `w`, so every output element has its own gradient.

@@ -20,14 +20,7 @@ fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 }
 
 fn assert_close(what: &str, got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{what}");
-    let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g - w).abs() <= 1e-5 * scale,
-            "{what}: element {i}: {g} vs {w}"
-        );
-    }
+    legora_testing::assert_close(what, got, want, 1e-5, 1e-6);
 }
 
 /// A weight `[out, in]` in `format` on backend `B`, and its Rust dequantization.

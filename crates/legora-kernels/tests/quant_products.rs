@@ -32,14 +32,7 @@ fn reference(
 
 /// Relative max error (over the largest magnitude of `want`).
 fn assert_close(what: &str, got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{what}");
-    let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g - w).abs() <= 1e-5 * scale,
-            "{what}: element {i}: {g} vs {w} (scale {scale})"
-        );
-    }
+    legora_testing::assert_close(what, got, want, 1e-5, 1e-6);
 }
 
 #[test]

@@ -28,16 +28,7 @@ fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 }
 
 fn assert_close(what: &str, got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{what}");
-    let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-    let diff = got
-        .iter()
-        .zip(want)
-        .fold(0.0f32, |m, (g, w)| m.max((g - w).abs()));
-    assert!(
-        diff <= 2e-5 * scale,
-        "{what}: max diff {diff} (scale {scale})"
-    );
+    legora_testing::assert_close(what, got, want, 2e-5, 1e-6);
 }
 
 /// The gating of case `k` over `n` rows and 2 experts.

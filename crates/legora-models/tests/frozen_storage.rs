@@ -76,16 +76,7 @@ fn values<const D: usize>(t: Tensor<Flex, D>) -> Vec<f32> {
 
 /// `max |a − b| ≤ tol · max(1, max |b|)`.
 fn assert_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
-    assert_eq!(a.len(), b.len(), "{what}");
-    let scale = b.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-    let diff = a
-        .iter()
-        .zip(b)
-        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
-    assert!(
-        diff <= tol * scale,
-        "{what}: max diff {diff} (scale {scale})"
-    );
+    legora_testing::assert_close(what, a, b, tol, 1.0);
 }
 
 /// Every adapter's `lora_A` / `lora_B` gradient, by slot and name.

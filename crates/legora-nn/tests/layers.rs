@@ -40,16 +40,9 @@ fn vals<Bk: Backend, const D: usize>(t: Tensor<Bk, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().to_vec().unwrap()
 }
 
-/// max |a-b| / max(|b|_∞, tiny): a relative error on the tensor's scale.
-fn rel_err(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
-    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
-}
-
+/// max |a-b| <= tol · max(|b|_∞, tiny): a tolerance relative to the tensor's scale.
 fn assert_close(name: &str, a: &[f32], b: &[f32], tol: f32) {
-    let e = rel_err(a, b);
-    assert!(e <= tol, "{name}: relative error {e} > {tol}");
+    legora_testing::assert_close(name, a, b, tol, 1e-12);
 }
 
 #[test]

@@ -6,7 +6,6 @@
 use super::common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
 use burn::module::ParamId;
 use common::{tmp_dir, AD};
@@ -22,9 +21,7 @@ use safetensors::SafeTensors;
 /// 1e-7 gradient difference where a gradient is near zero (1.24e-6 seen in one `lora_B`).
 const TOL: f32 = 1e-5;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use legora_testing::fixtures;
 
 /// The reference tensors of one case: the f32 ones and the i64 ones (ids, labels).
 struct Reference {

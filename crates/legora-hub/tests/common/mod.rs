@@ -14,9 +14,7 @@ pub mod gguf_writer;
 pub type B = Flex;
 
 /// `tests/fixtures/models` (made by tests/fixtures/make_model_fixtures.py).
-pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models")
-}
+pub use legora_testing::model_fixtures as fixtures;
 
 pub fn fixture(name: &str) -> PathBuf {
     fixtures().join(name)

@@ -61,9 +61,7 @@ pub fn iters() -> usize {
         .unwrap_or(1500)
 }
 
-pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+pub use legora_testing::fixtures;
 
 pub const INTERESTING: [&str; 14] = [
     "0",

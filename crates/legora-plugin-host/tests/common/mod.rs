@@ -5,17 +5,16 @@
 //! example and the broken test plugins under `tests/bad-plugins/`) are built
 //! as dynamic libraries by running cargo from the test, into their own target
 //! directory under `CARGO_TARGET_TMPDIR` (so the outer `cargo test` lock is
-//! never waited on), by [`build_plugins::build_plugins`], which legora-cli's tests
-//! include too.
+//! never waited on), by [`legora_testing::build_plugins`], which legora-cli's tests
+//! use too.
 
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-mod build_plugins;
 #[allow(unused_imports)] // not every test file uses it
-pub use build_plugins::workspace_root;
+pub use legora_testing::workspace_root;
 
 use legora_plugin_host::{Isolation, PluginHost};
 
@@ -39,7 +38,9 @@ pub const PACKAGES: &[&str] = &[
 /// holding the libraries.
 pub fn plugin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| build_plugins::build_plugins(PACKAGES))
+    DIR.get_or_init(|| {
+        legora_testing::build_plugins(Path::new(env!("CARGO_TARGET_TMPDIR")), PACKAGES)
+    })
 }
 
 /// The library file of a crate's lib name (`legora_plugin_medical`).
