@@ -360,12 +360,7 @@ mod tests {
             assert_eq!(na, nb);
             let scale = ga.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
             assert!(scale > 1e-9, "{na}: a zero gradient tests nothing");
-            for (x, y) in ga.iter().zip(gb) {
-                assert!(
-                    (x - y).abs() <= 1e-5 * scale,
-                    "{na}: {x} vs {y} (max |g| {scale})"
-                );
-            }
+            legora_testing::assert_close(na, gb, ga, 1e-5, 1e-12);
         }
     }
 

@@ -2,6 +2,8 @@
 //! `-100`, task-routed or router-gated mixtures, the router's aux losses, the supervised
 //! routing loss, and routing statistics.
 
+use std::borrow::Cow;
+
 use burn::module::{AutodiffModule, Module};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -96,18 +98,42 @@ impl<B: Backend> LmModel<B> {
         let task_routed = self.objective == Objective::TaskRouted;
         let mut lm = Tensor::zeros([1], device);
         let mut per_task = Tensor::zeros([1], device);
-        for part in batch.split_by_task() {
-            let t = targets(&part, totals);
-            if t.count == 0 || part.seq_len < 2 {
-                continue;
-            }
+        for (part, t) in task_parts(batch, totals) {
             let out = self.model.forward(lm_input(&part, task_routed, device))?;
-            let nll = token_nll(out.logits, &t.ids);
-            per_task = per_task + weighted_sum(nll.clone(), &t.task_w);
-            lm = lm + weighted_sum(nll, &t.mean_w);
+            let (l, p) = part_losses(out.logits, &t);
+            lm = lm + l;
+            per_task = per_task + p;
         }
         Ok((lm, per_task))
     }
+}
+
+/// The parts of `batch` split by task that carry loss, with their targets weighted by
+/// `totals`.
+fn task_parts<'a>(
+    batch: &'a Batch,
+    totals: &'a BatchTotals,
+) -> impl Iterator<Item = (Batch, Targets)> + 'a {
+    batch.split_by_task().into_iter().filter_map(move |part| {
+        let t = targets(&part, totals);
+        (t.count > 0 && part.seq_len >= 2).then_some((part, t))
+    })
+}
+
+/// A task part's token-mean and per-task-mean NLL (see [`Targets`]).
+fn part_losses<B: Backend>(logits: Tensor<B, 3>, t: &Targets) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    let nll = token_nll(logits, &t.ids);
+    (
+        weighted_sum(nll.clone(), &t.mean_w),
+        weighted_sum(nll, &t.task_w),
+    )
+}
+
+/// The counts a batch's loss is normalised by: the whole batch's when `ctx` has them (a
+/// data-parallel shard or a micro-batch), else the batch's own.
+fn totals_of<'a>(ctx: &StepContext<'a>, batch: &Batch) -> Cow<'a, BatchTotals> {
+    ctx.totals
+        .map_or_else(|| Cow::Owned(batch.totals()), Cow::Borrowed)
 }
 
 fn device_of<B: Backend, M: Module<B>>(m: &M) -> B::Device {
@@ -224,14 +250,8 @@ impl<B: Backend> TrainModel<B> for LmModel<B> {
     ) -> std::result::Result<StepOutput<B>, ModelError> {
         check_batch(batch)?;
         let device = device_of::<B, _>(&self.model);
-        let own;
-        let totals = match ctx.totals {
-            Some(t) => t,
-            None => {
-                own = batch.totals();
-                &own
-            }
-        };
+        let totals = totals_of(ctx, batch);
+        let totals = &*totals;
         if self.splits_by_task(batch) {
             let (lm_loss, per_task) = self.per_task_losses(batch, totals, &device)?;
             let loss = if self.objective == Objective::TaskRouted {
@@ -312,14 +332,8 @@ impl<B: AutodiffBackend> LmModel<B> {
         scale: f64,
     ) -> std::result::Result<(StepOutput<B>, GradientsParams), ModelError> {
         check_batch(batch)?;
-        let own;
-        let totals = match ctx.totals {
-            Some(t) => t,
-            None => {
-                own = batch.totals();
-                &own
-            }
-        };
+        let totals = totals_of(ctx, batch);
+        let totals = &*totals;
         let mut acc = GradientsAccumulator::<Self>::new();
         let mut on_grads =
             |g: B::Gradients| acc.accumulate(self, GradientsParams::from_grads(g, self));
@@ -352,17 +366,11 @@ impl<B: AutodiffBackend> LmModel<B> {
         let device = device_of::<B, _>(&self.model);
         let mut lm = Tensor::zeros([1], &device);
         let mut per_task = Tensor::zeros([1], &device);
-        for part in batch.split_by_task() {
-            let t = targets(&part, totals);
-            if t.count == 0 || part.seq_len < 2 {
-                continue;
-            }
+        for (part, t) in task_parts(batch, totals) {
             let (l, p) = self.model.backward_checkpointed(
                 lm_input(&part, task_routed, &device),
                 |out| {
-                    let nll = token_nll(out.logits, &t.ids);
-                    let p = weighted_sum(nll.clone(), &t.task_w);
-                    let l = weighted_sum(nll, &t.mean_w);
+                    let (l, p) = part_losses(out.logits, &t);
                     let objective = if task_routed { p.clone() } else { l.clone() };
                     Ok::<_, ModelError>((objective * scale, (l.detach(), p.detach())))
                 },
