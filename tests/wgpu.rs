@@ -9,6 +9,10 @@
 //! - half-precision and NF4 bases: f16 where the device has it, bf16 refused at load (wgpu
 //!   has none), a quantized base's embeddings kept f32 instead of bf16.
 //!
+//! Every test holds `legora_testing::serial()`: they share one device, and on lavapipe
+//! shader compilation of two tests at once is slower than one after the other (the lock
+//! does what `--test-threads=1` did, which one binary of a workspace run cannot be given).
+//!
 //! Build and run with `cargo test -p legora --features wgpu --test wgpu` (`.ci/run` runs
 //! them inside `cargo test --workspace --features legora/wgpu`, with
 //! `CUBECL_AUTOTUNE_LEVEL=minimal`).
@@ -37,14 +41,6 @@ const TOL: f32 = 1e-4;
 
 // ---------------------------------------------------------------------------------------
 // Helpers
-
-/// Held by every test: the tests share one device, and on lavapipe shader compilation of
-/// two tests at once on two cores is slower than one after the other (as
-/// `--test-threads=1`, which `cargo test --workspace` cannot pass to one binary alone).
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Values in about [-3.4, 3.4] from a local SplitMix64 (tests run in parallel and must not
 /// share a backend's generator; both backends get the same numbers).
@@ -115,7 +111,7 @@ macro_rules! same_on_both {
 
 #[test]
 fn the_wgpu_tests_run_on_a_wgpu_device_without_fused_kernels() {
-    let _serial = serial();
+    let _serial = legora_testing::serial();
     assert!(!k::has_fused_kernels::<AW>());
     assert!(k::has_fused_kernels::<AF>());
     let t = constant::<Wgpu, 2>([2, 3], 1);
@@ -169,7 +165,7 @@ fn stacked_dense<B: AutodiffBackend>() -> Outputs {
 
 #[test]
 fn stacked_lora_linear_equals_flex() {
-    let _serial = serial();
+    let _serial = legora_testing::serial();
     same_on_both!("stacked_lora_linear single", stacked_single);
     same_on_both!("stacked_lora_linear rows", stacked_rows);
     same_on_both!("stacked_lora_linear dense", stacked_dense);
@@ -198,7 +194,7 @@ fn lora_linear<B: AutodiffBackend>() -> Outputs {
 
 #[test]
 fn lora_linear_equals_flex() {
-    let _serial = serial();
+    let _serial = legora_testing::serial();
     same_on_both!("lora_linear", lora_linear);
 }
 
@@ -234,7 +230,7 @@ fn frozen<B: AutodiffBackend>(format: Format) -> Outputs {
 
 #[test]
 fn quantized_frozen_weights_equal_flex() {
-    let _serial = serial();
+    let _serial = legora_testing::serial();
     for format in [
         Format::Int8,
         Format::Nf4 {
@@ -320,7 +316,7 @@ fn next_token_nll<B: AutodiffBackend>() -> Outputs {
 
 #[test]
 fn attention_norm_rotary_swiglu_and_nll_equal_flex() {
-    let _serial = serial();
+    let _serial = legora_testing::serial();
     same_on_both!("attention", attention);
     same_on_both!("rms_norm", rms_norm);
     same_on_both!("rotary", rotary);
@@ -360,7 +356,7 @@ fn packed<B: Backend>(window: Option<usize>) -> Vec<Vec<f32>> {
 
 #[test]
 fn packed_attention_equals_flex() {
-    let _serial = serial();
+    let _serial = legora_testing::serial();
     for window in [None, Some(3)] {
         let (w, f) = (packed::<Wgpu>(window), packed::<Flex>(window));
         for (i, (a, b)) in w.iter().zip(&f).enumerate() {
@@ -372,7 +368,7 @@ fn packed_attention_equals_flex() {
 
 #[test]
 fn dropout_on_wgpu_keeps_the_expected_fraction_and_scale() {
-    let _serial = serial();
+    let _serial = legora_testing::serial();
     let x = Tensor::<AW, 2>::ones([2, 20_000], &Default::default()).require_grad();
     assert_eq!(host(k::dropout(x.clone(), 0.0)), vec![1.0; 40_000]);
     let y = k::dropout(x.clone(), 0.25);
@@ -474,7 +470,7 @@ impl Reference {
 
 #[test]
 fn model_fixtures_match_transformers_on_wgpu() {
-    let _serial = serial();
+    let _serial = legora_testing::serial();
     for family in ["llama", "qwen2", "mistral"] {
         let r = Reference::load(family);
         let base =
@@ -580,7 +576,7 @@ fn trainables<B: AutodiffBackend, M: Module<B>>(m: &M) -> Vec<(String, Vec<f32>)
 
 #[test]
 fn two_training_steps_of_a_mixture_equal_flex() {
-    let _serial = serial();
+    let _serial = legora_testing::serial();
     let dir = std::env::temp_dir().join(format!("legora-wgpu-mixture-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let mut base =
@@ -624,7 +620,7 @@ fn two_training_steps_of_a_mixture_equal_flex() {
 /// load, and a quantized base keeps its embeddings f32 there instead of bf16.
 #[test]
 fn half_precision_bases_compute_or_are_refused() {
-    let _serial = serial();
+    let _serial = legora_testing::serial();
     let device = Default::default();
     let dir = fixtures().join("llama");
     let load = |dtype, quantize| {

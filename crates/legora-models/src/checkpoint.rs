@@ -217,10 +217,6 @@ mod tests {
 
     type Ad = Autodiff<Flex>;
 
-    /// The backend's generator is one per process: tests that seed it and draw from it
-    /// run one at a time.
-    static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
     /// Each trainable parameter's gradient, read from any of `grads` (flattened).
     struct Collect<'a> {
         grads: &'a [<Ad as AutodiffBackend>::Gradients],
@@ -366,7 +362,8 @@ mod tests {
 
     #[test]
     fn checkpointed_gradients_equal_the_one_graph_backward() {
-        let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+        // the backend's generator is one per process: seeded tests run one at a time
+        let _rng = legora_testing::serial();
         let m = model(0.0, 0.0);
         let (va, ga) = reference(&m, 11);
         let (vb, gb) = checkpointed(&m, 11);
@@ -379,7 +376,7 @@ mod tests {
 
     #[test]
     fn a_recomputed_layer_draws_the_same_dropout_masks_and_jitter() {
-        let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+        let _rng = legora_testing::serial();
         let m = model(0.3, 0.05);
         let (va, ga) = reference(&m, 5);
         let (vb, gb) = checkpointed(&m, 5);

@@ -51,7 +51,7 @@ const ROW: [u32; 7] = [3, 9, 1, 22, 5, 17, 8];
 
 #[test]
 fn cache_and_full_forward_agree() {
-    let _serial = crate::common::serial();
+    let _serial = legora_testing::serial();
     for (ty, extra) in [
         ("llama", ""),
         ("qwen2", ""),
@@ -85,7 +85,7 @@ fn cache_and_full_forward_agree() {
 
 #[test]
 fn left_padding_does_not_change_real_positions() {
-    let _serial = crate::common::serial();
+    let _serial = legora_testing::serial();
     for (ty, extra) in [("llama", ""), ("mistral", r#", "sliding_window": 3"#)] {
         let m = model(ty, extra);
         let alone = m.forward(ids(&[ROW[..4].to_vec()])).unwrap().logits;
@@ -113,7 +113,7 @@ fn left_padding_does_not_change_real_positions() {
 
 #[test]
 fn batched_generation_equals_one_row_at_a_time() {
-    let _serial = crate::common::serial();
+    let _serial = legora_testing::serial();
     let m = model("qwen2", "");
     let prompts = vec![ROW.to_vec(), vec![4, 2], vec![11, 12, 13, 14]];
     let cfg = GenerationConfig::greedy(6);
@@ -152,7 +152,7 @@ fn batched_generation_equals_one_row_at_a_time() {
 
 #[test]
 fn adapters_follow_peft_semantics() {
-    let _serial = crate::common::serial();
+    let _serial = legora_testing::serial();
     let mut m = model("llama", "");
     let base = m.forward(ids(&[ROW.to_vec()])).unwrap().logits;
     let paths = m.add_adapter("a", &lora(4, &["q_proj", "v_proj"])).unwrap();
@@ -222,7 +222,7 @@ fn adapters_follow_peft_semantics() {
 
 #[test]
 fn targeting_follows_peft_matching() {
-    let _serial = crate::common::serial();
+    let _serial = legora_testing::serial();
     let mut m = model("llama", "");
     let e = m.add_adapter("x", &lora(2, &["c_attn"])).unwrap_err();
     assert!(matches!(e, ModelError::NoTargetMatched { .. }), "{e}");
@@ -246,7 +246,7 @@ fn targeting_follows_peft_matching() {
 
 #[test]
 fn tied_lm_head_with_an_adapter_is_untied_on_merge() {
-    let _serial = crate::common::serial();
+    let _serial = legora_testing::serial();
     let mut m = model("qwen2", r#", "tie_word_embeddings": true"#);
     m.add_adapter("h", &lora(2, &["lm_head"])).unwrap();
     let before = m.forward(ids(&[ROW.to_vec()])).unwrap().logits;
@@ -263,7 +263,7 @@ fn tied_lm_head_with_an_adapter_is_untied_on_merge() {
 
 #[test]
 fn task_routed_mixture_equals_each_expert_alone() {
-    let _serial = crate::common::serial();
+    let _serial = legora_testing::serial();
     let mut m = model("mistral", "");
     m.add_adapter("e0", &lora(2, &["q_proj", "up_proj"]))
         .unwrap();
@@ -320,7 +320,7 @@ fn task_routed_mixture_equals_each_expert_alone() {
 
 #[test]
 fn mixture_without_router_needs_task_ids() {
-    let _serial = crate::common::serial();
+    let _serial = legora_testing::serial();
     let mut m = model("llama", "");
     m.add_adapter("e0", &lora(2, &["v_proj"])).unwrap();
     m.add_adapter("e1", &lora(2, &["v_proj"])).unwrap();
@@ -332,7 +332,7 @@ fn mixture_without_router_needs_task_ids() {
 
 #[test]
 fn experts_on_different_modules_form_one_mixture() {
-    let _serial = crate::common::serial();
+    let _serial = legora_testing::serial();
     // Experts from different presets: other ranks and other target modules. A slot
     // holds the experts that target it; a row's expert that is absent there runs the
     // base, so each row still equals its expert alone.
@@ -366,7 +366,7 @@ fn experts_on_different_modules_form_one_mixture() {
 
 #[test]
 fn only_adapters_are_trainable() {
-    let _serial = crate::common::serial();
+    let _serial = legora_testing::serial();
     let cfg = config("llama", "").resolve().unwrap();
     let mut m = CausalLm::<Autodiff<B>>::random(cfg, 0.1, &Default::default()).unwrap();
     assert_eq!(legora_nn::trainable_parameters(&m).trainable, 0);
@@ -380,7 +380,7 @@ fn only_adapters_are_trainable() {
 
 #[test]
 fn tied_embeddings_count_once() {
-    let _serial = crate::common::serial();
+    let _serial = legora_testing::serial();
     // vocab 40 × hidden 16 embeddings; per layer q 16·16, k and v 16·8, o 16·16, three
     // MLP projections 16·24, two norms of 16; the final norm 16. Tied: no lm_head of its own.
     let layer = 256 + 2 * 128 + 256 + 3 * 384 + 2 * 16;
@@ -393,7 +393,7 @@ fn tied_embeddings_count_once() {
 
 #[test]
 fn bad_inputs_are_errors() {
-    let _serial = crate::common::serial();
+    let _serial = legora_testing::serial();
     let m = model("llama", "");
     let bad_mask =
         LmInput::new(int2(vec![1, 2, 3], [1, 3])).with_attention_mask(int2(vec![1, 1], [1, 2]));
@@ -422,7 +422,7 @@ fn last_token_probs(m: &CausalLm<B>, rows: &[Vec<u32>]) -> Vec<Vec<f32>> {
 
 #[test]
 fn router_reads_the_first_mixture_blocks_input() {
-    let _serial = crate::common::serial();
+    let _serial = legora_testing::serial();
     // seeded: how far apart the two rows' probabilities are depends on the routers' small
     // random initialisation (unseeded, 3.9e-5 < 1e-4 was seen)
     B::seed(&Default::default(), 7);
@@ -478,7 +478,7 @@ fn prefix_mean_mixture(targets: &[&str]) -> CausalLm<B> {
 
 #[test]
 fn prefix_mean_router_decodes_with_a_cache_as_a_full_forward() {
-    let _serial = crate::common::serial();
+    let _serial = legora_testing::serial();
     for targets in [&["gate_proj", "down_proj"][..], &["q_proj", "up_proj"][..]] {
         let m = prefix_mean_mixture(targets);
         let full = m.forward(ids(&[ROW.to_vec()])).unwrap().logits;
@@ -502,7 +502,7 @@ fn prefix_mean_router_decodes_with_a_cache_as_a_full_forward() {
 
 #[test]
 fn prefix_mean_router_ignores_left_padding_and_reads_the_prefix() {
-    let _serial = crate::common::serial();
+    let _serial = legora_testing::serial();
     let m = prefix_mean_mixture(&["gate_proj", "up_proj", "down_proj"]);
     let alone = m.forward(ids(&[ROW[..4].to_vec()])).unwrap();
     let input = LmInput::new(int2(vec![0, 0, 3, 9, 1, 22], [1, 6]))

@@ -138,7 +138,7 @@ fn input() -> LmInput<B> {
 
 #[test]
 fn lora_slots_in_every_storage_match_the_dequantized_model() {
-    let _serial = crate::common::serial();
+    let _serial = legora_testing::serial();
     let mut m = model();
     // q, v and up adapted; k, o, gate, down and lm_head stay plain frozen slots.
     m.add_adapter("a", &lora(3, &["q_proj", "v_proj", "up_proj"]))
@@ -148,7 +148,7 @@ fn lora_slots_in_every_storage_match_the_dequantized_model() {
 
 #[test]
 fn mixture_slots_in_every_storage_match_the_dequantized_model() {
-    let _serial = crate::common::serial();
+    let _serial = legora_testing::serial();
     let mut m = model();
     m.add_adapter("e0", &lora(2, &["q_proj", "down_proj"]))
         .unwrap();
@@ -162,7 +162,7 @@ fn mixture_slots_in_every_storage_match_the_dequantized_model() {
 
 #[test]
 fn quantized_slots_keep_their_storage_through_adapter_changes() {
-    let _serial = crate::common::serial();
+    let _serial = legora_testing::serial();
     let m = model();
     let (mut q, _) = stored_and_reference(&m, Format::Nf4 { double_quant: true });
     q.add_adapter("a", &lora(2, &["q_proj"])).unwrap();

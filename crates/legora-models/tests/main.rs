@@ -2,7 +2,6 @@
 //! burn and the crate's dependencies instead of one per file. Each module is one
 //! former test file; run one with `cargo test -p legora-models --test integration MODULE::`.
 
-mod common;
 mod decoder;
 mod frozen_storage;
 mod packed;

@@ -108,7 +108,7 @@ const C: [u32; 6] = [11, 4, 4, 39, 0, 7];
 
 #[test]
 fn packed_steps_equal_each_sequence_alone() {
-    let _serial = crate::common::serial();
+    let _serial = legora_testing::serial();
     for (ty, extra) in [
         ("llama", ""),
         ("qwen2", ""),
@@ -143,7 +143,7 @@ fn packed_steps_equal_each_sequence_alone() {
 
 #[test]
 fn experts_and_the_base_share_a_step() {
-    let _serial = crate::common::serial();
+    let _serial = legora_testing::serial();
     let mut m = model("llama", "");
     m.add_adapter("e0", &lora(2, &["q_proj", "v_proj", "up_proj"]))
         .unwrap();
@@ -187,7 +187,7 @@ fn routed_mixture(targets: &[&str], pooling: RouterPooling) -> CausalLm<B> {
 
 #[test]
 fn router_gated_rows_beside_fixed_rows() {
-    let _serial = crate::common::serial();
+    let _serial = legora_testing::serial();
     for (targets, pooling) in [
         (&["gate_proj", "down_proj"][..], RouterPooling::PrefixMean),
         (&["q_proj", "up_proj"][..], RouterPooling::PrefixMean),
@@ -260,7 +260,7 @@ fn append_experts(into: &mut CausalLm<B>, from: &CausalLm<B>, prefix: &str) {
 
 #[test]
 fn two_mixtures_and_an_adapter_in_one_model() {
-    let _serial = crate::common::serial();
+    let _serial = legora_testing::serial();
     let base = model("llama", "");
     // Mixture a: experts on attention and the MLP (its routers read the attention input).
     let mut ma = base.clone();
@@ -325,7 +325,7 @@ fn two_mixtures_and_an_adapter_in_one_model() {
 
 #[test]
 fn caches_grow_geometrically_and_bad_steps_are_errors() {
-    let _serial = crate::common::serial();
+    let _serial = legora_testing::serial();
     let m = model("llama", "");
     let mut c = m.new_seq_cache();
     assert_eq!((c.len(), c.capacity(), c.bytes()), (0, 0, 0));

@@ -66,6 +66,15 @@ pub fn assert_close_rel(what: &str, got: &[f32], want: &[f32], tol: f32) {
     }
 }
 
+/// Held by a test for its whole run so that no other test of the same binary runs beside
+/// it: for tests that seed the backend's process-wide random generator and depend on the
+/// draws that follow (the trainer reseeds it at every step), or that share one device.
+/// One lock per test process.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Builds `packages` as libraries into their own target directory under `tmp` (a test's
 /// `CARGO_TARGET_TMPDIR`, so the outer `cargo test` lock is never waited on); returns the
 /// folder holding the libraries. Unoptimized, without debug info: the plugins only run tiny

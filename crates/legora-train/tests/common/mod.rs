@@ -202,11 +202,5 @@ pub fn max_abs_diff(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f32 {
     m
 }
 
-/// Holds the lock every test of this binary takes first: the backend's random generator is
-/// one per process and the trainer reseeds it at every step, so a test's draws (LoRA
-/// initialisation, dropout masks) must not interleave with another's — exact-resume and
-/// equal-weights tests compare two runs bit for bit.
-pub fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
+/// Every test of this binary holds it (see [`legora_testing::serial`]).
+pub use legora_testing::serial;
