@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
+use super::common::values;
 use legora_kernels::quant::bnb::{self, FourBit, NestedAbsmax, DYNAMIC_MAP, FP4_CODE, NF4_CODE};
 use legora_kernels::quant::{
     float16, int8, load_bnb_4bit, load_bnb_int8, Absmax, Format, QuantMatrix, SavedTensor, Storage,
@@ -524,4 +525,57 @@ fn transformers_int8_checkpoint_loads() {
         let ours = QuantMatrix::quantize(m, &w, q.rows(), q.cols(), Format::Int8).unwrap();
         assert_eq!(ours, q, "{m}");
     }
+}
+
+/// A weight quantized a block of rows at a time equals the weight quantized whole, in
+/// every format (4-bit blocks and their double quantization included), with a short
+/// last block; its byte count is the one `Format::bytes` predicts.
+#[test]
+fn quantize_by_rows_equals_whole() {
+    for (rows, cols) in [(300, 8192), (3, 5), (129, 4097)] {
+        let w = values(rows * cols, 5);
+        let step = QuantMatrix::row_block(cols);
+        assert_eq!(step % 128, 0);
+        for format in Format::ALL {
+            let whole = QuantMatrix::quantize("w", &w, rows, cols, format).unwrap();
+            let mut calls = 0;
+            let by_rows = QuantMatrix::quantize_by_rows("w", (rows, cols), format, |r0, n, out| {
+                calls += 1;
+                out.copy_from_slice(&w[r0 * cols..(r0 + n) * cols]);
+            })
+            .unwrap();
+            assert_eq!(calls, rows.div_ceil(step), "{}", format.name());
+            assert!(by_rows == whole, "{} {rows}x{cols}", format.name());
+            assert_eq!(
+                format.bytes(rows, cols),
+                Some(whole.bytes()),
+                "{}",
+                format.name()
+            );
+        }
+    }
+}
+
+/// Row blocks of the wrong width or format, or a short block before the last, are
+/// refused naming the weight.
+#[test]
+fn from_row_blocks_refuses_misfits() {
+    let q = |rows: usize, cols: usize, f: Format| {
+        QuantMatrix::quantize("b", &values(rows * cols, 1), rows, cols, f).unwrap()
+    };
+    let nf4 = Format::Nf4 {
+        double_quant: false,
+    };
+    let step = QuantMatrix::row_block(64);
+    let cases = [
+        vec![q(step, 64, nf4), q(3, 32, nf4)],
+        vec![q(step, 64, nf4), q(3, 64, Format::Int8)],
+        vec![q(3, 64, nf4), q(step, 64, nf4)],
+        vec![q(3, 64, Format::Nf4 { double_quant: true })],
+    ];
+    for blocks in cases {
+        let err = QuantMatrix::from_row_blocks("model.x.weight", 64, nf4, blocks).unwrap_err();
+        assert!(err.to_string().contains("model.x.weight"), "{err}");
+    }
+    assert_eq!(Format::F32.bytes(usize::MAX, 2), None);
 }
