@@ -324,6 +324,24 @@ impl ModelConfig {
         }
     }
 
+    /// The HF name and `(out_features, in_features)` of every frozen weight the model
+    /// keeps in a storage format, in load order: each decoder layer's projections, then
+    /// `model.embed_tokens.weight`, then `lm_head.weight` unless tied to the embeddings.
+    pub fn frozen_weights(&self) -> Vec<(String, (usize, usize))> {
+        let layers = (0..self.num_hidden_layers).flat_map(|layer| {
+            Proj::ALL.into_iter().map(move |proj| {
+                let id = SlotId::layer(layer, proj);
+                (format!("{id}.weight"), self.proj_dims(proj))
+            })
+        });
+        let head = (self.vocab_size, self.hidden_size);
+        let tail = [
+            Some(("model.embed_tokens.weight".to_string(), head)),
+            (!self.tie_word_embeddings).then(|| ("lm_head.weight".to_string(), head)),
+        ];
+        layers.chain(tail.into_iter().flatten()).collect()
+    }
+
     /// `(out_features, in_features)` of the slot `id` (`lm_head`: `(vocab, hidden)`).
     pub fn slot_dims(&self, id: SlotId) -> (usize, usize) {
         match id.proj() {

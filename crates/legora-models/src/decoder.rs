@@ -13,7 +13,7 @@ use legora_nn::{Experts, Proj, Router, RouterOutput, RouterPooling, SlotId};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::slot::Slot;
-use crate::weights::{Init, WeightSource};
+use crate::weights::{FrozenMaker, Init, WeightSource};
 
 /// Additive mask value for disallowed keys: finite, so fully masked rows (left padding)
 /// give a uniform softmax instead of NaN.
@@ -555,6 +555,21 @@ impl<B: Backend> CausalLm<B> {
     /// Random weights: normal(0, `std`) projections and embeddings, unit norms.
     pub fn random(config: ModelConfig, std: f64, device: &B::Device) -> Result<Self> {
         Self::build(config, Init::Random(std), device)
+    }
+
+    /// Random weights as [`CausalLm::random`], except that every frozen weight (the
+    /// decoder projections, the embeddings and an untied `lm_head`;
+    /// [`ModelConfig::frozen_weights`] lists them) comes from `make(name, [out, in])` in
+    /// the storage it returns: e.g. generated and quantized a block of rows at a time
+    /// ([`legora_kernels::quant::QuantMatrix::quantize_by_rows`]), so that no f32 copy
+    /// of the model ever exists. A weight of the wrong shape is refused naming it.
+    pub fn random_frozen(
+        config: ModelConfig,
+        std: f64,
+        make: &mut FrozenMaker<'_>,
+        device: &B::Device,
+    ) -> Result<Self> {
+        Self::build(config, Init::RandomFrozen(std, make), device)
     }
 
     fn build(config: ModelConfig, mut init: Init<'_>, device: &B::Device) -> Result<Self> {

@@ -69,4 +69,4 @@ pub use packed::{LayerRouter, PackedSeq, RouterGroup, SeqCache, SeqExperts};
 pub use rope::{Rope, RopeKind};
 pub use score::Score;
 pub use slot::{FrozenLinear, Slot};
-pub use weights::{SourceError, WeightSource};
+pub use weights::{FrozenMaker, SourceError, WeightSource};

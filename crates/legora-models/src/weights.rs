@@ -51,12 +51,19 @@ impl WeightSource for HashMap<String, TensorData> {
     }
 }
 
+/// A maker of frozen weights by name and `[out, in]` shape, in their storage format
+/// ([`crate::CausalLm::random_frozen`]).
+pub type FrozenMaker<'a> =
+    dyn FnMut(&str, [usize; 2]) -> std::result::Result<QuantMatrix, SourceError> + 'a;
+
 /// How the model builder obtains each tensor.
 pub(crate) enum Init<'a> {
     /// From a checkpoint.
     Source(&'a mut dyn WeightSource),
     /// Normal(0, std) for projections and embeddings, ones for norms.
     Random(f64),
+    /// As `Random`, with every frozen weight made by the maker.
+    RandomFrozen(f64, &'a mut FrozenMaker<'a>),
 }
 
 impl Init<'_> {
@@ -68,11 +75,11 @@ impl Init<'_> {
         expected: [usize; 2],
         device: &B::Device,
     ) -> Result<FrozenWeight<B>> {
-        let src = match self {
+        let m = match self {
             Init::Random(_) => return Ok(FrozenWeight::dense(self.load(name, expected, device)?)),
-            Init::Source(src) => src,
+            Init::Source(src) => required(name, src.frozen(name))?,
+            Init::RandomFrozen(_, make) => required(name, make(name, expected).map(Some))?,
         };
-        let m = required(name, src.frozen(name))?;
         check_shape(name, &expected, vec![m.rows(), m.cols()])?;
         Ok(FrozenWeight::from_quant(m, device))
     }
@@ -85,7 +92,7 @@ impl Init<'_> {
         device: &B::Device,
     ) -> Result<Tensor<B, D>> {
         let src = match self {
-            Init::Random(std) => {
+            Init::Random(std) | Init::RandomFrozen(std, _) => {
                 return Ok(if name.ends_with("norm.weight") {
                     Tensor::ones(expected, device)
                 } else {

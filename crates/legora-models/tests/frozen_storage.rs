@@ -185,3 +185,69 @@ fn quantized_slots_keep_their_storage_through_adapter_changes() {
     let f = merged.slots()[0].1.format();
     assert_eq!(f, Format::F32);
 }
+
+/// `CausalLm::random_frozen` asks its maker for exactly the weights
+/// `ModelConfig::frozen_weights` lists, with their shapes and in that order, and keeps
+/// each in the storage the maker returned; a weight of the wrong shape, or a maker's
+/// error, is refused naming the tensor.
+#[test]
+fn random_frozen_makes_every_frozen_weight_in_its_storage() {
+    let _serial = legora_testing::serial();
+    let cfg = model().config().clone();
+    let nf4 = Format::Nf4 { double_quant: true };
+    let mut asked = Vec::new();
+    let mut make = |name: &str, [rows, cols]: [usize; 2]| {
+        asked.push((name.to_string(), (rows, cols)));
+        let format = if name.contains("embed") {
+            Format::Bf16
+        } else {
+            nf4
+        };
+        let w = vec![0.25; rows * cols];
+        Ok(QuantMatrix::quantize(name, &w, rows, cols, format)?)
+    };
+    let m = CausalLm::<B>::random_frozen(cfg.clone(), 0.3, &mut make, &Default::default()).unwrap();
+    assert_eq!(asked, cfg.frozen_weights());
+    assert_eq!(
+        asked.len(),
+        2 * 7 + 2,
+        "untied: projections, embeddings, lm_head"
+    );
+    for (id, slot) in m.slots() {
+        assert_eq!(slot.format(), nf4, "{id}");
+    }
+    assert_eq!(m.model.embed_tokens.format(), Format::Bf16);
+    let logits = m.forward(input()).unwrap().logits;
+    assert!(values(logits.inner()).iter().all(|v| v.is_finite()));
+
+    let mut wrong = |name: &str, [rows, cols]: [usize; 2]| {
+        let cols = if name.contains("v_proj") {
+            cols + 1
+        } else {
+            cols
+        };
+        Ok(QuantMatrix::quantize(
+            name,
+            &vec![0.1; rows * cols],
+            rows,
+            cols,
+            Format::F32,
+        )?)
+    };
+    let err = CausalLm::<B>::random_frozen(cfg.clone(), 0.3, &mut wrong, &Default::default())
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string()
+            .contains("model.layers.0.self_attn.v_proj.weight"),
+        "{err}"
+    );
+    let mut failing =
+        |name: &str, _: [usize; 2]| -> Result<QuantMatrix, legora_models::SourceError> {
+            Err(format!("no memory for {name}").into())
+        };
+    let err = CausalLm::<B>::random_frozen(cfg, 0.3, &mut failing, &Default::default())
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("q_proj"), "{err}");
+}
