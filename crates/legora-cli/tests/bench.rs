@@ -126,7 +126,10 @@ fn markdown_table_without_json() {
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 3, "{stdout}");
     assert!(lines[0].starts_with("| case |"), "{stdout}");
-    assert!(lines[2].starts_with("| tiny | flex |"), "{stdout}");
+    assert!(
+        lines[2].starts_with("| tiny | float32 | flex |"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -184,4 +187,132 @@ fn gpu_cases_run_on_the_tiny_shape_with_bf16_projections() {
         let (x, y) = (num(a, "last_loss"), num(b, "last_loss"));
         assert!(x != y && (x - y).abs() < 1e-2 * y.abs(), "{x} vs {y}");
     }
+}
+
+/// `--quantize` stores the random model's projections in a bitsandbytes format (and the
+/// embeddings in bf16) straight from generation; the first step's loss moves only by the
+/// quantization of the weights. Several cases run in fresh processes with the same flags.
+#[test]
+fn quantized_storage_from_generation() {
+    let run = |extra: &[&'static str]| {
+        let mut a = vec![
+            "bench", "--case", "tiny", "--steps", "1", "--warmup", "0", "--json",
+        ];
+        a.extend(extra);
+        records(&a).remove(0)
+    };
+    let f32 = run(&[]);
+    assert_eq!(f32["storage"], "float32");
+    for (extra, storage) in [
+        (
+            &["--quantize", "nf4", "--double-quant"][..],
+            "nf4-dq projections, embeddings and lm_head bf16",
+        ),
+        (
+            &["--quantize", "fp4"],
+            "fp4 projections, embeddings and lm_head bf16",
+        ),
+        (
+            &["--quantize", "int8"],
+            "int8 projections, embeddings and lm_head bf16",
+        ),
+        (&["--dtype", "bf16"], "bfloat16"),
+    ] {
+        let v = run(extra);
+        check(&v, "tiny", 1, 1, 32);
+        assert_eq!(v["storage"], storage, "{v}");
+        let (x, y) = (num(&v, "last_loss"), num(&f32, "last_loss"));
+        assert!(x != y && (x - y).abs() < 2e-2 * y, "{extra:?}: {x} vs {y}");
+    }
+    let rows = records(&[
+        "bench",
+        "--case",
+        "tiny,S-qv",
+        "--tiny",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--quantize",
+        "int8",
+        "--seed",
+        "3",
+        "--json",
+    ]);
+    assert_eq!(rows.len(), 2);
+    check(&rows[1], "S-qv@tiny", 1, 1, 32);
+    // the same case, seed and storage in two processes: the same model, batches and loss
+    assert_eq!(rows[0]["last_loss"], rows[1]["last_loss"]);
+    assert!(rows
+        .iter()
+        .all(|r| r["storage"].as_str().unwrap().starts_with("int8")));
+}
+
+/// `--shape` swaps the model of a case and keeps its batch; the label names the shape.
+#[test]
+fn shape_flag_sets_the_model() {
+    let rows = records(&[
+        "bench", "--case", "tiny", "--shape", "S", "--seq", "8", "--steps", "1", "--warmup", "0",
+        "--json",
+    ]);
+    check(&rows[0], "tiny@S", 1, 1, 16);
+    assert_eq!(rows[0]["hidden"], 512);
+    assert_eq!(rows[0]["shape"], "S");
+}
+
+/// A case that cannot fit is refused before anything is allocated, with the computed
+/// need, what it is made of and the memory available; no panic, no abort.
+#[test]
+fn cases_too_large_for_memory_are_refused_before_allocating() {
+    let refused = |args: &[&str], needles: &[&str]| {
+        let started = std::time::Instant::now();
+        let out = legora(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        for n in needles {
+            assert!(stderr.contains(n), "`{n}` missing: {stderr}");
+        }
+        assert!(started.elapsed().as_secs() < 30, "{stderr}");
+    };
+    refused(
+        &["bench", "--case", "tiny", "--batch", "1000000000"],
+        &[
+            "case tiny",
+            "needs at least",
+            "16000000000 tokens",
+            "MiB available",
+        ],
+    );
+    // Qwen2-7B in f32: 7.6 G parameters
+    refused(
+        &[
+            "bench",
+            "--case",
+            "S-qv",
+            "--shape",
+            "L",
+            "--memory-limit",
+            "6000",
+        ],
+        &[
+            "frozen weights 29050 MiB (float32)",
+            "6000 MiB available (--memory-limit)",
+        ],
+    );
+    refused(
+        &[
+            "bench",
+            "--case",
+            "S-qv",
+            "--shape",
+            "L",
+            "--quantize",
+            "nf4",
+            "--double-quant",
+            "--memory-limit",
+            "4000",
+        ],
+        &["frozen weights 5290 MiB (nf4-dq projections, embeddings and lm_head bf16)"],
+    );
 }

@@ -87,8 +87,8 @@ impl Format {
     }
 
     /// The same format with the 4-bit block scales kept as f32 (what each block of rows
-    /// of [`QuantMatrix::from_row_blocks`] is quantized with).
-    fn without_double_quant(self) -> Format {
+    /// given to [`QuantMatrix::from_row_blocks`] is quantized with).
+    pub fn without_double_quant(self) -> Format {
         match self {
             Format::Nf4 { .. } => Format::Nf4 {
                 double_quant: false,

@@ -7,20 +7,25 @@
 //! is eager; on other backends the step ends with `Backend::sync`, so the clock stops
 //! only once all of its work is done.
 //!
+//! The random model is generated straight into the storage of its frozen weights
+//! (`--dtype`, `--quantize`), a block of rows at a time: no f32 copy of a quantized model
+//! exists. Before anything is allocated, the memory the case needs at the least (frozen
+//! weights, logits, each layer's input) is checked against the memory available.
+//!
 //! Peak memory is the process's peak resident set (`VmHWM` of `/proc/self/status`,
-//! else `getrusage`); on Linux it is reset at the start of each case, so with several
-//! cases in one process each reports its own peak on top of what earlier cases left
-//! allocated. Run one case per process (as the Python script does) for clean numbers.
+//! else `getrusage`). With several cases each runs in a fresh `legora bench` process, so
+//! each peak is its own.
+
+mod weights;
 
 use std::time::Instant;
 
 use anyhow::{anyhow, Context};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::DType;
 use legora::backend::Autodiff;
 use legora::data::{derive_seed, Batch, Rng};
-use legora::kernels::FrozenWeight;
+use legora::hub::LoadOptions;
 use legora::models::{CausalLm, Config};
 use legora::nn::{trainable_parameters, LoraConfig, Proj, RouterConfig};
 use legora::train::{LmModel, Objective, ScheduleKind, TrainSettings, Trainer};
@@ -95,14 +100,59 @@ pub struct Args {
     /// Seed of the random weights, token ids and dropout masks.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Storage of the frozen projections (default: f32 for the S- cases, bf16 for G-);
-    /// embeddings and norms stay f32.
+    /// Storage of the frozen weights that are not quantized, embeddings included
+    /// (default: f32 for the S- cases, bf16 for G-); norms stay f32.
     #[arg(long, value_enum)]
     pub dtype: Option<crate::cmd::Dtype>,
+    /// The quantization of the frozen decoder projections (embeddings and lm_head bf16).
+    #[command(flatten)]
+    pub quant: crate::cmd::QuantArgs,
+    /// The model shape of every case: S (hidden 512, 8 layers), M (Qwen2-0.5B) or L
+    /// (Qwen2-7B); batch and seq stay the case's unless given.
+    #[arg(long, value_enum)]
+    pub shape: Option<ShapeName>,
+    /// Refuse a case whose least memory need exceeds this many MiB (default: the memory
+    /// the system reports available).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub memory_limit: Option<u64>,
     /// Recompute each decoder layer in the backward instead of keeping its activations
     /// (the run file's `model.gradient_checkpointing`).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+}
+
+/// A model shape (`--shape`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ShapeName {
+    /// Qwen2-like, hidden 512, 8 layers, 8 / 2 heads, intermediate 1408, vocab 8192, tied.
+    #[value(name = "S")]
+    S,
+    /// Qwen2-0.5B: hidden 896, 24 layers, 14 / 2 heads, intermediate 4864, vocab 151936,
+    /// tied.
+    #[value(name = "M")]
+    M,
+    /// Qwen2-7B: hidden 3584, 28 layers, 28 / 4 heads, intermediate 18944, vocab 152064,
+    /// untied.
+    #[value(name = "L")]
+    L,
+}
+
+impl ShapeName {
+    fn shape(self) -> Shape {
+        match self {
+            ShapeName::S => SMALL,
+            ShapeName::M => MEDIUM,
+            ShapeName::L => LARGE,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            ShapeName::S => "S",
+            ShapeName::M => "M",
+            ShapeName::L => "L",
+        }
+    }
 }
 
 /// Model and batch sizes of a case.
@@ -114,8 +164,20 @@ struct Shape {
     kv_heads: usize,
     intermediate: usize,
     vocab: usize,
+    tied: bool,
     batch: usize,
     seq: usize,
+}
+
+impl Shape {
+    /// This shape's model with `other`'s batch and sequence length.
+    fn with_batch_of(self, other: Shape) -> Shape {
+        Shape {
+            batch: other.batch,
+            seq: other.seq,
+            ..self
+        }
+    }
 }
 
 /// The S- shape: Qwen2-like, hidden 512, 8 layers, 8 / 2 heads, batch 4 × 256.
@@ -126,6 +188,7 @@ const SMALL: Shape = Shape {
     kv_heads: 2,
     intermediate: 1408,
     vocab: 8192,
+    tied: true,
     batch: 4,
     seq: 256,
 };
@@ -139,8 +202,23 @@ const MEDIUM: Shape = Shape {
     kv_heads: 2,
     intermediate: 4864,
     vocab: 151_936,
+    tied: true,
     batch: 8,
     seq: 512,
+};
+
+/// The L shape: Qwen2-7B (hidden 3584, 28 layers, 28 / 4 heads, intermediate 18944,
+/// vocab 152064, untied), batch 1 × 256.
+const LARGE: Shape = Shape {
+    hidden: 3584,
+    layers: 28,
+    heads: 28,
+    kv_heads: 4,
+    intermediate: 18_944,
+    vocab: 152_064,
+    tied: false,
+    batch: 1,
+    seq: 256,
 };
 
 /// A shape for smoke tests (seconds in a debug build).
@@ -151,6 +229,7 @@ const TINY: Shape = Shape {
     kv_heads: 2,
     intermediate: 64,
     vocab: 64,
+    tied: true,
     batch: 2,
     seq: 16,
 };
@@ -250,7 +329,7 @@ impl CaseName {
     }
 }
 
-/// The model config of a shape: Qwen2 (q/k/v bias), tied embeddings, HF defaults.
+/// The model config of a shape: Qwen2 (q/k/v bias), HF defaults.
 fn model_config(s: &Shape) -> anyhow::Result<legora::models::ModelConfig> {
     let cfg = json!({
         "model_type": "qwen2",
@@ -261,34 +340,9 @@ fn model_config(s: &Shape) -> anyhow::Result<legora::models::ModelConfig> {
         "num_attention_heads": s.heads,
         "num_key_value_heads": s.kv_heads,
         "max_position_embeddings": s.seq.max(1024),
-        "tie_word_embeddings": true,
+        "tie_word_embeddings": s.tied,
     });
     Ok(Config::from_json(&cfg.to_string())?.resolve()?)
-}
-
-/// Store every frozen projection of `model` as `dtype` (cast from the random f32),
-/// refused where the backend cannot compute with it on `device`.
-fn store_projections<B: Backend>(
-    model: &mut CausalLm<B>,
-    dtype: crate::cmd::Dtype,
-    device: &B::Device,
-) -> anyhow::Result<()> {
-    let to = match dtype {
-        crate::cmd::Dtype::F32 => return Ok(()),
-        crate::cmd::Dtype::F16 => DType::F16,
-        crate::cmd::Dtype::Bf16 => DType::BF16,
-    };
-    if !B::supports_dtype(device, to) {
-        return Err(anyhow!(
-            "--dtype {dtype:?}: backend {} does not compute with it on this device",
-            B::name(device)
-        ));
-    }
-    for (_, slot) in model.slots_mut() {
-        let w = slot.frozen_weight().val().cast(to);
-        *slot.frozen_weight_mut() = FrozenWeight::dense(w);
-    }
-    Ok(())
 }
 
 /// A batch of random token ids, `labels = input_ids`, no padding; row `r` belongs to
@@ -305,6 +359,14 @@ fn random_batch(rng: &mut Rng, s: &Shape, rows: usize, rows_per_task: usize) -> 
         position_ids: (0..rows).flat_map(|_| 0..s.seq as u32).collect(),
         sequence_ids: vec![0; n],
         task_ids: (0..rows).map(|r| r / rows_per_task.max(1)).collect(),
+    }
+}
+
+/// Rows of one step of a case with `batch` rows per expert.
+fn case_rows(kind: Kind, batch: usize) -> usize {
+    match kind {
+        Kind::Concurrent { experts, .. } => batch.saturating_mul(experts),
+        _ => batch,
     }
 }
 
@@ -442,6 +504,9 @@ fn run_case<B: AutodiffBackend>(
     let tiny = args.tiny || case == CaseName::Tiny;
     let (case_shape, case_dtype) = case.shape();
     let mut shape = if tiny { TINY } else { case_shape };
+    if let Some(name) = args.shape {
+        shape = name.shape().with_batch_of(shape);
+    }
     let dtype = args.dtype.unwrap_or(case_dtype);
     if let Some(b) = args.batch {
         shape.batch = b as usize;
@@ -450,17 +515,27 @@ fn run_case<B: AutodiffBackend>(
         shape.seq = s as usize;
     }
     let (warmup, steps) = (args.warmup as usize, args.steps as usize);
-    let label = if args.tiny && case != CaseName::Tiny {
-        format!("{}@tiny", case.label())
-    } else {
-        case.label().to_string()
-    };
+    let mut label = case.label().to_string();
+    if args.tiny && case != CaseName::Tiny {
+        label.push_str("@tiny");
+    }
+    if let Some(name) = args.shape {
+        label = format!("{label}@{}", name.label());
+    }
+    let options =
+        LoadOptions::new(dtype.float(), args.quant.quantize()).for_backend::<B>(&device)?;
+    let config = model_config(&shape)?;
+    let tokens = case_rows(case.kind(), shape.batch)
+        .checked_mul(shape.seq)
+        .ok_or_else(|| anyhow!("--batch {} × --seq {} overflows", shape.batch, shape.seq))?;
+    weights::MemoryNeed::of(&config, &options, tokens).check(
+        args.memory_limit,
+        &options.describe(),
+        tokens,
+    )?;
     let rss_reset = reset_peak_rss();
     let started = Instant::now();
-    B::seed(&device, args.seed);
-    let mut base = CausalLm::<B>::random(model_config(&shape)?, 0.02, &device)
-        .context("building the random model")?;
-    store_projections(&mut base, dtype, &device)?;
+    let base = weights::random_model::<B>(config, &options, args.seed, &device)?;
     let total_params = base.parameter_report().total;
     let mut rng = Rng::new(derive_seed(args.seed, &[1]));
     let kind = case.kind();
@@ -545,6 +620,8 @@ fn run_case<B: AutodiffBackend>(
         "layers": shape.layers,
         "vocab": shape.vocab,
         "dtype": format!("{dtype:?}").to_lowercase(),
+        "storage": options.describe(),
+        "shape": args.shape.map(ShapeName::label),
         "gradient_checkpointing": args.gradient_checkpointing,
         "tokens_per_step": tokens_per_step,
         "step_s_median": med,
@@ -576,14 +653,15 @@ fn fmt_mb(v: &Value) -> String {
 /// The markdown table of the records.
 fn table(rows: &[Value]) -> String {
     let mut s = String::from(
-        "| case | backend | threads | tokens/step | step s (median) | min | max | tokens/s \
-         | fwd s | bwd s | clip s | optim s | total s | peak RSS MB | trainable |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| case | storage | backend | threads | tokens/step | step s (median) | min | max \
+         | tokens/s | fwd s | bwd s | clip s | optim s | total s | peak RSS MB | trainable |\n\
+         |---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |\n",
             r["case"].as_str().unwrap_or("?"),
+            r["storage"].as_str().unwrap_or("?"),
             r["backend"].as_str().unwrap_or("?"),
             r["threads"],
             r["tokens_per_step"],
@@ -603,6 +681,58 @@ fn table(rows: &[Value]) -> String {
     s
 }
 
+/// Run one case in a fresh `legora bench` process (so that its peak memory is its own)
+/// and return its JSON record.
+fn run_child(case: CaseName, args: &Args) -> anyhow::Result<Value> {
+    let exe = std::env::current_exe().context("locating the legora executable")?;
+    let mut cmd = std::process::Command::new(&exe);
+    cmd.args(["bench", "--json", "--case", case.label()]);
+    cmd.args(["--steps", &args.steps.to_string()]);
+    cmd.args(["--warmup", &args.warmup.to_string()]);
+    cmd.args(["--seed", &args.seed.to_string()]);
+    let options: [(&str, Option<String>); 6] = [
+        ("--batch", args.batch.map(|v| v.to_string())),
+        ("--seq", args.seq.map(|v| v.to_string())),
+        ("--dtype", args.dtype.as_ref().map(value_name)),
+        ("--quantize", args.quant.quantize.as_ref().map(value_name)),
+        ("--shape", args.shape.as_ref().map(value_name)),
+        ("--memory-limit", args.memory_limit.map(|v| v.to_string())),
+    ];
+    for (flag, v) in options {
+        if let Some(v) = v {
+            cmd.args([flag, &v]);
+        }
+    }
+    let switches = [
+        ("--tiny", args.tiny),
+        ("--double-quant", args.quant.double_quant),
+        ("--gradient-checkpointing", args.gradient_checkpointing),
+    ];
+    for (flag, on) in switches {
+        if on {
+            cmd.arg(flag);
+        }
+    }
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", exe.display()))?;
+    if !out.status.success() {
+        return Err(anyhow!("the bench process failed ({})", out.status));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().rev().find(|l| l.starts_with('{'));
+    let line = line.ok_or_else(|| anyhow!("the bench process printed no JSON record"))?;
+    serde_json::from_str(line).context("reading the bench process's JSON record")
+}
+
+/// The command-line spelling of a value.
+fn value_name(v: &impl clap::ValueEnum) -> String {
+    v.to_possible_value()
+        .map(|p| p.get_name().to_string())
+        .unwrap_or_default()
+}
+
 /// Run `legora bench`.
 pub fn run<B: Backend>(args: Args) -> anyhow::Result<()> {
     let mut cases: Vec<CaseName> = Vec::new();
@@ -611,11 +741,16 @@ pub fn run<B: Backend>(args: Args) -> anyhow::Result<()> {
             cases.push(c);
         }
     }
+    let fresh = cases.len() > 1;
     let mut rows = Vec::new();
     for case in cases {
         tracing::info!(case = case.label(), "bench case");
-        let row = run_case::<Autodiff<B>>(case, &args, &Default::default())
-            .with_context(|| format!("case {}", case.label()))?;
+        let row = if fresh {
+            run_child(case, &args)
+        } else {
+            run_case::<Autodiff<B>>(case, &args, &Default::default())
+        }
+        .with_context(|| format!("case {}", case.label()))?;
         if args.json {
             outln!("{}", serde_json::to_string(&row)?);
         }
