@@ -10,6 +10,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use common::*;
 use legora_data::Mixing;
+use legora_kernels::quant::{Format, QuantMatrix};
+use legora_kernels::FrozenWeight;
 use legora_models::{CausalLm, Config};
 use legora_nn::{InitLoraWeights, LoraConfig, RouterConfig, TargetModules};
 use legora_train::*;
@@ -137,6 +139,21 @@ fn grads_of(m: &LmModel<AD>, g: &GradientsParams) -> Vec<(String, Vec<f32>)> {
     v.1
 }
 
+/// `m` with every frozen projection (and `lm_head`) stored as `format`.
+fn stored(mut m: CausalLm<AD>, format: Format) -> CausalLm<AD> {
+    let device = Default::default();
+    for (id, slot) in m.slots_mut() {
+        let w = slot.weight();
+        let [rows, cols] = w.dims();
+        let values = w.into_data().to_vec::<f32>().unwrap();
+        let q = QuantMatrix::quantize(&id.to_string(), &values, rows, cols, format).unwrap();
+        *slot.frozen_weight_mut() = FrozenWeight::from_quant(q, &device);
+    }
+    m
+}
+
+/// One step's gradients with each layer recomputed equal those of the whole graph, with
+/// the frozen weights in f32, bf16 and NF4 (double-quantized) storage.
 #[test]
 fn checkpointed_gradients_equal_the_one_graph_gradients() {
     let _serial = common::serial();
@@ -149,8 +166,16 @@ fn checkpointed_gradients_equal_the_one_graph_gradients() {
         training: true,
         totals: None,
     };
-    for (kind, objective, pad_per_task) in cases() {
-        let m = LmModel::new(model(kind), objective).with_pad_per_task(pad_per_task);
+    let formats = [
+        Format::F32,
+        Format::Bf16,
+        Format::Nf4 { double_quant: true },
+    ];
+    for ((kind, objective, pad_per_task), format) in
+        cases().into_iter().flat_map(|c| formats.map(|f| (c, f)))
+    {
+        let base = stored(model(kind), format);
+        let m = LmModel::new(base, objective).with_pad_per_task(pad_per_task);
         let out = m.forward_loss(&batch, &ctx).unwrap();
         let want_loss = out.loss.clone().into_scalar();
         let want = grads_of(
@@ -163,7 +188,10 @@ fn checkpointed_gradients_equal_the_one_graph_gradients() {
             .unwrap()
             .unwrap();
         let got = grads_of(&m, &g);
-        let what = format!("{kind} {objective:?} pad_per_task={pad_per_task}");
+        let what = format!(
+            "{kind} {objective:?} pad_per_task={pad_per_task} {}",
+            format.name()
+        );
         let loss = out.loss.into_scalar();
         assert!(
             (loss - want_loss).abs() <= 1e-6 * want_loss.abs(),
