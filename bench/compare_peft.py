@@ -46,6 +46,24 @@ f32), the same LoRA and optimizer settings.
                 another, legora one task-routed run of 3 x 1 rows.
 Peak GPU memory is what `nvidia-smi` reports for the process (sampled every 50 ms), the
 same measure on both sides; PyTorch's own `max_memory_allocated` is printed too.
+
+Storage and shape flags, passed to both sides (legora: the same `legora bench` flags):
+  --shape S|M|L       the model (S above; M = Qwen2-0.5B; L = Qwen2-7B, untied), the case's
+                      batch unless --batch / --seq.
+  --dtype bf16|f16    the frozen base in that dtype (PyTorch: the model cast to it).
+  --quantize nf4|fp4|int8 [--double-quant]
+                      QLoRA on the PyTorch side: the random model is saved to a temporary
+                      folder by a separate process (not measured), then loaded with
+                      `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=...,
+                      bnb_4bit_use_double_quant=..., bnb_4bit_compute_dtype=torch.bfloat16)`
+                      (or `load_in_8bit=True`), embeddings and lm_head in bf16.
+  --gradient-checkpointing
+                      `model.gradient_checkpointing_enable()` (+ `enable_input_require_grads`,
+                      as PEFT needs with a frozen embedding) and legora's
+                      `--gradient-checkpointing`.
+  --timeout S         give up on a PyTorch run after S seconds and record that it did
+                      (PEFT + bitsandbytes on a CPU is slow: one NF4 step of the S model
+                      took ~55 s here).
 """
 
 import argparse
@@ -77,21 +95,61 @@ def batch_shape(case):
     if case == "G-concurrent":
         return 1, 256
     return BATCH, SEQ
+SHAPES = {
+    "S": dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+              num_key_value_heads=KV_HEADS, intermediate_size=INTER, vocab_size=VOCAB,
+              tie_word_embeddings=True),
+    "M": dict(M_SHAPE, tie_word_embeddings=True),
+    "L": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+              num_key_value_heads=4, intermediate_size=18944, vocab_size=152064,
+              tie_word_embeddings=False),
+}
 R, ALPHA, DROPOUT = 8, 16, 0.05
 LR, CLIP = 1e-4, 1.0
 
 
-def qwen2_small(shape=None):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def qwen2_config(shape=None):
+    from transformers import Qwen2Config
 
-    shape = shape or dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-                          num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-                          intermediate_size=INTER, vocab_size=VOCAB)
-    cfg = Qwen2Config(**shape, tie_word_embeddings=True, max_position_embeddings=1024,
+    shape = dict(shape or SHAPES["S"])
+    shape.setdefault("tie_word_embeddings", True)
+    cfg = Qwen2Config(**shape, max_position_embeddings=4096,
                       attention_dropout=0.0, use_cache=False)
     # sdpa: PyTorch's fused attention, the transformers default
     cfg._attn_implementation = "sdpa"
-    return Qwen2ForCausalLM(cfg)
+    return cfg
+
+
+def qwen2_small(shape=None):
+    from transformers import Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(qwen2_config(shape))
+
+
+def prepare(shape_name, folder):
+    """Save a random model of `shape_name` to `folder` (bf16 safetensors), for a worker
+    that loads it quantized; run as its own process so its memory is not measured."""
+    import torch
+
+    torch.manual_seed(0)
+    model = qwen2_small(SHAPES[shape_name]).to(torch.bfloat16)
+    model.save_pretrained(folder, safe_serialization=True)
+
+
+def load_quantized(folder, quantize, double_quant):
+    """The saved random model loaded as bitsandbytes stores it on the CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if quantize == "int8":
+        q = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize,
+                               bnb_4bit_use_double_quant=double_quant,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=q,
+                                                torch_dtype=torch.bfloat16,
+                                                device_map="cpu")
 
 
 def make_moe_linear(base, experts, store):
@@ -177,21 +235,32 @@ def peak_rss_mb():
     return v / (1024.0 * 1024.0) if sys.platform == "darwin" else v / 1024.0
 
 
-def worker(case, steps, warmup, threads, gpu=False):
+def worker(case, steps, warmup, threads, gpu=False, opts=None):
     import torch
     import transformers
     import peft
     from peft import LoraConfig, get_peft_model
 
+    opts = opts or argparse.Namespace(shape=None, dtype=None, quantize=None,
+                                      double_quant=False, gradient_checkpointing=False,
+                                      model_dir=None, batch=None, seq=None)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     device = "cuda" if gpu else "cpu"
-    if gpu:
-        model = qwen2_small(M_SHAPE).to(dtype=torch.bfloat16, device=device)
+    shape = SHAPES[opts.shape] if opts.shape else (M_SHAPE if gpu else None)
+    if opts.quantize:
+        model = load_quantized(opts.model_dir, opts.quantize, opts.double_quant)
     else:
-        model = qwen2_small()
+        model = qwen2_small(shape)
+        dtype = {"bf16": torch.bfloat16, "f16": torch.float16}.get(
+            opts.dtype or ("bf16" if gpu else "f32"), torch.float32)
+        model = model.to(dtype=dtype, device=device)
+    if opts.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     vocab = model.config.vocab_size
     rows, seq = batch_shape(case)
+    rows, seq = opts.batch or rows, opts.seq or seq
     aux = None
     lora = lambda targets: LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT,  # noqa: E731
                                       target_modules=targets)
@@ -245,12 +314,30 @@ def worker(case, steps, warmup, threads, gpu=False):
            "tokens_per_s": tokens / med, "total_s": sum(times),
            "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(),
            "trainable_params": trainable, "last_loss": loss_value,
+           "storage": storage_name(opts), "shape": opts.shape,
+           "gradient_checkpointing": opts.gradient_checkpointing,
+           "bitsandbytes": bnb_version(),
            "torch": torch.__version__, "transformers": transformers.__version__,
            "peft": peft.__version__}
     if gpu:
         out["device"] = torch.cuda.get_device_name(0)
         out["torch_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(out))
+
+
+def storage_name(opts):
+    if opts.quantize:
+        dq = "-dq" if opts.double_quant and opts.quantize != "int8" else ""
+        return f"{opts.quantize}{dq} projections, embeddings and lm_head bf16"
+    return {"bf16": "bfloat16", "f16": "float16"}.get(opts.dtype, "float32")
+
+
+def bnb_version():
+    try:
+        import bitsandbytes
+        return bitsandbytes.__version__
+    except ImportError:
+        return None
 
 
 def gpu_memory_mb(pid):
@@ -268,11 +355,18 @@ def gpu_memory_mb(pid):
     return None
 
 
-def run_json(cmd, env, gpu=False):
+def run_json(cmd, env, gpu=False, timeout=None):
     """Run `cmd`, return its last JSON line; with `gpu`, add the process's peak GPU
-    memory as `nvidia-smi` sampled it (`peak_gpu_mb`)."""
+    memory as `nvidia-smi` sampled it (`peak_gpu_mb`). Past `timeout` seconds the run is
+    stopped and a record saying so is returned."""
     if not gpu:
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        started = time.perf_counter()
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"timed_out": True, "timeout_s": timeout,
+                    "wall_s": time.perf_counter() - started, "tokens_per_s": None,
+                    "peak_rss_mb": None, "cmd": " ".join(cmd)}
     else:
         import threading
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -331,10 +425,27 @@ def main():
                          "table shows each side's median (default 1)")
     ap.add_argument("--gpu", action="store_true",
                     help="the G- cases on the first CUDA device (legora --backend cuda)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), help="the model shape of every case")
+    ap.add_argument("--dtype", choices=["f32", "bf16", "f16"], help="the frozen base's dtype")
+    ap.add_argument("--quantize", choices=["nf4", "fp4", "int8"],
+                    help="bitsandbytes storage of the frozen projections (QLoRA)")
+    ap.add_argument("--double-quant", action="store_true",
+                    help="with --quantize nf4|fp4: bnb_4bit_use_double_quant")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="recompute each decoder layer in the backward (both sides)")
+    ap.add_argument("--batch", type=int, help="rows per adapter batch (both sides)")
+    ap.add_argument("--seq", type=int, help="tokens per row (both sides)")
+    ap.add_argument("--timeout", type=float,
+                    help="stop a PyTorch run after this many seconds and record it")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--prepare", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.prepare:
+        prepare(args.shape or "S", args.prepare)
+        return
     if args.worker:
-        worker(args.worker, args.steps, args.warmup, args.threads, args.gpu)
+        worker(args.worker, args.steps, args.warmup, args.threads, args.gpu, args)
         return
     known = GPU_CASES if args.gpu else CASES
     if args.gpu and args.cases == ",".join(CASES):
@@ -351,6 +462,19 @@ def main():
     t = str(args.threads)
     env = dict(os.environ, OMP_NUM_THREADS=t, MKL_NUM_THREADS=t, RAYON_NUM_THREADS=t)
     common = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+    for flag in ("shape", "dtype", "quantize", "batch", "seq"):
+        if getattr(args, flag) is not None:
+            common += [f"--{flag}", str(getattr(args, flag))]
+    for flag in ("double_quant", "gradient_checkpointing"):
+        if getattr(args, flag):
+            common.append("--" + flag.replace("_", "-"))
+    worker_extra = []
+    if args.quantize:
+        import tempfile
+        folder = tempfile.mkdtemp(prefix="legora-bench-model-")
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--prepare", folder]
+                       + (["--shape", args.shape] if args.shape else []), check=True, env=env)
+        worker_extra = ["--model-dir", folder]
     records = []
 
     def record(r):
@@ -364,6 +488,9 @@ def main():
         """The run with the median tokens/s; its peak RSS replaced by the median RSS."""
         runs = sorted(runs, key=lambda r: r["tokens_per_s"])
         mid = dict(runs[(len(runs) - 1) // 2])
+        runs = [r for r in runs if not r.get("timed_out")] or runs
+        if runs[0].get("timed_out"):
+            return runs[0]
         rss = sorted(r["peak_rss_mb"] or 0.0 for r in runs)
         mid["peak_rss_mb"] = rss[(len(rss) - 1) // 2]
         return mid
@@ -376,8 +503,8 @@ def main():
             gpu_flag = ["--gpu"] if args.gpu else []
             backend = ["--backend", "cuda"] if args.gpu else []
             pts.append(record(run_json([sys.executable, str(Path(__file__).resolve()),
-                                        "--worker", case, "--threads", t] + gpu_flag + common,
-                                       env, args.gpu)))
+                                        "--worker", case, "--threads", t] + gpu_flag + common
+                                       + worker_extra, env, args.gpu, args.timeout)))
             lgs.append(record(run_json([args.legora] + backend + ["bench", "--case", case,
                                                                  "--json"] + common,
                                        env, args.gpu)))
@@ -396,6 +523,9 @@ def main():
 
     pt0 = rows[0][1] if rows else {}
     print()
+    print(f"storage: {rows[0][2].get('storage') if rows else '?'}"
+          + (f"; shape {args.shape}" if args.shape else "")
+          + ("; gradient checkpointing" if args.gradient_checkpointing else ""))
     print(f"CPU: {cpu_name()}, {args.threads} threads; legora {rows[0][2]['backend'] if rows else '?'}"
           f" backend; torch {pt0.get('torch')}, transformers {pt0.get('transformers')}, "
           f"peft {pt0.get('peft')}; {args.steps} timed steps after {args.warmup} warmup"
@@ -405,6 +535,10 @@ def main():
           "| PyTorch peak RSS MB | legora peak RSS MB | RSS ratio (legora/PyTorch) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for case, p, q in rows:
+        if p.get("timed_out"):
+            print(f"| {case} | > {p['timeout_s']:.0f} s (stopped) | {q['tokens_per_s']:.0f} "
+                  f"| - | - | {q['peak_rss_mb'] or float('nan'):.0f} | - |")
+            continue
         print(f"| {case} | {p['tokens_per_s']:.0f} | {q['tokens_per_s']:.0f} "
               f"| {ratio(q['tokens_per_s'], p['tokens_per_s']):.2f}x "
               f"| {p['peak_rss_mb']:.0f} | {q['peak_rss_mb'] or float('nan'):.0f} "

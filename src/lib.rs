@@ -56,8 +56,8 @@ pub mod prelude {
     };
 
     pub use legora_models::{
-        CausalLm, CausalLmOutput, Config, GenerationConfig, KvCache, LmInput, ModelError, Routing,
-        Score, Slot,
+        CausalLm, CausalLmOutput, Config, GenerationConfig, HeadOutput, KvCache, LmInput,
+        LossOutput, ModelError, Routing, Score, Slot,
     };
 
     pub use legora_hub::{

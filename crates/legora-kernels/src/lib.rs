@@ -14,6 +14,7 @@
 //! | [`rotary`] | rotate-half RoPE (`apply_rotary_pos_emb`) |
 //! | [`swiglu`] | `silu(gate) · up` |
 //! | [`next_token_nll`] | per-token negative log-likelihood of the next token |
+//! | [`linear_next_token_nll`] | the same of a frozen `lm_head`'s logits, computed a chunk of rows at a time |
 //! | [`dropout`] | inverted dropout, training only |
 //!
 //! Every op has a **reference path** ([`reference`]) written with burn tensor ops: it is
@@ -367,6 +368,32 @@ pub fn next_token_nll<B: Backend>(logits: Tensor<B, 3>, targets: &[i64]) -> Tens
         Err(logits) => logits,
     };
     reference::next_token_nll(logits, targets)
+}
+
+/// [`next_token_nll`] of the logits `h·Wᵀ` of a frozen output head without bias
+/// (`lm_head`). On flex the `[tokens, vocab]` logits never exist whole: they are computed
+/// a chunk of rows at a time, and the backward keeps one `[hidden]` row per scored token
+/// instead of the logits (computed in the forward: the loss is the last op, so each row's
+/// gradient is its output gradient times `(softmax − one_hot)·W`). Elsewhere, the logits
+/// through [`frozen_linear`], then [`next_token_nll`].
+///
+/// # Shapes
+/// - h: `[batch, seq, hidden]`, w: `[vocab, hidden]`, targets: `batch · (seq − 1)` →
+///   `[batch · (seq − 1)]`
+pub fn linear_next_token_nll<B: Backend>(
+    h: Tensor<B, 3>,
+    w: &FrozenWeight<B>,
+    targets: &[i64],
+) -> Tensor<B, 1> {
+    #[cfg(feature = "flex")]
+    let h = match flex::linear_next_token_nll(h, w, targets) {
+        Ok(out) => return out,
+        Err(h) => h,
+    };
+    let [b, s, d] = h.dims();
+    let [v, _] = w.dims();
+    let logits = frozen_linear(h.reshape([b * s, d]), w, None).reshape([b, s, v]);
+    next_token_nll(logits, targets)
 }
 
 /// Inverted dropout: each element is kept with probability `1 − p` and scaled by

@@ -20,8 +20,9 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Distribution, Tensor};
 use legora_nn::RouterOutput;
 
-use crate::decoder::{CausalLm, CausalLmOutput, LmInput, Routing};
+use crate::decoder::{CausalLm, LmInput, Routing};
 use crate::error::ModelError;
+use crate::head::LossOutput;
 
 /// The seven tensors of a router's output, in a fixed order.
 fn router_tensors<B: AutodiffBackend>(o: &RouterOutput<B>) -> Vec<RouterTensor<B>> {
@@ -120,7 +121,7 @@ impl<B: AutodiffBackend> CausalLm<B> {
     pub fn backward_checkpointed<T, E>(
         &self,
         input: LmInput<B>,
-        loss: impl FnOnce(CausalLmOutput<B>) -> std::result::Result<(Tensor<B, 1>, T), E>,
+        loss: impl FnOnce(LossOutput<B>) -> std::result::Result<(Tensor<B, 1>, T), E>,
         on_grads: &mut dyn FnMut(B::Gradients),
     ) -> std::result::Result<T, E>
     where
@@ -166,8 +167,8 @@ impl<B: AutodiffBackend> CausalLm<B> {
                 output: leaf_output(leaves),
             })
             .collect();
-        let logits = self.head(h_last.clone(), &ctx, &mut routing)?;
-        let (objective, value) = loss(CausalLmOutput { logits, routing })?;
+        let head = self.head_for_loss(h_last.clone(), &ctx, &mut routing)?;
+        let (objective, value) = loss(LossOutput { head, routing })?;
         let grads = objective.backward();
         let mut upstream = h_last.grad(&grads);
         let router_grads = grads;
@@ -292,8 +293,8 @@ mod tests {
 
     /// Mean logit² + Σ router losses + Σ probs²: every router output and the logits
     /// carry gradient.
-    fn loss(out: CausalLmOutput<Ad>) -> Tensor<Ad, 1> {
-        let mut l = out.logits.clone().powi_scalar(2).mean().reshape([1]);
+    fn loss(out: LossOutput<Ad>) -> Tensor<Ad, 1> {
+        let mut l = out.head.clone().logits().powi_scalar(2).mean().reshape([1]);
         if let Some(aux) = out.aux_loss() {
             l = l + aux;
         }
@@ -315,8 +316,8 @@ mod tests {
             h = layer.forward_uncached(h, &ctx, i, &mut routing).unwrap();
         }
         Ad::seed(&device, seeds[m.model.layers.len()]);
-        let logits = m.head(h, &ctx, &mut routing).unwrap();
-        let l = loss(CausalLmOutput { logits, routing });
+        let head = m.head_for_loss(h, &ctx, &mut routing).unwrap();
+        let l = loss(LossOutput { head, routing });
         let v = l.clone().into_scalar();
         let grads = [l.backward()];
         let mut c = Collect {
@@ -371,6 +372,10 @@ mod tests {
         assert_close(&ga, &gb);
         // without per-layer seeding the plain forward gives the same (no randomness)
         let out = m.forward(input()).unwrap();
+        let out = LossOutput {
+            head: crate::HeadOutput::Logits(out.logits),
+            routing: out.routing,
+        };
         assert!((loss(out).into_scalar() - va).abs() <= 1e-6 * va.abs());
     }
 

@@ -252,11 +252,20 @@ impl<B: Backend> CausalLmOutput<B> {
     /// Σ aux-loss + z-loss over every router (already scaled by their coefficients),
     /// shape `[1]`; `None` when no router ran.
     pub fn aux_loss(&self) -> Option<Tensor<B, 1>> {
-        self.routing
-            .iter()
-            .map(|r| r.output.aux_loss.clone() + r.output.z_loss.clone())
-            .reduce(|a, b| a + b)
+        aux_loss(&self.routing)
     }
+}
+
+/// What [`CausalLm::decoder`] returns: the layers' context, the last layer's output
+/// `[batch, seq, hidden]` and the routers that ran.
+pub(crate) type Decoded<B> = (Ctx<B>, Tensor<B, 3>, Vec<Routing<B>>);
+
+/// Σ aux-loss + z-loss over the routers that ran, `[1]`; `None` when none ran.
+pub(crate) fn aux_loss<B: Backend>(routing: &[Routing<B>]) -> Option<Tensor<B, 1>> {
+    routing
+        .iter()
+        .map(|r| r.output.aux_loss.clone() + r.output.z_loss.clone())
+        .reduce(|a, b| a + b)
 }
 
 /// Per-forward context shared by the layers.
@@ -760,8 +769,23 @@ impl<B: Backend> CausalLm<B> {
     fn forward_impl(
         &self,
         input: LmInput<B>,
-        mut cache: Option<&mut KvCache<B>>,
+        cache: Option<&mut KvCache<B>>,
     ) -> Result<CausalLmOutput<B>> {
+        let (ctx, h, mut routing) = self.decoder(input, cache)?;
+        let logits = self.head(h, &ctx, &mut routing)?;
+        Ok(CausalLmOutput { logits, routing })
+    }
+
+    /// The embeddings and every decoder layer (reading and extending `cache`, if any):
+    /// the layers' context, the last layer's output and the routers that ran.
+    ///
+    /// # Shapes
+    /// - input_ids: `[batch, seq]` → `[batch, seq, hidden]`
+    pub(crate) fn decoder(
+        &self,
+        input: LmInput<B>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Result<Decoded<B>> {
         let past = cache.as_ref().map(|c| c.len).unwrap_or(0);
         let (ctx, mut h) = self.prepare(input, past)?;
         let [_, s, _] = h.dims();
@@ -773,11 +797,10 @@ impl<B: Backend> CausalLm<B> {
             };
             h = layer.forward(h, &ctx, slot, pool, i, &mut routing)?;
         }
-        let logits = self.head(h, &ctx, &mut routing)?;
         if let Some(c) = cache {
             c.len = past + s;
         }
-        Ok(CausalLmOutput { logits, routing })
+        Ok((ctx, h, routing))
     }
 
     /// Shapes of the ids, mask, positions and expert selection against the cache length

@@ -48,6 +48,7 @@ mod config;
 pub mod decoder;
 mod error;
 mod generate;
+mod head;
 pub mod llama;
 pub mod mistral;
 mod packed;
@@ -64,6 +65,7 @@ pub use generate::{
     apply_repetition_penalty, argmax, next_token, sample, softmax, top_k_filter, top_p_filter,
     GenerationConfig,
 };
+pub use head::{HeadOutput, LossOutput};
 pub use legora_nn::{Experts, Proj, SlotId};
 pub use packed::{LayerRouter, PackedSeq, RouterGroup, SeqCache, SeqExperts};
 pub use rope::{Rope, RopeKind};

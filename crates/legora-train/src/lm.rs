@@ -9,7 +9,7 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use legora_data::{Batch, BatchTotals, IGNORE_INDEX};
-use legora_models::{CausalLm, CausalLmOutput, LmInput};
+use legora_models::{CausalLm, HeadOutput, LmInput, LossOutput};
 
 use crate::metrics::RoutingStats;
 use crate::trainer::{ModelError, StepContext, StepOutput, TrainModel};
@@ -99,8 +99,10 @@ impl<B: Backend> LmModel<B> {
         let mut lm = Tensor::zeros([1], device);
         let mut per_task = Tensor::zeros([1], device);
         for (part, t) in task_parts(batch, totals) {
-            let out = self.model.forward(lm_input(&part, task_routed, device))?;
-            let (l, p) = part_losses(out.logits, &t);
+            let out = self
+                .model
+                .forward_for_loss(lm_input(&part, task_routed, device))?;
+            let (l, p) = part_losses(out.head, &t);
             lm = lm + l;
             per_task = per_task + p;
         }
@@ -121,8 +123,8 @@ fn task_parts<'a>(
 }
 
 /// A task part's token-mean and per-task-mean NLL (see [`Targets`]).
-fn part_losses<B: Backend>(logits: Tensor<B, 3>, t: &Targets) -> (Tensor<B, 1>, Tensor<B, 1>) {
-    let nll = token_nll(logits, &t.ids);
+fn part_losses<B: Backend>(head: HeadOutput<B>, t: &Targets) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    let nll = head.token_nll(&t.ids);
     (
         weighted_sum(nll.clone(), &t.mean_w),
         weighted_sum(nll, &t.task_w),
@@ -262,7 +264,9 @@ impl<B: Backend> TrainModel<B> for LmModel<B> {
             return Ok(StepOutput::new(loss).with_term("lm_loss", lm_loss));
         }
         let task_routed = self.objective == Objective::TaskRouted;
-        let out = self.model.forward(lm_input(batch, task_routed, &device))?;
+        let out = self
+            .model
+            .forward_for_loss(lm_input(batch, task_routed, &device))?;
         self.objective_of(batch, ctx, totals, out)
     }
 
@@ -298,11 +302,11 @@ impl<B: Backend> LmModel<B> {
         batch: &Batch,
         ctx: &StepContext<'_>,
         totals: &BatchTotals,
-        out: CausalLmOutput<B>,
+        out: LossOutput<B>,
     ) -> std::result::Result<StepOutput<B>, ModelError> {
-        let device = out.logits.device();
+        let device = out.head.device();
         let t = targets(batch, totals);
-        let nll = token_nll(out.logits.clone(), &t.ids);
+        let nll = out.head.clone().token_nll(&t.ids);
         let lm_loss = if t.count == 0 {
             Tensor::zeros([1], &device)
         } else {
@@ -370,7 +374,7 @@ impl<B: AutodiffBackend> LmModel<B> {
             let (l, p) = self.model.backward_checkpointed(
                 lm_input(&part, task_routed, &device),
                 |out| {
-                    let (l, p) = part_losses(out.logits, &t);
+                    let (l, p) = part_losses(out.head, &t);
                     let objective = if task_routed { p.clone() } else { l.clone() };
                     Ok::<_, ModelError>((objective * scale, (l.detach(), p.detach())))
                 },
@@ -405,10 +409,10 @@ fn routed_terms<B: Backend>(
     batch: &Batch,
     ctx: &StepContext<'_>,
     totals: &BatchTotals,
-    out: &CausalLmOutput<B>,
+    out: &LossOutput<B>,
     routing_loss_coef: f64,
 ) -> std::result::Result<StepOutput<B>, ModelError> {
-    let device = out.logits.device();
+    let device = out.head.device();
     let layer_routers: Vec<_> = out
         .routing
         .iter()

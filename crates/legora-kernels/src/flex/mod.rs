@@ -28,7 +28,7 @@ use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 pub(crate) use attention::{attention, packed_attention};
 pub(crate) use dropout::dropout;
 pub(crate) use elementwise::{rms_norm, rotary, swiglu};
-pub(crate) use nll::next_token_nll;
+pub(crate) use nll::{linear_next_token_nll, next_token_nll};
 pub(crate) use stacked::{stacked_lora_frozen, stacked_lora_linear};
 
 /// The training backend the kernels differentiate.
