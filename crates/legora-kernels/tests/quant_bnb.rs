@@ -10,7 +10,8 @@ use std::sync::OnceLock;
 use super::common::values;
 use legora_kernels::quant::bnb::{self, FourBit, NestedAbsmax, DYNAMIC_MAP, FP4_CODE, NF4_CODE};
 use legora_kernels::quant::{
-    float16, int8, load_bnb_4bit, load_bnb_int8, Absmax, Format, QuantMatrix, SavedTensor, Storage,
+    float16, int8, load_bnb_4bit, load_bnb_int8, Absmax, Format, QuantMatrix, RowBlocks,
+    SavedTensor, Storage,
 };
 use legora_kernels::KernelError;
 use safetensors::SafeTensors;
@@ -534,7 +535,7 @@ fn transformers_int8_checkpoint_loads() {
 fn quantize_by_rows_equals_whole() {
     for (rows, cols) in [(300, 8192), (3, 5), (129, 4097)] {
         let w = values(rows * cols, 5);
-        let step = QuantMatrix::row_block(cols);
+        let step = RowBlocks::row_block(cols);
         assert_eq!(step % 128, 0);
         for format in Format::ALL {
             let whole = QuantMatrix::quantize("w", &w, rows, cols, format).unwrap();
@@ -566,7 +567,7 @@ fn from_row_blocks_refuses_misfits() {
     let nf4 = Format::Nf4 {
         double_quant: false,
     };
-    let step = QuantMatrix::row_block(64);
+    let step = RowBlocks::row_block(64);
     let cases = [
         vec![q(step, 64, nf4), q(3, 32, nf4)],
         vec![q(step, 64, nf4), q(3, 64, Format::Int8)],
@@ -578,4 +579,17 @@ fn from_row_blocks_refuses_misfits() {
         assert!(err.to_string().contains("model.x.weight"), "{err}");
     }
     assert_eq!(Format::F32.bytes(usize::MAX, 2), None);
+    // rows missing at the end, rows past the end, a size that cannot be allocated
+    let mut w = RowBlocks::new("model.y.weight", (step + 3, 64), nf4).unwrap();
+    w.push(q(step, 64, nf4)).unwrap();
+    let err = w.finish().unwrap_err().to_string();
+    assert!(
+        err.contains("model.y.weight") && err.contains(&format!("{}", step + 3)),
+        "{err}"
+    );
+    let mut w = RowBlocks::new("model.y.weight", (3, 64), nf4).unwrap();
+    let err = w.push(q(5, 64, nf4)).unwrap_err().to_string();
+    assert!(err.contains("past the weight's 3"), "{err}");
+    let err = RowBlocks::new("huge", (1 << 40, 1 << 22), Format::F32).unwrap_err();
+    assert!(err.to_string().contains("huge"), "{err}");
 }

@@ -23,6 +23,10 @@ pub struct Args {
     /// Continue from the latest checkpoints.
     #[arg(long)]
     pub resume: bool,
+    /// How the base's frozen weights are stored (e.g. `--quantize nf4 --double-quant`:
+    /// the demo over a QLoRA base).
+    #[command(flatten)]
+    pub load: crate::cmd::LoadArgs,
 }
 
 /// Run `legora demo`.
@@ -38,6 +42,7 @@ pub fn run<B: Backend>(args: Args) -> anyhow::Result<()> {
     let opts = PipelineOptions {
         resume: args.resume,
         overwrite: !args.resume,
+        load_options: args.load.options(),
         ..PipelineOptions::default()
     };
     let mut progress = Progress::default();

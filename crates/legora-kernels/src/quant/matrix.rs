@@ -1,7 +1,7 @@
 //! A frozen `[rows, cols]` weight kept in its storage format ([`QuantMatrix`], owned, or
 //! [`QuantView`], borrowed), dequantized a few rows or a tile at a time.
 
-use super::bnb::{check_len, Absmax, Bnb4View, Bnb4bit, FourBit, NestedAbsmax, DEFAULT_BLOCKSIZE};
+use super::bnb::{check_len, Bnb4View, Bnb4bit, FourBit, DEFAULT_BLOCKSIZE};
 use super::{float16, int8};
 use crate::{KernelError, Result};
 
@@ -87,7 +87,7 @@ impl Format {
     }
 
     /// The same format with the 4-bit block scales kept as f32 (what each block of rows
-    /// given to [`QuantMatrix::from_row_blocks`] is quantized with).
+    /// given to [`super::RowBlocks`] is quantized with).
     pub fn without_double_quant(self) -> Format {
         match self {
             Format::Nf4 { .. } => Format::Nf4 {
@@ -214,78 +214,6 @@ impl QuantMatrix {
         }
         let q = Bnb4bit::quantize(w, kind, blocksize, double_quant);
         Self::new(name, rows, cols, Storage::Bnb4(q))
-    }
-
-    /// Quantizes a weight that is produced a block of rows at a time, so that its f32
-    /// form never exists whole: `block(row0, nrows, out)` fills rows `row0..row0 + nrows`
-    /// (`nrows · cols` elements of `out`), with `nrows` a multiple of
-    /// [`QuantMatrix::row_block`] except in the last block. The result equals
-    /// [`QuantMatrix::quantize`] of the whole weight: 4-bit blocks never straddle two row
-    /// blocks, and double quantization runs once over every block scale at the end.
-    pub fn quantize_by_rows(
-        name: &str,
-        (rows, cols): (usize, usize),
-        format: Format,
-        mut block: impl FnMut(usize, usize, &mut [f32]),
-    ) -> Result<Self> {
-        numel(name, rows, cols)?;
-        let step = Self::row_block(cols);
-        let mut blocks = Vec::with_capacity(rows.div_ceil(step));
-        let mut buf = Vec::new();
-        for row0 in (0..rows).step_by(step) {
-            let nrows = step.min(rows - row0);
-            buf.resize(nrows * cols, 0.0);
-            block(row0, nrows, &mut buf);
-            let part = format.without_double_quant();
-            blocks.push(Self::quantize(name, &buf, nrows, cols, part)?);
-        }
-        Self::from_row_blocks(name, cols, format, blocks)
-    }
-
-    /// Rows per block for [`QuantMatrix::quantize_by_rows`] and
-    /// [`QuantMatrix::from_row_blocks`]: a multiple of 128, so that a block of any width
-    /// holds whole 4-bit blocks and an even number of codes, and about 2^20 elements.
-    pub fn row_block(cols: usize) -> usize {
-        128 * (((1usize << 20) / cols.max(1)) / 128).max(1)
-    }
-
-    /// Stacks blocks of rows quantized one at a time (each `format` without double
-    /// quantization, every block but the last [`QuantMatrix::row_block`]`(cols)` rows or a
-    /// multiple of it) into one weight, as [`QuantMatrix::quantize_by_rows`] does; blocks
-    /// may be quantized in parallel by the caller.
-    pub fn from_row_blocks(
-        name: &str,
-        cols: usize,
-        format: Format,
-        blocks: Vec<QuantMatrix>,
-    ) -> Result<Self> {
-        let rows = blocks.iter().map(|b| b.rows).sum();
-        let step = Self::row_block(cols);
-        let part = format.without_double_quant();
-        for (i, b) in blocks.iter().enumerate() {
-            let message = if b.cols != cols || b.format() != part {
-                format!(
-                    "row block {i} is [{}, {}] {}, expected [_, {cols}] {}",
-                    b.rows,
-                    b.cols,
-                    b.format().name(),
-                    part.name()
-                )
-            } else if i + 1 < blocks.len() && b.rows % step != 0 {
-                format!(
-                    "row block {i} has {} rows, not a multiple of {step}",
-                    b.rows
-                )
-            } else {
-                continue;
-            };
-            return Err(KernelError::Invalid {
-                what: name.to_string(),
-                message,
-            });
-        }
-        let storage = concat_storage(format, blocks.into_iter().map(|b| b.storage));
-        Self::new(name, rows, cols, storage)
     }
 
     /// Rows (`out`).
@@ -510,69 +438,11 @@ impl<'a> QuantView<'a> {
 }
 
 /// `rows · cols`, or an error when it overflows.
-fn numel(name: &str, rows: usize, cols: usize) -> Result<usize> {
+pub(super) fn numel(name: &str, rows: usize, cols: usize) -> Result<usize> {
     rows.checked_mul(cols).ok_or_else(|| KernelError::Invalid {
         what: name.to_string(),
         message: format!("shape [{rows}, {cols}] overflows"),
     })
-}
-
-/// The storages of consecutive row blocks (all of `format` without double quantization)
-/// as one of `format`; 4-bit block scales are double-quantized here, once over all.
-fn concat_storage(format: Format, parts: impl Iterator<Item = Storage>) -> Storage {
-    let mut out = match format.without_double_quant() {
-        Format::F32 => Storage::F32(Vec::new()),
-        Format::Bf16 => Storage::Bf16(Vec::new()),
-        Format::F16 => Storage::F16(Vec::new()),
-        Format::Int8 => Storage::Int8 {
-            codes: Vec::new(),
-            scales: Vec::new(),
-        },
-        Format::Nf4 { .. } | Format::Fp4 { .. } => Storage::Bnb4(Bnb4bit {
-            kind: match format {
-                Format::Fp4 { .. } => FourBit::Fp4,
-                _ => FourBit::Nf4,
-            },
-            blocksize: DEFAULT_BLOCKSIZE,
-            packed: Vec::new(),
-            absmax: Absmax::F32(Vec::new()),
-        }),
-    };
-    for part in parts {
-        match (&mut out, part) {
-            (Storage::F32(a), Storage::F32(b)) => a.extend(b),
-            (Storage::Bf16(a), Storage::Bf16(b)) | (Storage::F16(a), Storage::F16(b)) => {
-                a.extend(b)
-            }
-            (
-                Storage::Int8 { codes, scales },
-                Storage::Int8 {
-                    codes: c,
-                    scales: s,
-                },
-            ) => {
-                codes.extend(c);
-                scales.extend(s);
-            }
-            (Storage::Bnb4(a), Storage::Bnb4(b)) => {
-                a.packed.extend(b.packed);
-                if let (Absmax::F32(x), Absmax::F32(y)) = (&mut a.absmax, b.absmax) {
-                    x.extend(y);
-                }
-            }
-            _ => unreachable!("row blocks are checked to share one format"),
-        }
-    }
-    if let (
-        Storage::Bnb4(q),
-        Format::Nf4 { double_quant: true } | Format::Fp4 { double_quant: true },
-    ) = (&mut out, format)
-    {
-        if let Absmax::F32(a) = &q.absmax {
-            q.absmax = Absmax::Nested(NestedAbsmax::quantize(a));
-        }
-    }
-    out
 }
 
 /// An error naming the first non-finite element.

@@ -6,7 +6,7 @@ use anyhow::{anyhow, Context};
 use burn::tensor::backend::Backend;
 use legora::data::{derive_seed, stable_hash, Rng};
 use legora::hub::LoadOptions;
-use legora::kernels::quant::{Format, QuantMatrix};
+use legora::kernels::quant::{Format, QuantMatrix, RowBlocks};
 use legora::models::{CausalLm, ModelConfig, SourceError};
 use rayon::prelude::*;
 
@@ -32,26 +32,33 @@ pub fn random_model<B: Backend>(
 }
 
 /// One `[rows, cols]` weight in `format`, its row blocks generated and quantized in
-/// parallel.
+/// parallel, one block per thread at a time (memory: the weight and those blocks).
 fn random_weight(
     name: &str,
     (rows, cols): (usize, usize),
     format: Format,
     seed: u64,
 ) -> Result<QuantMatrix, SourceError> {
-    let step = QuantMatrix::row_block(cols);
+    let step = RowBlocks::row_block(cols);
     let stream = derive_seed(seed, &[stable_hash(name)]);
-    let blocks = (0..rows.div_ceil(step))
-        .into_par_iter()
-        .map(|b| {
-            let (row0, n) = (b * step, step.min(rows - b * step));
-            let mut rng = Rng::new(derive_seed(stream, &[b as u64]));
-            let w: Vec<f32> = (0..n * cols).map(|_| normal(&mut rng)).collect();
-            QuantMatrix::quantize(name, &w, n, cols, format.without_double_quant())
-                .map_err(|e| format!("rows {row0}..{}: {e}", row0 + n))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(QuantMatrix::from_row_blocks(name, cols, format, blocks)?)
+    let mut out = RowBlocks::new(name, (rows, cols), format)?;
+    let blocks: Vec<usize> = (0..rows.div_ceil(step)).collect();
+    for wave in blocks.chunks(rayon::current_num_threads().max(1)) {
+        let done = wave
+            .par_iter()
+            .map(|&b| {
+                let (row0, n) = (b * step, step.min(rows - b * step));
+                let mut rng = Rng::new(derive_seed(stream, &[b as u64]));
+                let w: Vec<f32> = (0..n * cols).map(|_| normal(&mut rng)).collect();
+                QuantMatrix::quantize(name, &w, n, cols, format.without_double_quant())
+                    .map_err(|e| format!("rows {row0}..{}: {e}", row0 + n))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        for block in done {
+            out.push(block)?;
+        }
+    }
+    Ok(out.finish()?)
 }
 
 /// A normal(0, [`INIT_STD`]) sample (Box–Muller).
