@@ -496,6 +496,15 @@ impl<B: Backend> CausalLm<B> {
             for proj in Proj::ALL {
                 push_slot(&mut out, SlotId::layer(i, proj), layer.proj(proj))?;
             }
+            let a = &layer.self_attn;
+            for (name, norm) in [("q_norm", &a.q_norm), ("k_norm", &a.k_norm)] {
+                if let Some(n) = norm {
+                    out.push((
+                        format!("{p}.self_attn.{name}.weight"),
+                        n.weight.val().into_data(),
+                    ));
+                }
+            }
             out.push((
                 format!("{p}.post_attention_layernorm.weight"),
                 layer.post_attention_layernorm.weight.val().into_data(),

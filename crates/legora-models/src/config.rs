@@ -89,7 +89,7 @@ fn default_eps() -> f64 {
 /// Keys legora does not interpret are kept in [`extra`](Self::extra).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
-    /// `llama`, `qwen2` or `mistral`.
+    /// `llama`, `qwen2`, `mistral` or `qwen3`.
     pub model_type: String,
     /// Vocabulary size (rows of `embed_tokens`).
     pub vocab_size: usize,
@@ -190,6 +190,7 @@ impl Config {
             "llama" => crate::llama::resolve(self),
             "qwen2" => crate::qwen2::resolve(self),
             "mistral" => crate::mistral::resolve(self),
+            "qwen3" => crate::qwen3::resolve(self),
             other => Err(ModelError::UnknownModelType {
                 found: other.to_string(),
                 supported: Family::ALL.iter().map(|f| f.model_type()).collect(),
@@ -207,11 +208,13 @@ pub enum Family {
     Qwen2,
     /// `mistral`.
     Mistral,
+    /// `qwen3` (Qwen3 dense models).
+    Qwen3,
 }
 
 impl Family {
     /// Every family.
-    pub const ALL: [Family; 3] = [Family::Llama, Family::Qwen2, Family::Mistral];
+    pub const ALL: [Family; 4] = [Family::Llama, Family::Qwen2, Family::Mistral, Family::Qwen3];
 
     /// config.json's `model_type`.
     pub fn model_type(&self) -> &'static str {
@@ -219,6 +222,7 @@ impl Family {
             Family::Llama => "llama",
             Family::Qwen2 => "qwen2",
             Family::Mistral => "mistral",
+            Family::Qwen3 => "qwen3",
         }
     }
 }
@@ -256,6 +260,9 @@ pub struct ModelConfig {
     pub o_bias: bool,
     /// Bias on gate/up/down.
     pub mlp_bias: bool,
+    /// RMSNorm over each head of the queries and keys before RoPE (`q_norm`, `k_norm`:
+    /// Qwen3).
+    pub qk_norm: bool,
     /// Per layer: the attention window, if the layer uses one.
     pub sliding_windows: Vec<Option<usize>>,
 }
@@ -472,6 +479,7 @@ pub(crate) fn resolve_common(cfg: &Config, family: Family) -> Result<ModelConfig
         qkv_bias: false,
         o_bias: false,
         mlp_bias: false,
+        qk_norm: false,
         sliding_windows: vec![None; cfg.num_hidden_layers],
     })
 }

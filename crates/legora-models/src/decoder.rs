@@ -93,6 +93,10 @@ pub struct SelfAttention<B: Backend> {
     pub v_proj: Slot<B>,
     /// `[hidden, heads·head_dim]`.
     pub o_proj: Slot<B>,
+    /// RMSNorm over each query head before RoPE, weight `[head_dim]` (Qwen3).
+    pub q_norm: Option<RmsNorm<B>>,
+    /// RMSNorm over each key head before RoPE, weight `[head_dim]` (Qwen3).
+    pub k_norm: Option<RmsNorm<B>>,
     /// Query heads.
     pub num_heads: usize,
     /// Key/value heads.
@@ -324,6 +328,19 @@ fn causal_mask<B: Backend>(
     Tensor::from_data(TensorData::new(m, [1, 1, seq, total]), device)
 }
 
+/// `x` with an RMSNorm over each head, if there is one (Qwen3's `q_norm` / `k_norm`:
+/// `self.q_norm(self.q_proj(hidden_states).view(hidden_shape))`).
+///
+/// # Shapes
+/// - x: `[batch, seq, heads, head_dim]` → same
+pub(crate) fn head_norm<B: Backend>(norm: &Option<RmsNorm<B>>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let Some(norm) = norm else {
+        return x;
+    };
+    let [b, s, h, d] = x.dims();
+    norm.forward(x.reshape([b, s * h, d])).reshape([b, s, h, d])
+}
+
 impl<B: Backend> SelfAttention<B> {
     /// # Shapes
     /// - x: `[batch, seq, hidden]` → `[batch, seq, hidden]`
@@ -345,9 +362,9 @@ impl<B: Backend> SelfAttention<B> {
         // dim 2 (`[batch, seq, heads, head_dim]`): the attention kernel reads them in place,
         // so transformers' transpose(1, 2) and repeat_kv are never materialised.
         let q = run(&self.q_proj, Proj::QProj, x.clone())?.reshape([b, s, h, hd]);
-        let q = legora_kernels::rotary(q, &ctx.cos, &ctx.sin);
+        let q = legora_kernels::rotary(head_norm(&self.q_norm, q), &ctx.cos, &ctx.sin);
         let k = run(&self.k_proj, Proj::KProj, x.clone())?.reshape([b, s, kv, hd]);
-        let k = legora_kernels::rotary(k, &ctx.cos, &ctx.sin);
+        let k = legora_kernels::rotary(head_norm(&self.k_norm, k), &ctx.cos, &ctx.sin);
         let v = run(&self.v_proj, Proj::VProj, x)?.reshape([b, s, kv, hd]);
         let (k, v) = match cache {
             Some(slot) => {
@@ -431,11 +448,33 @@ fn norm<B: Backend>(
     init: &mut Init<'_>,
     device: &B::Device,
 ) -> Result<RmsNorm<B>> {
+    norm_of(c, name, c.hidden_size, init, device)
+}
+
+/// A frozen RMSNorm of width `dim` read as `name`.
+fn norm_of<B: Backend>(
+    c: &ModelConfig,
+    name: &str,
+    dim: usize,
+    init: &mut Init<'_>,
+    device: &B::Device,
+) -> Result<RmsNorm<B>> {
     Ok(RmsNorm {
-        weight: Param::from_tensor(init.load::<B, 1>(name, [c.hidden_size], device)?)
-            .set_require_grad(false),
+        weight: Param::from_tensor(init.load::<B, 1>(name, [dim], device)?).set_require_grad(false),
         eps: c.rms_norm_eps,
     })
+}
+
+/// The per-head query or key norm `name` (`[head_dim]`) where the family has one.
+fn head_norm_of<B: Backend>(
+    c: &ModelConfig,
+    name: &str,
+    init: &mut Init<'_>,
+    device: &B::Device,
+) -> Result<Option<RmsNorm<B>>> {
+    c.qk_norm
+        .then(|| norm_of(c, name, c.head_dim, init, device))
+        .transpose()
 }
 
 /// Apply one slot, recording the output of a router the slot owns.
@@ -611,13 +650,16 @@ impl<B: Backend> CausalLm<B> {
         })
     }
 
-    /// Decoder layer `i`: its seven projections and two norms.
+    /// Decoder layer `i`: its seven projections and its norms.
     fn build_layer(
         c: &ModelConfig,
         i: usize,
         init: &mut Init<'_>,
         device: &B::Device,
     ) -> Result<DecoderLayer<B>> {
+        let attn = format!("model.layers.{i}.self_attn");
+        let q_norm = head_norm_of(c, &format!("{attn}.q_norm.weight"), init, device)?;
+        let k_norm = head_norm_of(c, &format!("{attn}.k_norm.weight"), init, device)?;
         let mut proj = |proj: Proj| -> Result<Slot<B>> {
             let name = SlotId::layer(i, proj);
             let (out, inp) = c.proj_dims(proj);
@@ -634,6 +676,8 @@ impl<B: Backend> CausalLm<B> {
             k_proj: proj(Proj::KProj)?,
             v_proj: proj(Proj::VProj)?,
             o_proj: proj(Proj::OProj)?,
+            q_norm,
+            k_norm,
             num_heads: c.num_attention_heads,
             num_kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,

@@ -4,9 +4,10 @@
 //! no file I/O (weights arrive through [`WeightSource`]; legora-hub reads the files):
 //!
 //! - families, one file each: [`llama`] (rope scaling `linear` / `llama3`), [`qwen2`]
-//!   (q/k/v bias), [`mistral`] (sliding window, honoured); the shared decoder is in
-//!   [`decoder`]: GQA, RoPE (`rotate_half`, `rope_theta`), RMSNorm, SwiGLU, tied or
-//!   untied embeddings, causal + padding masks, a KV cache;
+//!   (q/k/v bias), [`qwen3`] (per-head q/k RMSNorm), [`mistral`] (sliding window,
+//!   honoured); the shared decoder is in [`decoder`]: GQA, RoPE (`rotate_half`,
+//!   `rope_theta`), RMSNorm, SwiGLU, tied or untied embeddings, causal + padding masks, a
+//!   KV cache;
 //! - every projection ([`Proj::ALL`] and `lm_head`) is an adapter [`Slot`] addressed by
 //!   its [`SlotId`]: a frozen linear, a [`legora_nn::LoraLinear`] or a
 //!   [`legora_nn::MoeLinear`], chosen by PEFT matching on the HF module path;
@@ -53,6 +54,7 @@ pub mod llama;
 pub mod mistral;
 mod packed;
 pub mod qwen2;
+pub mod qwen3;
 mod rope;
 mod score;
 mod slot;

@@ -27,7 +27,7 @@ use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 use legora_kernels::KvSeq;
 use legora_nn::{Experts, Proj, Router, RouterPooling, SlotId};
 
-use crate::decoder::{run_slot, CausalLm, DecoderLayer};
+use crate::decoder::{head_norm, run_slot, CausalLm, DecoderLayer};
 use crate::error::{ModelError, Result};
 use crate::slot::Slot;
 
@@ -599,9 +599,9 @@ fn packed_attention<B: Backend>(
         run_slot(p, x, experts, SlotId::layer(i, proj), &mut routing)
     };
     let q = run(&a.q_proj, Proj::QProj, x.clone())?.reshape([1, t, h, hd]);
-    let q = legora_kernels::rotary(q, &st.cos, &st.sin).reshape([t, h, hd]);
+    let q = legora_kernels::rotary(head_norm(&a.q_norm, q), &st.cos, &st.sin).reshape([t, h, hd]);
     let k = run(&a.k_proj, Proj::KProj, x.clone())?.reshape([1, t, kv, hd]);
-    let k = legora_kernels::rotary(k, &st.cos, &st.sin).reshape([t, kv, hd]);
+    let k = legora_kernels::rotary(head_norm(&a.k_norm, k), &st.cos, &st.sin).reshape([t, kv, hd]);
     let v = run(&a.v_proj, Proj::VProj, x)?.reshape([t, kv, hd]);
     let seqs: Vec<KvSeq<B>> = caches
         .iter_mut()

@@ -15,47 +15,55 @@ pub fn resolve(cfg: &Config) -> Result<ModelConfig> {
     m.qkv_bias = true;
     m.o_bias = false;
     m.mlp_bias = false;
-    // self.sliding_window = self.sliding_window if self.use_sliding_window else None
-    if cfg.use_sliding_window.unwrap_or(false) {
-        let window = cfg.sliding_window.ok_or_else(|| {
-            ModelError::config(
-                "sliding_window",
-                "a window size (use_sliding_window is true)",
-                "null",
-            )
-        })?;
-        let n = cfg.num_hidden_layers;
-        m.sliding_windows = match &cfg.layer_types {
-            Some(types) => {
-                if types.len() != n {
-                    return Err(ModelError::config(
-                        "layer_types",
-                        format!("one entry per layer ({n})"),
-                        types.len(),
-                    ));
-                }
-                types
-                    .iter()
-                    .map(|t| match t.as_str() {
-                        "sliding_attention" => Ok(Some(window)),
-                        "full_attention" => Ok(None),
-                        other => Err(ModelError::config(
-                            "layer_types",
-                            "\"full_attention\" or \"sliding_attention\"",
-                            format!("\"{other}\""),
-                        )),
-                    })
-                    .collect::<Result<_>>()?
-            }
-            // "sliding_attention" if self.sliding_window is not None and i >= self.max_window_layers
-            None => {
-                let start = cfg.max_window_layers.unwrap_or(28);
-                (0..n).map(|i| (i >= start).then_some(window)).collect()
-            }
-        };
-    }
+    m.sliding_windows = sliding_windows(cfg)?;
     m.validate()?;
     Ok(m)
+}
+
+/// The attention window of each layer, as Qwen2 and Qwen3 configs say it: none unless
+/// `use_sliding_window`; then `layer_types` where given (transformers 5), else the layers
+/// at or above `max_window_layers`.
+pub(crate) fn sliding_windows(cfg: &Config) -> Result<Vec<Option<usize>>> {
+    let n = cfg.num_hidden_layers;
+    // self.sliding_window = self.sliding_window if self.use_sliding_window else None
+    if !cfg.use_sliding_window.unwrap_or(false) {
+        return Ok(vec![None; n]);
+    }
+    let window = cfg.sliding_window.ok_or_else(|| {
+        ModelError::config(
+            "sliding_window",
+            "a window size (use_sliding_window is true)",
+            "null",
+        )
+    })?;
+    match &cfg.layer_types {
+        Some(types) => {
+            if types.len() != n {
+                return Err(ModelError::config(
+                    "layer_types",
+                    format!("one entry per layer ({n})"),
+                    types.len(),
+                ));
+            }
+            types
+                .iter()
+                .map(|t| match t.as_str() {
+                    "sliding_attention" => Ok(Some(window)),
+                    "full_attention" => Ok(None),
+                    other => Err(ModelError::config(
+                        "layer_types",
+                        "\"full_attention\" or \"sliding_attention\"",
+                        format!("\"{other}\""),
+                    )),
+                })
+                .collect()
+        }
+        // "sliding_attention" if self.sliding_window is not None and i >= self.max_window_layers
+        None => {
+            let start = cfg.max_window_layers.unwrap_or(28);
+            Ok((0..n).map(|i| (i >= start).then_some(window)).collect())
+        }
+    }
 }
 
 #[cfg(test)]

@@ -26,10 +26,11 @@ use crate::error::{HubError, Result};
 
 /// The architectures legora loads from GGUF, with transformers' class name. `mistral` files
 /// are rare (llama.cpp writes Mistral models as `llama`); they are read like `llama`.
-const ARCHITECTURES: [(&str, &str); 3] = [
+const ARCHITECTURES: [(&str, &str); 4] = [
     ("llama", "LlamaForCausalLM"),
     ("qwen2", "Qwen2ForCausalLM"),
     ("mistral", "MistralForCausalLM"),
+    ("qwen3", "Qwen3ForCausalLM"),
 ];
 
 /// `general.architecture`, checked to be one legora implements.
@@ -51,7 +52,7 @@ pub fn architecture(file: &GgufFile) -> Result<&str> {
 }
 
 /// Whether llama.cpp permuted this file's `attn_q` / `attn_k` rows (`LlamaModel.permute`):
-/// the `llama` (and `mistral`) architectures; Qwen2 is converted unpermuted.
+/// the `llama` (and `mistral`) architectures; Qwen2 and Qwen3 are converted unpermuted.
 pub fn permuted_qk(arch: &str) -> bool {
     matches!(arch, "llama" | "mistral")
 }

@@ -14,7 +14,7 @@ const GLOBAL: [(&str, &str); 3] = [
 ];
 
 /// `(GGUF, HF)` names inside decoder block `i` (`blk.{i}.` / `model.layers.{i}.`).
-const BLOCK: [(&str, &str); 9] = [
+const BLOCK: [(&str, &str); 11] = [
     ("attn_q", "self_attn.q_proj"),
     ("attn_k", "self_attn.k_proj"),
     ("attn_v", "self_attn.v_proj"),
@@ -24,6 +24,8 @@ const BLOCK: [(&str, &str); 9] = [
     ("ffn_down", "mlp.down_proj"),
     ("attn_norm", "input_layernorm"),
     ("ffn_norm", "post_attention_layernorm"),
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
 ];
 
 /// Split `name.weight` / `name.bias` into the module and the suffix.
