@@ -113,6 +113,7 @@ fn packed_steps_equal_each_sequence_alone() {
         ("llama", ""),
         ("qwen2", ""),
         ("mistral", r#", "sliding_window": 3"#),
+        ("qwen3", r#", "head_dim": 6"#),
     ] {
         let m = model(ty, extra);
         let plans = [
@@ -174,8 +175,13 @@ fn experts_and_the_base_share_a_step() {
     check("e0", &got[2], alone(&m, &A[..6], per_row(Some(0), 6)));
 }
 
-fn routed_mixture(targets: &[&str], pooling: RouterPooling) -> CausalLm<B> {
-    let mut m = model("llama", "");
+fn routed_mixture(model_type: &str, targets: &[&str], pooling: RouterPooling) -> CausalLm<B> {
+    let extra = if model_type == "qwen3" {
+        r#", "head_dim": 6"#
+    } else {
+        ""
+    };
+    let mut m = model(model_type, extra);
     for e in ["e0", "e1", "e2"] {
         m.add_adapter(e, &lora(2, targets)).unwrap();
     }
@@ -188,12 +194,29 @@ fn routed_mixture(targets: &[&str], pooling: RouterPooling) -> CausalLm<B> {
 #[test]
 fn router_gated_rows_beside_fixed_rows() {
     let _serial = legora_testing::serial();
-    for (targets, pooling) in [
-        (&["gate_proj", "down_proj"][..], RouterPooling::PrefixMean),
-        (&["q_proj", "up_proj"][..], RouterPooling::PrefixMean),
-        (&["q_proj", "o_proj", "up_proj"][..], RouterPooling::Token),
+    for (ty, targets, pooling) in [
+        (
+            "llama",
+            &["gate_proj", "down_proj"][..],
+            RouterPooling::PrefixMean,
+        ),
+        (
+            "llama",
+            &["q_proj", "up_proj"][..],
+            RouterPooling::PrefixMean,
+        ),
+        (
+            "llama",
+            &["q_proj", "o_proj", "up_proj"][..],
+            RouterPooling::Token,
+        ),
+        (
+            "qwen3",
+            &["q_proj", "k_proj", "up_proj"][..],
+            RouterPooling::Token,
+        ),
     ] {
-        let m = routed_mixture(targets, pooling);
+        let m = routed_mixture(ty, targets, pooling);
         let group = m.router_group().expect("layer routers");
         assert_eq!(group.experts, vec![0, 1, 2]);
         let plans = [

@@ -6,6 +6,7 @@ mod checkpointing;
 mod common;
 mod concurrent;
 mod config;
+mod families;
 mod fuzz;
 mod loraplus;
 mod outputs;
