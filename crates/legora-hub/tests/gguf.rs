@@ -18,7 +18,7 @@ use safetensors::SafeTensors;
 use serde_json::Value;
 
 /// The models the script wrote (`<family>-<type>.gguf`).
-const MODELS: [&str; 8] = [
+const MODELS: [&str; 10] = [
     "llama-f16",
     "llama-q8_0",
     "llama-q4_0",
@@ -27,6 +27,8 @@ const MODELS: [&str; 8] = [
     "qwen2-f16",
     "qwen2-q8_0",
     "qwen2-q4_0",
+    "qwen3-f16",
+    "qwen3-q8_0",
 ];
 
 fn dir() -> PathBuf {
@@ -195,7 +197,13 @@ fn tokenizers_match_transformers() {
         .map(|p| p.as_str().unwrap())
         .collect();
     let messages: Vec<Message> = serde_json::from_value(r.info["messages"].clone()).unwrap();
-    for stem in ["llama-f16", "qwen2-f16", "tok-llama-bpe", "tok-gpt-2"] {
+    for stem in [
+        "llama-f16",
+        "qwen2-f16",
+        "qwen3-f16",
+        "tok-llama-bpe",
+        "tok-gpt-2",
+    ] {
         let f = GgufFile::open(path(stem)).unwrap();
         let tok = legora_hub::gguf::gguf_tokenizer(&f).unwrap();
         let ids = legora_hub::encode(&tok, text, true).unwrap();
