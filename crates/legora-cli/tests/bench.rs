@@ -316,3 +316,42 @@ fn cases_too_large_for_memory_are_refused_before_allocating() {
         &["frozen weights 5290 MiB (nf4-dq projections, embeddings and lm_head bf16)"],
     );
 }
+
+/// `--model` trains over a real model's weights and shape (an HF folder or a GGUF file,
+/// in the storage asked for); a folder without weights, or no folder, is refused naming
+/// the path.
+#[test]
+fn model_flag_benches_a_real_model() {
+    let root = legora_testing::workspace_root();
+    let hf = root.join("tests/fixtures/models/qwen3");
+    let gguf = root.join("tests/fixtures/gguf/qwen3-q8_0.gguf");
+    for (path, extra) in [(&hf, None), (&gguf, Some("nf4"))] {
+        let p = path.to_str().unwrap();
+        let mut args = vec![
+            "bench", "--case", "tiny", "--model", p, "--steps", "1", "--warmup", "0", "--json",
+        ];
+        if let Some(q) = extra {
+            args.extend(["--quantize", q]);
+        }
+        let v = records(&args).remove(0);
+        check(&v, v["case"].as_str().unwrap(), 1, 1, 32);
+        assert!(v["case"].as_str().unwrap().starts_with("tiny@"), "{v}");
+        assert_eq!(v["hidden"], if extra.is_some() { 32 } else { 64 }, "{v}");
+        assert!(num(&v, "last_loss").is_finite(), "{v}");
+    }
+    let tmp = std::env::temp_dir().join(format!("legora-bench-noweights-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::copy(hf.join("config.json"), tmp.join("config.json")).unwrap();
+    for (dir, needle) in [
+        (tmp.clone(), "safetensors"),
+        (tmp.join("absent"), "config.json"),
+    ] {
+        let out = legora(&["bench", "--case", "tiny", "--model", dir.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(stderr.contains(dir.to_str().unwrap()), "{stderr}");
+        assert!(stderr.contains(needle), "{stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}

@@ -111,6 +111,11 @@ pub struct Args {
     /// (Qwen2-7B); batch and seq stay the case's unless given.
     #[arg(long, value_enum)]
     pub shape: Option<ShapeName>,
+    /// A real model instead of random weights: an HF folder or a .gguf file, loaded in the
+    /// storage --dtype / --quantize ask for (its shape replaces the case's; batches stay
+    /// random token ids).
+    #[arg(long, conflicts_with_all = ["shape", "tiny"])]
+    pub model: Option<std::path::PathBuf>,
     /// Refuse a case whose least memory need exceeds this many MiB (default: the memory
     /// the system reports available).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
@@ -524,7 +529,20 @@ fn run_case<B: AutodiffBackend>(
     }
     let options =
         LoadOptions::new(dtype.float(), args.quant.quantize()).for_backend::<B>(&device)?;
-    let config = model_config(&shape)?;
+    let config = match &args.model {
+        Some(path) => {
+            label = format!("{label}@{}", crate::text::tidy(path).display());
+            let c = weights::config_at(path)?;
+            shape = Shape {
+                hidden: c.hidden_size,
+                layers: c.num_hidden_layers,
+                vocab: c.vocab_size,
+                ..shape
+            };
+            c
+        }
+        None => model_config(&shape)?,
+    };
     let tokens = case_rows(case.kind(), shape.batch)
         .checked_mul(shape.seq)
         .ok_or_else(|| anyhow!("--batch {} × --seq {} overflows", shape.batch, shape.seq))?;
@@ -535,7 +553,14 @@ fn run_case<B: AutodiffBackend>(
     )?;
     let rss_reset = reset_peak_rss();
     let started = Instant::now();
-    let base = weights::random_model::<B>(config, &options, args.seed, &device)?;
+    let base = match &args.model {
+        Some(path) => {
+            legora::hub::PretrainedModel::<B>::from_pretrained_with(path, &device, &options)
+                .with_context(|| format!("loading --model {}", path.display()))?
+                .model
+        }
+        None => weights::random_model::<B>(config, &options, args.seed, &device)?,
+    };
     let total_params = base.parameter_report().total;
     let mut rng = Rng::new(derive_seed(args.seed, &[1]));
     let kind = case.kind();
@@ -690,13 +715,17 @@ fn run_child(case: CaseName, args: &Args) -> anyhow::Result<Value> {
     cmd.args(["--steps", &args.steps.to_string()]);
     cmd.args(["--warmup", &args.warmup.to_string()]);
     cmd.args(["--seed", &args.seed.to_string()]);
-    let options: [(&str, Option<String>); 6] = [
+    let options: [(&str, Option<String>); 7] = [
         ("--batch", args.batch.map(|v| v.to_string())),
         ("--seq", args.seq.map(|v| v.to_string())),
         ("--dtype", args.dtype.as_ref().map(value_name)),
         ("--quantize", args.quant.quantize.as_ref().map(value_name)),
         ("--shape", args.shape.as_ref().map(value_name)),
         ("--memory-limit", args.memory_limit.map(|v| v.to_string())),
+        (
+            "--model",
+            args.model.as_ref().map(|p| p.display().to_string()),
+        ),
     ];
     for (flag, v) in options {
         if let Some(v) = v {
