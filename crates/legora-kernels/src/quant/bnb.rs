@@ -507,7 +507,8 @@ impl NestedAbsmax {
 /// element count is padded with the code of 0. Returns `(packed, absmax)`.
 pub fn quantize_4bit(w: &[f32], kind: FourBit, blocksize: usize) -> (Vec<u8>, Vec<f32>) {
     let (order, mid) = kind.bounds();
-    let code_of = |s: f32| order[mid.iter().take_while(|&&m| m < s).count()];
+    // the number of midpoints below `s` (they are sorted): a binary search
+    let code_of = |s: f32| order[mid.partition_point(|&m| m < s)];
     let full = w.len() - w.len() % blocksize;
     let mut absmax = Vec::with_capacity(w.len().div_ceil(blocksize));
     let mut codes = Vec::with_capacity(w.len() + 1);

@@ -49,7 +49,7 @@ fn random_weight(
             .map(|&b| {
                 let (row0, n) = (b * step, step.min(rows - b * step));
                 let mut rng = Rng::new(derive_seed(stream, &[b as u64]));
-                let w: Vec<f32> = (0..n * cols).map(|_| normal(&mut rng)).collect();
+                let w = normals(&mut rng, n * cols);
                 QuantMatrix::quantize(name, &w, n, cols, format.without_double_quant())
                     .map_err(|e| format!("rows {row0}..{}: {e}", row0 + n))
             })
@@ -61,12 +61,17 @@ fn random_weight(
     Ok(out.finish()?)
 }
 
-/// A normal(0, [`INIT_STD`]) sample (Box–Muller).
-fn normal(rng: &mut Rng) -> f32 {
-    let u1 = 1.0 - rng.next_f64(); // (0, 1]
-    let u2 = rng.next_f64();
-    let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
-    (z * INIT_STD) as f32
+/// `n` normal(0, [`INIT_STD`]) samples (Box–Muller, both values of each pair).
+fn normals(rng: &mut Rng, n: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        let u1 = 1.0 - rng.next_f64(); // (0, 1]
+        let (sin, cos) = (std::f64::consts::TAU * rng.next_f64()).sin_cos();
+        let r = (-2.0 * u1.ln()).sqrt() * INIT_STD;
+        out.extend([(r * cos) as f32, (r * sin) as f32]);
+    }
+    out.truncate(n);
+    out
 }
 
 /// The resolved config of the model at `path` (an HF folder or a .gguf file), read
