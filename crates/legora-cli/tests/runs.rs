@@ -313,3 +313,52 @@ fn a_reader_that_goes_away_ends_the_output_quietly() {
         "{stderr}"
     );
 }
+
+/// A format's attachment option is a parameter the run file may set: `params.cards` of
+/// `game-npc/dialogue`, a folder relative to the run file (not to the working folder),
+/// where the dialogue file has no `../cards` beside it; a value that is not a path is
+/// refused naming the key.
+#[test]
+fn attachment_options_are_run_file_params() {
+    let plugins = built_plugins();
+    let dir = temp_dir("attachments");
+    let src = workspace_root().join("plugins/game-npc/data");
+    std::fs::create_dir_all(dir.join("d")).unwrap();
+    std::fs::copy(src.join("dialogues/train.jsonl"), dir.join("d/train.jsonl")).unwrap();
+    std::fs::create_dir_all(dir.join("my-cards")).unwrap();
+    for e in std::fs::read_dir(src.join("cards")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dir.join("my-cards").join(p.file_name().unwrap())).unwrap();
+    }
+    let elsewhere = dir.join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let run = |cards: &str| {
+        let file = dir.join("cards.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "{}[[tasks]]\nname = \"npc\"\nformat = \"game-npc/dialogue\"\n\
+                 train = \"d/train.jsonl\"\nmax_samples = 12\nparams = {{ cards = {cards} }}\n\n\
+                 [moe]\ntop_k = 1\n\n[stages.experts]\nmax_steps = 1\nbatch_size = 2\n\n\
+                 [stages.router]\nenabled = false\n\n[stages.eval]\nenabled = false\n",
+                head("out")
+            ),
+        )
+        .unwrap();
+        let args = [
+            "train",
+            "--config",
+            &path(&file),
+            "--plugin-dir",
+            &path(plugins),
+        ];
+        legora(&args, &elsewhere)
+    };
+    ok(&run("\"my-cards\""));
+    assert!(dir.join("out/experts/npc/adapter_config.json").is_file());
+    let out = run("3");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("tasks[0].params.cards"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

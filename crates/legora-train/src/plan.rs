@@ -261,7 +261,14 @@ fn resolve_task(
         None => (cfg.lora_config(), "[lora]".to_string(), None),
     };
     params.extend(t.params.clone());
-    check_params(cfg, &key, &params, &format.info().params)?;
+    let info = format.info();
+    check_params(cfg, &key, &params, info)?;
+    for a in &info.attachments {
+        if let Some(v) = t.params.get(&a.option) {
+            let at = format!("{key}.params.{}", a.option);
+            params.insert(a.option.clone(), attachment_paths(cfg, &at, v)?);
+        }
+    }
     check_targets(cfg, &key, t.preset.is_some(), &lora, model)?;
     Ok(TaskPlan {
         name: t.name.clone(),
@@ -278,12 +285,13 @@ fn resolve_task(
     })
 }
 
-/// Every parse parameter must be one the format documents (when it documents any).
+/// Every parse parameter must be one the format documents: one of its parameters or one
+/// of its attachment options (`cards` of `game-npc/dialogue`).
 fn check_params(
     cfg: &RunConfig,
     key: &str,
     params: &BTreeMap<String, serde_json::Value>,
-    known: &[legora_plugin_api::ParamInfo],
+    info: &legora_plugin_api::FormatInfo,
 ) -> Result<()> {
     for (name, value) in params {
         let empty = match value {
@@ -297,8 +305,10 @@ fn check_params(
                 "expected at least one value (or no such key), found an empty one",
             ));
         }
-        if !known.iter().any(|p| &p.name == name) {
-            let names: Vec<&str> = known.iter().map(|p| p.name.as_str()).collect();
+        let names: Vec<&str> = (info.params.iter().map(|p| p.name.as_str()))
+            .chain(info.attachments.iter().map(|a| a.option.as_str()))
+            .collect();
+        if !names.contains(&name.as_str()) {
             return Err(cfg.error_at(
                 &format!("{key}.params.{name}"),
                 format!("unknown parameter of this format (it takes {names:?})"),
@@ -306,6 +316,25 @@ fn check_params(
         }
     }
     Ok(())
+}
+
+/// An attachment option's value from the run file (a path or a list of paths, relative
+/// to the run file's folder) with each path resolved against that folder.
+fn attachment_paths(cfg: &RunConfig, at: &str, v: &serde_json::Value) -> Result<serde_json::Value> {
+    use serde_json::Value;
+    let resolve = |v: &Value| match v {
+        Value::String(s) => Ok(Value::String(cfg.dir.join(s).display().to_string())),
+        other => Err(cfg.error_at(
+            at,
+            format!("expected a path (a string) or a list of paths, found {other}"),
+        )),
+    };
+    match v {
+        Value::Array(items) => Ok(Value::Array(
+            items.iter().map(resolve).collect::<Result<_>>()?,
+        )),
+        other => resolve(other),
+    }
 }
 
 /// The expert's LoRA config must be valid and adapt at least one module of the base.
