@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use legora::train::{EvalMetrics, StageSummary, TrainCallback, TrainMetrics};
+use legora::train::{EvalMetrics, EvalProgress, StageSummary, TrainCallback, TrainMetrics};
 
 /// Seconds between two progress lines off a terminal (`LEGORA_PROGRESS_SECS`, default 10).
 pub const INTERVAL_ENV: &str = "LEGORA_PROGRESS_SECS";
@@ -68,12 +68,12 @@ fn duration(secs: f64) -> String {
     }
 }
 
-fn bar(stage: &str, start_step: usize, total_steps: usize) -> ProgressBar {
+fn bar(stage: &str, start_step: usize, total_steps: usize, unit: &str) -> ProgressBar {
     let bar = ProgressBar::new(total_steps as u64);
     bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix:>12} [{bar:30}] {pos}/{len} steps  {msg}  ({elapsed} < {eta})",
-        )
+        ProgressStyle::with_template(&format!(
+            "{{prefix:>12}} [{{bar:30}}] {{pos}}/{{len}} {unit}  {{msg}}  ({{elapsed}} < {{eta}})"
+        ))
         .expect("valid template")
         .progress_chars("=> "),
     );
@@ -99,7 +99,7 @@ fn eval_line(m: &EvalMetrics) -> String {
 impl TrainCallback for Progress {
     fn on_stage_start(&mut self, stage: &str, start_step: usize, total_steps: usize) {
         match &mut self.sink {
-            Sink::Bar(b) => *b = Some(bar(stage, start_step, total_steps)),
+            Sink::Bar(b) => *b = Some(bar(stage, start_step, total_steps, "steps")),
             Sink::Lines {
                 last,
                 stage: name,
@@ -160,6 +160,60 @@ impl TrainCallback for Progress {
             Sink::Bar(Some(bar)) => bar.println(eval_line(m)),
             Sink::Bar(None) => {}
             Sink::Lines { .. } => eprintln!("{}", eval_line(m)),
+        }
+    }
+
+    fn on_eval_progress(&mut self, p: &EvalProgress) {
+        let first = p.done == 0;
+        match &mut self.sink {
+            Sink::Bar(b) => {
+                if first {
+                    if let Some(old) = b.take() {
+                        old.finish_and_clear();
+                    }
+                    let name = format!("eval {}/{}", p.pair, p.pairs);
+                    let bar = bar(&name, 0, p.total, "samples");
+                    bar.set_message(format!("{} on {}", p.variant, p.task));
+                    *b = Some(bar);
+                }
+                if let Some(bar) = b {
+                    bar.set_position(p.done as u64);
+                    if p.done == p.total && p.pair == p.pairs {
+                        bar.finish_and_clear();
+                    }
+                }
+            }
+            Sink::Lines {
+                every, last, start, ..
+            } => {
+                if first {
+                    *start = Instant::now();
+                }
+                let due = first || last.is_none_or(|t| t.elapsed() >= *every) || p.done == p.total;
+                if !due {
+                    return;
+                }
+                *last = Some(Instant::now());
+                let secs = start.elapsed().as_secs_f64();
+                let rate = p.done as f64 / secs.max(1e-9);
+                let eta = if p.done == 0 {
+                    "?".to_string()
+                } else {
+                    duration(p.total.saturating_sub(p.done) as f64 / rate)
+                };
+                eprintln!(
+                    "eval {}/{}: {} on {}  {}/{} samples  {:.2} samples/s  elapsed {}  eta {}",
+                    p.pair,
+                    p.pairs,
+                    p.variant,
+                    p.task,
+                    p.done,
+                    p.total,
+                    rate,
+                    duration(secs),
+                    eta
+                );
+            }
         }
     }
 

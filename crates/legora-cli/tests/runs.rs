@@ -362,3 +362,60 @@ fn attachment_options_are_run_file_params() {
     assert!(stderr.contains("tasks[0].params.cards"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// Off a terminal the evaluation prints where it is: a line when each variant starts on
+/// each task and when it ends (and every `LEGORA_PROGRESS_SECS` between), for the scored
+/// (choices) and the generated (dialogue) tasks, before the report.
+#[test]
+fn evaluation_prints_progress_lines_off_a_terminal() {
+    let plugins = built_plugins();
+    let dir = temp_dir("eval-progress");
+    let run = dir.join("eval.toml");
+    std::fs::write(
+        &run,
+        format!(
+            "{}[[tasks]]\nname = \"finance\"\nformat = \"finance/alpaca\"\ntrain = {:?}\n\
+             max_samples = 20\nparams = {{ choices = [\"positive\", \"negative\", \"neutral\"] }}\n\n\
+             [[tasks]]\nname = \"npc\"\nformat = \"game-npc/dialogue\"\ntrain = {:?}\nmax_samples = 20\n\n\
+             [moe]\ntop_k = 1\n\n[stages.experts]\nmax_steps = 1\nbatch_size = 2\n\n\
+             [stages.router]\nmax_steps = 1\nbatch_size = 2\n\n\
+             [stages.eval]\nmax_samples = 3\nmax_new_tokens = 4\nbatch_size = 2\n",
+            head("out"),
+            data("finance/data/alpaca/train.json"),
+            data("game-npc/data/dialogues/train.jsonl"),
+        ),
+    )
+    .unwrap();
+    let log = dir.join("log.txt");
+    let file = std::fs::File::create(&log).unwrap();
+    let status = common::legora_cmd()
+        .args([
+            "train",
+            "--config",
+            &path(&run),
+            "--plugin-dir",
+            &path(plugins),
+        ])
+        .current_dir(&dir)
+        .env("LEGORA_PROGRESS_SECS", "30")
+        .stdout(Stdio::from(file.try_clone().unwrap()))
+        .stderr(Stdio::from(file))
+        .status()
+        .unwrap();
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{log}");
+    let report_at = log.find("# legora report").expect("the report is printed");
+    let mut pair = 0;
+    for task in ["finance", "npc"] {
+        for variant in ["base", "single_lora", "mixture", "oracle"] {
+            pair += 1;
+            for done in [0, 3] {
+                let line = format!("eval {pair}/8: {variant} on {task}  {done}/3 samples");
+                let at = log
+                    .find(&line)
+                    .unwrap_or_else(|| panic!("no `{line}` in {log}"));
+                assert!(at < report_at, "{log}");
+            }
+        }
+    }
+}

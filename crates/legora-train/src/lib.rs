@@ -55,7 +55,7 @@ pub use report::{ModelMetrics, ParamCount, Report, TaskReport};
 pub use schedule::{LrSchedule, ScheduleKind};
 pub use tok::{chat_template, HubTokenizer};
 pub use trainer::{
-    evaluate, evaluate_inner, LrGroup, ModelError, NoCallback, StageResult, StageSummary,
-    StepContext, StepOutput, StepPhases, StepReport, StopReason, TrainCallback, TrainModel,
-    Trainer, ValSet,
+    evaluate, evaluate_inner, EvalProgress, LrGroup, ModelError, NoCallback, StageResult,
+    StageSummary, StepContext, StepOutput, StepPhases, StepReport, StopReason, TrainCallback,
+    TrainModel, Trainer, ValSet,
 };

@@ -42,7 +42,9 @@ use crate::plan::{ExpertSource, Mode, RunPlan, TaskPlan, Variant};
 use crate::plot::{plot_routing_load, plot_stage_losses};
 use crate::report::{ModelMetrics, ParamCount, Report, TaskReport};
 use crate::tok::HubTokenizer;
-use crate::trainer::{evaluate_inner, LrGroup, StageSummary, TrainCallback, Trainer, ValSet};
+use crate::trainer::{
+    evaluate_inner, EvalProgress, LrGroup, StageSummary, TrainCallback, Trainer, ValSet,
+};
 
 /// Streams of [`derive_seed`] for initial weights: an expert's `A`, a layer's router,
 /// the single LoRA's `A`.
@@ -145,7 +147,7 @@ pub fn run_pipeline<B: AutodiffBackend>(
         return Ok(report); // rank 0 evaluates and writes the outputs
     }
     if !plan.variants.is_empty() {
-        run.evaluate(&mixture, single, &mut report)?;
+        run.evaluate(&mixture, single, &mut report, callback)?;
     }
     run.plots(&mut report)?;
     report.write(&run.out)?;
@@ -509,6 +511,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
         mixture: &CausalLm<B>,
         single: Option<CausalLm<B>>,
         report: &mut Report,
+        callback: &mut dyn TrainCallback,
     ) -> Result<()> {
         let mut base = self.base.model.valid();
         base.disable_adapters();
@@ -521,6 +524,10 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             false,
         )?;
         let mut all_routing = Vec::new();
+        let variants = self.plan.variants.len()
+            - usize::from(single.is_none() && self.plan.variants.contains(&Variant::SingleLora));
+        let pairs = self.tasks.len() * variants;
+        let mut pair = 0;
         for (ti, task) in self.tasks.iter().enumerate() {
             let mut tr = TaskReport {
                 task: task.name.clone(),
@@ -553,7 +560,21 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
                         all_routing.push((rs.clone(), task.val.len() as f64));
                     }
                 }
-                let metrics = self.task_metrics(model, task, route)?;
+                pair += 1;
+                let mut progress = EvalProgress {
+                    variant: variant.as_str().to_string(),
+                    task: task.name.clone(),
+                    done: 0,
+                    total: task.eval_records.len(),
+                    pair,
+                    pairs,
+                };
+                callback.on_eval_progress(&progress);
+                let mut report_done = |done: usize| {
+                    progress.done = done;
+                    callback.on_eval_progress(&progress);
+                };
+                let metrics = self.task_metrics(model, task, route, &mut report_done)?;
                 let mm = ModelMetrics {
                     val_loss: Some(m.val_loss),
                     metrics,
@@ -731,6 +752,7 @@ impl<B: AutodiffBackend> Run<'_, B> {
         model: &CausalLm<B::InnerBackend>,
         task: &TaskData,
         route: Option<usize>,
+        done: &mut dyn FnMut(usize),
     ) -> Result<BTreeMap<String, f64>> {
         let recs = &task.eval_records;
         if recs.is_empty() {
@@ -746,12 +768,19 @@ impl<B: AutodiffBackend> Run<'_, B> {
                 .map(|c| legora_data::Tokenize::encode(&self.tok, c, false))
                 .collect::<legora_data::Result<_>>()?;
             let bs = self.cfg.file.stages.eval.batch_size;
-            let scores = choice_scores(model, &prompts, &choice_ids, bs, &self.batcher, route)?;
+            let scores = choice_scores(
+                model,
+                &prompts,
+                &choice_ids,
+                (bs, &self.batcher),
+                route,
+                done,
+            )?;
             request.predictions = scores.iter().map(|s| choices[argmax(s)].clone()).collect();
             request.choices = choices;
             request.scores = scores;
         } else {
-            request.predictions = self.generate_answers(model, &prompts, route)?;
+            request.predictions = self.generate_answers(model, &prompts, route, done)?;
         }
         request.meta = recs.iter().map(|r| r.meta.clone()).collect();
         Ok(self.host.evaluate(&task.evaluator, request)?.metrics)
@@ -787,6 +816,7 @@ impl<B: AutodiffBackend> Run<'_, B> {
         model: &CausalLm<B::InnerBackend>,
         prompts: &[Vec<u32>],
         route: Option<usize>,
+        done: &mut dyn FnMut(usize),
     ) -> Result<Vec<String>> {
         let eval = &self.cfg.file.stages.eval;
         let mut gen = GenerationConfig::greedy(eval.max_new_tokens);
@@ -800,6 +830,7 @@ impl<B: AutodiffBackend> Run<'_, B> {
                 let text = legora_data::Tokenize::decode(&self.tok, &o)?;
                 answers.push(text.trim().to_string());
             }
+            done(answers.len());
         }
         Ok(answers)
     }
@@ -817,9 +848,9 @@ fn choice_scores<B: Backend>(
     model: &CausalLm<B>,
     prompts: &[Vec<u32>],
     choices: &[Vec<u32>],
-    batch_size: usize,
-    batcher: &Batcher,
+    (batch_size, batcher): (usize, &Batcher),
     route: Option<usize>,
+    done: &mut dyn FnMut(usize),
 ) -> Result<Vec<Vec<f64>>> {
     let mut rows = Vec::new();
     for p in prompts {
@@ -862,6 +893,7 @@ fn choice_scores<B: Backend>(
             }
             flat.push(sum);
         }
+        done(flat.len() / choices.len().max(1));
     }
     Ok(flat
         .chunks(choices.len().max(1))

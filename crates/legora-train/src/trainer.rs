@@ -140,6 +140,8 @@ pub trait TrainCallback {
     fn on_step(&mut self, _metrics: &TrainMetrics) {}
     /// A validation finished.
     fn on_eval(&mut self, _metrics: &EvalMetrics) {}
+    /// The evaluation stage scored or generated another batch of samples.
+    fn on_eval_progress(&mut self, _progress: &EvalProgress) {}
     /// A checkpoint was written.
     fn on_checkpoint(&mut self, _step: usize, _path: &Path) {}
     /// The stage ended.
@@ -148,6 +150,23 @@ pub trait TrainCallback {
     fn should_stop(&mut self) -> bool {
         false
     }
+}
+
+/// Where the evaluation stage is: one model variant on one task at a time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvalProgress {
+    /// The variant (`base`, `single_lora`, `mixture`, `oracle`).
+    pub variant: String,
+    /// The task.
+    pub task: String,
+    /// Samples of this variant and task done.
+    pub done: usize,
+    /// Samples of this variant and task.
+    pub total: usize,
+    /// This (variant, task) pair's position, from 1.
+    pub pair: usize,
+    /// Pairs in the evaluation.
+    pub pairs: usize,
 }
 
 /// A callback that does nothing.
