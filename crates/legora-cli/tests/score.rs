@@ -228,3 +228,47 @@ fn score_a_mixture_folder() {
     assert!(!ok && stderr.contains("task id"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--model` takes a Hugging Face repo id that the local cache holds (`$HF_HOME/hub`),
+/// with no download: the same score as the folder; an id the cache lacks is an error
+/// naming it and where it looked.
+#[test]
+fn a_repo_id_scores_from_the_hugging_face_cache() {
+    let home = std::env::temp_dir().join(format!("legora-hf-home-{}", std::process::id()));
+    let repo = home.join("hub/models--tiny-org--tiny-qwen2");
+    let folder = long_context("qwen2");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    let snap = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snap).unwrap();
+    for e in std::fs::read_dir(&folder).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, snap.join(p.file_name().unwrap())).unwrap();
+    }
+    let text = fixtures().join("score.txt");
+    let run = |model: &str| {
+        let out: super::common::Out = super::common::legora_cmd()
+            .args(["score", "--model", model, "--text", text.to_str().unwrap()])
+            .args(["--max-length", "128"])
+            .env("HF_HOME", &home)
+            .env_remove("HF_HUB_CACHE")
+            .output()
+            .unwrap()
+            .into();
+        out
+    };
+    let out = run("tiny-org/tiny-qwen2");
+    assert!(out.ok, "{}", out.stderr);
+    let v: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    let want = reference_score("qwen2", "score_base");
+    assert!((v["mean_nll"].as_f64().unwrap() - want).abs() < 1e-4, "{v}");
+    let out = run("tiny-org/absent");
+    assert!(!out.ok);
+    assert!(out.stderr.contains("tiny-org/absent"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&home.join("hub").display().to_string()),
+        "{}",
+        out.stderr
+    );
+    let _ = std::fs::remove_dir_all(&home);
+}

@@ -117,6 +117,18 @@ pub enum HubError {
         /// The model's error.
         source: ModelError,
     },
+    /// A model given by path or Hugging Face repo id is nowhere to be found.
+    #[error(
+        "model `{spec}` is neither a file or folder nor a repo id in the Hugging Face cache \
+         (nothing is downloaded); looked at: {}",
+        looked.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    ModelNotFound {
+        /// The path or repo id given.
+        spec: String,
+        /// Every place looked at.
+        looked: Vec<PathBuf>,
+    },
     /// A path that must be a regular file is something else (a FIFO, a device, a folder).
     #[error("{}: expected a regular file, found {found}", path.display())]
     NotAFile {

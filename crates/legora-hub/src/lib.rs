@@ -25,6 +25,7 @@
 mod contain;
 mod error;
 pub mod gguf;
+mod hf_cache;
 pub mod io;
 mod load;
 mod model;
@@ -35,6 +36,7 @@ mod tokenizer;
 pub use contain::contain_panic;
 pub use error::{HubError, Result};
 pub use gguf::GgufFile;
+pub use hf_cache::{hf_cache_dirs, resolve_model, resolve_model_in};
 pub use io::{write_atomic, Checkpoint, FloatDtype, SafetensorsFile};
 pub use load::{BitsAndBytesConfig, LoadOptions, Quantize};
 pub use model::{get_peft_model, load_config, PeftModel, PretrainedModel, TOKENIZER_FILES};

@@ -90,7 +90,9 @@ impl<B: Backend> PretrainedModel<B> {
     /// Load `dir` (config.json, model.safetensors or its shards, tokenizer.json,
     /// generation_config.json, chat template). Weights of any float dtype are cast to the
     /// backend's float type. A path ending in `.gguf` is a GGUF file:
-    /// [`from_gguf`](Self::from_gguf).
+    /// [`from_gguf`](Self::from_gguf). A Hugging Face repo id (`Qwen/Qwen2-0.5B`) that is
+    /// not a path is the snapshot the Hugging Face cache holds ([`crate::resolve_model`]);
+    /// nothing is downloaded.
     pub fn from_pretrained(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self> {
         Self::from_pretrained_with(dir, device, &LoadOptions::default())
     }
@@ -103,7 +105,7 @@ impl<B: Backend> PretrainedModel<B> {
         device: &B::Device,
         options: &LoadOptions,
     ) -> Result<Self> {
-        let dir = dir.as_ref();
+        let dir = &crate::hf_cache::resolve_model(dir.as_ref())?;
         let options = &options.for_backend::<B>(device)?;
         if crate::gguf::is_gguf_path(dir) {
             return Self::from_gguf_with(dir, device, options);

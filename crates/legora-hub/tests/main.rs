@@ -7,6 +7,7 @@ mod common;
 mod fuzz;
 mod gguf;
 mod gguf_bad_input;
+mod hf_cache;
 mod peft_format;
 mod peft_merges;
 mod peft_variants;

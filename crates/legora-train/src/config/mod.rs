@@ -230,20 +230,30 @@ impl RunConfig {
         self.resolve(self.file.model.path.get_ref())
     }
 
-    /// Check that `model.path` is an existing folder.
+    /// Check that `model.path` is an existing folder (relative to the run file), or a
+    /// Hugging Face repo id whose snapshot the local cache holds
+    /// ([`legora_hub::resolve_model`]).
     pub fn check_model_path(&self) -> Result<PathBuf> {
         let p = self.model_path();
-        if !p.is_dir() {
-            return Err(self.spanned_error(
+        if p.is_dir() {
+            return Ok(p);
+        }
+        let raw = Path::new(self.file.model.path.get_ref());
+        let cached = (!raw.exists())
+            .then(|| legora_hub::resolve_model(raw).ok())
+            .flatten()
+            .filter(|d| d.is_dir());
+        cached.ok_or_else(|| {
+            self.spanned_error(
                 "model.path",
                 self.file.model.path.span(),
                 format!(
-                    "expected an existing model folder, found no folder at {}",
+                    "expected an existing model folder or the repo id of a model in the \
+                     Hugging Face cache, found no folder at {}",
                     p.display()
                 ),
-            ));
-        }
-        Ok(p)
+            )
+        })
     }
 
     /// Training file of task `i` (resolved).
