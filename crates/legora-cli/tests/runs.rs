@@ -419,3 +419,70 @@ fn evaluation_prints_progress_lines_off_a_terminal() {
         }
     }
 }
+
+/// `legora demo --model` runs the three-domain demo over another base — here the demo's
+/// base as a Hugging Face repo id in a cache (`HF_HOME`) — with its budget scaled by flags,
+/// writing the usual report into --output-dir. A `.gguf` base whose context cannot hold the
+/// dialogues is refused naming max_seq_len, and a base that does not exist naming it.
+#[test]
+fn the_demo_runs_over_another_base() {
+    let plugins = built_plugins();
+    let root = workspace_root();
+    let out = temp_dir("demo-model");
+    let snap = out.join("hf/hub/models--tiny-org--demo-base/snapshots/5eed");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(out.join("hf/hub/models--tiny-org--demo-base/refs")).unwrap();
+    std::fs::write(
+        out.join("hf/hub/models--tiny-org--demo-base/refs/main"),
+        "5eed",
+    )
+    .unwrap();
+    for e in std::fs::read_dir(root.join("demo/base")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, snap.join(p.file_name().unwrap())).unwrap();
+    }
+    let demo = |model: &str, seq: &str| {
+        let config = path(&root.join("demo/demo.toml"));
+        common::legora_cmd()
+            .args(["demo", "--config", &config, "--plugin-dir", &path(plugins)])
+            .args(["--model", model, "--steps", "2", "--router-steps", "1"])
+            .args([
+                "--max-seq-len",
+                seq,
+                "--output-dir",
+                &path(&out.join("run")),
+            ])
+            .current_dir(&out)
+            .env("HF_HOME", out.join("hf"))
+            .env_remove("HF_HUB_CACHE")
+            .env_remove("LEGORA_PLUGIN_PATH")
+            .output()
+            .unwrap()
+    };
+    let stdout = ok(&demo("tiny-org/demo-base", "200"));
+    assert!(stdout.contains("# legora report"), "{stdout}");
+    let report = std::fs::read_to_string(out.join("run/report.md")).unwrap();
+    assert!(report.contains("| experts | 2/2 |"), "{report}");
+    for task in ["medical", "finance", "npc"] {
+        assert!(out
+            .join("run/experts")
+            .join(task)
+            .join("adapter_config.json")
+            .is_file());
+    }
+    let gguf = path(&root.join("tests/fixtures/gguf/qwen3-q8_0.gguf"));
+    for (model, needles) in [
+        (gguf.as_str(), &["max_seq_len", "npc"][..]),
+        (
+            "no-such-org/no-such-model",
+            &["no-such-org/no-such-model"][..],
+        ),
+    ] {
+        let bad = demo(model, "128");
+        let stderr = text(&bad.stderr);
+        assert_eq!(bad.status.code(), Some(1), "{stderr}");
+        for n in needles {
+            assert!(stderr.contains(n), "`{n}`: {stderr}");
+        }
+    }
+}

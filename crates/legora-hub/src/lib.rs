@@ -39,7 +39,9 @@ pub use gguf::GgufFile;
 pub use hf_cache::{hf_cache_dirs, resolve_model, resolve_model_in};
 pub use io::{write_atomic, Checkpoint, FloatDtype, SafetensorsFile};
 pub use load::{BitsAndBytesConfig, LoadOptions, Quantize};
-pub use model::{get_peft_model, load_config, PeftModel, PretrainedModel, TOKENIZER_FILES};
+pub use model::{
+    get_peft_model, load_config, load_model_config, PeftModel, PretrainedModel, TOKENIZER_FILES,
+};
 pub use moe::{load_mixture, save_mixture, MoeConfig, MOE_CONFIG, ROUTER_WEIGHTS};
 pub use peft::{
     adapter_dir, derive_config, list_adapters, load_adapter, peft_config_json, read_adapter,

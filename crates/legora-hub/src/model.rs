@@ -66,6 +66,20 @@ pub fn load_config(dir: &Path) -> Result<(Config, Value)> {
     Ok((cfg, raw))
 }
 
+/// The resolved config of the model at `path` (an HF folder, a `.gguf` file or a cached
+/// Hugging Face repo id), read without its weights.
+pub fn load_model_config(path: &Path) -> Result<legora_models::ModelConfig> {
+    let path = crate::hf_cache::resolve_model(path)?;
+    if crate::gguf::is_gguf_path(&path) {
+        let file = crate::GgufFile::open(&path)?;
+        return Ok(crate::gguf::load_gguf_config(&file)?.2);
+    }
+    let (config, _) = load_config(&path)?;
+    config
+        .resolve()
+        .map_err(HubError::model(path.join("config.json")))
+}
+
 /// An HF causal-LM folder, loaded: weights, config, tokenizer, generation config and
 /// chat template (transformers' `AutoModelForCausalLM` + `AutoTokenizer`).
 #[derive(Debug)]

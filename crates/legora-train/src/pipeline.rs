@@ -634,7 +634,17 @@ fn load_tasks(
     let mut out = Vec::new();
     for (i, t) in plan.tasks.iter().enumerate() {
         let (train_records, val_records) = task_records(cfg, host, t)?;
-        let (train, _) = prepare_task(&train_records, i, template, tok, &opts)?;
+        let (train, stats) = prepare_task(&train_records, i, template, tok, &opts)?;
+        if train.is_empty() && stats.dropped > 0 {
+            return Err(cfg.error_at(
+                "model.max_seq_len",
+                format!(
+                    "task `{}`: all {} training records leave no answer token within {} \
+                     tokens (raise max_seq_len, within the base's context)",
+                    t.name, stats.dropped, opts.max_seq_len
+                ),
+            ));
+        }
         let (val, _) = prepare_task(&val_records, i, template, tok, &opts)?;
         let mut eval_records = val_records;
         if let Some(n) = cfg.file.stages.eval.max_samples {

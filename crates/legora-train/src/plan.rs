@@ -213,12 +213,7 @@ fn check_output_dir(cfg: &RunConfig, mode: &Mode, model: &Path, out: &Path) -> R
 
 /// The base's resolved architecture (from its config.json alone).
 fn model_config(cfg: &RunConfig, model: &Path) -> Result<legora_models::ModelConfig> {
-    let (config, _) =
-        legora_hub::load_config(model).map_err(|e| cfg.error_at("model.path", e.to_string()))?;
-    let resolved = config
-        .resolve()
-        .map_err(|e| cfg.error_at("model.path", format!("{}: {e}", model.display())))?;
-    Ok(resolved)
+    legora_hub::load_model_config(model).map_err(|e| cfg.error_at("model.path", e.to_string()))
 }
 
 /// Task `i` checked against the plugins and the model.

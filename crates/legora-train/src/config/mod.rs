@@ -225,17 +225,23 @@ impl RunConfig {
         Ok(legora_hub::LoadOptions::new(m.precision.dtype(), quantize))
     }
 
+    /// Replace `model.path` with a path (absolute, or relative to the run file's folder) or
+    /// a Hugging Face repo id: a command-line override such as `legora demo --model`.
+    pub fn set_model_path(&mut self, path: String) {
+        self.file.model.path = serde_spanned::Spanned::new(0..0, path);
+    }
+
     /// The model folder (resolved).
     pub fn model_path(&self) -> PathBuf {
         self.resolve(self.file.model.path.get_ref())
     }
 
-    /// Check that `model.path` is an existing folder (relative to the run file), or a
-    /// Hugging Face repo id whose snapshot the local cache holds
+    /// Check that `model.path` is an existing folder or `.gguf` file (relative to the run
+    /// file), or a Hugging Face repo id whose snapshot the local cache holds
     /// ([`legora_hub::resolve_model`]).
     pub fn check_model_path(&self) -> Result<PathBuf> {
         let p = self.model_path();
-        if p.is_dir() {
+        if p.is_dir() || (p.is_file() && legora_hub::gguf::is_gguf_path(&p)) {
             return Ok(p);
         }
         let raw = Path::new(self.file.model.path.get_ref());
@@ -248,8 +254,8 @@ impl RunConfig {
                 "model.path",
                 self.file.model.path.span(),
                 format!(
-                    "expected an existing model folder or the repo id of a model in the \
-                     Hugging Face cache, found no folder at {}",
+                    "expected an existing model folder, a .gguf file or the repo id of a \
+                     model in the Hugging Face cache, found no folder at {}",
                     p.display()
                 ),
             )

@@ -532,7 +532,8 @@ fn run_case<B: AutodiffBackend>(
     let config = match &args.model {
         Some(path) => {
             label = format!("{label}@{}", crate::text::tidy(path).display());
-            let c = weights::config_at(path)?;
+            let c = legora::hub::load_model_config(path)
+                .with_context(|| format!("--model {}", path.display()))?;
             shape = Shape {
                 hidden: c.hidden_size,
                 layers: c.num_hidden_layers,

@@ -74,21 +74,6 @@ fn normals(rng: &mut Rng, n: usize) -> Vec<f32> {
     out
 }
 
-/// The resolved config of the model at `path` (an HF folder or a .gguf file), read
-/// without its weights.
-pub fn config_at(path: &std::path::Path) -> anyhow::Result<ModelConfig> {
-    let what = || format!("--model {}", path.display());
-    if legora::hub::gguf::is_gguf_path(path) {
-        let file = legora::hub::GgufFile::open(path).with_context(what)?;
-        Ok(legora::hub::gguf::load_gguf_config(&file)
-            .with_context(what)?
-            .2)
-    } else {
-        let (cfg, _) = legora::hub::load_config(path).with_context(what)?;
-        Ok(cfg.resolve().with_context(what)?)
-    }
-}
-
 /// What a case needs at the least, in bytes: its frozen weights in their storage, and
 /// per token the logits and their gradient (f32) and each decoder layer's input (what
 /// even gradient checkpointing keeps).
