@@ -28,9 +28,10 @@ pub fn hf_cache_dirs() -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-/// `spec` as a model path: a path that exists as is; else a repo id (`org/name`,
-/// optionally `@revision`) resolved in the Hugging Face cache ([`hf_cache_dirs`]); else an
-/// error naming `spec` and every place looked at.
+/// `spec` as a model path: a path that exists, or anything that cannot be a repo id, as
+/// is (reading it then names the missing file); a repo id (`org/name`, optionally
+/// `@revision`) that is not a path, resolved in the Hugging Face cache
+/// ([`hf_cache_dirs`]), or an error naming it and every place looked at.
 pub fn resolve_model(spec: &Path) -> Result<PathBuf> {
     resolve_model_in(spec, &hf_cache_dirs())
 }
@@ -40,8 +41,11 @@ pub fn resolve_model_in(spec: &Path, caches: &[PathBuf]) -> Result<PathBuf> {
     if spec.exists() {
         return Ok(spec.to_path_buf());
     }
+    let Some((repo, revision)) = spec.to_str().and_then(repo_id) else {
+        return Ok(spec.to_path_buf());
+    };
     let mut looked = vec![spec.to_path_buf()];
-    if let Some((repo, revision)) = spec.to_str().and_then(repo_id) {
+    {
         for cache in caches {
             let repo_dir = cache.join(format!("models--{}", repo.replace('/', "--")));
             let commit = match std::fs::read_to_string(repo_dir.join("refs").join(revision)) {
