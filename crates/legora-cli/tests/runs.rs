@@ -52,6 +52,31 @@ fn path(p: &Path) -> String {
     p.to_str().unwrap().to_string()
 }
 
+/// `legora train --config run` in `dir` with stdout and stderr into one file, as
+/// `legora train … > log.txt 2>&1`, a progress line every `progress_secs`; the log, once
+/// the run succeeded.
+fn piped_train(run: &Path, plugins: &Path, dir: &Path, progress_secs: &str) -> String {
+    let log = dir.join("log.txt");
+    let file = std::fs::File::create(&log).unwrap();
+    let status = common::legora_cmd()
+        .args([
+            "train",
+            "--config",
+            &path(run),
+            "--plugin-dir",
+            &path(plugins),
+        ])
+        .current_dir(dir)
+        .env("LEGORA_PROGRESS_SECS", progress_secs)
+        .stdout(Stdio::from(file.try_clone().unwrap()))
+        .stderr(Stdio::from(file))
+        .status()
+        .unwrap();
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{log}");
+    log
+}
+
 /// The run-file head shared by the runs: the demo base, chatml, short rows.
 fn head(output_dir: &str) -> String {
     let root = workspace_root();
@@ -103,25 +128,7 @@ fn experts_from_two_presets_differ_in_rank_and_targets_and_reload() {
         ),
     )
     .unwrap();
-    // stdout and stderr into one file, as `legora train … > log.txt 2>&1`
-    let log = dir.join("log.txt");
-    let file = std::fs::File::create(&log).unwrap();
-    let status = common::legora_cmd()
-        .args([
-            "train",
-            "--config",
-            &path(&run),
-            "--plugin-dir",
-            &path(plugins),
-        ])
-        .current_dir(&dir)
-        .env("LEGORA_PROGRESS_SECS", "0")
-        .stdout(Stdio::from(file.try_clone().unwrap()))
-        .stderr(Stdio::from(file))
-        .status()
-        .unwrap();
-    let log = std::fs::read_to_string(&log).unwrap();
-    assert!(status.success(), "{log}");
+    let log = piped_train(&run, plugins, &dir, "0");
     // Progress lines, written while the stage ran: before the report, which comes last.
     let report_at = log.find("# legora report").expect("the report is printed");
     for step in 1..=3 {
@@ -386,24 +393,7 @@ fn evaluation_prints_progress_lines_off_a_terminal() {
         ),
     )
     .unwrap();
-    let log = dir.join("log.txt");
-    let file = std::fs::File::create(&log).unwrap();
-    let status = common::legora_cmd()
-        .args([
-            "train",
-            "--config",
-            &path(&run),
-            "--plugin-dir",
-            &path(plugins),
-        ])
-        .current_dir(&dir)
-        .env("LEGORA_PROGRESS_SECS", "30")
-        .stdout(Stdio::from(file.try_clone().unwrap()))
-        .stderr(Stdio::from(file))
-        .status()
-        .unwrap();
-    let log = std::fs::read_to_string(&log).unwrap();
-    assert!(status.success(), "{log}");
+    let log = piped_train(&run, plugins, &dir, "30");
     let report_at = log.find("# legora report").expect("the report is printed");
     let mut pair = 0;
     for task in ["finance", "npc"] {

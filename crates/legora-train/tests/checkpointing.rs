@@ -6,36 +6,21 @@ use super::common;
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use common::*;
 use legora_data::Mixing;
 use legora_kernels::quant::{Format, QuantMatrix};
 use legora_kernels::FrozenWeight;
-use legora_models::{CausalLm, Config};
-use legora_nn::{InitLoraWeights, LoraConfig, RouterConfig, TargetModules};
+use legora_models::CausalLm;
+use legora_nn::RouterConfig;
 use legora_train::*;
 
 /// Two LoRA experts on every projection of a 2-layer Llama over the byte vocabulary,
 /// task-routed, router-gated (with aux and z losses) or kept as plain adapters.
 fn model(kind: &str) -> CausalLm<AD> {
-    let cfg = Config::from_json(
-        r#"{"model_type": "llama", "vocab_size": 260, "hidden_size": 16,
-            "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "max_position_embeddings": 256}"#,
-    )
-    .unwrap();
-    let device = Default::default();
     // the same start for every run
-    AD::seed(&device, 17);
-    let mut m = CausalLm::<AD>::random(cfg.resolve().unwrap(), 0.2, &device).unwrap();
-    let lora = LoraConfig {
-        r: 2,
-        lora_alpha: 4.0,
-        target_modules: Some(TargetModules::Pattern("all-linear".into())),
-        init_lora_weights: InitLoraWeights::Random,
-        ..LoraConfig::default()
-    };
+    let mut m = tiny_random("llama", "", 17);
+    let lora = all_linear_lora();
     let names = if kind == "lm" {
         vec!["a"]
     } else {

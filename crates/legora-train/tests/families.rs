@@ -5,30 +5,15 @@
 
 use super::common;
 
-use burn::tensor::backend::Backend;
 use common::*;
 use legora_data::Mixing;
-use legora_models::{CausalLm, Config};
-use legora_nn::{InitLoraWeights, LoraConfig, RouterConfig, TargetModules};
+use legora_models::CausalLm;
+use legora_nn::RouterConfig;
 use legora_train::*;
 
 fn mixture(model_type: &str, extra: &str) -> CausalLm<AD> {
-    let cfg = Config::from_json(&format!(
-        r#"{{"model_type": "{model_type}", "vocab_size": 260, "hidden_size": 16,
-            "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "max_position_embeddings": 256 {extra}}}"#
-    ))
-    .unwrap();
-    let device = Default::default();
-    AD::seed(&device, 5);
-    let mut m = CausalLm::<AD>::random(cfg.resolve().unwrap(), 0.2, &device).unwrap();
-    let lora = LoraConfig {
-        r: 2,
-        lora_alpha: 4.0,
-        target_modules: Some(TargetModules::Pattern("all-linear".into())),
-        init_lora_weights: InitLoraWeights::Random,
-        ..LoraConfig::default()
-    };
+    let mut m = tiny_random(model_type, extra, 5);
+    let lora = all_linear_lora();
     for name in ["a", "b"] {
         m.add_adapter(name, &lora).unwrap();
     }

@@ -204,3 +204,28 @@ pub fn max_abs_diff(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f32 {
 
 /// Every test of this binary holds it (see [`legora_testing::serial`]).
 pub use legora_testing::serial;
+
+/// A random 2-layer model of family `model_type` over the byte vocabulary (hidden 16,
+/// 4 / 2 heads; `extra` adds config keys), the backend seeded with `seed` first.
+pub fn tiny_random(model_type: &str, extra: &str, seed: u64) -> legora_models::CausalLm<AD> {
+    let cfg = legora_models::Config::from_json(&format!(
+        r#"{{"model_type": "{model_type}", "vocab_size": 260, "hidden_size": 16,
+            "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 256 {extra}}}"#
+    ))
+    .unwrap();
+    let device = Default::default();
+    AD::seed(&device, seed);
+    legora_models::CausalLm::random(cfg.resolve().unwrap(), 0.2, &device).unwrap()
+}
+
+/// LoRA r = 2, alpha 4 on every linear projection, both factors random (B != 0).
+pub fn all_linear_lora() -> legora_nn::LoraConfig {
+    legora_nn::LoraConfig {
+        r: 2,
+        lora_alpha: 4.0,
+        target_modules: Some(legora_nn::TargetModules::Pattern("all-linear".into())),
+        init_lora_weights: legora_nn::InitLoraWeights::Random,
+        ..legora_nn::LoraConfig::default()
+    }
+}
