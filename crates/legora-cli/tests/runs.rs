@@ -439,6 +439,8 @@ fn the_demo_runs_over_another_base() {
             .args([
                 "--max-seq-len",
                 seq,
+                "--eval-samples",
+                "4",
                 "--output-dir",
                 &path(&out.join("run")),
             ])

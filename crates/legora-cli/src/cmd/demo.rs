@@ -40,6 +40,9 @@ pub struct Args {
     /// Longest training sequence in tokens.
     #[arg(long, value_parser = clap::value_parser!(u64).range(2..))]
     pub max_seq_len: Option<u64>,
+    /// Held-out samples evaluated per task (and per model variant).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub eval_samples: Option<u64>,
     /// Where the outputs go (default: the run file's, out/demo).
     #[arg(long)]
     pub output_dir: Option<PathBuf>,
@@ -68,6 +71,9 @@ impl Args {
         }
         if let Some(n) = self.max_seq_len {
             f.model.max_seq_len = n as usize;
+        }
+        if let Some(n) = self.eval_samples {
+            f.stages.eval.max_samples = Some(n as usize);
         }
         if let Some(d) = &self.output_dir {
             f.output_dir = Some(cwd.join(d).display().to_string());
