@@ -45,20 +45,18 @@ pub fn resolve_model_in(spec: &Path, caches: &[PathBuf]) -> Result<PathBuf> {
         return Ok(spec.to_path_buf());
     };
     let mut looked = vec![spec.to_path_buf()];
-    {
-        for cache in caches {
-            let repo_dir = cache.join(format!("models--{}", repo.replace('/', "--")));
-            let commit = match std::fs::read_to_string(repo_dir.join("refs").join(revision)) {
-                Ok(c) => c.trim().to_string(),
-                // a commit hash names its snapshot directly
-                Err(_) => revision.to_string(),
-            };
-            let snapshot = repo_dir.join("snapshots").join(&commit);
-            if is_name(&commit) && snapshot.is_dir() {
-                return Ok(snapshot);
-            }
-            looked.push(snapshot);
+    for cache in caches {
+        let repo_dir = cache.join(format!("models--{}", repo.replace('/', "--")));
+        let commit = match std::fs::read_to_string(repo_dir.join("refs").join(revision)) {
+            Ok(c) => c.trim().to_string(),
+            // a commit hash names its snapshot directly
+            Err(_) => revision.to_string(),
+        };
+        let snapshot = repo_dir.join("snapshots").join(&commit);
+        if is_name(&commit) && snapshot.is_dir() {
+            return Ok(snapshot);
         }
+        looked.push(snapshot);
     }
     Err(HubError::ModelNotFound {
         spec: spec.display().to_string(),

@@ -87,6 +87,17 @@ fn nll_backward(grad: &FlexTensor, st: &NllState, needs: [bool; 1]) -> [Option<F
 
 backward!(NllBackward, 1, NllState, nll_backward);
 
+/// The targets of `batch` rows of `s` positions over a vocabulary of `v` as indices:
+/// `batch · (s − 1)` of them, each in `0..v`; `None` otherwise (the kernels then leave
+/// the case to the reference path).
+fn scored_targets(targets: &[i64], batch: usize, s: usize, v: usize) -> Option<Vec<usize>> {
+    let targets: Option<Vec<usize>> = targets
+        .iter()
+        .map(|&t| usize::try_from(t).ok().filter(|&t| t < v))
+        .collect();
+    targets.filter(|t| s >= 2 && t.len() == batch * (s - 1))
+}
+
 /// Fused [`crate::next_token_nll`].
 pub(crate) fn next_token_nll<B: Backend>(
     logits: Tensor<B, 3>,
@@ -97,11 +108,7 @@ pub(crate) fn next_token_nll<B: Backend>(
     };
     let [b, s, v] = logits.dims();
     let n = b * s.saturating_sub(1);
-    let targets: Option<Vec<usize>> = targets
-        .iter()
-        .map(|&t| usize::try_from(t).ok().filter(|&t| t < v))
-        .collect();
-    let Some(targets) = targets.filter(|t| s >= 2 && t.len() == n) else {
+    let Some(targets) = scored_targets(targets, b, s, v) else {
         return Err(logits);
     };
     if !super::all_f32(&[logits.dtype()]) {
@@ -233,11 +240,7 @@ pub(crate) fn linear_next_token_nll<B: Backend>(
     let [b, s, d] = h.dims();
     let [v, wd] = weight.dims();
     let n = b * s.saturating_sub(1);
-    let targets: Option<Vec<usize>> = targets
-        .iter()
-        .map(|&t| usize::try_from(t).ok().filter(|&t| t < v))
-        .collect();
-    let Some(targets) = targets.filter(|t| s >= 2 && t.len() == n && wd == d) else {
+    let Some(targets) = scored_targets(targets, b, s, v).filter(|_| wd == d) else {
         return Err(h);
     };
     if !super::all_f32(&[h.dtype()]) {
