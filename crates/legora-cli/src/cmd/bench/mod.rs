@@ -437,16 +437,10 @@ where
 /// Peak resident set of this process in MiB: `VmHWM` from `/proc/self/status`, else
 /// `getrusage(RUSAGE_SELF).ru_maxrss`; `None` when neither is available.
 fn peak_rss_mb() -> Option<f64> {
-    if let Ok(s) = std::fs::read_to_string("/proc/self/status") {
-        let kb = s
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok());
-        if let Some(kb) = kb {
-            return Some(kb / 1024.0);
-        }
+    match weights::proc_kb("/proc/self/status", "VmHWM") {
+        Some(kb) => Some(kb as f64 / 1024.0),
+        None => rusage_max_rss_mb(),
     }
-    rusage_max_rss_mb()
 }
 
 #[cfg(unix)]

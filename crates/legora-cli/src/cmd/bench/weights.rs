@@ -144,14 +144,17 @@ fn mib(bytes: u128) -> u128 {
 
 /// `MemAvailable` of `/proc/meminfo`, in bytes.
 fn available_bytes() -> Option<u128> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kb = s
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+    proc_kb("/proc/meminfo", "MemAvailable").map(|kb| u128::from(kb) * 1024)
+}
+
+/// The `key: N kB` line of a `/proc` file (`/proc/meminfo`, `/proc/self/status`), in kB.
+pub(super) fn proc_kb(file: &str, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(file).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
         .trim()
         .trim_end_matches("kB")
         .trim()
-        .parse::<u128>()
-        .ok()?;
-    Some(kb * 1024)
+        .parse()
+        .ok()
 }
