@@ -1,7 +1,9 @@
 //! The projections of a decoder layer and the ids of adapter slots.
 //!
-//! This is the one list of projections in legora: everything that walks a layer's
-//! linears (adapters, exports, benchmarks, presets) iterates [`Proj::ALL`]. Module paths
+//! This is the one list of projections in legora. A layer has either the separate
+//! projections of Llama ([`Proj::SEPARATE`]) or the fused ones of Phi-3 ([`Proj::FUSED`]:
+//! `qkv_proj`, `gate_up_proj`); everything that walks a layer's linears (adapters,
+//! exports, benchmarks) iterates the model's list of the two. Module paths
 //! (`model.layers.3.self_attn.q_proj`) are strings only at the HF / PEFT boundary, through
 //! [`SlotId`]'s `Display` and `FromStr`.
 
@@ -10,7 +12,7 @@ use std::str::FromStr;
 
 use crate::error::ConfigError;
 
-/// One linear projection of a Llama-family decoder layer, by its HF name.
+/// One linear projection of a decoder layer, by its HF name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Proj {
     /// `self_attn.q_proj`, `[heads·head_dim, hidden]`.
@@ -19,19 +21,37 @@ pub enum Proj {
     KProj,
     /// `self_attn.v_proj`, `[kv_heads·head_dim, hidden]`.
     VProj,
+    /// `self_attn.qkv_proj` (Phi-3): q, k and v in one linear,
+    /// `[(heads + 2·kv_heads)·head_dim, hidden]`.
+    QkvProj,
     /// `self_attn.o_proj`, `[hidden, heads·head_dim]`.
     OProj,
     /// `mlp.gate_proj`, `[intermediate, hidden]`.
     GateProj,
     /// `mlp.up_proj`, `[intermediate, hidden]`.
     UpProj,
+    /// `mlp.gate_up_proj` (Phi-3): gate and up in one linear, `[2·intermediate, hidden]`.
+    GateUpProj,
     /// `mlp.down_proj`, `[hidden, intermediate]`.
     DownProj,
 }
 
 impl Proj {
-    /// Every projection, in the order of a layer's forward pass.
-    pub const ALL: [Proj; 7] = [
+    /// Every projection of either layout.
+    pub const ALL: [Proj; 9] = [
+        Proj::QProj,
+        Proj::KProj,
+        Proj::VProj,
+        Proj::QkvProj,
+        Proj::OProj,
+        Proj::GateProj,
+        Proj::UpProj,
+        Proj::GateUpProj,
+        Proj::DownProj,
+    ];
+
+    /// The projections of a Llama-like layer, in the order of its forward pass.
+    pub const SEPARATE: [Proj; 7] = [
         Proj::QProj,
         Proj::KProj,
         Proj::VProj,
@@ -41,15 +61,20 @@ impl Proj {
         Proj::DownProj,
     ];
 
+    /// The projections of a Phi-3 layer (fused q/k/v and gate/up), in forward order.
+    pub const FUSED: [Proj; 4] = [Proj::QkvProj, Proj::OProj, Proj::GateUpProj, Proj::DownProj];
+
     /// The HF module name (`q_proj`).
     pub fn hf_name(self) -> &'static str {
         match self {
             Proj::QProj => "q_proj",
             Proj::KProj => "k_proj",
             Proj::VProj => "v_proj",
+            Proj::QkvProj => "qkv_proj",
             Proj::OProj => "o_proj",
             Proj::GateProj => "gate_proj",
             Proj::UpProj => "up_proj",
+            Proj::GateUpProj => "gate_up_proj",
             Proj::DownProj => "down_proj",
         }
     }
@@ -65,7 +90,10 @@ impl Proj {
 
     /// Whether it belongs to the attention block.
     pub fn is_attention(self) -> bool {
-        matches!(self, Proj::QProj | Proj::KProj | Proj::VProj | Proj::OProj)
+        matches!(
+            self,
+            Proj::QProj | Proj::KProj | Proj::VProj | Proj::QkvProj | Proj::OProj
+        )
     }
 
     /// The path inside a layer: `self_attn.q_proj`.
@@ -91,7 +119,8 @@ impl FromStr for Proj {
             .ok_or_else(|| {
                 ConfigError::invalid(
                     "projection",
-                    "one of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj",
+                    "one of q_proj, k_proj, v_proj, qkv_proj, o_proj, gate_proj, up_proj, \
+                     gate_up_proj, down_proj",
                     format!("\"{s}\""),
                 )
             })
@@ -147,14 +176,11 @@ impl SlotId {
         matches!(self, SlotId::LmHead)
     }
 
-    /// Every slot of a model with `num_layers` layers, in model order (`lm_head` last).
-    pub fn all(num_layers: usize) -> impl Iterator<Item = SlotId> {
+    /// Every slot of a model with `num_layers` layers of the projections `projs`
+    /// ([`Proj::SEPARATE`] or [`Proj::FUSED`]), in model order (`lm_head` last).
+    pub fn all(num_layers: usize, projs: &[Proj]) -> impl Iterator<Item = SlotId> + '_ {
         (0..num_layers)
-            .flat_map(|layer| {
-                Proj::ALL
-                    .into_iter()
-                    .map(move |proj| SlotId::Layer { layer, proj })
-            })
+            .flat_map(move |layer| projs.iter().map(move |&proj| SlotId::Layer { layer, proj }))
             .chain(std::iter::once(SlotId::LmHead))
     }
 }
@@ -183,8 +209,8 @@ impl FromStr for SlotId {
         let bad = || {
             ConfigError::invalid(
                 "module path",
-                "`model.layers.<i>.self_attn.{q,k,v,o}_proj`, \
-                 `model.layers.<i>.mlp.{gate,up,down}_proj` or `lm_head`",
+                "`model.layers.<i>.self_attn.{q,k,v,qkv,o}_proj`, \
+                 `model.layers.<i>.mlp.{gate,up,gate_up,down}_proj` or `lm_head`",
                 format!("`{s}`"),
             )
         };
@@ -209,9 +235,11 @@ mod tests {
 
     #[test]
     fn slot_ids_round_trip_through_hf_paths() {
-        let all: Vec<SlotId> = SlotId::all(2).collect();
+        let all: Vec<SlotId> = SlotId::all(2, &Proj::SEPARATE).collect();
         assert_eq!(all.len(), 15);
-        for id in all {
+        let fused: Vec<SlotId> = SlotId::all(2, &Proj::FUSED).collect();
+        assert_eq!(fused.len(), 9);
+        for id in all.into_iter().chain(fused) {
             let s = id.to_string();
             assert_eq!(s.parse::<SlotId>().unwrap(), id, "{s}");
         }
@@ -219,6 +247,13 @@ mod tests {
             SlotId::layer(3, Proj::UpProj).to_string(),
             "model.layers.3.mlp.up_proj"
         );
+        assert_eq!(
+            "model.layers.1.self_attn.qkv_proj"
+                .parse::<SlotId>()
+                .unwrap(),
+            SlotId::layer(1, Proj::QkvProj)
+        );
+        assert!("model.layers.1.mlp.qkv_proj".parse::<SlotId>().is_err());
         for bad in [
             "model.layers.x.self_attn.q_proj",
             "model.layers.0.mlp.q_proj",

@@ -47,7 +47,7 @@ const ROUTER_INPUTS: [&str; 3] = [
 /// What the routers of `layers` read in `model` (see [`MoeConfig::router_input`]).
 fn router_input<B: Backend>(model: &CausalLm<B>, layers: &[usize]) -> String {
     let attn = |i: usize| {
-        legora_models::Proj::ALL.into_iter().any(|p| {
+        model.config().projections().iter().any(|&p| {
             p.is_attention() && model.slot(SlotId::layer(i, p)).is_ok_and(Slot::is_mixture)
         })
     };

@@ -182,6 +182,7 @@ pub fn load_adapter<B: Backend>(
             source: ModelError::NoTargetMatched {
                 adapter: name.into(),
                 target_modules: serde_json::to_string(&cfg.target_modules).unwrap_or_default(),
+                slots: model.config().slot_names(),
             },
         });
     }

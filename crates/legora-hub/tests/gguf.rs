@@ -18,7 +18,7 @@ use safetensors::SafeTensors;
 use serde_json::Value;
 
 /// The models the script wrote (`<family>-<type>.gguf`).
-const MODELS: [&str; 10] = [
+const MODELS: [&str; 12] = [
     "llama-f16",
     "llama-q8_0",
     "llama-q4_0",
@@ -29,6 +29,8 @@ const MODELS: [&str; 10] = [
     "qwen2-q4_0",
     "qwen3-f16",
     "qwen3-q8_0",
+    "phi3-f16",
+    "phi3-q8_0",
 ];
 
 fn dir() -> PathBuf {
@@ -201,6 +203,7 @@ fn tokenizers_match_transformers() {
         "llama-f16",
         "qwen2-f16",
         "qwen3-f16",
+        "phi3-f16",
         "tok-llama-bpe",
         "tok-gpt-2",
     ] {

@@ -1,6 +1,7 @@
 //! legora against transformers / PEFT on the tiny fixtures of
 //! tests/fixtures/make_model_fixtures.py (Llama sharded f32 with llama3 rope, Qwen2 bf16
-//! tied with q/k/v bias, Mistral with sliding window 4, Qwen3 with per-head q/k norms):
+//! tied with q/k/v bias, Mistral with sliding window 4, Qwen3 with per-head q/k norms, Phi-3
+//! with fused qkv_proj / gate_up_proj and a window of 6 on every layer):
 //! logits within 1e-4, greedy ids equal, scores equal, chat template equal.
 
 use super::common;
@@ -10,7 +11,7 @@ use legora_hub::{Message, PeftModel, PretrainedModel};
 use legora_models::{GenerationConfig, LmInput, TokenIds};
 
 const TOL: f32 = 1e-4;
-const FAMILIES: [&str; 4] = ["llama", "qwen2", "mistral", "qwen3"];
+const FAMILIES: [&str; 5] = ["llama", "qwen2", "mistral", "qwen3", "phi3"];
 
 fn base(family: &str) -> PretrainedModel<B> {
     PretrainedModel::from_pretrained(fixture(family), &Default::default()).unwrap()

@@ -16,60 +16,83 @@ use crate::error::{ModelError, Result};
 use crate::slot::Slot;
 
 impl<B: Backend> DecoderLayer<B> {
-    /// The slot of projection `p`.
-    pub fn proj(&self, p: Proj) -> &Slot<B> {
+    /// The slot of projection `p` (`None` when the layer has the other layout: a fused
+    /// `qkv_proj` instead of `q_proj`, ...).
+    pub fn proj(&self, p: Proj) -> Option<&Slot<B>> {
         let (a, m) = (&self.self_attn, &self.mlp);
         match p {
-            Proj::QProj => &a.q_proj,
-            Proj::KProj => &a.k_proj,
-            Proj::VProj => &a.v_proj,
-            Proj::OProj => &a.o_proj,
-            Proj::GateProj => &m.gate_proj,
-            Proj::UpProj => &m.up_proj,
-            Proj::DownProj => &m.down_proj,
+            Proj::QProj => a.q_proj.as_ref(),
+            Proj::KProj => a.k_proj.as_ref(),
+            Proj::VProj => a.v_proj.as_ref(),
+            Proj::QkvProj => a.qkv_proj.as_ref(),
+            Proj::OProj => Some(&a.o_proj),
+            Proj::GateProj => m.gate_proj.as_ref(),
+            Proj::UpProj => m.up_proj.as_ref(),
+            Proj::GateUpProj => m.gate_up_proj.as_ref(),
+            Proj::DownProj => Some(&m.down_proj),
         }
     }
 
     /// The slot of projection `p`, mutably.
-    pub fn proj_mut(&mut self, p: Proj) -> &mut Slot<B> {
+    pub fn proj_mut(&mut self, p: Proj) -> Option<&mut Slot<B>> {
         let (a, m) = (&mut self.self_attn, &mut self.mlp);
         match p {
-            Proj::QProj => &mut a.q_proj,
-            Proj::KProj => &mut a.k_proj,
-            Proj::VProj => &mut a.v_proj,
-            Proj::OProj => &mut a.o_proj,
-            Proj::GateProj => &mut m.gate_proj,
-            Proj::UpProj => &mut m.up_proj,
-            Proj::DownProj => &mut m.down_proj,
+            Proj::QProj => a.q_proj.as_mut(),
+            Proj::KProj => a.k_proj.as_mut(),
+            Proj::VProj => a.v_proj.as_mut(),
+            Proj::QkvProj => a.qkv_proj.as_mut(),
+            Proj::OProj => Some(&mut a.o_proj),
+            Proj::GateProj => m.gate_proj.as_mut(),
+            Proj::UpProj => m.up_proj.as_mut(),
+            Proj::GateUpProj => m.gate_up_proj.as_mut(),
+            Proj::DownProj => Some(&mut m.down_proj),
         }
     }
 
-    /// Every projection's slot, mutably, in [`Proj::ALL`] order.
-    fn projs_mut(&mut self) -> [(Proj, &mut Slot<B>); 7] {
+    /// Every projection's slot, in forward order.
+    pub fn projs(&self) -> Vec<(Proj, &Slot<B>)> {
+        Proj::ALL
+            .into_iter()
+            .filter_map(|p| self.proj(p).map(|s| (p, s)))
+            .collect()
+    }
+
+    /// Every projection's slot, mutably, in forward order.
+    fn projs_mut(&mut self) -> Vec<(Proj, &mut Slot<B>)> {
         let (a, m) = (&mut self.self_attn, &mut self.mlp);
-        [
-            (Proj::QProj, &mut a.q_proj),
-            (Proj::KProj, &mut a.k_proj),
-            (Proj::VProj, &mut a.v_proj),
-            (Proj::OProj, &mut a.o_proj),
-            (Proj::GateProj, &mut m.gate_proj),
-            (Proj::UpProj, &mut m.up_proj),
-            (Proj::DownProj, &mut m.down_proj),
-        ]
+        let slots = [
+            (Proj::QProj, a.q_proj.as_mut()),
+            (Proj::KProj, a.k_proj.as_mut()),
+            (Proj::VProj, a.v_proj.as_mut()),
+            (Proj::QkvProj, a.qkv_proj.as_mut()),
+            (Proj::OProj, Some(&mut a.o_proj)),
+            (Proj::GateProj, m.gate_proj.as_mut()),
+            (Proj::UpProj, m.up_proj.as_mut()),
+            (Proj::GateUpProj, m.gate_up_proj.as_mut()),
+            (Proj::DownProj, Some(&mut m.down_proj)),
+        ];
+        slots
+            .into_iter()
+            .filter_map(|(p, s)| s.map(|s| (p, s)))
+            .collect()
     }
 }
 
 impl<B: Backend> CausalLm<B> {
     /// Every adapter slot's id, in model order (`lm_head` last).
     pub fn slot_ids(&self) -> Vec<SlotId> {
-        SlotId::all(self.model.layers.len()).collect()
+        self.config().slot_ids()
     }
 
     /// Every slot with its id, in model order.
     pub fn slots(&self) -> Vec<(SlotId, &Slot<B>)> {
         let mut out: Vec<(SlotId, &Slot<B>)> = Vec::new();
         for (layer, l) in self.model.layers.iter().enumerate() {
-            out.extend(Proj::ALL.map(|p| (SlotId::layer(layer, p), l.proj(p))));
+            out.extend(
+                l.projs()
+                    .into_iter()
+                    .map(|(p, s)| (SlotId::layer(layer, p), s)),
+            );
         }
         out.push((SlotId::LmHead, &self.lm_head));
         out
@@ -79,7 +102,11 @@ impl<B: Backend> CausalLm<B> {
     pub fn slots_mut(&mut self) -> Vec<(SlotId, &mut Slot<B>)> {
         let mut out: Vec<(SlotId, &mut Slot<B>)> = Vec::new();
         for (layer, l) in self.model.layers.iter_mut().enumerate() {
-            out.extend(l.projs_mut().map(|(p, s)| (SlotId::layer(layer, p), s)));
+            out.extend(
+                l.projs_mut()
+                    .into_iter()
+                    .map(|(p, s)| (SlotId::layer(layer, p), s)),
+            );
         }
         out.push((SlotId::LmHead, &mut self.lm_head));
         out
@@ -93,7 +120,7 @@ impl<B: Backend> CausalLm<B> {
                 .model
                 .layers
                 .get(layer)
-                .map(|l| l.proj(proj))
+                .and_then(|l| l.proj(proj))
                 .ok_or_else(|| ModelError::UnknownModule {
                     path: id.to_string(),
                 }),
@@ -108,7 +135,7 @@ impl<B: Backend> CausalLm<B> {
                 .model
                 .layers
                 .get_mut(layer)
-                .map(|l| l.proj_mut(proj))
+                .and_then(|l| l.proj_mut(proj))
                 .ok_or_else(|| ModelError::UnknownModule {
                     path: id.to_string(),
                 }),
@@ -141,6 +168,7 @@ impl<B: Backend> CausalLm<B> {
             return Err(ModelError::NoTargetMatched {
                 adapter: name.into(),
                 target_modules: serde_json::to_string(&config.target_modules).unwrap_or_default(),
+                slots: self.config().slot_names(),
             });
         }
         for &id in &targets {
@@ -493,8 +521,8 @@ impl<B: Backend> CausalLm<B> {
                 format!("{p}.input_layernorm.weight"),
                 layer.input_layernorm.weight.val().into_data(),
             ));
-            for proj in Proj::ALL {
-                push_slot(&mut out, SlotId::layer(i, proj), layer.proj(proj))?;
+            for (proj, slot) in layer.projs() {
+                push_slot(&mut out, SlotId::layer(i, proj), slot)?;
             }
             let a = &layer.self_attn;
             for (name, norm) in [("q_norm", &a.q_norm), ("k_norm", &a.k_norm)] {
@@ -509,6 +537,20 @@ impl<B: Backend> CausalLm<B> {
                 format!("{p}.post_attention_layernorm.weight"),
                 layer.post_attention_layernorm.weight.val().into_data(),
             ));
+            for (name, norm) in [
+                (
+                    "pre_feedforward_layernorm",
+                    &layer.pre_feedforward_layernorm,
+                ),
+                (
+                    "post_feedforward_layernorm",
+                    &layer.post_feedforward_layernorm,
+                ),
+            ] {
+                if let Some(n) = norm {
+                    out.push((format!("{p}.{name}.weight"), n.weight.val().into_data()));
+                }
+            }
         }
         out.push((
             "model.norm.weight".into(),

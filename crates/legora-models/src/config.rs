@@ -89,7 +89,7 @@ fn default_eps() -> f64 {
 /// Keys legora does not interpret are kept in [`extra`](Self::extra).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
-    /// `llama`, `qwen2`, `mistral` or `qwen3`.
+    /// `llama`, `qwen2`, `mistral`, `qwen3` or `phi3`.
     pub model_type: String,
     /// Vocabulary size (rows of `embed_tokens`).
     pub vocab_size: usize,
@@ -191,6 +191,7 @@ impl Config {
             "qwen2" => crate::qwen2::resolve(self),
             "mistral" => crate::mistral::resolve(self),
             "qwen3" => crate::qwen3::resolve(self),
+            "phi3" => crate::phi3::resolve(self),
             other => Err(ModelError::UnknownModelType {
                 found: other.to_string(),
                 supported: Family::ALL.iter().map(|f| f.model_type()).collect(),
@@ -210,11 +211,19 @@ pub enum Family {
     Mistral,
     /// `qwen3` (Qwen3 dense models).
     Qwen3,
+    /// `phi3` (Phi-3, Phi-4: fused `qkv_proj` and `gate_up_proj`).
+    Phi3,
 }
 
 impl Family {
     /// Every family.
-    pub const ALL: [Family; 4] = [Family::Llama, Family::Qwen2, Family::Mistral, Family::Qwen3];
+    pub const ALL: [Family; 5] = [
+        Family::Llama,
+        Family::Qwen2,
+        Family::Mistral,
+        Family::Qwen3,
+        Family::Phi3,
+    ];
 
     /// config.json's `model_type`.
     pub fn model_type(&self) -> &'static str {
@@ -223,6 +232,31 @@ impl Family {
             Family::Qwen2 => "qwen2",
             Family::Mistral => "mistral",
             Family::Qwen3 => "qwen3",
+            Family::Phi3 => "phi3",
+        }
+    }
+}
+
+/// The MLP's activation: `act_fn(gate_proj(x)) * up_proj(x)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `silu` (SwiGLU: Llama, Qwen, Mistral, Phi-3).
+    Silu,
+    /// `gelu_pytorch_tanh` (GeGLU with tanh-approximated GELU: Gemma).
+    GeluTanh,
+}
+
+impl Activation {
+    /// The activation transformers' `ACT2FN` names `name`, if legora implements it.
+    pub fn from_hf(field: &str, name: &str) -> Result<Self> {
+        match name {
+            "silu" | "swish" => Ok(Activation::Silu),
+            "gelu_pytorch_tanh" => Ok(Activation::GeluTanh),
+            other => Err(ModelError::unsupported(
+                field,
+                format!("\"{other}\""),
+                "legora implements \"silu\" (SwiGLU) and \"gelu_pytorch_tanh\" (GeGLU)",
+            )),
         }
     }
 }
@@ -265,6 +299,24 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     /// Per layer: the attention window, if the layer uses one.
     pub sliding_windows: Vec<Option<usize>>,
+    /// q/k/v and gate/up are each one linear (`qkv_proj`, `gate_up_proj`: Phi-3).
+    pub fused_projections: bool,
+    /// The MLP's activation.
+    pub hidden_act: Activation,
+    /// Added to every RMSNorm weight before it scales (Gemma's `1 + weight`): 0 or 1.
+    pub norm_weight_offset: f64,
+    /// Gemma: norms on the block outputs too (`post_attention_layernorm` on the attention
+    /// output, `pre_feedforward_layernorm` before the MLP, `post_feedforward_layernorm`
+    /// after it), four per layer.
+    pub sandwich_norms: bool,
+    /// Multiplier of the embeddings (Gemma: `hidden_size ** 0.5`).
+    pub embed_scale: Option<f64>,
+    /// Scale of the attention scores (`head_dim ** -0.5`; Gemma: `query_pre_attn_scalar
+    /// ** -0.5`).
+    pub attn_scale: f64,
+    /// The rotary embedding of the sliding-window layers when it is not [`rope`](Self::rope)
+    /// (Gemma 3's local base θ).
+    pub local_rope: Option<Rope>,
 }
 
 impl ModelConfig {
@@ -316,6 +368,29 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// The projections of every decoder layer, in forward order: [`Proj::SEPARATE`], or
+    /// [`Proj::FUSED`] for a model with fused projections.
+    pub fn projections(&self) -> &'static [Proj] {
+        if self.fused_projections {
+            &Proj::FUSED
+        } else {
+            &Proj::SEPARATE
+        }
+    }
+
+    /// Every adapter slot of the model, in model order (`lm_head` last).
+    pub fn slot_ids(&self) -> Vec<SlotId> {
+        SlotId::all(self.num_hidden_layers, self.projections()).collect()
+    }
+
+    /// The names of the model's adapter slots, space-separated, for messages
+    /// (`q_proj k_proj v_proj o_proj gate_proj up_proj down_proj lm_head`).
+    pub fn slot_names(&self) -> String {
+        let mut names: Vec<&str> = self.projections().iter().map(|p| p.hf_name()).collect();
+        names.push("lm_head");
+        names.join(" ")
+    }
+
     /// `(out_features, in_features)` of projection `proj`.
     pub fn proj_dims(&self, proj: Proj) -> (usize, usize) {
         let h = self.hidden_size;
@@ -325,8 +400,10 @@ impl ModelConfig {
         match proj {
             Proj::QProj => (q, h),
             Proj::KProj | Proj::VProj => (kv, h),
+            Proj::QkvProj => (q + 2 * kv, h),
             Proj::OProj => (h, q),
             Proj::GateProj | Proj::UpProj => (i, h),
+            Proj::GateUpProj => (2 * i, h),
             Proj::DownProj => (h, i),
         }
     }
@@ -336,7 +413,7 @@ impl ModelConfig {
     /// `model.embed_tokens.weight`, then `lm_head.weight` unless tied to the embeddings.
     pub fn frozen_weights(&self) -> Vec<(String, (usize, usize))> {
         let layers = (0..self.num_hidden_layers).flat_map(|layer| {
-            Proj::ALL.into_iter().map(move |proj| {
+            self.projections().iter().map(move |&proj| {
                 let id = SlotId::layer(layer, proj);
                 (format!("{id}.weight"), self.proj_dims(proj))
             })
@@ -361,7 +438,7 @@ impl ModelConfig {
     /// `mlp_bias`).
     pub fn proj_bias(&self, proj: Proj) -> bool {
         match proj {
-            Proj::QProj | Proj::KProj | Proj::VProj => self.qkv_bias,
+            Proj::QProj | Proj::KProj | Proj::VProj | Proj::QkvProj => self.qkv_bias,
             Proj::OProj => self.o_bias,
             _ => self.mlp_bias,
         }
@@ -444,13 +521,7 @@ fn check_bounds(cfg: &Config) -> Result<()> {
 
 /// Fields shared by every Llama-like family: sizes, heads, RoPE, norm.
 pub(crate) fn resolve_common(cfg: &Config, family: Family) -> Result<ModelConfig> {
-    if cfg.hidden_act != "silu" {
-        return Err(ModelError::unsupported(
-            "hidden_act",
-            format!("\"{}\"", cfg.hidden_act),
-            "only \"silu\" (SwiGLU) is implemented",
-        ));
-    }
+    let hidden_act = Activation::from_hf("hidden_act", &cfg.hidden_act)?;
     if cfg.num_attention_heads == 0 {
         return Err(ModelError::config(
             "num_attention_heads",
@@ -481,6 +552,13 @@ pub(crate) fn resolve_common(cfg: &Config, family: Family) -> Result<ModelConfig
         mlp_bias: false,
         qk_norm: false,
         sliding_windows: vec![None; cfg.num_hidden_layers],
+        fused_projections: false,
+        hidden_act,
+        norm_weight_offset: 0.0,
+        sandwich_norms: false,
+        embed_scale: None,
+        attn_scale: (head_dim as f64).powf(-0.5),
+        local_rope: None,
     })
 }
 
@@ -580,6 +658,8 @@ mod tests {
         let mut cfg = Config::from_json(LLAMA31_V4).unwrap();
         cfg.hidden_act = "gelu".into();
         assert!(matches!(cfg.resolve(), Err(ModelError::Unsupported { .. })));
+        cfg.hidden_act = "gelu_pytorch_tanh".into();
+        assert_eq!(cfg.resolve().unwrap().hidden_act, Activation::GeluTanh);
         let mut cfg = Config::from_json(LLAMA31_V4).unwrap();
         cfg.rope_scaling.as_mut().unwrap().rope_type = Some("yarn".into());
         let e = cfg.resolve().unwrap_err();

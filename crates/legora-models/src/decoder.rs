@@ -10,7 +10,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use legora_kernels::FrozenWeight;
 use legora_nn::{Experts, Proj, Router, RouterOutput, RouterPooling, SlotId};
 
-use crate::config::ModelConfig;
+use crate::config::{Activation, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::slot::Slot;
 use crate::weights::{FrozenMaker, Init, WeightSource};
@@ -26,15 +26,54 @@ pub struct RmsNorm<B: Backend> {
     pub weight: Param<Tensor<B, 1>>,
     /// ε.
     pub eps: f64,
+    /// Added to the weight before it scales: 0, or 1 for Gemma
+    /// (`output * (1.0 + self.weight.float())`).
+    pub offset: f64,
 }
 
 impl<B: Backend> RmsNorm<B> {
-    /// `weight · x / sqrt(mean(x²) + ε)`.
+    /// `(weight + offset) · x / sqrt(mean(x²) + ε)`.
     ///
     /// # Shapes
     /// - x: `[batch, seq, hidden]` → same
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        legora_kernels::rms_norm(x, self.weight.val(), self.eps)
+        let w = self.weight.val();
+        let w = if self.offset == 0.0 {
+            w
+        } else {
+            w + self.offset
+        };
+        legora_kernels::rms_norm(x, w, self.eps)
+    }
+}
+
+/// Rotary tables of one forward: the model's, and the sliding-window layers' own where
+/// they have one (Gemma 3), each `(cos, sin)` of `[batch, seq, 1, head_dim]`.
+#[derive(Debug, Clone)]
+pub(crate) struct RopeTables<B: Backend> {
+    global: (Tensor<B, 4>, Tensor<B, 4>),
+    local: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+}
+
+impl<B: Backend> RopeTables<B> {
+    /// The tables of `config` at `positions` `[batch, seq]`.
+    pub(crate) fn new(config: &ModelConfig, positions: Tensor<B, 2, Int>) -> Self {
+        let local = config
+            .local_rope
+            .as_ref()
+            .map(|r| r.cos_sin(positions.clone()));
+        Self {
+            global: config.rope.cos_sin(positions),
+            local,
+        }
+    }
+
+    /// `(cos, sin)` of a layer: its own when `local` and the model has local tables.
+    pub(crate) fn get(&self, local: bool) -> (&Tensor<B, 4>, &Tensor<B, 4>) {
+        match (&self.local, local) {
+            (Some((c, s)), true) => (c, s),
+            _ => (&self.global.0, &self.global.1),
+        }
     }
 }
 
@@ -85,12 +124,14 @@ impl<B: Backend> KvCache<B> {
 /// GQA self-attention with RoPE (transformers' `LlamaAttention`, eager path).
 #[derive(Module, Debug)]
 pub struct SelfAttention<B: Backend> {
-    /// `[heads·head_dim, hidden]`.
-    pub q_proj: Slot<B>,
-    /// `[kv_heads·head_dim, hidden]`.
-    pub k_proj: Slot<B>,
-    /// `[kv_heads·head_dim, hidden]`.
-    pub v_proj: Slot<B>,
+    /// `[heads·head_dim, hidden]` (`None` when fused into `qkv_proj`).
+    pub q_proj: Option<Slot<B>>,
+    /// `[kv_heads·head_dim, hidden]` (`None` when fused into `qkv_proj`).
+    pub k_proj: Option<Slot<B>>,
+    /// `[kv_heads·head_dim, hidden]` (`None` when fused into `qkv_proj`).
+    pub v_proj: Option<Slot<B>>,
+    /// Phi-3: q, k and v in one linear, `[(heads + 2·kv_heads)·head_dim, hidden]`.
+    pub qkv_proj: Option<Slot<B>>,
     /// `[hidden, heads·head_dim]`.
     pub o_proj: Slot<B>,
     /// RMSNorm over each query head before RoPE, weight `[head_dim]` (Qwen3).
@@ -105,17 +146,27 @@ pub struct SelfAttention<B: Backend> {
     pub head_dim: usize,
     /// Attention window of this layer, if any.
     pub sliding_window: Option<usize>,
+    /// Scale of the attention scores (`head_dim ** -0.5`, Gemma:
+    /// `query_pre_attn_scalar ** -0.5`).
+    pub scaling: f64,
+    /// Whether this layer uses the model's local rotary tables (Gemma 3's sliding layers).
+    pub local_rope: bool,
 }
 
 /// SwiGLU MLP: `down_proj(silu(gate_proj(x)) · up_proj(x))`.
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    /// `[intermediate, hidden]`.
-    pub gate_proj: Slot<B>,
-    /// `[intermediate, hidden]`.
-    pub up_proj: Slot<B>,
+    /// `[intermediate, hidden]` (`None` when fused into `gate_up_proj`).
+    pub gate_proj: Option<Slot<B>>,
+    /// `[intermediate, hidden]` (`None` when fused into `gate_up_proj`).
+    pub up_proj: Option<Slot<B>>,
+    /// Phi-3: gate and up in one linear, `[2·intermediate, hidden]` (gate rows first).
+    pub gate_up_proj: Option<Slot<B>>,
     /// `[hidden, intermediate]`.
     pub down_proj: Slot<B>,
+    /// `act_fn` of `act_fn(gate) * up`.
+    #[module(skip)]
+    pub act: Activation,
 }
 
 /// One pre-norm decoder layer, with an optional mixture router (MixLoRA style: one
@@ -128,8 +179,13 @@ pub struct DecoderLayer<B: Backend> {
     pub mlp: Mlp<B>,
     /// Norm before attention; its output is also the router's input.
     pub input_layernorm: RmsNorm<B>,
-    /// Norm before the MLP.
+    /// Norm before the MLP, or (with `pre_feedforward_layernorm`: Gemma) on the attention
+    /// output.
     pub post_attention_layernorm: RmsNorm<B>,
+    /// Gemma: the norm before the MLP.
+    pub pre_feedforward_layernorm: Option<RmsNorm<B>>,
+    /// Gemma: the norm on the MLP output.
+    pub post_feedforward_layernorm: Option<RmsNorm<B>>,
     /// The layer's router (gates every mixture slot of this layer).
     pub router: Option<Router<B>>,
 }
@@ -274,8 +330,7 @@ pub(crate) fn aux_loss<B: Backend>(routing: &[Routing<B>]) -> Option<Tensor<B, 1
 
 /// Per-forward context shared by the layers.
 pub(crate) struct Ctx<B: Backend> {
-    cos: Tensor<B, 4>,
-    sin: Tensor<B, 4>,
+    rope: RopeTables<B>,
     /// Additive masks `[batch, 1, seq, total]` per distinct window.
     masks: Vec<(Option<usize>, Tensor<B, 4>)>,
     /// Real-token mask of the new positions, `[batch·seq]`.
@@ -342,6 +397,40 @@ pub(crate) fn head_norm<B: Backend>(norm: &Option<RmsNorm<B>>, x: Tensor<B, 4>) 
 }
 
 impl<B: Backend> SelfAttention<B> {
+    /// The queries, keys and values of `x` through `run` (which applies a slot): three
+    /// projections, or Phi-3's one `qkv_proj` split as transformers does
+    /// (`query_states = qkv[..., :query_pos]`, then the keys, then the values).
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]` → (`[batch, seq, heads·head_dim]`,
+    ///   `[batch, seq, kv_heads·head_dim]` twice)
+    pub(crate) fn qkv(
+        &self,
+        x: Tensor<B, 3>,
+        run: &mut impl FnMut(&Slot<B>, Proj, Tensor<B, 3>) -> Result<Tensor<B, 3>>,
+    ) -> Result<(Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>)> {
+        let q_len = self.num_heads * self.head_dim;
+        let kv_len = self.num_kv_heads * self.head_dim;
+        match (&self.qkv_proj, &self.q_proj, &self.k_proj, &self.v_proj) {
+            (Some(qkv), ..) => {
+                let y = run(qkv, Proj::QkvProj, x)?;
+                Ok((
+                    y.clone().narrow(2, 0, q_len),
+                    y.clone().narrow(2, q_len, kv_len),
+                    y.narrow(2, q_len + kv_len, kv_len),
+                ))
+            }
+            (None, Some(q), Some(k), Some(v)) => Ok((
+                run(q, Proj::QProj, x.clone())?,
+                run(k, Proj::KProj, x.clone())?,
+                run(v, Proj::VProj, x)?,
+            )),
+            _ => Err(ModelError::InvalidState(
+                "an attention block needs q_proj, k_proj and v_proj, or qkv_proj".into(),
+            )),
+        }
+    }
+
     /// # Shapes
     /// - x: `[batch, seq, hidden]` → `[batch, seq, hidden]`
     fn forward(
@@ -361,11 +450,13 @@ impl<B: Backend> SelfAttention<B> {
         // query_states = self.q_proj(hidden_states).view(hidden_shape); the heads stay on
         // dim 2 (`[batch, seq, heads, head_dim]`): the attention kernel reads them in place,
         // so transformers' transpose(1, 2) and repeat_kv are never materialised.
-        let q = run(&self.q_proj, Proj::QProj, x.clone())?.reshape([b, s, h, hd]);
-        let q = legora_kernels::rotary(head_norm(&self.q_norm, q), &ctx.cos, &ctx.sin);
-        let k = run(&self.k_proj, Proj::KProj, x.clone())?.reshape([b, s, kv, hd]);
-        let k = legora_kernels::rotary(head_norm(&self.k_norm, k), &ctx.cos, &ctx.sin);
-        let v = run(&self.v_proj, Proj::VProj, x)?.reshape([b, s, kv, hd]);
+        let (q, k, v) = self.qkv(x, &mut run)?;
+        let (cos, sin) = ctx.rope.get(self.local_rope);
+        let q = q.reshape([b, s, h, hd]);
+        let q = legora_kernels::rotary(head_norm(&self.q_norm, q), cos, sin);
+        let k = k.reshape([b, s, kv, hd]);
+        let k = legora_kernels::rotary(head_norm(&self.k_norm, k), cos, sin);
+        let v = v.reshape([b, s, kv, hd]);
         let (k, v) = match cache {
             Some(slot) => {
                 let (k, v) = match slot.take() {
@@ -380,9 +471,9 @@ impl<B: Backend> SelfAttention<B> {
             }
             None => (k, v),
         };
-        // softmax(q·kᵀ·head_dim^-0.5 + mask, dim=-1, dtype=torch.float32) · v
+        // softmax(q·kᵀ·scaling + mask, dim=-1, dtype=torch.float32) · v
         let mask = ctx.mask(self.sliding_window).clone();
-        let out = legora_kernels::attention(q, k, v, mask, (hd as f64).powf(-0.5));
+        let out = legora_kernels::attention(q, k, v, mask, self.scaling);
         let out = out.reshape([b, s, h * hd]);
         run(&self.o_proj, Proj::OProj, out)
     }
@@ -402,14 +493,40 @@ impl<B: Backend> Mlp<B> {
             run_slot(p, x, experts, SlotId::layer(layer, proj), routing)
         };
         // down_proj(act_fn(gate_proj(x)) * up_proj(x))
-        let g = run(&self.gate_proj, Proj::GateProj, x.clone())?;
-        let u = run(&self.up_proj, Proj::UpProj, x)?;
-        run(
-            &self.down_proj,
-            Proj::DownProj,
-            legora_kernels::swiglu(g, u),
-        )
+        let (g, u) = match (&self.gate_up_proj, &self.gate_proj, &self.up_proj) {
+            // Phi-3: gate, up_states = self.gate_up_proj(hidden_states).chunk(2, dim=-1)
+            (Some(gate_up), ..) => {
+                let y = run(gate_up, Proj::GateUpProj, x)?;
+                let i = y.dims()[2] / 2;
+                (y.clone().narrow(2, 0, i), y.narrow(2, i, i))
+            }
+            (None, Some(gate), Some(up)) => (
+                run(gate, Proj::GateProj, x.clone())?,
+                run(up, Proj::UpProj, x)?,
+            ),
+            _ => {
+                return Err(ModelError::InvalidState(
+                    "an MLP needs gate_proj and up_proj, or gate_up_proj".into(),
+                ))
+            }
+        };
+        let inner = match self.act {
+            Activation::Silu => legora_kernels::swiglu(g, u),
+            Activation::GeluTanh => gelu_tanh(g) * u,
+        };
+        run(&self.down_proj, Proj::DownProj, inner)
     }
+}
+
+/// transformers' `gelu_pytorch_tanh`:
+/// `0.5 · x · (1 + tanh(√(2/π) · (x + 0.044715 · x³)))`.
+///
+/// # Shapes
+/// - x: any → same
+pub(crate) fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let cube = x.clone() * x.clone() * x.clone();
+    let inner = (x.clone() + cube * 0.044715) * (2.0 / std::f64::consts::PI).sqrt();
+    x * (inner.tanh() + 1.0) * 0.5
 }
 
 /// Causal mean of the real tokens' router inputs: position `t` gets the mean of the
@@ -462,6 +579,7 @@ fn norm_of<B: Backend>(
     Ok(RmsNorm {
         weight: Param::from_tensor(init.load::<B, 1>(name, [dim], device)?).set_require_grad(false),
         eps: c.rms_norm_eps,
+        offset: c.norm_weight_offset,
     })
 }
 
@@ -502,14 +620,14 @@ pub(crate) fn run_slot<B: Backend>(
 impl<B: Backend> DecoderLayer<B> {
     /// Whether any projection holds a mixture.
     pub(crate) fn has_mixture(&self) -> bool {
-        Proj::ALL.into_iter().any(|p| self.proj(p).is_mixture())
+        self.projs().into_iter().any(|(_, s)| s.is_mixture())
     }
 
     /// Whether any attention projection holds a mixture.
     pub(crate) fn attn_has_mixture(&self) -> bool {
-        Proj::ALL
+        self.projs()
             .into_iter()
-            .any(|p| p.is_attention() && self.proj(p).is_mixture())
+            .any(|(p, s)| p.is_attention() && s.is_mixture())
     }
 
     /// The experts of this layer's mixture slots for the normalized input `x` of the
@@ -565,14 +683,52 @@ impl<B: Backend> DecoderLayer<B> {
         if attn_first {
             experts = self.route(&x, ctx, layer, pool.take(), routing);
         }
-        let h = h + self
+        let attn = self
             .self_attn
             .forward(x, ctx, &experts, cache, layer, routing)?;
-        let x = self.post_attention_layernorm.forward(h.clone());
+        let h = h + self.attn_output(attn);
+        let x = self.mlp_input(h.clone());
         if !attn_first {
             experts = self.route(&x, ctx, layer, pool, routing);
         }
-        Ok(h + self.mlp.forward(x, &experts, layer, routing)?)
+        let y = self.mlp.forward(x, &experts, layer, routing)?;
+        Ok(h + self.mlp_output(y))
+    }
+
+    /// The attention output as it joins the residual: as it is, or (Gemma)
+    /// `post_attention_layernorm(attn)`.
+    ///
+    /// # Shapes
+    /// - y: `[batch, seq, hidden]` → same
+    pub(crate) fn attn_output(&self, y: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.pre_feedforward_layernorm {
+            Some(_) => self.post_attention_layernorm.forward(y),
+            None => y,
+        }
+    }
+
+    /// The MLP's input from the residual `h`: `post_attention_layernorm(h)`, or (Gemma)
+    /// `pre_feedforward_layernorm(h)`.
+    ///
+    /// # Shapes
+    /// - h: `[batch, seq, hidden]` → same
+    pub(crate) fn mlp_input(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.pre_feedforward_layernorm {
+            Some(norm) => norm.forward(h),
+            None => self.post_attention_layernorm.forward(h),
+        }
+    }
+
+    /// The MLP output as it joins the residual: as it is, or (Gemma)
+    /// `post_feedforward_layernorm(mlp)`.
+    ///
+    /// # Shapes
+    /// - y: `[batch, seq, hidden]` → same
+    pub(crate) fn mlp_output(&self, y: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.post_feedforward_layernorm {
+            Some(norm) => norm.forward(y),
+            None => y,
+        }
     }
 
     /// [`DecoderLayer::forward`] without a cache (training).
@@ -650,7 +806,7 @@ impl<B: Backend> CausalLm<B> {
         })
     }
 
-    /// Decoder layer `i`: its seven projections and its norms.
+    /// Decoder layer `i`: its projections (seven, or Phi-3's four) and its norms.
     fn build_layer(
         c: &ModelConfig,
         i: usize,
@@ -671,10 +827,14 @@ impl<B: Backend> CausalLm<B> {
             };
             Ok(Slot::frozen(w, b))
         };
+        let has = |p: Proj| c.projections().contains(&p);
         let self_attn = SelfAttention {
-            q_proj: proj(Proj::QProj)?,
-            k_proj: proj(Proj::KProj)?,
-            v_proj: proj(Proj::VProj)?,
+            q_proj: has(Proj::QProj).then(|| proj(Proj::QProj)).transpose()?,
+            k_proj: has(Proj::KProj).then(|| proj(Proj::KProj)).transpose()?,
+            v_proj: has(Proj::VProj).then(|| proj(Proj::VProj)).transpose()?,
+            qkv_proj: has(Proj::QkvProj)
+                .then(|| proj(Proj::QkvProj))
+                .transpose()?,
             o_proj: proj(Proj::OProj)?,
             q_norm,
             k_norm,
@@ -682,23 +842,39 @@ impl<B: Backend> CausalLm<B> {
             num_kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
             sliding_window: c.sliding_windows[i],
+            scaling: c.attn_scale,
+            local_rope: c.sliding_windows[i].is_some() && c.local_rope.is_some(),
         };
         let mlp = Mlp {
-            gate_proj: proj(Proj::GateProj)?,
-            up_proj: proj(Proj::UpProj)?,
+            gate_proj: has(Proj::GateProj)
+                .then(|| proj(Proj::GateProj))
+                .transpose()?,
+            up_proj: has(Proj::UpProj).then(|| proj(Proj::UpProj)).transpose()?,
+            gate_up_proj: has(Proj::GateUpProj)
+                .then(|| proj(Proj::GateUpProj))
+                .transpose()?,
             down_proj: proj(Proj::DownProj)?,
+            act: c.hidden_act,
         };
         let p = format!("model.layers.{i}");
+        let mut layer_norm = |name: &str| norm(c, &format!("{p}.{name}.weight"), init, device);
+        let input_layernorm = layer_norm("input_layernorm")?;
+        let post_attention_layernorm = layer_norm("post_attention_layernorm")?;
+        let (pre_feedforward_layernorm, post_feedforward_layernorm) = if c.sandwich_norms {
+            (
+                Some(layer_norm("pre_feedforward_layernorm")?),
+                Some(layer_norm("post_feedforward_layernorm")?),
+            )
+        } else {
+            (None, None)
+        };
         Ok(DecoderLayer {
             self_attn,
             mlp,
-            input_layernorm: norm(c, &format!("{p}.input_layernorm.weight"), init, device)?,
-            post_attention_layernorm: norm(
-                c,
-                &format!("{p}.post_attention_layernorm.weight"),
-                init,
-                device,
-            )?,
+            input_layernorm,
+            post_attention_layernorm,
+            pre_feedforward_layernorm,
+            post_feedforward_layernorm,
             router: None,
         })
     }
@@ -899,7 +1075,7 @@ impl<B: Backend> CausalLm<B> {
                 .reshape([1, s])
                 .repeat_dim(0, b),
         };
-        let (cos, sin) = self.config.rope.cos_sin(positions);
+        let rope = RopeTables::new(&self.config, positions);
         let pad = input
             .attention_mask
             .as_ref()
@@ -927,20 +1103,27 @@ impl<B: Backend> CausalLm<B> {
             .as_ref()
             .map(|m| m.clone().narrow(1, past, s).float().reshape([b * s]));
         let ctx = Ctx {
-            cos,
-            sin,
+            rope,
             masks,
             token_mask,
             experts: input.experts,
         };
 
-        let ids = input.input_ids.reshape([b * s]);
-        let h = self
-            .model
-            .embed_tokens
-            .rows(ids)
-            .reshape([b, s, self.config.hidden_size]);
-        Ok((ctx, h))
+        let h = self.embed(input.input_ids.reshape([b * s]));
+        Ok((ctx, h.reshape([b, s, self.config.hidden_size])))
+    }
+
+    /// The embeddings of `ids`, scaled where the family scales them (Gemma:
+    /// `embed_tokens(ids) * hidden_size ** 0.5`).
+    ///
+    /// # Shapes
+    /// - ids: `[n]` → `[n, hidden]`
+    pub(crate) fn embed(&self, ids: Tensor<B, 1, Int>) -> Tensor<B, 2> {
+        let h = self.model.embed_tokens.rows(ids);
+        match self.config.embed_scale {
+            Some(scale) => h * scale,
+            None => h,
+        }
     }
 
     /// The final norm and `lm_head`.

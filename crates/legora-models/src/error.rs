@@ -63,13 +63,15 @@ pub enum ModelError {
     /// No module of the model matched an adapter's `target_modules`.
     #[error(
         "adapter `{adapter}`: target_modules {target_modules} match no module of this model \
-         (its adapter slots are q_proj k_proj v_proj o_proj gate_proj up_proj down_proj lm_head)"
+         (its adapter slots are {slots})"
     )]
     NoTargetMatched {
         /// Adapter name.
         adapter: String,
         /// `target_modules` as JSON.
         target_modules: String,
+        /// The model's slot names, space-separated (`q_proj k_proj ... lm_head`).
+        slots: String,
     },
     /// A LoRA rank larger than the module it adapts (`r` > max(out, in)).
     #[error(

@@ -5,10 +5,10 @@
 //!
 //! - families, one file each: [`llama`] (rope scaling `linear` / `llama3`), [`qwen2`]
 //!   (q/k/v bias), [`qwen3`] (per-head q/k RMSNorm), [`mistral`] (sliding window,
-//!   honoured); the shared decoder is in [`decoder`]: GQA, RoPE (`rotate_half`,
+//!   honoured), [`phi3`] (fused `qkv_proj` / `gate_up_proj`); the shared decoder is in [`decoder`]: GQA, RoPE (`rotate_half`,
 //!   `rope_theta`), RMSNorm, SwiGLU, tied or untied embeddings, causal + padding masks, a
 //!   KV cache;
-//! - every projection ([`Proj::ALL`] and `lm_head`) is an adapter [`Slot`] addressed by
+//! - every projection ([`ModelConfig::projections`] and `lm_head`) is an adapter [`Slot`] addressed by
 //!   its [`SlotId`]: a frozen linear, a [`legora_nn::LoraLinear`] or a
 //!   [`legora_nn::MoeLinear`], chosen by PEFT matching on the HF module path;
 //! - mixtures are gated per decoder layer (MixLoRA style: one router per layer reading
@@ -53,6 +53,7 @@ mod head;
 pub mod llama;
 pub mod mistral;
 mod packed;
+pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
 mod rope;
@@ -60,7 +61,7 @@ mod score;
 mod slot;
 mod weights;
 
-pub use config::{Config, Family, ModelConfig, RopeParameters, TokenIds};
+pub use config::{Activation, Config, Family, ModelConfig, RopeParameters, TokenIds};
 pub use decoder::{CausalLm, CausalLmOutput, KvCache, LmInput, Routing};
 pub use error::{ModelError, Result};
 pub use generate::{

@@ -27,7 +27,7 @@ use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 use legora_kernels::KvSeq;
 use legora_nn::{Experts, Proj, Router, RouterPooling, SlotId};
 
-use crate::decoder::{head_norm, run_slot, CausalLm, DecoderLayer};
+use crate::decoder::{head_norm, run_slot, CausalLm, DecoderLayer, RopeTables};
 use crate::error::{ModelError, Result};
 use crate::slot::Slot;
 
@@ -160,8 +160,8 @@ struct Step<'a, B: Backend> {
     rows: usize,
     /// Experts of the mixture slots.
     num_experts: usize,
-    cos: Tensor<B, 4>,
-    sin: Tensor<B, 4>,
+    /// Rotary tables of the rows' positions.
+    rope: RopeTables<B>,
     /// The fixed expert of every row (`None`: the base, or gated by a group).
     fixed: Arc<[Option<usize>]>,
     device: B::Device,
@@ -388,7 +388,7 @@ impl<B: Backend> CausalLm<B> {
         }
         let positions =
             Tensor::<B, 2, Int>::from_data(TensorData::new(positions, [1, rows]), &device);
-        let (cos, sin) = self.config().rope.cos_sin(positions);
+        let rope = RopeTables::new(self.config(), positions);
         Step {
             seqs,
             groups,
@@ -396,8 +396,7 @@ impl<B: Backend> CausalLm<B> {
             past,
             rows,
             num_experts: self.num_experts().unwrap_or(0),
-            cos,
-            sin,
+            rope,
             fixed: fixed.into(),
             device,
         }
@@ -416,11 +415,7 @@ impl<B: Backend> CausalLm<B> {
             .flat_map(|s| s.tokens.iter().map(|&t| t as i64))
             .collect();
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [st.rows]), &st.device);
-        let mut h = self
-            .model
-            .embed_tokens
-            .rows(ids)
-            .reshape([1, st.rows, hidden]);
+        let mut h = self.embed(ids).reshape([1, st.rows, hidden]);
         for (i, layer) in self.model.layers.iter().enumerate() {
             h = packed_layer(layer, i, h, st, caches)?;
         }
@@ -573,11 +568,11 @@ fn packed_layer<B: Backend>(
     let mut gates = None;
     let x = layer.input_layernorm.forward(h.clone());
     let experts = select(Block::Attention, &x, i, &active, &mut gates, st, caches);
-    let h = h + packed_attention(layer, i, x, &experts, st, caches)?;
-    let x = layer.post_attention_layernorm.forward(h.clone());
+    let h = h + layer.attn_output(packed_attention(layer, i, x, &experts, st, caches)?);
+    let x = layer.mlp_input(h.clone());
     let experts = select(Block::Mlp, &x, i, &active, &mut gates, st, caches);
     let mut routing = Vec::new();
-    Ok(h + layer.mlp.forward(x, &experts, i, &mut routing)?)
+    Ok(h + layer.mlp_output(layer.mlp.forward(x, &experts, i, &mut routing)?))
 }
 
 /// Self-attention of the packed rows, each sequence over its own cache.
@@ -598,11 +593,13 @@ fn packed_attention<B: Backend>(
     let mut run = |p: &Slot<B>, proj: Proj, x: Tensor<B, 3>| {
         run_slot(p, x, experts, SlotId::layer(i, proj), &mut routing)
     };
-    let q = run(&a.q_proj, Proj::QProj, x.clone())?.reshape([1, t, h, hd]);
-    let q = legora_kernels::rotary(head_norm(&a.q_norm, q), &st.cos, &st.sin).reshape([t, h, hd]);
-    let k = run(&a.k_proj, Proj::KProj, x.clone())?.reshape([1, t, kv, hd]);
-    let k = legora_kernels::rotary(head_norm(&a.k_norm, k), &st.cos, &st.sin).reshape([t, kv, hd]);
-    let v = run(&a.v_proj, Proj::VProj, x)?.reshape([t, kv, hd]);
+    let (q, k, v) = a.qkv(x, &mut run)?;
+    let (cos, sin) = st.rope.get(a.local_rope);
+    let q = legora_kernels::rotary(head_norm(&a.q_norm, q.reshape([1, t, h, hd])), cos, sin)
+        .reshape([t, h, hd]);
+    let k = legora_kernels::rotary(head_norm(&a.k_norm, k.reshape([1, t, kv, hd])), cos, sin)
+        .reshape([t, kv, hd]);
+    let v = v.reshape([t, kv, hd]);
     let seqs: Vec<KvSeq<B>> = caches
         .iter_mut()
         .zip(st.seqs)
@@ -617,8 +614,7 @@ fn packed_attention<B: Backend>(
             }
         })
         .collect();
-    let scale = (hd as f64).powf(-0.5);
-    let (out, seqs) = legora_kernels::packed_attention(q, k, v, seqs, a.sliding_window, scale)
+    let (out, seqs) = legora_kernels::packed_attention(q, k, v, seqs, a.sliding_window, a.scaling)
         .map_err(|e| ModelError::InvalidState(format!("model.layers.{i}.self_attn: {e}")))?;
     for (c, s) in caches.iter_mut().zip(seqs) {
         c.layers[i] = Some(SeqKv { k: s.k, v: s.v });

@@ -114,6 +114,7 @@ fn packed_steps_equal_each_sequence_alone() {
         ("qwen2", ""),
         ("mistral", r#", "sliding_window": 3"#),
         ("qwen3", r#", "head_dim": 6"#),
+        ("phi3", r#", "sliding_window": 4"#),
     ] {
         let m = model(ty, extra);
         let plans = [
@@ -213,6 +214,11 @@ fn router_gated_rows_beside_fixed_rows() {
         (
             "qwen3",
             &["q_proj", "k_proj", "up_proj"][..],
+            RouterPooling::Token,
+        ),
+        (
+            "phi3",
+            &["qkv_proj", "gate_up_proj"][..],
             RouterPooling::Token,
         ),
     ] {

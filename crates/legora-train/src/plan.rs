@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use legora_nn::{LoraConfig, RouterConfig, SlotId};
+use legora_nn::{LoraConfig, RouterConfig};
 use legora_plugin_host::PluginHost;
 
 use crate::config::{RunConfig, StageKind};
@@ -340,7 +340,6 @@ fn check_targets(
     lora: &LoraConfig,
     model: &legora_models::ModelConfig,
 ) -> Result<()> {
-    let layers = model.num_hidden_layers;
     let key_of = |field: &str| {
         if from_preset {
             format!("{key}.preset")
@@ -355,7 +354,10 @@ fn check_targets(
             format!("`{}`: {}", e.field(), e.message()),
         )
     })?;
-    for id in SlotId::all(layers).filter(|id| lora.is_target(&id.to_string(), id.is_output_head()))
+    let slots = model.slot_ids();
+    for &id in slots
+        .iter()
+        .filter(|id| lora.is_target(&id.to_string(), id.is_output_head()))
     {
         let r = lora.spec_for(&id.to_string()).r;
         let (out, inp) = model.slot_dims(id);
@@ -369,15 +371,16 @@ fn check_targets(
             ));
         }
     }
-    let matched =
-        SlotId::all(layers).any(|id| lora.is_target(&id.to_string(), id.is_output_head()));
+    let matched = slots
+        .iter()
+        .any(|id| lora.is_target(&id.to_string(), id.is_output_head()));
     if !matched {
         return Err(cfg.error_at(
             &at,
             format!(
-                "target_modules {} match no module of the base model (its slots are q_proj \
-                 k_proj v_proj o_proj gate_proj up_proj down_proj lm_head)",
-                serde_json::to_string(&lora.target_modules).unwrap_or_default()
+                "target_modules {} match no module of the base model (its slots are {})",
+                serde_json::to_string(&lora.target_modules).unwrap_or_default(),
+                model.slot_names()
             ),
         ));
     }

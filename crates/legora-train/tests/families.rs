@@ -1,6 +1,7 @@
 //! Every model family trains a router-gated mixture: two LoRA experts on every
 //! projection and a top-1 router per layer over a tiny random model of each family
-//! (Qwen3 with its per-head q/k norms and a head_dim that is not hidden / heads), three
+//! (Qwen3 with its per-head q/k norms and a head_dim that is not hidden / heads, Phi-3
+//! with its fused qkv_proj / gate_up_proj as single expert slots), three
 //! steps of the `Routed` objective through `Trainer::run`, experts and routers moving.
 
 use super::common;
@@ -31,6 +32,7 @@ fn a_router_gated_mixture_trains_on_every_family() {
         ("qwen2", ""),
         ("mistral", r#", "sliding_window": 8"#),
         ("qwen3", r#", "head_dim": 6"#),
+        ("phi3", r#", "sliding_window": 8"#),
     ] {
         let objective = Objective::Routed {
             routing_loss_coef: 0.1,

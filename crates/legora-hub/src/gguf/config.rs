@@ -15,6 +15,7 @@
 //! | `context_length` | `max_position_embeddings` |
 //! | `vocab_size`, else the length of `tokenizer.ggml.tokens` | `vocab_size` |
 //! | no `output.weight` tensor | `tie_word_embeddings: true` |
+//! | `attention.sliding_window` (phi3) | `sliding_window` |
 //! | `blk.0.attn_q.bias` / `blk.0.ffn_gate.bias` tensors (llama) | `attention_bias` / `mlp_bias` |
 //! | `tokenizer.ggml.{bos,eos,padding}_token_id` | `bos_token_id`, `eos_token_id`, `pad_token_id` |
 
@@ -26,11 +27,12 @@ use crate::error::{HubError, Result};
 
 /// The architectures legora loads from GGUF, with transformers' class name. `mistral` files
 /// are rare (llama.cpp writes Mistral models as `llama`); they are read like `llama`.
-const ARCHITECTURES: [(&str, &str); 4] = [
+const ARCHITECTURES: [(&str, &str); 5] = [
     ("llama", "LlamaForCausalLM"),
     ("qwen2", "Qwen2ForCausalLM"),
     ("mistral", "MistralForCausalLM"),
     ("qwen3", "Qwen3ForCausalLM"),
+    ("phi3", "Phi3ForCausalLM"),
 ];
 
 /// `general.architecture`, checked to be one legora implements.
@@ -52,7 +54,8 @@ pub fn architecture(file: &GgufFile) -> Result<&str> {
 }
 
 /// Whether llama.cpp permuted this file's `attn_q` / `attn_k` rows (`LlamaModel.permute`):
-/// the `llama` (and `mistral`) architectures; Qwen2 and Qwen3 are converted unpermuted.
+/// the `llama` (and `mistral`) architectures; Qwen2, Qwen3 and Phi-3 are converted
+/// unpermuted.
 pub fn permuted_qk(arch: &str) -> bool {
     matches!(arch, "llama" | "mistral")
 }
@@ -119,6 +122,11 @@ pub fn config_json(file: &GgufFile) -> Result<Value> {
         "tie_word_embeddings".into(),
         json!(file.tensor_info("output.weight").is_none()),
     );
+    if let Some(w) = file.get_u64(&key("attention.sliding_window"))? {
+        // llama.cpp's Phi-3 converter writes `sliding_window` here (transformers' GGUF
+        // loader drops it; the model was trained with it)
+        m.insert("sliding_window".into(), json!(w));
+    }
     if arch != "qwen2" {
         let bias = |t: &str| file.tensor_info(t).is_some();
         m.insert("attention_bias".into(), json!(bias("blk.0.attn_q.bias")));

@@ -13,8 +13,10 @@ const GLOBAL: [(&str, &str); 3] = [
     ("output", "lm_head"),
 ];
 
-/// `(GGUF, HF)` names inside decoder block `i` (`blk.{i}.` / `model.layers.{i}.`).
-const BLOCK: [(&str, &str); 11] = [
+/// `(GGUF, HF)` names inside decoder block `i` (`blk.{i}.` / `model.layers.{i}.`). Phi-3's
+/// fused linears are `attn_qkv` and, as `gguf`'s tensor map has it, `ffn_up` (which holds
+/// gate and up in a `phi3` file: [`hf_name`] reads it by the architecture).
+const BLOCK: [(&str, &str); 13] = [
     ("attn_q", "self_attn.q_proj"),
     ("attn_k", "self_attn.k_proj"),
     ("attn_v", "self_attn.v_proj"),
@@ -26,6 +28,8 @@ const BLOCK: [(&str, &str); 11] = [
     ("ffn_norm", "post_attention_layernorm"),
     ("attn_q_norm", "self_attn.q_norm"),
     ("attn_k_norm", "self_attn.k_norm"),
+    ("attn_qkv", "self_attn.qkv_proj"),
+    ("ffn_up", "mlp.gate_up_proj"),
 ];
 
 /// Split `name.weight` / `name.bias` into the module and the suffix.
@@ -34,10 +38,11 @@ fn split_suffix(name: &str) -> Option<(&str, &str)> {
     matches!(suffix, "weight" | "bias").then_some((module, suffix))
 }
 
-/// The HF name of GGUF tensor `gguf` (`blk.3.attn_q.weight` →
-/// `model.layers.3.self_attn.q_proj.weight`), or `None` for a tensor legora's models do
-/// not have (`rope_freqs.weight`, fused `attn_qkv`, ...).
-pub fn hf_name(gguf: &str) -> Option<String> {
+/// The HF name of GGUF tensor `gguf` in a file of architecture `arch`
+/// (`blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`; in a `phi3` file
+/// `blk.3.ffn_up.weight` → `model.layers.3.mlp.gate_up_proj.weight`), or `None` for a
+/// tensor legora's models do not have (`rope_freqs.weight`, ...).
+pub fn hf_name(gguf: &str, arch: &str) -> Option<String> {
     let (module, suffix) = split_suffix(gguf)?;
     if let Some((_, hf)) = GLOBAL.iter().find(|(g, _)| *g == module) {
         return Some(format!("{hf}.{suffix}"));
@@ -45,7 +50,10 @@ pub fn hf_name(gguf: &str) -> Option<String> {
     let rest = module.strip_prefix("blk.")?;
     let (layer, part) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let (_, hf) = BLOCK.iter().find(|(g, _)| *g == part)?;
+    let hf = match part {
+        "ffn_up" if arch == "phi3" => "mlp.gate_up_proj",
+        _ => BLOCK.iter().find(|(g, _)| *g == part)?.1,
+    };
     Some(format!("model.layers.{layer}.{hf}.{suffix}"))
 }
 
@@ -113,11 +121,28 @@ mod tests {
                 "model.layers.2.self_attn.o_proj.weight",
             ),
         ] {
-            assert_eq!(hf_name(g).as_deref(), Some(h));
+            assert_eq!(hf_name(g, "llama").as_deref(), Some(h));
             assert_eq!(gguf_name(h).as_deref(), Some(g));
         }
-        assert_eq!(hf_name("rope_freqs.weight"), None);
-        assert_eq!(hf_name("blk.x.attn_q.weight"), None);
+        for (g, h) in [
+            (
+                "blk.1.attn_qkv.weight",
+                "model.layers.1.self_attn.qkv_proj.weight",
+            ),
+            (
+                "blk.1.ffn_up.weight",
+                "model.layers.1.mlp.gate_up_proj.weight",
+            ),
+        ] {
+            assert_eq!(hf_name(g, "phi3").as_deref(), Some(h));
+            assert_eq!(gguf_name(h).as_deref(), Some(g));
+        }
+        assert_eq!(
+            hf_name("blk.1.ffn_up.weight", "llama").as_deref(),
+            Some("model.layers.1.mlp.up_proj.weight")
+        );
+        assert_eq!(hf_name("rope_freqs.weight", "llama"), None);
+        assert_eq!(hf_name("blk.x.attn_q.weight", "llama"), None);
         assert_eq!(gguf_name("model.layers.0.mlp.experts.0.weight"), None);
     }
 
