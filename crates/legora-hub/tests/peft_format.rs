@@ -52,7 +52,7 @@ fn as_set(v: &Value) -> BTreeSet<String> {
 
 #[test]
 fn a_peft_adapter_is_written_back_identically() {
-    for family in ["llama", "qwen2", "mistral", "qwen3", "phi3"] {
+    for family in ["llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3"] {
         for tag in ["qv", "all"] {
             let src = fixture(&format!("{family}-lora-{tag}"));
             let m = PeftModel::from_pretrained(base(family), &src).unwrap();

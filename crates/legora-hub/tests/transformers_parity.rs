@@ -11,7 +11,7 @@ use legora_hub::{Message, PeftModel, PretrainedModel};
 use legora_models::{GenerationConfig, LmInput, TokenIds};
 
 const TOL: f32 = 1e-4;
-const FAMILIES: [&str; 5] = ["llama", "qwen2", "mistral", "qwen3", "phi3"];
+const FAMILIES: [&str; 6] = ["llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3"];
 
 fn base(family: &str) -> PretrainedModel<B> {
     PretrainedModel::from_pretrained(fixture(family), &Default::default()).unwrap()

@@ -89,7 +89,7 @@ fn default_eps() -> f64 {
 /// Keys legora does not interpret are kept in [`extra`](Self::extra).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
-    /// `llama`, `qwen2`, `mistral`, `qwen3` or `phi3`.
+    /// `llama`, `qwen2`, `mistral`, `qwen3`, `phi3` or `gemma3_text`.
     pub model_type: String,
     /// Vocabulary size (rows of `embed_tokens`).
     pub vocab_size: usize,
@@ -192,6 +192,7 @@ impl Config {
             "mistral" => crate::mistral::resolve(self),
             "qwen3" => crate::qwen3::resolve(self),
             "phi3" => crate::phi3::resolve(self),
+            "gemma3_text" => crate::gemma3::resolve(self),
             other => Err(ModelError::UnknownModelType {
                 found: other.to_string(),
                 supported: Family::ALL.iter().map(|f| f.model_type()).collect(),
@@ -213,16 +214,19 @@ pub enum Family {
     Qwen3,
     /// `phi3` (Phi-3, Phi-4: fused `qkv_proj` and `gate_up_proj`).
     Phi3,
+    /// `gemma3_text` (Gemma 3's text model).
+    Gemma3,
 }
 
 impl Family {
     /// Every family.
-    pub const ALL: [Family; 5] = [
+    pub const ALL: [Family; 6] = [
         Family::Llama,
         Family::Qwen2,
         Family::Mistral,
         Family::Qwen3,
         Family::Phi3,
+        Family::Gemma3,
     ];
 
     /// config.json's `model_type`.
@@ -233,6 +237,7 @@ impl Family {
             Family::Mistral => "mistral",
             Family::Qwen3 => "qwen3",
             Family::Phi3 => "phi3",
+            Family::Gemma3 => "gemma3_text",
         }
     }
 }

@@ -5,7 +5,9 @@
 //!
 //! - families, one file each: [`llama`] (rope scaling `linear` / `llama3`), [`qwen2`]
 //!   (q/k/v bias), [`qwen3`] (per-head q/k RMSNorm), [`mistral`] (sliding window,
-//!   honoured), [`phi3`] (fused `qkv_proj` / `gate_up_proj`); the shared decoder is in [`decoder`]: GQA, RoPE (`rotate_half`,
+//!   honoured), [`phi3`] (fused `qkv_proj` / `gate_up_proj`), [`gemma3`] (GeGLU, four
+//!   `1 + weight` norms per layer, scaled embeddings, local and global layers with their
+//!   own RoPE); the shared decoder is in [`decoder`]: GQA, RoPE (`rotate_half`,
 //!   `rope_theta`), RMSNorm, SwiGLU, tied or untied embeddings, causal + padding masks, a
 //!   KV cache;
 //! - every projection ([`ModelConfig::projections`] and `lm_head`) is an adapter [`Slot`] addressed by
@@ -48,6 +50,7 @@ mod checkpoint;
 mod config;
 pub mod decoder;
 mod error;
+pub mod gemma3;
 mod generate;
 mod head;
 pub mod llama;

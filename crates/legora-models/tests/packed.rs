@@ -115,6 +115,10 @@ fn packed_steps_equal_each_sequence_alone() {
         ("mistral", r#", "sliding_window": 3"#),
         ("qwen3", r#", "head_dim": 6"#),
         ("phi3", r#", "sliding_window": 4"#),
+        (
+            "gemma3_text",
+            r#", "head_dim": 6, "sliding_window": 3, "sliding_window_pattern": 2"#,
+        ),
     ] {
         let m = model(ty, extra);
         let plans = [
@@ -177,10 +181,10 @@ fn experts_and_the_base_share_a_step() {
 }
 
 fn routed_mixture(model_type: &str, targets: &[&str], pooling: RouterPooling) -> CausalLm<B> {
-    let extra = if model_type == "qwen3" {
-        r#", "head_dim": 6"#
-    } else {
-        ""
+    let extra = match model_type {
+        "qwen3" => r#", "head_dim": 6"#,
+        "gemma3_text" => r#", "head_dim": 6, "sliding_window": 3, "sliding_window_pattern": 2"#,
+        _ => "",
     };
     let mut m = model(model_type, extra);
     for e in ["e0", "e1", "e2"] {
@@ -220,6 +224,11 @@ fn router_gated_rows_beside_fixed_rows() {
             "phi3",
             &["qkv_proj", "gate_up_proj"][..],
             RouterPooling::Token,
+        ),
+        (
+            "gemma3_text",
+            &["q_proj", "up_proj"][..],
+            RouterPooling::PrefixMean,
         ),
     ] {
         let m = routed_mixture(ty, targets, pooling);

@@ -1,7 +1,8 @@
 //! Every model family trains a router-gated mixture: two LoRA experts on every
 //! projection and a top-1 router per layer over a tiny random model of each family
 //! (Qwen3 with its per-head q/k norms and a head_dim that is not hidden / heads, Phi-3
-//! with its fused qkv_proj / gate_up_proj as single expert slots), three
+//! with its fused qkv_proj / gate_up_proj as single expert slots, Gemma 3 with a local
+//! layer of window 3 and a global one), three
 //! steps of the `Routed` objective through `Trainer::run`, experts and routers moving.
 
 use super::common;
@@ -33,6 +34,10 @@ fn a_router_gated_mixture_trains_on_every_family() {
         ("mistral", r#", "sliding_window": 8"#),
         ("qwen3", r#", "head_dim": 6"#),
         ("phi3", r#", "sliding_window": 8"#),
+        (
+            "gemma3_text",
+            r#", "head_dim": 6, "sliding_window": 3, "sliding_window_pattern": 2"#,
+        ),
     ] {
         let objective = Objective::Routed {
             routing_loss_coef: 0.1,
