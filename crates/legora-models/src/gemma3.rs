@@ -119,7 +119,15 @@ fn sliding_windows(cfg: &Config) -> Result<Vec<Option<usize>>> {
     let types: Vec<String> = match &cfg.layer_types {
         Some(t) => t.clone(),
         None => {
-            let pattern = positive(cfg, "sliding_window_pattern", 6.0)? as usize;
+            let pattern = positive(cfg, "sliding_window_pattern", 6.0)?;
+            if pattern.fract() != 0.0 || pattern < 1.0 {
+                return Err(ModelError::config(
+                    "sliding_window_pattern",
+                    "a positive integer",
+                    pattern,
+                ));
+            }
+            let pattern = pattern as usize;
             // "sliding_attention" if bool((i + 1) % self._sliding_window_pattern) else "full_attention"
             (0..n)
                 .map(|i| {
@@ -132,25 +140,7 @@ fn sliding_windows(cfg: &Config) -> Result<Vec<Option<usize>>> {
                 .collect()
         }
     };
-    if types.len() != n {
-        return Err(ModelError::config(
-            "layer_types",
-            format!("one entry per layer ({n})"),
-            types.len(),
-        ));
-    }
-    types
-        .iter()
-        .map(|t| match t.as_str() {
-            "sliding_attention" => Ok(Some(window)),
-            "full_attention" => Ok(None),
-            other => Err(ModelError::config(
-                "layer_types",
-                "\"full_attention\" or \"sliding_attention\"",
-                format!("\"{other}\""),
-            )),
-        })
-        .collect()
+    crate::qwen2::windows_of_layer_types(&types, n, window)
 }
 
 #[cfg(test)]
@@ -203,6 +193,7 @@ mod tests {
             ("final_logit_softcapping", serde_json::json!(30.0)),
             ("use_bidirectional_attention", serde_json::json!(true)),
             ("hidden_activation", serde_json::json!("relu")),
+            ("sliding_window_pattern", serde_json::json!(0.5)),
         ] {
             let mut bad = v.clone();
             bad[key] = value;

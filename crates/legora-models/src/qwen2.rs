@@ -37,33 +37,41 @@ pub(crate) fn sliding_windows(cfg: &Config) -> Result<Vec<Option<usize>>> {
         )
     })?;
     match &cfg.layer_types {
-        Some(types) => {
-            if types.len() != n {
-                return Err(ModelError::config(
-                    "layer_types",
-                    format!("one entry per layer ({n})"),
-                    types.len(),
-                ));
-            }
-            types
-                .iter()
-                .map(|t| match t.as_str() {
-                    "sliding_attention" => Ok(Some(window)),
-                    "full_attention" => Ok(None),
-                    other => Err(ModelError::config(
-                        "layer_types",
-                        "\"full_attention\" or \"sliding_attention\"",
-                        format!("\"{other}\""),
-                    )),
-                })
-                .collect()
-        }
+        Some(types) => windows_of_layer_types(types, n, window),
         // "sliding_attention" if self.sliding_window is not None and i >= self.max_window_layers
         None => {
             let start = cfg.max_window_layers.unwrap_or(28);
             Ok((0..n).map(|i| (i >= start).then_some(window)).collect())
         }
     }
+}
+
+/// The window of each of `n` layers from `layer_types` (transformers 5):
+/// `window` on `"sliding_attention"`, none on `"full_attention"`.
+pub(crate) fn windows_of_layer_types(
+    types: &[String],
+    n: usize,
+    window: usize,
+) -> Result<Vec<Option<usize>>> {
+    if types.len() != n {
+        return Err(ModelError::config(
+            "layer_types",
+            format!("one entry per layer ({n})"),
+            types.len(),
+        ));
+    }
+    types
+        .iter()
+        .map(|t| match t.as_str() {
+            "sliding_attention" => Ok(Some(window)),
+            "full_attention" => Ok(None),
+            other => Err(ModelError::config(
+                "layer_types",
+                "\"full_attention\" or \"sliding_attention\"",
+                format!("\"{other}\""),
+            )),
+        })
+        .collect()
 }
 
 #[cfg(test)]
