@@ -18,7 +18,7 @@ use safetensors::SafeTensors;
 use serde_json::Value;
 
 /// The models the script wrote (`<family>-<type>.gguf`).
-const MODELS: [&str; 12] = [
+const MODELS: [&str; 14] = [
     "llama-f16",
     "llama-q8_0",
     "llama-q4_0",
@@ -31,6 +31,8 @@ const MODELS: [&str; 12] = [
     "qwen3-q8_0",
     "phi3-f16",
     "phi3-q8_0",
+    "gemma3-f16",
+    "gemma3-q8_0",
 ];
 
 fn dir() -> PathBuf {
@@ -204,6 +206,7 @@ fn tokenizers_match_transformers() {
         "qwen2-f16",
         "qwen3-f16",
         "phi3-f16",
+        "gemma3-f16",
         "tok-llama-bpe",
         "tok-gpt-2",
     ] {

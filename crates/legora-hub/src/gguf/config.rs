@@ -25,20 +25,22 @@ use serde_json::{json, Map, Value};
 use super::file::GgufFile;
 use crate::error::{HubError, Result};
 
-/// The architectures legora loads from GGUF, with transformers' class name. `mistral` files
-/// are rare (llama.cpp writes Mistral models as `llama`); they are read like `llama`.
-const ARCHITECTURES: [(&str, &str); 5] = [
-    ("llama", "LlamaForCausalLM"),
-    ("qwen2", "Qwen2ForCausalLM"),
-    ("mistral", "MistralForCausalLM"),
-    ("qwen3", "Qwen3ForCausalLM"),
-    ("phi3", "Phi3ForCausalLM"),
+/// The architectures legora loads from GGUF, with transformers' `model_type` and class
+/// name. `mistral` files are rare (llama.cpp writes Mistral models as `llama`); they are
+/// read like `llama`. A `gemma3` file holds the text model only (`gemma3_text`).
+const ARCHITECTURES: [(&str, &str, &str); 6] = [
+    ("llama", "llama", "LlamaForCausalLM"),
+    ("qwen2", "qwen2", "Qwen2ForCausalLM"),
+    ("mistral", "mistral", "MistralForCausalLM"),
+    ("qwen3", "qwen3", "Qwen3ForCausalLM"),
+    ("phi3", "phi3", "Phi3ForCausalLM"),
+    ("gemma3", "gemma3_text", "Gemma3ForCausalLM"),
 ];
 
 /// `general.architecture`, checked to be one legora implements.
 pub fn architecture(file: &GgufFile) -> Result<&str> {
     let arch = file.require_str("general.architecture")?;
-    if ARCHITECTURES.iter().any(|(a, _)| *a == arch) {
+    if ARCHITECTURES.iter().any(|(a, ..)| *a == arch) {
         Ok(arch)
     } else {
         Err(HubError::GgufMetadata {
@@ -46,7 +48,7 @@ pub fn architecture(file: &GgufFile) -> Result<&str> {
             key: "general.architecture".into(),
             expected: format!(
                 "one of {}",
-                ARCHITECTURES.map(|(a, _)| format!("\"{a}\"")).join(", ")
+                ARCHITECTURES.map(|(a, ..)| format!("\"{a}\"")).join(", ")
             ),
             found: format!("\"{arch}\""),
         })
@@ -70,13 +72,13 @@ pub fn config_json(file: &GgufFile) -> Result<Value> {
         expected: expected.into(),
         found,
     };
-    let class = ARCHITECTURES
+    let (model_type, class) = ARCHITECTURES
         .iter()
-        .find(|(a, _)| *a == arch)
-        .map(|(_, c)| *c);
+        .find(|(a, ..)| *a == arch)
+        .map_or((arch, ""), |(_, t, c)| (*t, *c));
     let mut m = Map::new();
     m.insert("architectures".into(), json!([class]));
-    m.insert("model_type".into(), json!(arch));
+    m.insert("model_type".into(), json!(model_type));
     let heads = file.require_usize(&key("attention.head_count"))?;
     let kv_heads = file
         .get_u64(&key("attention.head_count_kv"))?
@@ -106,7 +108,11 @@ pub fn config_json(file: &GgufFile) -> Result<Value> {
             )
         })?;
     m.insert("rms_norm_eps".into(), json!(eps));
-    m.insert("hidden_act".into(), json!("silu"));
+    if arch == "gemma3" {
+        gemma3_keys(&mut m, file)?;
+    } else {
+        m.insert("hidden_act".into(), json!("silu"));
+    }
     if let Some(n) = file.get_u64(&key("context_length"))? {
         m.insert("max_position_embeddings".into(), json!(n));
     }
@@ -148,6 +154,34 @@ pub fn config_json(file: &GgufFile) -> Result<Value> {
     }
     m.insert("torch_dtype".into(), json!("float32"));
     Ok(Value::Object(m))
+}
+
+/// What a `gemma3` file leaves to the runtime, as llama.cpp runs it: GeGLU, the query
+/// scale `query_pre_attn_scalar ** -0.5` with the scalar = `head_dim`, except for Gemma 3
+/// 27B (62 layers) where it is `hidden_size / num_attention_heads` (llama.cpp's
+/// `f_attention_scale`; both equal the checkpoints' `query_pre_attn_scalar`), and the
+/// local layers' RoPE base 10000 and window pattern 6 (its defaults, and transformers').
+fn gemma3_keys(m: &mut Map<String, Value>, file: &GgufFile) -> Result<()> {
+    m.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
+    let n = |k: &str| m.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let scalar = if n("num_hidden_layers") == 62 {
+        n("hidden_size") / n("num_attention_heads").max(1)
+    } else {
+        match m.get("head_dim").and_then(Value::as_u64) {
+            Some(h) => h,
+            None => n("hidden_size") / n("num_attention_heads").max(1),
+        }
+    };
+    if scalar == 0 {
+        return Err(HubError::GgufMetadata {
+            path: file.path().to_path_buf(),
+            key: "gemma3.attention.key_length".into(),
+            expected: "a head dimension > 0".into(),
+            found: "0".into(),
+        });
+    }
+    m.insert("query_pre_attn_scalar".into(), json!(scalar));
+    Ok(())
 }
 
 /// `attention.key_length`, else (llama, as transformers maps it) `rope.dimension_count`.

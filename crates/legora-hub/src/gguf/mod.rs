@@ -35,7 +35,7 @@ mod weights;
 pub use config::{architecture, config_json, load_gguf_config, permuted_qk};
 pub(crate) use file::check_regular;
 pub use file::{GgufFile, GgufTensor};
-pub use names::{gguf_name, hf_name, llama_unpermute_rows};
+pub use names::{gguf_name, hf_name, llama_unpermute_rows, norm_plus_one};
 pub use pretrained::is_gguf_path;
 pub use reader::{GgufTensorInfo, GGML_MAX_DIMS, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC};
 pub use tokenizer::{gguf_chat_template, gguf_tokenizer, tokenizer_json};

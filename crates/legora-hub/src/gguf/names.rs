@@ -13,10 +13,9 @@ const GLOBAL: [(&str, &str); 3] = [
     ("output", "lm_head"),
 ];
 
-/// `(GGUF, HF)` names inside decoder block `i` (`blk.{i}.` / `model.layers.{i}.`). Phi-3's
-/// fused linears are `attn_qkv` and, as `gguf`'s tensor map has it, `ffn_up` (which holds
-/// gate and up in a `phi3` file: [`hf_name`] reads it by the architecture).
-const BLOCK: [(&str, &str); 13] = [
+/// `(GGUF, HF)` names inside decoder block `i` (`blk.{i}.` / `model.layers.{i}.`), as
+/// `gguf`'s tensor map has them for Llama-like files; [`ARCH_BLOCK`] overrides them.
+const BLOCK: [(&str, &str); 12] = [
     ("attn_q", "self_attn.q_proj"),
     ("attn_k", "self_attn.k_proj"),
     ("attn_v", "self_attn.v_proj"),
@@ -29,13 +28,29 @@ const BLOCK: [(&str, &str); 13] = [
     ("attn_q_norm", "self_attn.q_norm"),
     ("attn_k_norm", "self_attn.k_norm"),
     ("attn_qkv", "self_attn.qkv_proj"),
-    ("ffn_up", "mlp.gate_up_proj"),
+];
+
+/// `(architecture, GGUF, HF)`: block tensors an architecture names its own way. Phi-3's
+/// `ffn_up` holds gate and up; Gemma 3's four norms are `attn_norm`,
+/// `post_attention_norm` (on the attention output), `ffn_norm` (before the MLP) and
+/// `post_ffw_norm`.
+const ARCH_BLOCK: [(&str, &str, &str); 4] = [
+    ("phi3", "ffn_up", "mlp.gate_up_proj"),
+    ("gemma3", "post_attention_norm", "post_attention_layernorm"),
+    ("gemma3", "ffn_norm", "pre_feedforward_layernorm"),
+    ("gemma3", "post_ffw_norm", "post_feedforward_layernorm"),
 ];
 
 /// Split `name.weight` / `name.bias` into the module and the suffix.
 fn split_suffix(name: &str) -> Option<(&str, &str)> {
     let (module, suffix) = name.rsplit_once('.')?;
     matches!(suffix, "weight" | "bias").then_some((module, suffix))
+}
+
+/// Split `{prefix}{layer}.{part}` into the layer and the part.
+fn split_layer<'a>(module: &'a str, prefix: &str) -> Option<(usize, &'a str)> {
+    let (layer, part) = module.strip_prefix(prefix)?.split_once('.')?;
+    Some((layer.parse().ok()?, part))
 }
 
 /// The HF name of GGUF tensor `gguf` in a file of architecture `arch`
@@ -47,27 +62,34 @@ pub fn hf_name(gguf: &str, arch: &str) -> Option<String> {
     if let Some((_, hf)) = GLOBAL.iter().find(|(g, _)| *g == module) {
         return Some(format!("{hf}.{suffix}"));
     }
-    let rest = module.strip_prefix("blk.")?;
-    let (layer, part) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let hf = match part {
-        "ffn_up" if arch == "phi3" => "mlp.gate_up_proj",
-        _ => BLOCK.iter().find(|(g, _)| *g == part)?.1,
+    let (layer, part) = split_layer(module, "blk.")?;
+    let hf = match ARCH_BLOCK.iter().find(|(a, g, _)| *a == arch && *g == part) {
+        Some((_, _, hf)) => *hf,
+        None => BLOCK.iter().find(|(g, _)| *g == part)?.1,
     };
     Some(format!("model.layers.{layer}.{hf}.{suffix}"))
 }
 
-/// The GGUF name of HF tensor `hf` (the inverse of [`hf_name`]).
-pub fn gguf_name(hf: &str) -> Option<String> {
+/// The GGUF name of HF tensor `hf` in a file of architecture `arch` (the inverse of
+/// [`hf_name`]).
+pub fn gguf_name(hf: &str, arch: &str) -> Option<String> {
     let (module, suffix) = split_suffix(hf)?;
     if let Some((g, _)) = GLOBAL.iter().find(|(_, h)| *h == module) {
         return Some(format!("{g}.{suffix}"));
     }
-    let rest = module.strip_prefix("model.layers.")?;
-    let (layer, part) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (g, _) = BLOCK.iter().find(|(_, h)| *h == part)?;
+    let (layer, part) = split_layer(module, "model.layers.")?;
+    let g = match ARCH_BLOCK.iter().find(|(a, _, h)| *a == arch && *h == part) {
+        Some((_, g, _)) => *g,
+        None => BLOCK.iter().find(|(_, h)| *h == part)?.0,
+    };
     Some(format!("blk.{layer}.{g}.{suffix}"))
+}
+
+/// Whether llama.cpp stored this HF tensor of an `arch` file with 1 added: Gemma's norms
+/// scale by `1 + weight`, and `convert_hf_to_gguf.py` folds the 1 in (`data_torch + 1` for
+/// every `norm.weight`), as transformers' `Gemma2TensorProcessor` undoes (`weights - 1`).
+pub fn norm_plus_one(hf: &str, arch: &str) -> bool {
+    arch == "gemma3" && hf.ends_with("norm.weight")
 }
 
 /// Undo `LlamaModel.permute(w, n_head, n_head)` of `convert_hf_to_gguf.py` on the rows of a
@@ -122,7 +144,7 @@ mod tests {
             ),
         ] {
             assert_eq!(hf_name(g, "llama").as_deref(), Some(h));
-            assert_eq!(gguf_name(h).as_deref(), Some(g));
+            assert_eq!(gguf_name(h, "llama").as_deref(), Some(g));
         }
         for (g, h) in [
             (
@@ -135,15 +157,40 @@ mod tests {
             ),
         ] {
             assert_eq!(hf_name(g, "phi3").as_deref(), Some(h));
-            assert_eq!(gguf_name(h).as_deref(), Some(g));
+            assert_eq!(gguf_name(h, "phi3").as_deref(), Some(g));
         }
+        for (g, h) in [
+            (
+                "blk.0.post_attention_norm.weight",
+                "model.layers.0.post_attention_layernorm.weight",
+            ),
+            (
+                "blk.0.ffn_norm.weight",
+                "model.layers.0.pre_feedforward_layernorm.weight",
+            ),
+            (
+                "blk.0.post_ffw_norm.weight",
+                "model.layers.0.post_feedforward_layernorm.weight",
+            ),
+        ] {
+            assert_eq!(hf_name(g, "gemma3").as_deref(), Some(h));
+            assert_eq!(gguf_name(h, "gemma3").as_deref(), Some(g));
+        }
+        assert!(norm_plus_one(
+            "model.layers.0.self_attn.q_norm.weight",
+            "gemma3"
+        ));
+        assert!(!norm_plus_one("model.norm.weight", "llama"));
         assert_eq!(
             hf_name("blk.1.ffn_up.weight", "llama").as_deref(),
             Some("model.layers.1.mlp.up_proj.weight")
         );
         assert_eq!(hf_name("rope_freqs.weight", "llama"), None);
         assert_eq!(hf_name("blk.x.attn_q.weight", "llama"), None);
-        assert_eq!(gguf_name("model.layers.0.mlp.experts.0.weight"), None);
+        assert_eq!(
+            gguf_name("model.layers.0.mlp.experts.0.weight", "llama"),
+            None
+        );
     }
 
     #[test]

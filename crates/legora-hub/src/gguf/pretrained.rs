@@ -42,11 +42,12 @@ impl<B: Backend> PretrainedModel<B> {
         let path = path.as_ref();
         let file = GgufFile::open(path)?;
         let (config, raw_config, resolved) = load_gguf_config(&file)?;
-        let heads = permuted_qk(architecture(&file)?)
+        let arch = architecture(&file)?;
+        let heads = permuted_qk(arch)
             .then_some((resolved.num_attention_heads, resolved.num_key_value_heads));
-        let mut weights = GgufWeights::new(&file, heads).with_options(*options);
+        let mut weights = GgufWeights::new(&file, arch, heads).with_options(*options);
         let model = CausalLm::from_weights(resolved, &mut weights, device)
-            .map_err(|e| model_error(path, e))?;
+            .map_err(|e| model_error(path, arch, e))?;
         let generation_config = GenerationConfig {
             eos_token_id: config.eos_token_id.clone(),
             pad_token_id: config.pad_token_id.clone(),
@@ -67,7 +68,7 @@ impl<B: Backend> PretrainedModel<B> {
 
 /// A model-building error with the GGUF names: the reader's own errors come back as they
 /// were, a missing tensor names both its GGUF and HF names.
-fn model_error(path: &Path, e: ModelError) -> HubError {
+fn model_error(path: &Path, arch: &str, e: ModelError) -> HubError {
     match e {
         ModelError::Weights { source, tensor } => match source.downcast::<HubError>() {
             Ok(h) => *h,
@@ -78,7 +79,7 @@ fn model_error(path: &Path, e: ModelError) -> HubError {
         },
         ModelError::MissingTensor { tensor } => HubError::MissingTensor {
             path: path.to_path_buf(),
-            tensor: match gguf_name(&tensor) {
+            tensor: match gguf_name(&tensor, arch) {
                 Some(g) => format!("{g}` (`{tensor}"),
                 None => tensor,
             },
@@ -89,7 +90,7 @@ fn model_error(path: &Path, e: ModelError) -> HubError {
             found,
         } => HubError::TensorShape {
             path: path.to_path_buf(),
-            tensor: gguf_name(&tensor).unwrap_or(tensor),
+            tensor: gguf_name(&tensor, arch).unwrap_or(tensor),
             expected,
             found,
         },

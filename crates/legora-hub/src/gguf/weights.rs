@@ -4,28 +4,31 @@ use burn::tensor::TensorData;
 use legora_models::{SourceError, WeightSource};
 
 use super::file::GgufFile;
-use super::names::{gguf_name, llama_unpermute_rows};
+use super::names::{gguf_name, llama_unpermute_rows, norm_plus_one};
 use crate::error::HubError;
 use crate::load::{convert, LoadOptions};
 use legora_kernels::quant::{QuantMatrix, Storage};
 
 /// The tensors of a GGUF file by HF name (`model.layers.0.self_attn.q_proj.weight`),
 /// dequantized to f32 one at a time as the model builder asks for them, in PyTorch shape
-/// (GGML dims reversed) and HF row order (llama.cpp's Q/K permutation undone when
-/// `heads` is set).
+/// (GGML dims reversed) and HF row order and values (llama.cpp's Q/K permutation undone
+/// when `heads` is set, the 1 it added to Gemma's norms taken off).
 pub struct GgufWeights<'a> {
     file: &'a GgufFile,
+    arch: &'a str,
     heads: Option<(usize, usize)>,
     options: LoadOptions,
 }
 
 impl<'a> GgufWeights<'a> {
-    /// Read `file`; `heads` = `Some((num_attention_heads, num_key_value_heads))` for files
+    /// Read `file` of architecture `arch` (`general.architecture`, which picks the tensor
+    /// names); `heads` = `Some((num_attention_heads, num_key_value_heads))` for files
     /// whose `attn_q` / `attn_k` rows llama.cpp permuted (see
     /// [`permuted_qk`](super::config::permuted_qk)).
-    pub fn new(file: &'a GgufFile, heads: Option<(usize, usize)>) -> Self {
+    pub fn new(file: &'a GgufFile, arch: &'a str, heads: Option<(usize, usize)>) -> Self {
         Self {
             file,
+            arch,
             heads,
             options: LoadOptions::default(),
         }
@@ -52,7 +55,7 @@ impl<'a> GgufWeights<'a> {
 
 impl WeightSource for GgufWeights<'_> {
     fn tensor(&mut self, name: &str) -> std::result::Result<Option<TensorData>, SourceError> {
-        let Some(g) = gguf_name(name) else {
+        let Some(g) = gguf_name(name, self.arch) else {
             return Ok(None);
         };
         let Some(info) = self.file.tensor_info(&g) else {
@@ -80,6 +83,9 @@ impl WeightSource for GgufWeights<'_> {
                     found: format!("shape {shape:?}"),
                 }) as SourceError
             })?;
+        }
+        if norm_plus_one(name, self.arch) {
+            values.iter_mut().for_each(|v| *v -= 1.0);
         }
         Ok(Some(TensorData::new(values, shape)))
     }
