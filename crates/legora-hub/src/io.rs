@@ -452,8 +452,21 @@ impl SafetensorsFile {
     }
 }
 
+/// Where a multimodal checkpoint keeps its text model's tensors: `(HF prefix, stored
+/// prefix)`, transformers 5's layout (`model.language_model.layers.0...`) and the one
+/// the Hub's Gemma 3 checkpoints were saved with (`language_model.model.layers.0...`,
+/// `language_model.lm_head`).
+const TEXT_MODEL_PREFIXES: [(&str, &str); 3] = [
+    ("model.", "model.language_model."),
+    ("model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+];
+
 /// `model.safetensors` or the shards of `model.safetensors.index.json`, as a
-/// [`WeightSource`].
+/// [`WeightSource`]. A multimodal checkpoint's text model is read under its prefix
+/// (`model.layers.0.self_attn.q_proj.weight` from
+/// `model.language_model.layers.0.self_attn.q_proj.weight`); its other tensors (the
+/// vision tower) are not read.
 pub struct Checkpoint {
     files: Vec<SafetensorsFile>,
     /// How the frozen projections are stored.
@@ -588,6 +601,19 @@ impl Checkpoint {
         })
     }
 
+    /// The name `name` (an HF text-model name) is stored under: itself, or the same under a
+    /// multimodal checkpoint's text-model prefix ([`TEXT_MODEL_PREFIXES`]).
+    fn stored_name(&self, name: &str) -> Option<String> {
+        if self.index.contains_key(name) {
+            return Some(name.to_string());
+        }
+        TEXT_MODEL_PREFIXES.iter().find_map(|(hf, stored)| {
+            let rest = name.strip_prefix(hf)?;
+            let key = format!("{stored}{rest}");
+            self.index.contains_key(&key).then_some(key)
+        })
+    }
+
     /// The dtype of the first tensor (the checkpoint's dtype).
     pub fn dtype(&self) -> Option<String> {
         let f = self.files.first()?;
@@ -598,21 +624,22 @@ impl Checkpoint {
 
 impl WeightSource for Checkpoint {
     fn tensor(&mut self, name: &str) -> std::result::Result<Option<TensorData>, SourceError> {
-        match self.index.get(name) {
-            None => Ok(None),
-            Some(&i) => self.files[i]
-                .tensor(name)
-                .map_err(|e| Box::new(e) as SourceError),
-        }
+        let Some(stored) = self.stored_name(name) else {
+            return Ok(None);
+        };
+        self.files[self.index[&stored]]
+            .tensor(&stored)
+            .map_err(|e| Box::new(e) as SourceError)
     }
 
     fn frozen(&mut self, name: &str) -> std::result::Result<Option<QuantMatrix>, SourceError> {
-        let Some(&i) = self.index.get(name) else {
+        let Some(stored) = self.stored_name(name) else {
             return Ok(None);
         };
-        let read = match self.prequantized(name) {
+        let i = self.index[&stored];
+        let read = match self.prequantized(&stored) {
             Ok(Some(m)) => Ok(Some(m)),
-            Ok(None) => self.files[i].frozen(name, self.options.format_of(name)),
+            Ok(None) => self.files[i].frozen(&stored, self.options.format_of(name)),
             Err(e) => Err(e),
         };
         read.map_err(|e| Box::new(e) as SourceError)

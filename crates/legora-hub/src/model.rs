@@ -55,6 +55,13 @@ pub fn load_config(dir: &Path) -> Result<(Config, Value)> {
         path: path.clone(),
         message: e.to_string(),
     })?;
+    // A multimodal Gemma 3 checkpoint: its text model (the weights are read through
+    // their prefix, see `Checkpoint`).
+    let raw = match legora_models::gemma3::text_config(&raw) {
+        Ok(Some(text)) => text,
+        Ok(None) => raw,
+        Err(e) => return Err(HubError::model(&path)(e)),
+    };
     let cfg: Config = serde_json::from_value(raw.clone()).map_err(|e| HubError::Model {
         path: path.clone(),
         source: ModelError::InvalidConfig {

@@ -279,3 +279,59 @@ fn mistral_sliding_window_is_honoured() {
         "without the window the logits should differ, max |Δ| = {d}"
     );
 }
+
+/// The gemma3 fixture as a multimodal checkpoint: `gemma3-mm/config.json` (a
+/// `Gemma3ForConditionalGeneration` config around it, written by transformers) and the
+/// fixture's tensors renamed under `prefix` (the text model's; the vision tower's are not
+/// needed).
+fn gemma3_multimodal(prefix: &str) -> TempDir {
+    let tmp = TempDir::copy_of("gemma3-mm", &fixture("gemma3"));
+    std::fs::copy(
+        fixture("gemma3-mm/config.json"),
+        tmp.path().join("config.json"),
+    )
+    .unwrap();
+    let bytes = std::fs::read(fixture("gemma3/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let renamed: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let rest = name.strip_prefix("model.").expect("a text-model tensor");
+            (format!("{prefix}{rest}"), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(renamed, None, &tmp.path().join("model.safetensors")).unwrap();
+    tmp
+}
+
+#[test]
+fn the_text_model_of_a_multimodal_gemma3_checkpoint() {
+    // transformers (make_model_fixtures.py) gives the gemma3 reference logits for both layouts
+    let r = Reference::load("gemma3");
+    for prefix in ["language_model.model.", "model.language_model."] {
+        let tmp = gemma3_multimodal(prefix);
+        let m = PretrainedModel::<B>::from_pretrained(tmp.path(), &Default::default()).unwrap();
+        assert_eq!(m.config.model_type, "gemma3_text", "{prefix}");
+        let d = r.max_diff(m.model.forward(r.batch()).unwrap().logits, "logits_base");
+        assert!(d < TOL, "{prefix}: max |Δlogits| = {d}");
+        // what it exports is the text model, which loads as one
+        let out = TempDir::new("gemma3-mm-export");
+        m.save_pretrained(out.path()).unwrap();
+        let again = PretrainedModel::<B>::from_pretrained(out.path(), &Default::default()).unwrap();
+        let d = r.max_diff(
+            again.model.forward(r.batch()).unwrap().logits,
+            "logits_base",
+        );
+        assert!(d < TOL, "{prefix}: exported, max |Δlogits| = {d}");
+    }
+    // a text_config that is not an object is refused naming it
+    let tmp = gemma3_multimodal("model.language_model.");
+    std::fs::write(
+        tmp.path().join("config.json"),
+        r#"{"model_type": "gemma3", "text_config": [1]}"#,
+    )
+    .unwrap();
+    let e = PretrainedModel::<B>::from_pretrained(tmp.path(), &Default::default()).unwrap_err();
+    assert!(e.to_string().contains("text_config"), "{e}");
+}

@@ -19,7 +19,7 @@
 //! Refused by name: `final_logit_softcapping` / `attn_logit_softcapping` (Gemma 2; null
 //! in Gemma 3) and `use_bidirectional_attention`.
 
-use serde_json::Value;
+use serde_json::{json, Map, Value};
 
 use crate::config::{resolve_common, Activation, Config, Family, ModelConfig, RopeParameters};
 use crate::error::{ModelError, Result};
@@ -27,6 +27,66 @@ use crate::rope::Rope;
 
 /// `Gemma3TextConfig.default_theta`: the global and local RoPE bases.
 const DEFAULT_THETA: (f64, f64) = (1_000_000.0, 10_000.0);
+
+/// `Gemma3TextConfig`'s defaults, for the keys a config.json may leave out (the
+/// `text_config` of the multimodal checkpoints names only what differs from them).
+const TEXT_DEFAULTS: [(&str, f64); 12] = [
+    ("vocab_size", 262_208.0),
+    ("hidden_size", 2304.0),
+    ("intermediate_size", 9216.0),
+    ("num_hidden_layers", 26.0),
+    ("num_attention_heads", 8.0),
+    ("num_key_value_heads", 4.0),
+    ("head_dim", 256.0),
+    ("max_position_embeddings", 131_072.0),
+    ("rms_norm_eps", 1e-6),
+    ("pad_token_id", 0.0),
+    ("eos_token_id", 1.0),
+    ("bos_token_id", 2.0),
+];
+
+/// The config.json of the text model in `raw`, a Gemma 3 config.json: a `gemma3_text`
+/// config as it is, or the `text_config` of a multimodal `gemma3` one
+/// (`Gemma3ForConditionalGeneration`; its token ids where the text config has none), with
+/// `Gemma3TextConfig`'s defaults for the keys it leaves out. `None` for another family.
+pub fn text_config(raw: &Value) -> Result<Option<Value>> {
+    let mut text = match raw.get("model_type").and_then(Value::as_str) {
+        Some("gemma3_text") => raw.as_object().cloned().unwrap_or_default(),
+        Some("gemma3") => {
+            let mut text = match raw.get("text_config") {
+                Some(Value::Object(t)) => t.clone(),
+                None | Some(Value::Null) => Map::new(),
+                Some(other) => {
+                    return Err(ModelError::config(
+                        "text_config",
+                        "an object (the text model's config)",
+                        other,
+                    ))
+                }
+            };
+            for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+                if let (None, Some(v)) = (text.get(key), raw.get(key)) {
+                    text.insert(key.into(), v.clone());
+                }
+            }
+            text
+        }
+        _ => return Ok(None),
+    };
+    text.insert("model_type".into(), json!("gemma3_text"));
+    text.insert("architectures".into(), json!(["Gemma3ForCausalLM"]));
+    for (key, value) in TEXT_DEFAULTS {
+        if text.get(key).is_none_or(Value::is_null) {
+            let v = if value.fract() == 0.0 {
+                json!(value as u64)
+            } else {
+                json!(value)
+            };
+            text.insert(key.into(), v);
+        }
+    }
+    Ok(Some(Value::Object(text)))
+}
 
 /// Resolve a Gemma 3 text config.json.
 pub fn resolve(cfg: &Config) -> Result<ModelConfig> {
@@ -176,6 +236,47 @@ mod tests {
             .collect();
         assert_eq!(global, vec![5, 11, 17, 23]);
         assert_eq!(m.sliding_windows[0], Some(512));
+    }
+
+    // google/gemma-3-4b-it's config.json (abridged): the text config names only what
+    // differs from Gemma3TextConfig's defaults.
+    const GEMMA3_4B: &str = r#"{
+      "architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 255999,
+      "eoi_token_index": 256000, "eos_token_id": [1, 106], "image_token_index": 262144,
+      "initializer_range": 0.02, "mm_tokens_per_image": 256, "model_type": "gemma3",
+      "text_config": {"hidden_size": 2560, "intermediate_size": 10240,
+        "model_type": "gemma3_text", "num_hidden_layers": 34,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024},
+      "vision_config": {"hidden_size": 1152, "image_size": 896, "model_type": "siglip_vision_model"}
+    }"#;
+
+    #[test]
+    fn the_text_model_of_a_multimodal_checkpoint() {
+        let raw: Value = serde_json::from_str(GEMMA3_4B).unwrap();
+        let text = text_config(&raw).unwrap().unwrap();
+        assert_eq!(text["eos_token_id"], json!([1, 106]));
+        let m = Config::from_json(&text.to_string())
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!(m.family, Family::Gemma3);
+        assert_eq!(
+            (m.num_attention_heads, m.num_key_value_heads, m.head_dim),
+            (8, 4, 256)
+        );
+        assert_eq!((m.vocab_size, m.hidden_size), (262_208, 2560));
+        assert_eq!(m.rms_norm_eps, 1e-6);
+        assert!(matches!(m.rope.kind, crate::RopeKind::Linear { factor } if factor == 8.0));
+        assert_eq!(m.local_rope.as_ref().unwrap().theta, 1e4);
+        assert_eq!(m.sliding_windows[5], None);
+        assert_eq!(m.sliding_windows[4], Some(1024));
+        let llama = json!({"model_type": "llama"});
+        assert!(text_config(&llama).unwrap().is_none());
+        let bad = json!({"model_type": "gemma3", "text_config": 3});
+        assert!(text_config(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("text_config"));
     }
 
     #[test]
