@@ -119,6 +119,15 @@ impl<B: Backend> KvCache<B> {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// The positions layer `layer` holds keys and values for: all of them, or a
+    /// sliding-window layer's last `window` (0 for a layer that does not exist).
+    pub fn layer_len(&self, layer: usize) -> usize {
+        match self.layers.get(layer) {
+            Some(Some(c)) => c.k.dims()[1],
+            _ => 0,
+        }
+    }
 }
 
 /// GQA self-attention with RoPE (transformers' `LlamaAttention`, eager path).
@@ -383,6 +392,21 @@ fn causal_mask<B: Backend>(
     Tensor::from_data(TensorData::new(m, [1, 1, seq, total]), device)
 }
 
+/// What a sliding-window layer keeps of its keys or values for later steps: the last
+/// `window` positions (a query at position `p` sees keys `p - window < k ≤ p`, so every
+/// later query needs at most the last `window - 1` of them), all of them without a
+/// window. A long generation's cache of such a layer stays `window` rows long.
+///
+/// # Shapes
+/// - x: `[batch, positions, kv_heads, head_dim]` → `[batch, min(positions, window), ...]`
+fn window_tail<B: Backend>(x: Tensor<B, 4>, window: Option<usize>) -> Tensor<B, 4> {
+    let n = x.dims()[1];
+    match window {
+        Some(w) if n > w => x.narrow(1, n - w, w),
+        _ => x,
+    }
+}
+
 /// `x` with an RMSNorm over each head, if there is one (Qwen3's `q_norm` / `k_norm`:
 /// `self.q_norm(self.q_proj(hidden_states).view(hidden_shape))`).
 ///
@@ -464,15 +488,18 @@ impl<B: Backend> SelfAttention<B> {
                     None => (k, v),
                 };
                 *slot = Some(LayerCache {
-                    k: k.clone(),
-                    v: v.clone(),
+                    k: window_tail(k.clone(), self.sliding_window),
+                    v: window_tail(v.clone(), self.sliding_window),
                 });
                 (k, v)
             }
             None => (k, v),
         };
-        // softmax(q·kᵀ·scaling + mask, dim=-1, dtype=torch.float32) · v
-        let mask = ctx.mask(self.sliding_window).clone();
+        // softmax(q·kᵀ·scaling + mask, dim=-1, dtype=torch.float32) · v, over the keys
+        // this layer holds: all positions, or the last ones of a sliding-window cache
+        let mask = ctx.mask(self.sliding_window);
+        let (t, total) = (k.dims()[1], mask.dims()[3]);
+        let mask = mask.clone().narrow(3, total - t, t);
         let out = legora_kernels::attention(q, k, v, mask, self.scaling);
         let out = out.reshape([b, s, h * hd]);
         run(&self.o_proj, Proj::OProj, out)

@@ -56,6 +56,11 @@ fn cache_and_full_forward_agree() {
         ("llama", ""),
         ("qwen2", ""),
         ("mistral", r#", "sliding_window": 3"#),
+        ("phi3", r#", "sliding_window": 2"#),
+        (
+            "gemma3_text",
+            r#", "head_dim": 6, "sliding_window": 2, "sliding_window_pattern": 2"#,
+        ),
     ] {
         let m = model(ty, extra);
         let full = m.forward(ids(&[ROW.to_vec()])).unwrap().logits;
@@ -80,6 +85,11 @@ fn cache_and_full_forward_agree() {
         assert_eq!(cache.len(), ROW.len());
         let d = max_diff(full, Tensor::cat(parts, 1));
         assert!(d < 1e-5, "{ty}: {d}");
+        // a sliding-window layer keeps its window of keys, a global layer every position
+        let windows = &m.config().sliding_windows;
+        for (i, w) in windows.iter().enumerate() {
+            assert_eq!(cache.layer_len(i), w.unwrap_or(ROW.len()), "{ty} layer {i}");
+        }
     }
 }
 
