@@ -180,21 +180,68 @@ pub fn stacked_lora_frozen<B: Backend>(
     reference::stacked_lora_linear(x, weight.dequantize_reference().detach(), bias, lora)
 }
 
+/// The additive score of a key a query may not see: finite, so that a row that sees no
+/// key (a left-padding query) gets a uniform softmax instead of NaN.
+pub const MASKED: f32 = -1e9;
+
+/// Which keys each query of [`attention`] sees.
+#[derive(Debug, Clone)]
+pub enum AttnMask<B: Backend> {
+    /// An additive mask `[batch, 1 or heads, seq, keys]`: 0 where allowed, [`MASKED`]
+    /// where not.
+    Dense(Tensor<B, 4>),
+    /// Causal, decided per score as it is computed (no `[seq, keys]` mask exists): the
+    /// queries are the last `seq` of the `keys` positions, query `i` sees key `j` iff
+    /// `j ≤ keys - seq + i` and, with a window, `keys - seq + i - window < j`; plus an
+    /// additive term per key (0, or [`MASKED`] for padding).
+    Causal {
+        /// The attention window, if any.
+        window: Option<usize>,
+        /// `[batch, keys]`, added to every query's score of that key.
+        key_padding: Option<Tensor<B, 2>>,
+    },
+}
+
+impl<B: Backend> AttnMask<B> {
+    /// The mask as a dense additive one, `[batch, 1 or heads, seq, keys]` (what the
+    /// reference path adds to the scores).
+    pub fn to_dense(
+        self,
+        batch: usize,
+        seq: usize,
+        keys: usize,
+        device: &B::Device,
+    ) -> Tensor<B, 4> {
+        match self {
+            AttnMask::Dense(m) => m,
+            AttnMask::Causal {
+                window,
+                key_padding,
+            } => {
+                let c = reference::causal_mask::<B>(keys.saturating_sub(seq), seq, window, device);
+                match key_padding {
+                    Some(p) => c + p.reshape([batch, 1, 1, keys]),
+                    None => c.repeat_dim(0, batch),
+                }
+            }
+        }
+    }
+}
+
 /// Scaled dot-product attention with grouped-query heads (query head `j` reads
-/// kv head `j / (heads / kv_heads)`, as transformers' `repeat_kv`) and an additive mask
-/// (0 where allowed, a large negative value where not). The mask is a constant: it gets
-/// no gradient.
+/// kv head `j / (heads / kv_heads)`, as transformers' `repeat_kv`) under `mask`. The
+/// mask is a constant: it gets no gradient.
 ///
 /// # Shapes
 /// - q: `[batch, seq, heads, head_dim]`
-/// - k, v: `[batch, total, kv_heads, head_dim]`
-/// - mask: `[batch, 1 or heads, seq, total]`
+/// - k, v: `[batch, keys, kv_heads, head_dim]` (`keys ≥ seq` for a causal mask)
+/// - mask: dense `[batch, 1 or heads, seq, keys]`, or causal with padding `[batch, keys]`
 /// - output: `[batch, seq, heads, head_dim]`
 pub fn attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
-    mask: Tensor<B, 4>,
+    mask: AttnMask<B>,
     scale: f64,
 ) -> Tensor<B, 4> {
     #[cfg(feature = "flex")]
@@ -202,6 +249,8 @@ pub fn attention<B: Backend>(
         Ok(out) => return out,
         Err(args) => args,
     };
+    let ([b, s, ..], t) = (q.dims(), k.dims()[1]);
+    let mask = mask.to_dense(b, s, t, &q.device());
     reference::attention(q, k, v, mask, scale)
 }
 

@@ -124,7 +124,7 @@ pub fn attention<B: Backend>(
 ///
 /// # Shapes
 /// → `[1, 1, rows, past + rows]`
-fn causal_mask<B: Backend>(
+pub(crate) fn causal_mask<B: Backend>(
     past: usize,
     rows: usize,
     window: Option<usize>,
@@ -136,7 +136,7 @@ fn causal_mask<B: Backend>(
         let qa = past + r;
         for (k, x) in row.iter_mut().enumerate() {
             if !(k <= qa && window.is_none_or(|w| qa < k + w)) {
-                *x = -1e9;
+                *x = crate::MASKED;
             }
         }
     }

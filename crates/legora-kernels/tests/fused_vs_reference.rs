@@ -4,7 +4,7 @@
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
-use legora_kernels::{self as k, reference};
+use legora_kernels::{self as k, reference, AttnMask};
 
 type Ad = Autodiff<Flex>;
 
@@ -79,7 +79,13 @@ fn check_attention(b: usize, s: usize, t: usize, h: usize, kv: usize, mask_heads
     let scale = (hd as f64).powf(-0.5);
     let what = format!("attention b{b} s{s} t{t} h{h} kv{kv} mask{mask_heads}");
 
-    let fused = k::attention(plain(&q), plain(&kk), plain(&v), plain(&mask), scale);
+    let fused = k::attention(
+        plain(&q),
+        plain(&kk),
+        plain(&v),
+        AttnMask::Dense(plain(&mask)),
+        scale,
+    );
     let refr = reference::attention(plain(&q), plain(&kk), plain(&v), plain(&mask), scale);
     assert_close(&what, fused.into_data(), refr.into_data(), 1e-5);
 
@@ -87,7 +93,7 @@ fn check_attention(b: usize, s: usize, t: usize, h: usize, kv: usize, mask_heads
         let (q, kk, v) = (leaf::<4>(&q), leaf::<4>(&kk), leaf::<4>(&v));
         let m = Tensor::<Ad, 4>::from_data(mask.clone(), &Default::default());
         let out = if fused {
-            k::attention(q.clone(), kk.clone(), v.clone(), m, scale)
+            k::attention(q.clone(), kk.clone(), v.clone(), AttnMask::Dense(m), scale)
         } else {
             reference::attention(q.clone(), kk.clone(), v.clone(), m, scale)
         };
@@ -100,6 +106,72 @@ fn check_attention(b: usize, s: usize, t: usize, h: usize, kv: usize, mask_heads
     assert_close(&format!("{what} dq"), f.1, r.1, 1e-4);
     assert_close(&format!("{what} dk"), f.2, r.2, 1e-4);
     assert_close(&format!("{what} dv"), f.3, r.3, 1e-4);
+}
+
+/// The causal mask decided per score (with a window and left padding) against the same
+/// mask built dense: equal outputs, bit for bit, and equal gradients.
+fn check_causal_attention(b: usize, s: usize, t: usize, window: Option<usize>) {
+    let (h, kv, hd) = (4, 2, 8);
+    let (q, kk, v) = (
+        random(&[b, s, h, hd], 11),
+        random(&[b, t, kv, hd], 12),
+        random(&[b, t, kv, hd], 13),
+    );
+    // row 1 left-padded by two keys
+    let pad: Vec<f32> = (0..b * t)
+        .map(|i| {
+            if i / t == 1 && i % t < 2 {
+                k::MASKED
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let pad = TensorData::new(pad, [b, t]);
+    let scale = (hd as f64).powf(-0.5);
+    let what = format!("causal attention b{b} s{s} t{t} window {window:?}");
+    let run = |causal: bool| {
+        let (q, kk, v) = (leaf::<4>(&q), leaf::<4>(&kk), leaf::<4>(&v));
+        let causal_mask = AttnMask::Causal {
+            window,
+            key_padding: Some(Tensor::<Ad, 2>::from_data(pad.clone(), &Default::default())),
+        };
+        let mask = if causal {
+            causal_mask
+        } else {
+            AttnMask::Dense(causal_mask.to_dense(b, s, t, &Default::default()))
+        };
+        let out = k::attention(q.clone(), kk.clone(), v.clone(), mask, scale);
+        let grads = probe(out.clone(), 14).backward();
+        let g = |x: &Tensor<Ad, 4>| x.grad(&grads).unwrap().into_data();
+        (out.into_data(), g(&q), g(&kk), g(&v))
+    };
+    let (c, d) = (run(true), run(false));
+    assert_eq!(c.0, d.0, "{what}: out");
+    assert_close(&format!("{what} dq"), c.1, d.1, 1e-6);
+    assert_close(&format!("{what} dk"), c.2, d.2, 1e-6);
+    assert_close(&format!("{what} dv"), c.3, d.3, 1e-6);
+    // and the reference path (any other backend) builds that dense mask itself
+    let mask = AttnMask::Causal {
+        window,
+        key_padding: Some(plain(&pad)),
+    };
+    let dense = reference::attention(
+        plain(&q),
+        plain(&kk),
+        plain(&v),
+        mask.clone().to_dense(b, s, t, &Default::default()),
+        scale,
+    );
+    let fused = k::attention(plain(&q), plain(&kk), plain(&v), mask, scale);
+    assert_close(&what, fused.into_data(), dense.into_data(), 1e-5);
+}
+
+#[test]
+fn causal_attention_needs_no_dense_mask() {
+    check_causal_attention(2, 6, 6, None); // prefill
+    check_causal_attention(2, 6, 6, Some(3)); // a window shorter than the sequence
+    check_causal_attention(2, 2, 5, Some(4)); // decoding over a cache
 }
 
 #[test]

@@ -114,7 +114,7 @@ fn each_sequence_gets_what_attention_alone_gives_it() {
             q.clone().narrow(0, off, rows).unsqueeze_dim(0),
             s.k.narrow(0, 0, total).unsqueeze_dim(0),
             s.v.narrow(0, 0, total).unsqueeze_dim(0),
-            mask,
+            k::AttnMask::Dense(mask),
             scale,
         );
         let packed = out.clone().narrow(0, off, rows);

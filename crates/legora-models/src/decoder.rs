@@ -7,17 +7,13 @@
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use legora_kernels::FrozenWeight;
+use legora_kernels::{AttnMask, FrozenWeight, MASKED};
 use legora_nn::{Experts, Proj, Router, RouterOutput, RouterPooling, SlotId};
 
 use crate::config::{Activation, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::slot::Slot;
 use crate::weights::{FrozenMaker, Init, WeightSource};
-
-/// Additive mask value for disallowed keys: finite, so fully masked rows (left padding)
-/// give a uniform softmax instead of NaN.
-const MASKED: f32 = -1e9;
 
 /// RMSNorm as transformers' `LlamaRMSNorm`: computed in f32, cast back, then scaled.
 #[derive(Module, Debug)]
@@ -340,8 +336,10 @@ pub(crate) fn aux_loss<B: Backend>(routing: &[Routing<B>]) -> Option<Tensor<B, 1
 /// Per-forward context shared by the layers.
 pub(crate) struct Ctx<B: Backend> {
     rope: RopeTables<B>,
-    /// Additive masks `[batch, 1, seq, total]` per distinct window.
-    masks: Vec<(Option<usize>, Tensor<B, 4>)>,
+    /// The padding term of every key, `[batch, past + seq]`: 0 for a real token,
+    /// `MASKED` for padding (`None`: every token is real). The causal and window parts
+    /// of the mask are decided by the attention kernel per score.
+    key_padding: Option<Tensor<B, 2>>,
     /// Real-token mask of the new positions, `[batch·seq]`.
     token_mask: Option<Tensor<B, 1>>,
     /// The input's expert selection (overrides routers).
@@ -349,13 +347,17 @@ pub(crate) struct Ctx<B: Backend> {
 }
 
 impl<B: Backend> Ctx<B> {
-    fn mask(&self, window: Option<usize>) -> &Tensor<B, 4> {
-        &self
-            .masks
-            .iter()
-            .find(|(w, _)| *w == window)
-            .expect("a mask is built for every window")
-            .1
+    /// The mask of a layer with `window` whose keys are the last `keys` positions (all of
+    /// them, or what a sliding-window cache holds).
+    fn attn_mask(&self, window: Option<usize>, keys: usize) -> AttnMask<B> {
+        let key_padding = self.key_padding.as_ref().map(|p| {
+            let total = p.dims()[1];
+            p.clone().narrow(1, total - keys, keys)
+        });
+        AttnMask::Causal {
+            window,
+            key_padding,
+        }
     }
 
     /// The selection for slots whose layer has no router: the input's, else each
@@ -365,31 +367,6 @@ impl<B: Backend> Ctx<B> {
             mask: self.token_mask.clone(),
         })
     }
-}
-
-/// The causal (+ window) part of the mask, built on the host.
-///
-/// # Shapes
-/// → `[1, 1, seq, past + seq]`
-fn causal_mask<B: Backend>(
-    past: usize,
-    seq: usize,
-    window: Option<usize>,
-    device: &B::Device,
-) -> Tensor<B, 4> {
-    let total = past + seq;
-    let mut m = vec![0f32; seq * total];
-    for q in 0..seq {
-        let qa = past + q;
-        for k in 0..total {
-            // causal: kv_idx <= q_idx; sliding_window_overlay: kv_idx > q_idx - sliding_window
-            let allowed = k <= qa && window.is_none_or(|w| qa < k + w);
-            if !allowed {
-                m[q * total + k] = MASKED;
-            }
-        }
-    }
-    Tensor::from_data(TensorData::new(m, [1, 1, seq, total]), device)
 }
 
 /// What a sliding-window layer keeps of its keys or values for later steps: the last
@@ -497,9 +474,7 @@ impl<B: Backend> SelfAttention<B> {
         };
         // softmax(q·kᵀ·scaling + mask, dim=-1, dtype=torch.float32) · v, over the keys
         // this layer holds: all positions, or the last ones of a sliding-window cache
-        let mask = ctx.mask(self.sliding_window);
-        let (t, total) = (k.dims()[1], mask.dims()[3]);
-        let mask = mask.clone().narrow(3, total - t, t);
+        let mask = ctx.attn_mask(self.sliding_window, k.dims()[1]);
         let out = legora_kernels::attention(q, k, v, mask, self.scaling);
         let out = out.reshape([b, s, h * hd]);
         run(&self.o_proj, Proj::OProj, out)
@@ -1103,35 +1078,18 @@ impl<B: Backend> CausalLm<B> {
                 .repeat_dim(0, b),
         };
         let rope = RopeTables::new(&self.config, positions);
-        let pad = input
+        // (mask - 1) · 1e9: 0 for real tokens, MASKED for padding
+        let key_padding = input
             .attention_mask
             .as_ref()
-            .map(|m| (m.clone().float() - 1.0).reshape([b, 1, 1, total]) * (-MASKED as f64));
-        let mut windows: Vec<Option<usize>> = Vec::new();
-        for l in &self.model.layers {
-            if !windows.contains(&l.self_attn.sliding_window) {
-                windows.push(l.self_attn.sliding_window);
-            }
-        }
-        // One mask per row, shared by the heads: `[batch, 1, seq, total]`.
-        let masks = windows
-            .into_iter()
-            .map(|w| {
-                let c = causal_mask::<B>(past, s, w, &device);
-                let m = match &pad {
-                    Some(p) => c + p.clone(),
-                    None => c.repeat_dim(0, b),
-                };
-                (w, m)
-            })
-            .collect();
+            .map(|m| (m.clone().float() - 1.0) * (-MASKED as f64));
         let token_mask = input
             .attention_mask
             .as_ref()
             .map(|m| m.clone().narrow(1, past, s).float().reshape([b * s]));
         let ctx = Ctx {
             rope,
-            masks,
+            key_padding,
             token_mask,
             experts: input.experts,
         };

@@ -11,7 +11,7 @@ use super::{
     ad_of, all_f32, backward, contiguous, data, flex_of, from_ad, from_flex, gemm, math, mode,
     record, tensor, value_of, Mode, SendPtr,
 };
-use crate::KvSeq;
+use crate::{AttnMask, KvSeq, MASKED};
 
 /// The attention problem's sizes.
 #[derive(Clone, Copy, Debug)]
@@ -55,6 +55,32 @@ fn softmax_row(row: &mut [f32], max: f32) {
     math::exp_in_place(row);
     let inv = 1.0 / math::sum(row);
     row.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// The mask of one forward, as the kernel reads it.
+#[derive(Clone, Copy)]
+enum MaskRef<'a> {
+    /// `[b, 1 or h, s, t]`, added.
+    Dense(&'a [f32]),
+    /// Causal (the queries are the last `s` keys) within `window`, plus `[b, t]` padding.
+    Causal {
+        window: Option<usize>,
+        padding: Option<&'a [f32]>,
+    },
+}
+
+impl MaskRef<'_> {
+    /// Row-wise softmax of head (`bi`, `hh`)'s scores `p` (`[s, t]`) under the mask, in
+    /// place.
+    fn softmax(self, p: &mut [f32], d: &Dims, bi: usize, hh: usize) {
+        match self {
+            MaskRef::Dense(m) => softmax_rows(p, &m[d.mask_off(bi, hh)..][..d.s * d.t], d.t),
+            MaskRef::Causal { window, padding } => {
+                let pad = padding.map(|p| &p[bi * d.t..(bi + 1) * d.t]);
+                softmax_causal(p, d.t, d.t - d.s, window, pad)
+            }
+        }
+    }
 }
 
 /// Row-wise softmax of `scores + mask`, in place.
@@ -108,7 +134,7 @@ fn forward(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    mask: &[f32],
+    mask: MaskRef<'_>,
     d: Dims,
     keep: bool,
 ) -> (Vec<f32>, Vec<f32>) {
@@ -141,7 +167,7 @@ fn forward(
             head_scores((d.s, d.t, d.hd), p_ptr, qp, qs, kp, kvs, d.scale);
             std::slice::from_raw_parts_mut(p_ptr, d.s * d.t)
         };
-        softmax_rows(p, &mask[d.mask_off(bi, hh)..][..d.s * d.t], d.t);
+        mask.softmax(p, &d, bi, hh);
         // SAFETY: task (bi, hh) writes only its own head's `[s, hd]` rows of `out`
         // (q_off), reading P (its own buffer) and V in place, all within bounds of `d`.
         unsafe {
@@ -273,32 +299,56 @@ fn attention_backward(
 
 backward!(AttentionBackward, 3, AttnState, attention_backward);
 
-type Args<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>);
+type Args<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>, AttnMask<B>);
+
+/// Whether the fused kernel takes these shapes and dtypes: `Some(mask heads)`.
+fn fits<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    mask: &AttnMask<B>,
+) -> Option<usize> {
+    let ([b, s, h, hd], [kb, t, kv, khd]) = (q.dims(), k.dims());
+    let shapes = all_f32(&[q.dtype(), k.dtype(), v.dtype()])
+        && kb == b
+        && khd == hd
+        && kv > 0
+        && h % kv == 0
+        && v.dims() == k.dims();
+    let mask_heads = match mask {
+        AttnMask::Dense(m) => {
+            let [mb, mh, ms, mt] = m.dims();
+            let ok = m.dtype() == burn::tensor::DType::F32
+                && [mb, ms, mt] == [b, s, t]
+                && (mh == 1 || mh == h);
+            ok.then_some(mh)
+        }
+        AttnMask::Causal { key_padding, .. } => {
+            let ok = t >= s
+                && key_padding
+                    .as_ref()
+                    .is_none_or(|p| p.dims() == [b, t] && p.dtype() == burn::tensor::DType::F32);
+            ok.then_some(1)
+        }
+    };
+    mask_heads.filter(|_| shapes)
+}
 
 /// Fused [`crate::attention`].
 pub(crate) fn attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
-    mask: Tensor<B, 4>,
+    mask: AttnMask<B>,
     scale: f64,
 ) -> Result<Tensor<B, 4>, Args<B>> {
     let Some(mode) = mode::<B>() else {
         return Err((q, k, v, mask));
     };
-    let ([b, s, h, hd], [kb, t, kv, khd]) = (q.dims(), k.dims());
-    let [mb, mh, ms, mt] = mask.dims();
-    let fits = all_f32(&[q.dtype(), k.dtype(), v.dtype(), mask.dtype()])
-        && kb == b
-        && khd == hd
-        && kv > 0
-        && h % kv == 0
-        && v.dims() == k.dims()
-        && [mb, ms, mt] == [b, s, t]
-        && (mh == 1 || mh == h);
-    if !fits {
+    let Some(mask_heads) = fits(&q, &k, &v, &mask) else {
         return Err((q, k, v, mask));
-    }
+    };
+    let ([b, s, h, hd], [_, t, kv, _]) = (q.dims(), k.dims());
     let dims = Dims {
         b,
         s,
@@ -306,10 +356,25 @@ pub(crate) fn attention<B: Backend>(
         h,
         kv,
         hd,
-        mask_heads: mh,
+        mask_heads,
         scale: scale as f32,
     };
-    let mask = contiguous(value_of(mask, mode));
+    // The mask's values, contiguous: dense, or the causal mask's padding row per batch.
+    let dense = matches!(mask, AttnMask::Dense(_));
+    let (window, values) = match mask {
+        AttnMask::Dense(m) => (None, Some(contiguous(value_of(m, mode)))),
+        AttnMask::Causal {
+            window,
+            key_padding,
+        } => (window, key_padding.map(|p| contiguous(value_of(p, mode)))),
+    };
+    let mask_ref = match (dense, &values) {
+        (true, Some(m)) => MaskRef::Dense(data(m)),
+        (_, padding) => MaskRef::Causal {
+            window,
+            padding: padding.as_ref().map(data),
+        },
+    };
     let shape = [b, s, h, hd];
     Ok(match mode {
         Mode::Plain => {
@@ -318,7 +383,7 @@ pub(crate) fn attention<B: Backend>(
                 contiguous(flex_of(k)),
                 contiguous(flex_of(v)),
             );
-            let (out, _) = forward(data(&q), data(&k), data(&v), data(&mask), dims, false);
+            let (out, _) = forward(data(&q), data(&k), data(&v), mask_ref, dims, false);
             from_flex(tensor(out, &shape))
         }
         Mode::Autodiff => {
@@ -328,7 +393,7 @@ pub(crate) fn attention<B: Backend>(
             va.primitive = contiguous(va.primitive);
             from_ad(record(AttentionBackward, [&qa, &ka, &va], |tracked| {
                 let (q, k, v) = (&qa.primitive, &ka.primitive, &va.primitive);
-                let (out, probs) = forward(data(q), data(k), data(v), data(&mask), dims, tracked);
+                let (out, probs) = forward(data(q), data(k), data(v), mask_ref, dims, tracked);
                 let state = tracked.then(|| AttnState {
                     q: q.clone(),
                     k: k.clone(),
@@ -342,10 +407,6 @@ pub(crate) fn attention<B: Backend>(
     })
 }
 
-/// The additive score of a key a query may not see: the decoder's mask value, so that a
-/// packed step computes exactly what the masked attention above computes.
-const MASKED: f32 = -1e9;
-
 /// Whether the query at absolute position `qa` sees key `k` (causal, inside the window).
 fn visible(qa: usize, k: usize, window: Option<usize>) -> bool {
     // causal: kv_idx <= q_idx; sliding_window_overlay: kv_idx > q_idx - sliding_window
@@ -353,15 +414,26 @@ fn visible(qa: usize, k: usize, window: Option<usize>) -> bool {
 }
 
 /// Row-wise causal softmax of `p` `[rows, t]`, the scores of the queries at positions
-/// `past..past + rows` over keys `0..t`, in place.
-fn softmax_causal(p: &mut [f32], t: usize, past: usize, window: Option<usize>) {
+/// `past..past + rows` over keys `0..t` plus each key's `padding` term, in place: the
+/// same sums as adding a dense mask of `MASKED`s and the padding row.
+fn softmax_causal(
+    p: &mut [f32],
+    t: usize,
+    past: usize,
+    window: Option<usize>,
+    padding: Option<&[f32]>,
+) {
     for (r, row) in p.chunks_mut(t).enumerate() {
         let mut max = f32::NEG_INFINITY;
         for (k, x) in row.iter_mut().enumerate() {
-            *x += if visible(past + r, k, window) {
+            let c = if visible(past + r, k, window) {
                 0.0
             } else {
                 MASKED
+            };
+            *x += match padding {
+                Some(pad) => c + pad[k],
+                None => c,
             };
             max = max.max(*x);
         }
@@ -497,7 +569,7 @@ fn packed_forward(
                 kvs,
                 d.scale,
             );
-            softmax_causal(&mut p, t, past, d.window);
+            softmax_causal(&mut p, t, past, d.window, None);
             let dst = out_p.get().add(off * qs + hh * d.hd);
             head_output(
                 (rows, t, d.hd),
