@@ -337,10 +337,13 @@ fn metadata_of_the_wrong_type() {
         Some(MetadataValue::String("gpt2".into())),
     );
     let e = load_err(&tmp, &write_gguf(&meta, &tensors));
-    assert!(
-        e.to_string().contains("general.architecture") && e.to_string().contains("\"qwen2\""),
-        "{e}"
-    );
+    assert!(e.to_string().contains("general.architecture"), "{e}");
+    for arch in ["llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3"] {
+        assert!(
+            e.to_string().contains(&format!("\"{arch}\"")),
+            "{arch}: {e}"
+        );
+    }
     let (mut meta, tensors) = parts("qwen2-q4_0");
     set(
         &mut meta,

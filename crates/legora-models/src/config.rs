@@ -656,6 +656,9 @@ mod tests {
             matches!(&e, ModelError::UnknownModelType { found, .. } if found == "gpt2"),
             "{e}"
         );
+        for family in ["llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3_text"] {
+            assert!(e.to_string().contains(family), "{family}: {e}");
+        }
         let mut cfg = Config::from_json(LLAMA31_V4).unwrap();
         cfg.num_key_value_heads = Some(5);
         let e = cfg.resolve().unwrap_err();
