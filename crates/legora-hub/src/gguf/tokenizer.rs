@@ -11,6 +11,11 @@
 //!   (prepended to the first word), merges from the file or, when it has none (llama.cpp
 //!   writes none), recovered from the vocabulary and `tokenizer.ggml.scores` as
 //!   `generate_merges` does;
+//!   - a `phi3` file (`phi3_tokenizer`): the `▁` prefix from a normalizer, so text that
+//!     starts with spaces keeps one more (`"  hi"` → `▁▁▁hi`);
+//!   - a `gemma3` file (`gemma_tokenizer`): tokens of whitespace stored with real spaces
+//!     are spelled as `▁`s, and recovered merges follow the tokens' order in the file,
+//!     not their scores;
 //! - control tokens (`tokenizer.ggml.token_type` 3) and the bos / eos / unk / pad tokens are
 //!   special added tokens, user-defined ones (4) plain added tokens;
 //! - `tokenizer.ggml.add_bos_token` (default: true for `llama`, false for `gpt2`) and
@@ -161,9 +166,21 @@ fn read_vocab(file: &GgufFile) -> Result<Vocab<'_>> {
 /// describes.
 pub fn tokenizer_json(file: &GgufFile) -> Result<Value> {
     let v = read_vocab(file)?;
+    let arch = file.get_str("general.architecture")?.unwrap_or_default();
+    let mut normalizer = Value::Null;
     let (model, pre_tokenizer, decoder, byte_alphabet) = match v.model {
         "gpt2" => byte_level(file, &v)?,
-        "llama" => sentencepiece(file, &v)?,
+        "llama" if arch == "phi3" => {
+            // phi3_tokenizer: the prefix space from a normalizer, not from Metaspace
+            // (`"  hi"` → `▁▁▁hi`, where Metaspace gives `▁▁hi`)
+            normalizer = json!({"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": "\u{2581}"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
+            ]});
+            let (model, _, decoder, alphabet) = sentencepiece(file, &v, false)?;
+            (model, Value::Null, decoder, alphabet)
+        }
+        "llama" => sentencepiece(file, &v, arch.starts_with("gemma"))?,
         other => {
             return Err(HubError::GgufMetadata {
                 path: file.path().to_path_buf(),
@@ -185,7 +202,7 @@ pub fn tokenizer_json(file: &GgufFile) -> Result<Value> {
         "truncation": null,
         "padding": null,
         "added_tokens": added_tokens(&v, byte_alphabet.as_ref()),
-        "normalizer": null,
+        "normalizer": normalizer,
         "pre_tokenizer": pre_tokenizer,
         "post_processor": post_processor(&v),
         "decoder": decoder,
@@ -227,17 +244,38 @@ fn byte_level(file: &GgufFile, v: &Vocab<'_>) -> Result<Parts> {
 }
 
 /// `sentencepiece_tokenizer` with `LlamaTokenizer`: byte-fallback BPE behind a `▁`
-/// Metaspace.
-fn sentencepiece(file: &GgufFile, v: &Vocab<'_>) -> Result<Parts> {
+/// Metaspace. For Gemma (`gemma_tokenizer`), a token of spaces (and other whitespace)
+/// stored with real spaces is spelled as `▁`s, and merges recovered from the vocabulary
+/// follow the tokens' order in the file, not their scores.
+fn sentencepiece(file: &GgufFile, v: &Vocab<'_>, gemma: bool) -> Result<Parts> {
+    let respelled: Vec<String>;
+    let (tokens, scores): (&[String], Option<Vec<f32>>) = if gemma {
+        respelled = v
+            .tokens
+            .iter()
+            .map(|t| {
+                // "\u2581" * len(t) if " " in t and not t.strip() else t
+                if t.contains(' ') && t.chars().all(char::is_whitespace) {
+                    "\u{2581}".repeat(t.chars().count())
+                } else {
+                    t.clone()
+                }
+            })
+            .collect();
+        let positions = (0..respelled.len()).map(|i| -(i as f32)).collect();
+        (&respelled, Some(positions))
+    } else {
+        (v.tokens, v.scores.clone())
+    };
     let mut vocab = Map::new();
     let mut ids = HashMap::new();
-    for (i, t) in v.tokens.iter().enumerate() {
+    for (i, t) in tokens.iter().enumerate() {
         ids.insert(t.clone(), i);
         vocab.insert(t.clone(), json!(i));
     }
-    let merges = match (v.merges, &v.scores) {
+    let merges = match (v.merges, &scores) {
         (Some(m), _) => file_merges(file, m)?,
-        (None, Some(scores)) => generate_merges(&ids, v.tokens, Some(scores)),
+        (None, Some(scores)) => generate_merges(&ids, tokens, Some(scores)),
         (None, None) => {
             return Err(HubError::GgufMetadata {
                 path: file.path().to_path_buf(),
