@@ -355,6 +355,21 @@ fn metadata_of_the_wrong_type() {
         matches!(&e, HubError::GgufMetadata { key, .. } if key == "qwen2.rope.scaling.type"),
         "{e}"
     );
+    // A Phi-3 file with llama.cpp's LongRoPE factors: refused naming the tensor (its
+    // frequencies would otherwise be silently wrong)
+    let (meta, mut tensors) = parts("phi3-f16");
+    tensors.push(T {
+        name: "rope_factors_long.weight".into(),
+        dims: vec![4],
+        ty: GgmlType::F32.id(),
+        data: [1.0f32; 4].iter().flat_map(|x| x.to_le_bytes()).collect(),
+        offset: None,
+    });
+    let e = load_err(&tmp, &write_gguf(&meta, &tensors));
+    assert!(
+        matches!(&e, HubError::GgufTensor { tensor, .. } if tensor == "rope_factors_long.weight"),
+        "{e}"
+    );
     let (mut meta, tensors) = parts("qwen2-q4_0");
     set(
         &mut meta,

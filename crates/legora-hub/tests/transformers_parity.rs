@@ -92,6 +92,88 @@ fn disabling_the_adapter_gives_the_base_logits() {
     assert!(d < TOL, "{d}");
 }
 
+/// The phi3 fixture under LongRoPE (past and within its original context) and a partial
+/// rotary factor, as make_model_fixtures.py's `PHI3_ROPE_VARIANTS` set them; the
+/// transformers-4 spelling (`rope_scaling` `"type": "longrope"`, the original context at
+/// the top level) for the first.
+#[test]
+fn phi3_longrope_and_partial_rotary() {
+    let r = Reference::load("phi3");
+    let tmp = TempDir::copy_of("phi3-rope", &fixture("phi3"));
+    let cfg_path = tmp.path().join("config.json");
+    let base: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let short: Vec<f64> = (0..8).map(|i| 1.0 + 0.125 * i as f64).collect();
+    let long: Vec<f64> = (0..8).map(|i| 1.5 + 0.75 * i as f64).collect();
+    let longrope = |original: usize| {
+        serde_json::json!({"rope_type": "longrope", "rope_theta": 10000.0,
+            "short_factor": short, "long_factor": long,
+            "original_max_position_embeddings": original})
+    };
+    let spelled_4 = {
+        let mut c = base.clone();
+        let obj = c.as_object_mut().unwrap();
+        obj.remove("rope_parameters");
+        obj.insert("rope_theta".into(), serde_json::json!(10000.0));
+        obj.insert(
+            "original_max_position_embeddings".into(),
+            serde_json::json!(4),
+        );
+        obj.insert(
+            "rope_scaling".into(),
+            serde_json::json!({"type": "longrope", "short_factor": short, "long_factor": long}),
+        );
+        c
+    };
+    let with = |rope: serde_json::Value| {
+        let mut c = base.clone();
+        c["rope_parameters"] = rope;
+        c
+    };
+    for (what, cfg, want) in [
+        (
+            "longrope past the original context",
+            with(longrope(4)),
+            "logits_longrope_long",
+        ),
+        (
+            "longrope within it",
+            with(longrope(32)),
+            "logits_longrope_short",
+        ),
+        (
+            "longrope, transformers 4 keys",
+            spelled_4,
+            "logits_longrope_long",
+        ),
+        (
+            "partial rotary 0.5",
+            with(
+                serde_json::json!({"rope_type": "default", "rope_theta": 10000.0,
+                                    "partial_rotary_factor": 0.5}),
+            ),
+            "logits_partial",
+        ),
+    ] {
+        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+        let m = PretrainedModel::<B>::from_pretrained(tmp.path(), &Default::default()).unwrap();
+        let d = r.max_diff(m.model.forward(r.batch()).unwrap().logits, want);
+        assert!(d < TOL, "{what}: max |Δlogits| = {d}");
+    }
+    // factors that do not fit the rotated pairs are refused naming the key
+    std::fs::write(
+        &cfg_path,
+        with(
+            serde_json::json!({"rope_type": "longrope", "short_factor": [1.0],
+            "long_factor": long, "original_max_position_embeddings": 4}),
+        )
+        .to_string(),
+    )
+    .unwrap();
+    let e = PretrainedModel::<B>::from_pretrained(tmp.path(), &Default::default()).unwrap_err();
+    assert!(e.to_string().contains("short_factor"), "{e}");
+}
+
 #[test]
 fn rope_scaling_linear_and_transformers_4_config_keys() {
     let r = Reference::load("llama");

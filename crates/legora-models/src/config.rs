@@ -56,9 +56,18 @@ pub struct RopeParameters {
     /// `llama3`: the context length the model was pretrained with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub original_max_position_embeddings: Option<usize>,
-    /// Fraction of the head dimension that is rotated (only 1.0 is supported).
+    /// Fraction of the head dimension that is rotated (Phi-4-mini: 0.75).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partial_rotary_factor: Option<f64>,
+    /// `longrope`: the frequency divisors past the original context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub long_factor: Option<Vec<f64>>,
+    /// `longrope`: the frequency divisors within the original context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub short_factor: Option<Vec<f64>>,
+    /// `longrope`: the cos/sin multiplier (default from `factor`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_factor: Option<f64>,
     /// Any other key, kept.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -180,6 +189,21 @@ impl Config {
             .unwrap_or_default();
         if p.rope_theta.is_none() {
             p.rope_theta = Some(self.rope_theta.unwrap_or(10000.0));
+        }
+        // Phi-3 / Phi-4 keep these beside rope_scaling, at the top level
+        let top = |key: &str| self.extra.get(key).and_then(serde_json::Value::as_f64);
+        if p.partial_rotary_factor.is_none() {
+            p.partial_rotary_factor = top("partial_rotary_factor");
+        }
+        if p.original_max_position_embeddings.is_none() {
+            p.original_max_position_embeddings =
+                top("original_max_position_embeddings").map(|n| n as usize);
+        }
+        // longrope: factor = config.max_position_embeddings / original_max_position_embeddings
+        if p.long_factor.is_some() && p.factor.is_none() {
+            if let Some(orig) = p.original_max_position_embeddings.filter(|n| *n > 0) {
+                p.factor = Some(self.max_position_embeddings as f64 / orig as f64);
+            }
         }
         p
     }

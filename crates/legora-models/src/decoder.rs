@@ -454,9 +454,9 @@ impl<B: Backend> SelfAttention<B> {
         let (q, k, v) = self.qkv(x, &mut run)?;
         let (cos, sin) = ctx.rope.get(self.local_rope);
         let q = q.reshape([b, s, h, hd]);
-        let q = legora_kernels::rotary(head_norm(&self.q_norm, q), cos, sin);
+        let q = crate::rope::rotate(head_norm(&self.q_norm, q), cos, sin);
         let k = k.reshape([b, s, kv, hd]);
-        let k = legora_kernels::rotary(head_norm(&self.k_norm, k), cos, sin);
+        let k = crate::rope::rotate(head_norm(&self.k_norm, k), cos, sin);
         let v = v.reshape([b, s, kv, hd]);
         let (k, v) = match cache {
             Some(slot) => {

@@ -595,9 +595,9 @@ fn packed_attention<B: Backend>(
     };
     let (q, k, v) = a.qkv(x, &mut run)?;
     let (cos, sin) = st.rope.get(a.local_rope);
-    let q = legora_kernels::rotary(head_norm(&a.q_norm, q.reshape([1, t, h, hd])), cos, sin)
+    let q = crate::rope::rotate(head_norm(&a.q_norm, q.reshape([1, t, h, hd])), cos, sin)
         .reshape([t, h, hd]);
-    let k = legora_kernels::rotary(head_norm(&a.k_norm, k.reshape([1, t, kv, hd])), cos, sin)
+    let k = crate::rope::rotate(head_norm(&a.k_norm, k.reshape([1, t, kv, hd])), cos, sin)
         .reshape([t, kv, hd]);
     let v = v.reshape([t, kv, hd]);
     let seqs: Vec<KvSeq<B>> = caches

@@ -10,8 +10,9 @@
 //! PEFT targets them (`target_modules=["qkv_proj", "gate_up_proj"]`).
 //!
 //! `resid_pdrop` / `embd_pdrop` dropout of the base model is not applied (legora trains
-//! adapters over a frozen base in evaluation mode). The long-context variants'
-//! `longrope` and Phi-4-mini's partial rotary embeddings are refused by name.
+//! adapters over a frozen base in evaluation mode). The long-context variants' `longrope`
+//! (Phi-3.5-mini, Phi-3-mini-128k) and Phi-4-mini's `partial_rotary_factor` are in
+//! [`crate::Rope`].
 
 use crate::config::{resolve_common, Config, Family, ModelConfig};
 use crate::error::Result;
@@ -65,14 +66,37 @@ mod tests {
     }
 
     #[test]
-    fn long_context_rope_is_refused_by_name() {
+    fn longrope_of_phi3_5_mini() {
+        // Phi-3.5-mini-instruct: 48 factors per list, original context 4096 of 131072
         let mut v: serde_json::Value = serde_json::from_str(PHI3_MINI_4K).unwrap();
-        v["rope_scaling"] = serde_json::json!({"type": "longrope", "short_factor": [1.0],
-            "long_factor": [1.0]});
+        v["max_position_embeddings"] = serde_json::json!(131072);
+        v["rope_scaling"] = serde_json::json!({"type": "longrope",
+            "short_factor": vec![1.0; 48], "long_factor": vec![2.0; 48]});
+        let m = Config::from_json(&v.to_string())
+            .unwrap()
+            .resolve()
+            .unwrap();
+        let crate::RopeKind::LongRope {
+            original_max_position_embeddings,
+            attention_factor,
+            ref long_inv_freq,
+        } = m.rope.kind
+        else {
+            panic!("{:?}", m.rope.kind)
+        };
+        assert_eq!(original_max_position_embeddings, 4096);
+        // sqrt(1 + ln(32) / ln(4096))
+        assert!(
+            (attention_factor - 1.1902381).abs() < 1e-6,
+            "{attention_factor}"
+        );
+        assert_eq!(long_inv_freq[0], 0.5);
+        assert_eq!(m.rope.inv_freq[0], 1.0);
+        v["rope_scaling"]["long_factor"] = serde_json::json!([1.0]);
         let e = Config::from_json(&v.to_string())
             .unwrap()
             .resolve()
             .unwrap_err();
-        assert!(e.to_string().contains("longrope"), "{e}");
+        assert!(e.to_string().contains("long_factor"), "{e}");
     }
 }

@@ -1,12 +1,14 @@
 //! Rotary position embedding with transformers' `rotate_half` convention.
 //!
 //! `inv_freq` is computed on the host in f32 exactly as transformers'
-//! `ROPE_INIT_FUNCTIONS` do (`default`, `linear`, `llama3`); cos/sin are computed on
-//! the device from the position ids, as `LlamaRotaryEmbedding.forward` does:
-//! `freqs = inv_freq ⊗ position_ids; emb = cat(freqs, freqs); cos = emb.cos()`.
+//! `ROPE_INIT_FUNCTIONS` do (`default`, `linear`, `llama3`, `longrope`); cos/sin are
+//! computed on the device from the position ids, as `LlamaRotaryEmbedding.forward` does:
+//! `freqs = inv_freq ⊗ position_ids; emb = cat(freqs, freqs); cos = emb.cos() *
+//! attention_scaling`. With `partial_rotary_factor` < 1 only the first
+//! `head_dim · factor` dimensions of each head rotate ([`rotate`]).
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 
 use crate::config::RopeParameters;
 use crate::error::{ModelError, Result};
@@ -31,6 +33,18 @@ pub enum RopeKind {
         high_freq_factor: f64,
         /// Pretraining context length.
         original_max_position_embeddings: usize,
+    },
+    /// Phi-3's LongRoPE: per-frequency divisors, `short_factor` while every position is
+    /// below `original_max_position_embeddings`, `long_factor` once one is not (decided per
+    /// forward, as `longrope_frequency_update` does), and cos/sin scaled by
+    /// `attention_factor`. [`Rope::inv_freq`] holds the short frequencies.
+    LongRope {
+        /// The frequencies past the original context.
+        long_inv_freq: Vec<f32>,
+        /// Pretraining context length.
+        original_max_position_embeddings: usize,
+        /// cos/sin multiplier (`sqrt(1 + ln(factor) / ln(original))` by default).
+        attention_factor: f32,
     },
 }
 
@@ -72,15 +86,7 @@ impl Rope {
                 theta,
             ));
         }
-        if let Some(f) = p.partial_rotary_factor {
-            if f != 1.0 {
-                return Err(ModelError::unsupported(
-                    "partial_rotary_factor",
-                    f,
-                    "only full rotary embeddings (1.0) are implemented",
-                ));
-            }
-        }
+        let dim = rotary_dim(p.partial_rotary_factor, head_dim)?;
         let kind = match p.kind() {
             "default" => RopeKind::Default,
             "linear" => RopeKind::Linear {
@@ -112,15 +118,23 @@ impl Rope {
                         })?,
                 }
             }
+            // transformers 4's Phi-3 spellings of longrope
+            "longrope" | "su" | "yarn" if p.long_factor.is_some() => longrope(p, theta, dim)?,
             other => {
                 return Err(ModelError::unsupported(
                     "rope_type",
                     format!("\"{other}\""),
-                    "legora implements \"default\", \"linear\" and \"llama3\"",
+                    "legora implements \"default\", \"linear\", \"llama3\" and \"longrope\"",
                 ))
             }
         };
-        let inv_freq = inv_freq(theta, head_dim, &kind);
+        let inv_freq = match &kind {
+            RopeKind::LongRope { .. } => {
+                let short = p.short_factor.as_deref().unwrap_or_default();
+                scaled_inv_freq(theta, dim, short)
+            }
+            _ => inv_freq(theta, dim, &kind),
+        };
         Ok(Self {
             theta,
             kind,
@@ -131,23 +145,130 @@ impl Rope {
     /// `cos` and `sin` of `cat(freqs, freqs)` for every position.
     ///
     /// # Shapes
-    /// - positions: `[batch, seq]` → cos, sin: `[batch, seq, 1, head_dim]` (broadcast over
-    ///   the heads of `[batch, seq, heads, head_dim]` projections, before they are
+    /// - positions: `[batch, seq]` → cos, sin: `[batch, seq, 1, rotary_dim]` (broadcast
+    ///   over the heads of `[batch, seq, heads, head_dim]` projections, before they are
     ///   transposed: the rotation then runs on contiguous memory)
     pub fn cos_sin<B: Backend>(
         &self,
         positions: Tensor<B, 2, Int>,
     ) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let [b, s] = positions.dims();
-        let half = self.inv_freq.len();
+        let (inv_freq, scaling) = match &self.kind {
+            RopeKind::LongRope {
+                long_inv_freq,
+                original_max_position_embeddings,
+                attention_factor,
+            } => {
+                // seq_len = torch.max(position_ids) + 1; long_inv_freq if seq_len > original
+                let last: i64 = positions.clone().max().into_scalar().elem();
+                let long = last + 1 > *original_max_position_embeddings as i64;
+                let inv = if long { long_inv_freq } else { &self.inv_freq };
+                (inv, Some(*attention_factor))
+            }
+            _ => (&self.inv_freq, None),
+        };
+        let half = inv_freq.len();
         let device = positions.device();
-        let inv =
-            Tensor::<B, 2>::from_data(TensorData::new(self.inv_freq.clone(), [1, half]), &device);
+        let inv = Tensor::<B, 2>::from_data(TensorData::new(inv_freq.clone(), [1, half]), &device);
         let pos = positions.float().reshape([b * s, 1]);
         let freqs = pos.matmul(inv); // [b*s, half]
         let emb = Tensor::cat(vec![freqs.clone(), freqs], 1).reshape([b, s, 1, 2 * half]);
-        (emb.clone().cos(), emb.sin())
+        match scaling {
+            Some(a) => (emb.clone().cos() * a, emb.sin() * a),
+            None => (emb.clone().cos(), emb.sin()),
+        }
     }
+}
+
+/// Rotate `x` by the tables of [`Rope::cos_sin`]: every dimension of each head, or (with a
+/// partial rotary factor) the first `rotary_dim`, the rest passing through
+/// (`q_rot, q_pass = q[..., :rotary_dim], q[..., rotary_dim:]`).
+///
+/// # Shapes
+/// - x: `[batch, seq, heads, head_dim]`, cos, sin: `[batch, seq, 1, rotary_dim]` → x's
+pub(crate) fn rotate<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: &Tensor<B, 4>,
+    sin: &Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let (hd, rd) = (x.dims()[3], cos.dims()[3]);
+    if rd == hd {
+        return legora_kernels::rotary(x, cos, sin);
+    }
+    let rot = legora_kernels::rotary(x.clone().narrow(3, 0, rd), cos, sin);
+    Tensor::cat(vec![rot, x.narrow(3, rd, hd - rd)], 3)
+}
+
+/// The rotated dimensions of a head: `int(head_dim * partial_rotary_factor)`, even and > 0.
+fn rotary_dim(factor: Option<f64>, head_dim: usize) -> Result<usize> {
+    let f = factor.unwrap_or(1.0);
+    let dim = (head_dim as f64 * f) as usize;
+    if !(f > 0.0 && f <= 1.0) || dim == 0 || dim % 2 != 0 {
+        return Err(ModelError::config(
+            "partial_rotary_factor",
+            format!("a factor in (0, 1] giving an even number of the {head_dim} head dimensions"),
+            f,
+        ));
+    }
+    Ok(dim)
+}
+
+/// `_compute_longrope_parameters`: the long frequencies and the attention factor; the
+/// factors must have one entry per rotated pair.
+fn longrope(p: &RopeParameters, theta: f64, dim: usize) -> Result<RopeKind> {
+    let original = p
+        .original_max_position_embeddings
+        .filter(|n| *n > 1)
+        .ok_or_else(|| {
+            ModelError::config(
+                "original_max_position_embeddings",
+                "the pretraining context (> 1, required by rope_type \"longrope\")",
+                "nothing",
+            )
+        })?;
+    for (key, f) in [
+        ("long_factor", &p.long_factor),
+        ("short_factor", &p.short_factor),
+    ] {
+        let n = f.as_ref().map_or(0, Vec::len);
+        if n != dim / 2 {
+            return Err(ModelError::config(
+                format!("rope_parameters.{key}"),
+                format!("{} factors (one per rotated pair)", dim / 2),
+                n,
+            ));
+        }
+        if let Some(bad) = f.iter().flatten().find(|x| !(x.is_finite() && **x > 0.0)) {
+            return Err(ModelError::config(
+                format!("rope_parameters.{key}"),
+                "finite factors > 0",
+                bad,
+            ));
+        }
+    }
+    // if factor <= 1.0: attention_factor = 1.0
+    // else: attention_factor = math.sqrt(1 + math.log(factor) / math.log(original_max_position_embeddings))
+    let attention_factor = match (p.attention_factor, p.factor) {
+        (Some(a), _) => a,
+        (None, Some(f)) if f > 1.0 => (1.0 + f.ln() / (original as f64).ln()).sqrt(),
+        _ => 1.0,
+    };
+    let long = p.long_factor.as_deref().unwrap_or_default();
+    Ok(RopeKind::LongRope {
+        long_inv_freq: scaled_inv_freq(theta, dim, long),
+        original_max_position_embeddings: original,
+        attention_factor: attention_factor as f32,
+    })
+}
+
+/// LongRoPE's frequencies: `1.0 / (ext_factors * base**inv_freq_shape)`, in f32.
+fn scaled_inv_freq(theta: f64, dim: usize, factors: &[f64]) -> Vec<f32> {
+    let (base, d) = (theta as f32, dim as f32);
+    (0..dim)
+        .step_by(2)
+        .zip(factors)
+        .map(|(i, &f)| 1.0 / (f as f32 * base.powf(i as f32 / d)))
+        .collect()
 }
 
 /// transformers' `_compute_default_rope_parameters` (+ `linear` / `llama3`), in f32.
@@ -160,7 +281,7 @@ fn inv_freq(theta: f64, head_dim: usize, kind: &RopeKind) -> Vec<f32> {
         .map(|i| 1.0 / base.powf(i as f32 / d))
         .collect();
     match *kind {
-        RopeKind::Default => default,
+        RopeKind::Default | RopeKind::LongRope { .. } => default,
         RopeKind::Linear { factor } => default.iter().map(|f| f / factor as f32).collect(),
         RopeKind::Llama3 {
             factor,

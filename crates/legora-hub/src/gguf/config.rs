@@ -120,6 +120,21 @@ pub fn config_json(file: &GgufFile) -> Result<Value> {
         "rope_theta".into(),
         json!(file.get_f64(&key("rope.freq_base"))?.unwrap_or(10000.0)),
     );
+    if let Some(t) = ["rope_factors_long.weight", "rope_factors_short.weight"]
+        .into_iter()
+        .find(|t| file.tensor_info(t).is_some())
+    {
+        // llama.cpp's Phi-3 LongRoPE (Phi-3.5-mini, Phi-3-mini-128k): read from the HF
+        // folder instead, whose rope_scaling legora applies as transformers does
+        return Err(HubError::GgufTensor {
+            path: file.path().to_path_buf(),
+            tensor: t.into(),
+            expected: "no LongRoPE factors: a GGUF's LongRoPE is not implemented (load the \
+                       model's Hugging Face folder, whose longrope legora runs)"
+                .into(),
+            found: "the tensor".into(),
+        });
+    }
     if let Some(s) = rope_scaling(file, arch)? {
         m.insert("rope_scaling".into(), s);
     }
