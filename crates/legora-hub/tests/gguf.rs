@@ -175,6 +175,64 @@ fn logits_match_transformers() {
     }
 }
 
+/// The projections and `lm_head` keep the file's GGML blocks (the embeddings are
+/// decoded), and decoding every weight instead gives the same logits; the blocks hold
+/// the file's bytes, far below f32.
+#[test]
+fn gguf_blocks_stay_blocks() {
+    use legora_hub::LoadOptions;
+    use legora_kernels::quant::ggml::GgmlType;
+    use legora_kernels::quant::Format;
+    use legora_models::{Proj, SlotId};
+    let r = Reference::load();
+    for (stem, ty) in [
+        ("llama-q8_0", GgmlType::Q8_0),
+        ("llama-q4_0", GgmlType::Q4_0),
+        ("qwen2-q8_0", GgmlType::Q8_0),
+        ("phi3-q8_0", GgmlType::Q8_0),
+        ("gemma3-q8_0", GgmlType::Q8_0),
+    ] {
+        let blocks = load(stem);
+        let q = blocks.model.config().projections()[0];
+        let slot = blocks.model.slot(SlotId::layer(0, q)).unwrap();
+        assert_eq!(slot.format(), Format::Ggml(ty), "{stem}");
+        let (o, i) = slot.dims();
+        assert!(
+            slot.frozen_weight().bytes() < o * i * 2,
+            "{stem}: {} bytes",
+            o * i
+        );
+        assert_eq!(
+            blocks.model.model.embed_tokens.format(),
+            Format::F32,
+            "{stem}"
+        );
+        let options = LoadOptions {
+            gguf_blocks: false,
+            ..LoadOptions::default()
+        };
+        let decoded =
+            PretrainedModel::<B>::from_pretrained_with(path(stem), &Default::default(), &options)
+                .unwrap();
+        let down = decoded
+            .model
+            .slot(SlotId::layer(0, Proj::DownProj))
+            .unwrap();
+        assert_eq!(down.format(), Format::F32, "{stem}");
+        let ids = r.ints(&format!("{stem}.prompt0"));
+        let (a, b) = (logits(&blocks, &ids), logits(&decoded, &ids));
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst < 1e-5,
+            "{stem}: blocks vs decoded, max |Δ| = {worst:e}"
+        );
+    }
+}
+
 #[test]
 fn greedy_tokens_match_transformers() {
     let r = Reference::load();

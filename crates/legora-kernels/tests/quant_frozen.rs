@@ -23,11 +23,29 @@ fn assert_close(what: &str, got: &[f32], want: &[f32]) {
     legora_testing::assert_close(what, got, want, 1e-5, 1e-6);
 }
 
-/// A weight `[out, in]` in `format` on backend `B`, and its Rust dequantization.
+/// A weight `[out, in]` in `format` on backend `B`, and its Rust dequantization: random
+/// values quantized, or random GGML blocks (`in` rounded up to whole blocks).
 fn weight<B: Backend>(format: Format, dout: usize, din: usize) -> (FrozenWeight<B>, Vec<f32>) {
-    let m = QuantMatrix::quantize("w", &values(dout * din, 21), dout, din, format).unwrap();
+    let m = match format {
+        Format::Ggml(ty) => common::ggml_matrix(ty, dout, din, 21),
+        _ => QuantMatrix::quantize("w", &values(dout * din, 21), dout, din, format).unwrap(),
+    };
     let wd = m.dequantize();
     (FrozenWeight::from_quant(m, &Default::default()), wd)
+}
+
+/// Every storage format: [`Format::ALL`] and the GGML block types.
+fn formats() -> Vec<Format> {
+    let ggml = common::GGML_BLOCKS.iter().map(|(ty, _)| Format::Ggml(*ty));
+    Format::ALL.into_iter().chain(ggml).collect()
+}
+
+/// `din` rounded up to whole blocks of `format`.
+fn cols(format: Format, din: usize) -> usize {
+    match format {
+        Format::Ggml(ty) => din.next_multiple_of(ty.block_size()),
+        _ => din,
+    }
 }
 
 /// The burn-ops dequantization equals the Rust one exactly (same f32 operations), and
@@ -35,7 +53,8 @@ fn weight<B: Backend>(format: Format, dout: usize, din: usize) -> (FrozenWeight<
 #[test]
 fn burn_dequantization_matches_rust() {
     for (dout, din) in [(37, 45), (9, 64), (3, 7)] {
-        for format in Format::ALL {
+        for format in formats() {
+            let din = cols(format, din);
             let (w, want) = weight::<Flex>(format, dout, din);
             assert_eq!(w.format(), format);
             assert_eq!(w.dims(), [dout, din]);
@@ -61,9 +80,10 @@ fn burn_dequantization_matches_rust() {
 #[test]
 fn flex_forward_matches_reference() {
     assert!(has_fused_kernels::<Flex>());
-    let (n, dout, din) = (7, 150, 70);
+    let (n, dout) = (7, 150);
     let device = Default::default();
-    for format in Format::ALL {
+    for format in formats() {
+        let din = cols(format, 70);
         let (w, _) = weight::<Flex>(format, dout, din);
         assert!(w.has_fused_path(), "{}", format.name());
         let x =
@@ -82,10 +102,11 @@ fn flex_forward_matches_reference() {
 /// weighting of the output) equal the reference path's; the weight gets none.
 #[test]
 fn autodiff_gradients_match_reference() {
-    let (n, dout, din) = (65, 140, 67);
+    let (n, dout) = (65, 140);
     let device = Default::default();
     let g = Tensor::<Ad, 2>::from_data(TensorData::new(values(n * dout, 9), [n, dout]), &device);
-    for format in Format::ALL {
+    for format in formats() {
+        let din = cols(format, 67);
         let (w, _) = weight::<Ad>(format, dout, din);
         assert!(w.has_fused_path(), "{}", format.name());
         let run = |fused: bool| {

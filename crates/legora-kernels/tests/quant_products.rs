@@ -9,7 +9,9 @@
 use super::common;
 use common::values;
 
-use legora_kernels::quant::{matmul_dyw, matmul_xwt, Format, QuantMatrix, DYW_COLUMN_TILES_FROM};
+use legora_kernels::quant::{
+    matmul_dyw, matmul_xwt, Format, QuantMatrix, Storage, DYW_COLUMN_TILES_FROM,
+};
 
 /// `a [m, k] · b [k, p]` in f64, with `b` read through `(row stride, col stride)`.
 fn reference(
@@ -114,4 +116,64 @@ fn products_check_lengths() {
         e.to_string().contains("expected 6 elements, found 5"),
         "{e}"
     );
+}
+
+/// GGUF blocks kept as storage: the dequantization of any span equals decoding whole rows
+/// (`dequantize_row`, bit-exact with the `gguf` package), and the tile products equal
+/// dequantize-then-multiply, on odd row counts and rows of several blocks (cut by tiles).
+#[test]
+fn ggml_block_products_match_dequantize_then_multiply() {
+    use legora_kernels::quant::ggml::dequantize_row;
+    for (ty, _) in common::GGML_BLOCKS {
+        let bs = ty.block_size();
+        for (dout, din) in [(37, 3 * bs.max(32)), (130, 2 * bs.max(160))] {
+            let din = din.next_multiple_of(bs);
+            let m = common::ggml_matrix(ty, dout, din, 17);
+            let what = format!("{} [{dout}, {din}]", ty.name());
+            let wd = m.dequantize();
+            let Storage::Ggml { data, .. } = m.storage() else {
+                panic!("{what}: GGML storage")
+            };
+            let row_bytes = data.len() / dout;
+            let mut row = vec![0.0f32; din];
+            for r in 0..dout {
+                dequantize_row(ty, &data[r * row_bytes..(r + 1) * row_bytes], &mut row).unwrap();
+                assert_eq!(&wd[r * din..(r + 1) * din], &row[..], "{what} row {r}");
+            }
+            assert!(wd.iter().all(|v| v.is_finite()), "{what}");
+            assert_eq!(m.format(), Format::Ggml(ty));
+            assert_eq!(m.bytes(), data.len());
+            let view = m.view();
+            for n in [1, 2, 4, 7, 65] {
+                let x = values(n * din, 11 + n as u64);
+                let mut y = vec![0.0f32; n * dout];
+                matmul_xwt(n, &x, &view, &mut y, false).unwrap();
+                let want = reference(&x, &wd, (n, din, dout), (1, din));
+                assert_close(&format!("{what} n={n} x·Wᵀ"), &y, &want);
+                let dy = values(n * dout, 13 + n as u64);
+                let mut dx = vec![0.0f32; n * din];
+                matmul_dyw(n, &dy, &view, &mut dx, false).unwrap();
+                let want = reference(&dy, &wd, (n, dout, din), (din, 1));
+                assert_close(&format!("{what} n={n} dy·W"), &dx, &want);
+            }
+        }
+    }
+}
+
+/// GGML storage is refused where it cannot hold the weight: rows that are not whole
+/// blocks, too few bytes, a type legora does not decode; and nothing quantizes into it.
+#[test]
+fn ggml_storage_checks_its_sizes() {
+    use legora_kernels::quant::ggml::GgmlType;
+    let bad = |ty, rows, cols, len| {
+        let data = vec![0u8; len];
+        QuantMatrix::new("w", rows, cols, Storage::Ggml { ty, data })
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(bad(GgmlType::Q8_0, 2, 48, 200).contains("multiple of the block size"));
+    assert!(bad(GgmlType::Q8_0, 2, 64, 135).contains("136"));
+    assert!(bad(GgmlType::F32, 2, 64, 512).contains("F32"));
+    let e = QuantMatrix::quantize("w", &values(64, 1), 1, 64, Format::Ggml(GgmlType::Q4_K));
+    assert!(e.unwrap_err().to_string().contains("Q4_K"));
 }

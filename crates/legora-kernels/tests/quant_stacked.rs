@@ -52,7 +52,10 @@ fn run(
     case: usize,
 ) -> Vec<Vec<f32>> {
     let ranks = vec![2, 3];
-    let m = QuantMatrix::quantize("w", &values(dout * din, 1), dout, din, format).unwrap();
+    let m = match format {
+        Format::Ggml(ty) => common::ggml_matrix(ty, dout, din, 1),
+        _ => QuantMatrix::quantize("w", &values(dout * din, 1), dout, din, format).unwrap(),
+    };
     let wd = m.dequantize();
     let x = tensor(values(n * din, 2), [n, din]).require_grad();
     let a = tensor(values(5 * din, 3), [5, din]).require_grad();
@@ -85,6 +88,29 @@ fn run(
         out.push(to_vec(gt.grad(&grads).unwrap()));
     }
     out
+}
+
+/// LoRA over a GGUF file's blocks: Q8_0 and Q4_K (rows of 256), the same checks.
+#[test]
+fn fused_frozen_stacked_lora_over_ggml_blocks() {
+    use legora_kernels::quant::ggml::GgmlType;
+    for (format, dims) in [
+        (Format::Ggml(GgmlType::Q8_0), (7, 45, 96)),
+        (Format::Ggml(GgmlType::Q4_K), (300, 37, 256)),
+    ] {
+        for case in 0..3 {
+            let f = run(true, format, dims, case);
+            let r = run(false, format, dims, case);
+            for (i, (a, b)) in f.iter().zip(&r).enumerate() {
+                let what = ["y", "dx", "dA", "dB", "dgates"][i];
+                assert_close(
+                    &format!("{} {dims:?} case {case} {what}", format.name()),
+                    a,
+                    b,
+                );
+            }
+        }
+    }
 }
 
 #[test]

@@ -53,6 +53,44 @@ impl<'a> GgufWeights<'a> {
     }
 }
 
+impl GgufWeights<'_> {
+    /// The 2-D weight `name` as its GGML blocks, rows in HF order (llama.cpp's Q/K
+    /// permutation undone on whole rows of blocks); `None` when the file has no such
+    /// tensor or stores it in a type that is not a block type legora decodes (F32, F16,
+    /// BF16: read as values instead).
+    fn blocks(&self, name: &str) -> std::result::Result<Option<QuantMatrix>, SourceError> {
+        let Some(g) = gguf_name(name, self.arch) else {
+            return Ok(None);
+        };
+        let Some(t) = self.file.tensor(&g) else {
+            return Ok(None);
+        };
+        let ty = t.info.ggml_type;
+        let [rows, cols] = t.info.shape()[..] else {
+            return Ok(None);
+        };
+        if !legora_kernels::quant::ggml::is_block_storage(ty) {
+            return Ok(None);
+        }
+        let mut data = t.data.to_vec();
+        if let Some(n_head) = self.permutation_heads(&g) {
+            let row_bytes = data.len() / rows.max(1);
+            data = llama_unpermute_rows(&data, row_bytes, n_head).ok_or_else(|| {
+                Box::new(HubError::GgufTensor {
+                    path: self.file.path().to_path_buf(),
+                    tensor: g.clone(),
+                    expected: format!(
+                        "rows in 2 × {n_head} equal groups (llama.cpp's Q/K permutation)"
+                    ),
+                    found: format!("shape [{rows}, {cols}]"),
+                }) as SourceError
+            })?;
+        }
+        let m = QuantMatrix::new(name, rows, cols, Storage::Ggml { ty, data })?;
+        Ok(Some(m))
+    }
+}
+
 impl WeightSource for GgufWeights<'_> {
     fn tensor(&mut self, name: &str) -> std::result::Result<Option<TensorData>, SourceError> {
         let Some(g) = gguf_name(name, self.arch) else {
@@ -91,6 +129,11 @@ impl WeightSource for GgufWeights<'_> {
     }
 
     fn frozen(&mut self, name: &str) -> std::result::Result<Option<QuantMatrix>, SourceError> {
+        if self.options.keeps_gguf_blocks(name) {
+            if let Some(m) = self.blocks(name)? {
+                return Ok(Some(m));
+            }
+        }
         let Some(data) = self.tensor(name)? else {
             return Ok(None);
         };

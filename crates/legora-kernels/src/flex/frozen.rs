@@ -118,6 +118,10 @@ impl FlexWeight {
                             absmax,
                         })
                     }
+                    Scheme::Ggml(ty) => ViewData::Ggml {
+                        ty: *ty,
+                        data: code_bytes,
+                    },
                 };
                 QuantView::new("frozen weight", meta.rows, meta.cols, data).ok()
             }

@@ -78,8 +78,8 @@ fn row_dots(n: usize, x: &[f32], w: &QuantView<'_>, j: usize, dots: &mut [f32; M
             // As bitsandbytes' dequantization: (code · SCB) · (1/127), here summed first.
             dots[..n].iter_mut().for_each(|d| *d = (*d * s) * INV_127);
         }
-        ViewData::F32(_) | ViewData::Bnb4(_) => {
-            unreachable!("supports() excludes f32 and 4-bit weights")
+        ViewData::F32(_) | ViewData::Bnb4(_) | ViewData::Ggml { .. } => {
+            unreachable!("supports() excludes f32, 4-bit and GGML weights")
         }
     }
 }

@@ -2,10 +2,12 @@
 //! [`FrozenWeight`] and the product [`frozen_linear`].
 //!
 //! - Dense weights (f32, bf16, f16) are one `Param<Tensor<B, 2>>` of that burn dtype.
-//! - Quantized weights (bitsandbytes NF4/FP4, with or without double quantization, and
-//!   int8) keep their codes' bytes in int tensors, as little-endian `i32` words (a 4-bit
-//!   word holds 8 codes in bitsandbytes' byte and nibble order, an int8 word 4 codes),
-//!   and their scales in f32 tensors: about the size of the file, on every backend.
+//! - Quantized weights (bitsandbytes NF4/FP4, with or without double quantization, int8,
+//!   and a GGUF file's GGML blocks) keep their codes' bytes in int tensors, as
+//!   little-endian `i32` words (a 4-bit word holds 8 codes in bitsandbytes' byte and
+//!   nibble order, an int8 word 4 codes, GGML blocks their bytes as in the file), and
+//!   their scales in f32 tensors (GGML blocks carry theirs inside): about the size of the
+//!   file, on every backend.
 //!
 //! `Flex` and `Autodiff<Flex>` (feature `flex`) read those bytes in place (no copy) and
 //! run the tile-dequantizing products ([`crate::quant::matmul_xwt`]); under autodiff one
@@ -46,7 +48,7 @@ pub struct QuantizedWeight<B: Backend> {
     /// quantization the nested absmax.
     pub(crate) scales: Param<Tensor<B, 1>>,
     /// With double quantization: the 8-bit absmax codes as `i32` words, zero-padded to
-    /// whole nested blocks.
+    /// whole nested blocks. (GGML blocks: one unused 0, their scales are in the blocks.)
     pub(crate) nested_codes: Option<Param<Tensor<B, 1, Int>>>,
     /// Sizes and format.
     #[module(skip)]
@@ -73,6 +75,8 @@ pub(crate) enum Scheme {
         /// `(nested_blocksize, offset, 256-entry code book)` with double quantization.
         nested: Option<(usize, f32, Arc<[f32]>)>,
     },
+    /// GGML blocks of a GGUF file, each row its whole blocks.
+    Ggml(super::ggml::GgmlType),
 }
 
 impl QuantMeta {
@@ -80,6 +84,7 @@ impl QuantMeta {
     pub(crate) fn format(&self) -> Format {
         match &self.scheme {
             Scheme::Int8 => Format::Int8,
+            Scheme::Ggml(ty) => Format::Ggml(*ty),
             Scheme::Bnb4 { kind, nested, .. } => {
                 let double_quant = nested.is_some();
                 match kind {
@@ -123,6 +128,10 @@ impl<B: Backend> FrozenWeight<B> {
                 scheme = Scheme::Int8;
                 let bytes: Vec<u8> = codes.iter().map(|&c| c as u8).collect();
                 (words(&bytes, bytes.len()), scales, None)
+            }
+            Storage::Ggml { ty, data } => {
+                scheme = Scheme::Ggml(ty);
+                (words(&data, data.len()), vec![0.0], None)
             }
             Storage::Bnb4(q) => {
                 let n = rows * cols;
@@ -291,6 +300,17 @@ impl<B: Backend> QuantizedWeight<B> {
         let (rows, cols, n) = (*rows, *cols, rows * cols);
         let device = self.scales.val().device();
         let flat = match scheme {
+            Scheme::Ggml(ty) => {
+                // Decoded on the host (each block type's bit layout is not worth burn ops):
+                // the codes' bytes read back, the blocks decoded as the fused path does.
+                let words = self.codes.val().into_data().convert::<i32>();
+                let words = words.as_slice::<i32>().unwrap_or_default();
+                let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+                let mut out = vec![0.0f32; n];
+                super::ggml::dequantize_span(*ty, &bytes, cols, 0, &mut out);
+                let data = TensorData::new(out, [rows, cols]);
+                return Tensor::from_data(data, &device);
+            }
             Scheme::Int8 => {
                 let codes = unpack(self.codes.val(), 4, 8, 0xFF)
                     .bitwise_xor_scalar(0x80.elem())

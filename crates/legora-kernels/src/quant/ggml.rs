@@ -327,7 +327,20 @@ pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<()> {
             found: dst.len() * 4,
         });
     }
-    let decode: fn(&[u8], &mut [f32]) = match ty {
+    let decode = block_decoder(ty)?;
+    for (b, out) in src.chunks_exact(ts).zip(dst.chunks_exact_mut(bs)) {
+        decode(b, out);
+    }
+    Ok(())
+}
+
+/// Decodes one block: `type_size` bytes into `block_size` elements.
+pub type BlockDecoder = fn(&[u8], &mut [f32]);
+
+/// The function that decodes one block of `ty`, or an error naming a type legora does not
+/// decode.
+pub fn block_decoder(ty: GgmlType) -> Result<BlockDecoder> {
+    Ok(match ty {
         GgmlType::F32 => f32_block,
         GgmlType::F16 => f16_block,
         GgmlType::BF16 => bf16_block,
@@ -355,11 +368,49 @@ pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<()> {
                     .into(),
             })
         }
+    })
+}
+
+/// Whether `ty` can be kept as a frozen weight's storage: a block type (more than one
+/// element per block) that [`block_decoder`] decodes.
+pub fn is_block_storage(ty: GgmlType) -> bool {
+    ty.block_size() > 1 && ty.block_size() <= QK_K && block_decoder(ty).is_ok()
+}
+
+/// Flat elements `start..start + out.len()` of a row-major `[rows, cols]` weight stored
+/// as `ty` blocks (`data`: each row's whole blocks, rows back to back), as f32. Blocks
+/// cut by the range are decoded whole into a stack buffer. In range, `cols` a multiple of
+/// the block size and `ty` a [`is_block_storage`] type: the caller's duty.
+pub(crate) fn dequantize_span(
+    ty: GgmlType,
+    data: &[u8],
+    cols: usize,
+    start: usize,
+    out: &mut [f32],
+) {
+    let Ok(decode) = block_decoder(ty) else {
+        out.fill(f32::NAN);
+        return;
     };
-    for (b, out) in src.chunks_exact(ts).zip(dst.chunks_exact_mut(bs)) {
-        decode(b, out);
+    let (bs, ts) = (ty.block_size(), ty.type_size());
+    let row_bytes = cols / bs * ts;
+    let mut block = [0.0f32; QK_K];
+    let end = start + out.len();
+    let mut i = start;
+    while i < end {
+        let (row, col) = (i / cols, i % cols);
+        let (b, off) = (col / bs, col % bs);
+        let n = (bs - off).min(end - i);
+        let src = &data[row * row_bytes + b * ts..][..ts];
+        let dst = &mut out[i - start..i - start + n];
+        if n == bs {
+            decode(src, dst);
+        } else {
+            decode(src, &mut block[..bs]);
+            dst.copy_from_slice(&block[off..off + n]);
+        }
+        i += n;
     }
-    Ok(())
 }
 
 /// Decode one row of `dst.len()` elements from its blocks `src`: [`dequantize`] after

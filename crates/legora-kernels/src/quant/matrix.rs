@@ -2,6 +2,7 @@
 //! [`QuantView`], borrowed), dequantized a few rows or a tile at a time.
 
 use super::bnb::{check_len, Bnb4View, Bnb4bit, FourBit, DEFAULT_BLOCKSIZE};
+use super::ggml::{self, GgmlType};
 use super::{float16, int8};
 use crate::{KernelError, Result};
 
@@ -26,6 +27,10 @@ pub enum Format {
         /// Whether the block scales are themselves quantized (`compress_statistics`).
         double_quant: bool,
     },
+    /// A GGUF file's blocks as they are (`Q8_0`, `Q4_0`, `Q4_K`, `Q6_K`, ...: the block
+    /// types [`ggml::is_block_storage`] accepts), each row its whole blocks. Read, never
+    /// made here: [`QuantMatrix::quantize`] refuses it.
+    Ggml(GgmlType),
 }
 
 impl Format {
@@ -60,6 +65,7 @@ impl Format {
                 double_quant: false,
             } => "fp4",
             Format::Fp4 { double_quant: true } => "fp4-dq",
+            Format::Ggml(ty) => ty.name(),
         }
     }
 
@@ -83,6 +89,7 @@ impl Format {
             Format::Nf4 { double_quant } | Format::Fp4 { double_quant } => {
                 n.div_ceil(2).checked_add(absmax(double_quant))
             }
+            Format::Ggml(ty) => ty.row_bytes(cols as u64).ok()?.checked_mul(rows),
         }
     }
 
@@ -119,6 +126,13 @@ pub enum Storage {
     },
     /// bitsandbytes 4-bit (NF4 or FP4), blocks over the flat row-major weight.
     Bnb4(Bnb4bit),
+    /// GGML blocks, each row its whole blocks, rows back to back.
+    Ggml {
+        /// The block type.
+        ty: GgmlType,
+        /// `rows · row_bytes(cols)` bytes.
+        data: Vec<u8>,
+    },
 }
 
 /// A frozen weight `[rows, cols]` (HF layout `[out, in]`) in its storage format. The f32
@@ -186,6 +200,15 @@ impl QuantMatrix {
                 DEFAULT_BLOCKSIZE,
                 double_quant,
             )),
+            Format::Ggml(ty) => {
+                return Err(KernelError::Unsupported {
+                    what: name.to_string(),
+                    format: ty.name().into(),
+                    message: "legora keeps a GGUF file's blocks as they are but does not \
+                              quantize into them"
+                        .into(),
+                })
+            }
         };
         Self::new(name, rows, cols, storage)
     }
@@ -254,6 +277,7 @@ impl QuantMatrix {
             Storage::F16(w) => ViewData::F16(w),
             Storage::Int8 { codes, scales } => ViewData::Int8 { codes, scales },
             Storage::Bnb4(q) => ViewData::Bnb4(q.view()),
+            Storage::Ggml { ty, data } => ViewData::Ggml { ty: *ty, data },
         };
         QuantView {
             rows: self.rows,
@@ -292,6 +316,13 @@ pub enum ViewData<'a> {
     },
     /// bitsandbytes 4-bit.
     Bnb4(Bnb4View<'a>),
+    /// GGML blocks, each row its whole blocks.
+    Ggml {
+        /// The block type.
+        ty: GgmlType,
+        /// `rows · row_bytes(cols)` bytes (more are ignored).
+        data: &'a [u8],
+    },
 }
 
 /// A borrowed `[rows, cols]` weight whose sizes have been checked.
@@ -324,6 +355,7 @@ impl<'a> QuantView<'a> {
                 )?;
             }
             ViewData::Bnb4(q) => q.validate(name, n)?,
+            ViewData::Ggml { ty, data } => check_ggml(name, ty, rows, cols, data.len())?,
         }
         Ok(QuantView { rows, cols, data })
     }
@@ -357,6 +389,7 @@ impl<'a> QuantView<'a> {
                     FourBit::Fp4 => Format::Fp4 { double_quant },
                 }
             }
+            ViewData::Ggml { ty, .. } => Format::Ggml(ty),
         }
     }
 
@@ -368,6 +401,7 @@ impl<'a> QuantView<'a> {
             ViewData::Bf16(_) | ViewData::F16(_) => 2 * n,
             ViewData::Int8 { .. } => n + 4 * self.rows,
             ViewData::Bnb4(q) => q.bytes(n),
+            ViewData::Ggml { ty, .. } => self.rows * (self.cols / ty.block_size()) * ty.type_size(),
         }
     }
 
@@ -433,8 +467,38 @@ impl<'a> QuantView<'a> {
                 }
             }
             ViewData::Bnb4(q) => q.dequantize_flat(start, out),
+            ViewData::Ggml { ty, data } => ggml::dequantize_span(ty, data, self.cols, start, out),
         }
     }
+}
+
+/// A GGML weight's checks: a block type legora decodes, rows of whole blocks, and the
+/// bytes of `rows` such rows.
+fn check_ggml(name: &str, ty: GgmlType, rows: usize, cols: usize, len: usize) -> Result<()> {
+    if !ggml::is_block_storage(ty) {
+        return Err(KernelError::Unsupported {
+            what: name.to_string(),
+            format: ty.name().into(),
+            message: "a frozen weight keeps only GGML block types legora decodes \
+                      (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K, ...)"
+                .into(),
+        });
+    }
+    let row_bytes = ty.row_bytes(cols as u64)?;
+    let want = row_bytes
+        .checked_mul(rows)
+        .ok_or_else(|| KernelError::Invalid {
+            what: name.to_string(),
+            message: format!("{rows} rows of {row_bytes} bytes overflow"),
+        })?;
+    if len < want {
+        return Err(KernelError::Size {
+            what: format!("{name} ({} blocks of [{rows}, {cols}])", ty.name()),
+            expected: want,
+            found: len,
+        });
+    }
+    Ok(())
 }
 
 /// `rows · cols`, or an error when it overflows.

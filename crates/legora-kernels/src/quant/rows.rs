@@ -180,6 +180,10 @@ fn reserved(
             packed: vec(n.div_ceil(2))?,
             absmax: Absmax::F32(vec(n.div_ceil(DEFAULT_BLOCKSIZE))?),
         }),
+        Format::Ggml(ty) => Storage::Ggml {
+            ty,
+            data: vec(n / ty.block_size() * ty.type_size())?,
+        },
     })
 }
 
@@ -198,6 +202,7 @@ fn append(out: &mut Storage, part: Storage) {
             codes.extend(c);
             scales.extend(s);
         }
+        (Storage::Ggml { data: a, .. }, Storage::Ggml { data: b, .. }) => a.extend(b),
         (Storage::Bnb4(a), Storage::Bnb4(b)) => {
             a.packed.extend(b.packed);
             if let (Absmax::F32(x), Absmax::F32(y)) = (&mut a.absmax, b.absmax) {
