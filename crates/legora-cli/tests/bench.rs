@@ -318,14 +318,15 @@ fn cases_too_large_for_memory_are_refused_before_allocating() {
 }
 
 /// `--model` trains over a real model's weights and shape (an HF folder or a GGUF file,
-/// in the storage asked for); a folder without weights, or no folder, is refused naming
-/// the path.
+/// its blocks kept or in the storage asked for); a folder without weights, or no folder,
+/// is refused naming the path.
 #[test]
 fn model_flag_benches_a_real_model() {
     let root = legora_testing::workspace_root();
     let hf = root.join("tests/fixtures/models/qwen3");
     let gguf = root.join("tests/fixtures/gguf/qwen3-q8_0.gguf");
-    for (path, extra) in [(&hf, None), (&gguf, Some("nf4"))] {
+    // the GGUF file's Q8_0 blocks as they are, then requantized to NF4
+    for (path, extra, hidden) in [(&hf, None, 64), (&gguf, None, 32), (&gguf, Some("nf4"), 32)] {
         let p = path.to_str().unwrap();
         let mut args = vec![
             "bench", "--case", "tiny", "--model", p, "--steps", "1", "--warmup", "0", "--json",
@@ -336,7 +337,7 @@ fn model_flag_benches_a_real_model() {
         let v = records(&args).remove(0);
         check(&v, v["case"].as_str().unwrap(), 1, 1, 32);
         assert!(v["case"].as_str().unwrap().starts_with("tiny@"), "{v}");
-        assert_eq!(v["hidden"], if extra.is_some() { 32 } else { 64 }, "{v}");
+        assert_eq!(v["hidden"], hidden, "{v}");
         assert!(num(&v, "last_loss").is_finite(), "{v}");
     }
     let tmp = std::env::temp_dir().join(format!("legora-bench-noweights-{}", std::process::id()));

@@ -159,3 +159,22 @@ fn one_row_without_bias() {
         .collect();
     assert_close("decode row", &y, &want);
 }
+
+/// An embedding lookup over a quantized weight dequantizes just the rows asked for, equal
+/// to dequantizing the whole weight and selecting them, in every format.
+#[test]
+fn rows_of_a_quantized_weight() {
+    let device = Default::default();
+    for format in formats() {
+        let din = cols(format, 40);
+        let (w, want) = weight::<Flex>(format, 23, din);
+        let ids = [0i64, 22, 5, 5, 13];
+        let t = Tensor::<Flex, 1, Int>::from_data(TensorData::new(ids.to_vec(), [5]), &device);
+        let got = to_vec(w.rows(t));
+        let want: Vec<f32> = ids
+            .iter()
+            .flat_map(|&i| want[i as usize * din..(i as usize + 1) * din].to_vec())
+            .collect();
+        assert_eq!(got, want, "{}", format.name());
+    }
+}

@@ -180,6 +180,29 @@ pub(crate) fn dequantize<B: Backend>(w: &FrozenWeight<B>) -> Option<Tensor<B, 2>
     Some(Tensor::from_data(data, &Default::default()))
 }
 
+/// [`FrozenWeight::rows`] of a quantized weight on a fused backend: only the rows `ids`
+/// dequantized (an embedding lookup over GGML blocks or 4-bit codes never expands the
+/// whole table). `None` elsewhere, or when an id is out of range (the caller's path then
+/// reports it as burn's `select` does).
+pub(crate) fn rows<B: Backend>(
+    w: &FrozenWeight<B>,
+    ids: &Tensor<B, 1, Int>,
+) -> Option<Tensor<B, 2>> {
+    let mode = mode::<B>()?;
+    let fw = FlexWeight::of(w, mode)?;
+    let view = fw.view()?;
+    let ids = ids.clone().into_data().convert::<i64>();
+    let ids = ids.as_slice::<i64>().ok()?;
+    let cols = view.cols();
+    let mut out = vec![0.0f32; ids.len() * cols];
+    for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(cols.max(1))) {
+        let row = usize::try_from(id).ok().filter(|&r| r < view.rows())?;
+        view.dequantize_rows(row, 1, dst).ok()?;
+    }
+    let data = TensorData::new(out, [ids.len(), cols]);
+    Some(Tensor::from_data(data, &Default::default()))
+}
+
 /// State of the backward: the weight's primitives and the row count.
 #[derive(Clone, Debug)]
 pub(crate) struct FrozenState {

@@ -183,15 +183,22 @@ impl<B: Backend> FrozenWeight<B> {
     }
 
     /// The rows `ids` of the weight as f32 `[ids, in]` (an embedding lookup): a dense
-    /// weight gathers its rows in its dtype and casts only those; a quantized one is
-    /// dequantized whole first (the loaders keep embeddings dense).
+    /// weight gathers its rows in its dtype and casts only those; a quantized one
+    /// dequantizes only those rows on `Flex` / `Autodiff<Flex>`, and is dequantized whole
+    /// first elsewhere.
     ///
     /// # Shapes
     /// - ids: `[n]` → `[n, in]`
     pub fn rows(&self, ids: Tensor<B, 1, Int>) -> Tensor<B, 2> {
         match self {
             FrozenWeight::Dense(w) => w.val().select(0, ids).cast(DType::F32),
-            FrozenWeight::Quantized(_) => self.dequantize().select(0, ids),
+            FrozenWeight::Quantized(_) => {
+                #[cfg(feature = "flex")]
+                if let Some(rows) = crate::flex::frozen::rows(self, &ids) {
+                    return rows;
+                }
+                self.dequantize().select(0, ids)
+            }
         }
     }
 
