@@ -338,6 +338,9 @@ fn model_flag_benches_a_real_model() {
         check(&v, v["case"].as_str().unwrap(), 1, 1, 32);
         assert!(v["case"].as_str().unwrap().starts_with("tiny@"), "{v}");
         assert_eq!(v["hidden"], hidden, "{v}");
+        if extra.is_none() && path == &gguf {
+            assert_eq!(v["storage"], "Q8_0 (GGUF blocks)", "{v}");
+        }
         assert!(num(&v, "last_loss").is_finite(), "{v}");
     }
     let tmp = std::env::temp_dir().join(format!("legora-bench-noweights-{}", std::process::id()));

@@ -175,9 +175,9 @@ fn logits_match_transformers() {
     }
 }
 
-/// The projections, `lm_head` and the embeddings keep the file's GGML blocks, and
-/// decoding every weight instead gives the same logits; the blocks hold the file's bytes,
-/// far below f32.
+/// The projections and an untied `lm_head` keep the file's GGML blocks (the embeddings
+/// are decoded), and decoding every weight instead gives the same logits; the blocks hold
+/// the file's bytes, far below f32.
 #[test]
 fn gguf_blocks_stay_blocks() {
     use legora_hub::LoadOptions;
@@ -202,9 +202,12 @@ fn gguf_blocks_stay_blocks() {
             "{stem}: {} bytes",
             o * i
         );
-        // the embeddings too: a lookup dequantizes only its rows
-        let embed = blocks.model.model.embed_tokens.format();
-        assert!(matches!(embed, Format::Ggml(_)), "{stem}: {embed:?}");
+        // the embeddings are decoded (looked up by rows, and the tied lm_head)
+        assert_eq!(
+            blocks.model.model.embed_tokens.format(),
+            Format::F32,
+            "{stem}"
+        );
         let options = LoadOptions {
             gguf_blocks: false,
             ..LoadOptions::default()
@@ -217,6 +220,12 @@ fn gguf_blocks_stay_blocks() {
             .slot(SlotId::layer(0, Proj::DownProj))
             .unwrap();
         assert_eq!(down.format(), Format::F32, "{stem}");
+        // parameters counted as transformers counts them, whatever the storage
+        assert_eq!(
+            blocks.model.parameter_report().total,
+            decoded.model.parameter_report().total,
+            "{stem}"
+        );
         let ids = r.ints(&format!("{stem}.prompt0"));
         let (a, b) = (logits(&blocks, &ids), logits(&decoded, &ids));
         let worst = a

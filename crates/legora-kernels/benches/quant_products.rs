@@ -13,6 +13,7 @@
 
 use std::time::Instant;
 
+use legora_kernels::quant::ggml::GgmlType;
 use legora_kernels::quant::{matmul_dyw, matmul_xwt, Format, QuantMatrix};
 
 #[path = "../tests/common/mod.rs"]
@@ -78,11 +79,23 @@ fn main() {
         Format::Fp4 {
             double_quant: false,
         },
+        Format::Ggml(GgmlType::Q8_0),
+        Format::Ggml(GgmlType::Q4_0),
+        Format::Ggml(GgmlType::Q4_K),
     ];
     let w = values(a.dout * a.din, 1);
+    // GGML blocks need whole blocks per row: K-quants are benched only when `in` allows
+    let formats: Vec<Format> = formats
+        .into_iter()
+        .filter(|f| !matches!(f, Format::Ggml(t) if a.din % t.block_size() != 0))
+        .collect();
     let mats: Vec<QuantMatrix> = formats
         .iter()
-        .map(|&f| QuantMatrix::quantize("w", &w, a.dout, a.din, f).expect("finite weight"))
+        .map(|&f| match f {
+            // random blocks (the gguf package is the quantizer of GGUF files, not legora)
+            Format::Ggml(ty) => common::ggml_matrix(ty, a.dout, a.din, 1),
+            _ => QuantMatrix::quantize("w", &w, a.dout, a.din, f).expect("finite weight"),
+        })
         .collect();
     let x = values(a.n * a.din, 2);
     let dy = values(a.n * a.dout, 3);

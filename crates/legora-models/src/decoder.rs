@@ -895,6 +895,12 @@ impl<B: Backend> CausalLm<B> {
                 report.total = report.total.saturating_sub(stored) + o * i;
             }
         }
+        let embed = &self.model.embed_tokens;
+        if let FrozenWeight::Quantized(_) = embed {
+            let [o, i] = embed.dims();
+            let stored = legora_nn::trainable_parameters(embed).total;
+            report.total = report.total.saturating_sub(stored) + o * i;
+        }
         if self.config.tie_word_embeddings {
             let c = &self.config;
             report.total = report.total.saturating_sub(c.vocab_size * c.hidden_size);

@@ -494,6 +494,29 @@ fn median(v: &[f64]) -> f64 {
 }
 
 /// Run one case and return its JSON record.
+/// How the loaded model keeps its frozen weights, as the report says it: what `options`
+/// asked for, or, for a GGUF base that kept its blocks, their types (`"Q4_0 (GGUF blocks)"`,
+/// `"Q4_K projections, embeddings Q6_K (GGUF blocks)"`).
+fn stored_as<B: burn::tensor::backend::Backend>(
+    m: &legora::models::CausalLm<B>,
+    options: &LoadOptions,
+) -> String {
+    use legora::kernels::quant::Format;
+    let proj = m.slots().first().map(|(_, s)| s.format());
+    let embed = m.model.embed_tokens.format();
+    match proj {
+        Some(p @ Format::Ggml(_)) if p != embed => {
+            format!(
+                "{} projections, embeddings {} (GGUF blocks)",
+                p.name(),
+                embed.name()
+            )
+        }
+        Some(p @ Format::Ggml(_)) => format!("{} (GGUF blocks)", p.name()),
+        _ => options.describe(),
+    }
+}
+
 fn run_case<B: AutodiffBackend>(
     case: CaseName,
     args: &Args,
@@ -541,11 +564,15 @@ fn run_case<B: AutodiffBackend>(
     let tokens = case_rows(case.kind(), shape.batch)
         .checked_mul(shape.seq)
         .ok_or_else(|| anyhow!("--batch {} × --seq {} overflows", shape.batch, shape.seq))?;
-    weights::MemoryNeed::of(&config, &options, tokens).check(
-        args.memory_limit,
-        &options.describe(),
-        tokens,
-    )?;
+    let mut need = weights::MemoryNeed::of(&config, &options, tokens);
+    if let Some(path) = args.model.as_deref() {
+        // A GGUF base keeps its blocks: the file's size, not the decoded weights
+        let blocks = legora::hub::gguf::is_gguf_path(path) && options.quantize.is_none();
+        if let (true, Ok(meta)) = (blocks, std::fs::metadata(path)) {
+            need.weights = u128::from(meta.len());
+        }
+    }
+    need.check(args.memory_limit, &options.describe(), tokens)?;
     let rss_reset = reset_peak_rss();
     let started = Instant::now();
     let base = match &args.model {
@@ -556,6 +583,7 @@ fn run_case<B: AutodiffBackend>(
         }
         None => weights::random_model::<B>(config, &options, args.seed, &device)?,
     };
+    let storage = stored_as(&base, &options);
     let total_params = base.parameter_report().total;
     let mut rng = Rng::new(derive_seed(args.seed, &[1]));
     let kind = case.kind();
@@ -640,7 +668,7 @@ fn run_case<B: AutodiffBackend>(
         "layers": shape.layers,
         "vocab": shape.vocab,
         "dtype": format!("{dtype:?}").to_lowercase(),
-        "storage": options.describe(),
+        "storage": storage,
         "shape": args.shape.map(ShapeName::label),
         "gradient_checkpointing": args.gradient_checkpointing,
         "tokens_per_step": tokens_per_step,

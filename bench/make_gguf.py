@@ -1,0 +1,104 @@
+"""A random-weight Qwen2-shaped GGUF file, quantized with the `gguf` package, for measuring
+`legora bench --model FILE.gguf` (memory and speed over a GGUF base's blocks).
+
+    ~/.cache/legora-venv/bin/python bench/make_gguf.py --shape M --type q4_0 --out m-q4_0.gguf
+    target/release/legora bench --model m-q4_0.gguf --case S-qv --batch 1 --seq 512
+
+Shapes as `legora bench --shape`: S (hidden 576, 30 layers), M (Qwen2-0.5B: hidden 896,
+24 layers, 14 / 2 heads, intermediate 4864, vocabulary 151936, tied embeddings), L
+(Qwen2-7B: hidden 3584, 28 layers, untied). Every 2-D tensor is stored as `--type` (the
+embeddings too, as llama.cpp's pure quantizations do), norms and q/k/v biases as F32;
+weights are normal(0, 0.02), generated and quantized one tensor at a time. The tokenizer
+is a SentencePiece-style vocabulary of that size (byte tokens, then `▁t<i>`), enough for
+the file to load; the model is random, so only memory and speed mean anything.
+"""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFWriter, TokenType
+from gguf.quants import quantize
+
+SHAPES = {
+    "S": dict(hidden=576, layers=30, heads=9, kv_heads=3, inter=1536, vocab=49152, tied=True),
+    "M": dict(hidden=896, layers=24, heads=14, kv_heads=2, inter=4864, vocab=151936, tied=True),
+    "L": dict(hidden=3584, layers=28, heads=28, kv_heads=4, inter=18944, vocab=152064, tied=False),
+}
+TYPES = {"q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q5_0": Q.Q5_0, "q8_0": Q.Q8_0, "f16": Q.F16}
+
+
+def tensors(s):
+    """(GGUF name, shape [out, in] or [n]) of every tensor, in file order."""
+    h, hd = s["hidden"], s["hidden"] // s["heads"]
+    q, kv = s["heads"] * hd, s["kv_heads"] * hd
+    out = [("token_embd.weight", (s["vocab"], h))]
+    for i in range(s["layers"]):
+        b = f"blk.{i}"
+        out += [
+            (f"{b}.attn_norm.weight", (h,)),
+            (f"{b}.attn_q.weight", (q, h)), (f"{b}.attn_q.bias", (q,)),
+            (f"{b}.attn_k.weight", (kv, h)), (f"{b}.attn_k.bias", (kv,)),
+            (f"{b}.attn_v.weight", (kv, h)), (f"{b}.attn_v.bias", (kv,)),
+            (f"{b}.attn_output.weight", (h, q)),
+            (f"{b}.ffn_norm.weight", (h,)),
+            (f"{b}.ffn_gate.weight", (s["inter"], h)),
+            (f"{b}.ffn_up.weight", (s["inter"], h)),
+            (f"{b}.ffn_down.weight", (h, s["inter"])),
+        ]
+    out.append(("output_norm.weight", (h,)))
+    if not s["tied"]:
+        out.append(("output.weight", (s["vocab"], h)))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=SHAPES, default="M")
+    ap.add_argument("--type", choices=TYPES, default="q4_0")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    s, qtype = SHAPES[a.shape], TYPES[a.type]
+    rng = np.random.default_rng(a.seed)
+    w = GGUFWriter(a.out, "qwen2")
+    w.add_name(f"random-qwen2-{a.shape}-{a.type}")
+    w.add_context_length(4096)
+    w.add_embedding_length(s["hidden"])
+    w.add_block_count(s["layers"])
+    w.add_feed_forward_length(s["inter"])
+    w.add_head_count(s["heads"])
+    w.add_head_count_kv(s["kv_heads"])
+    w.add_rope_freq_base(1e6)
+    w.add_layer_norm_rms_eps(1e-6)
+    pieces = [f"<0x{b:02X}>" for b in range(256)]
+    pieces += [f"\u2581t{i}" for i in range(s["vocab"] - len(pieces) - 3)]
+    tokens = ["<unk>", "<s>", "</s>"] + pieces
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(tokens) - 259)])
+    w.add_token_types([TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL]
+                      + [TokenType.BYTE] * 256 + [TokenType.NORMAL] * (len(tokens) - 259))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    for name, shape in tensors(s):
+        if len(shape) == 1:
+            v = np.ones(shape, np.float32) if name.endswith("norm.weight") else \
+                rng.normal(0, 0.02, shape).astype(np.float32)
+            w.add_tensor(name, v)
+            continue
+        v = rng.normal(0, 0.02, shape).astype(np.float32)
+        if qtype == Q.F16:
+            w.add_tensor(name, v.astype(np.float16))
+        else:
+            w.add_tensor(name, quantize(v, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    print(f"{a.out}: {a.out.stat().st_size / 2**20:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
