@@ -51,6 +51,30 @@ impl<'a> GgufWeights<'a> {
             None
         }
     }
+
+    /// The rows of GGUF tensor `gguf` (`row_len` items each: values, or a row's block
+    /// bytes) in HF order: llama.cpp's Q/K permutation undone where the tensor carries one.
+    fn hf_rows<T: Copy>(
+        &self,
+        gguf: &str,
+        data: Vec<T>,
+        row_len: usize,
+        shape: &[usize],
+    ) -> std::result::Result<Vec<T>, SourceError> {
+        let Some(n_head) = self.permutation_heads(gguf) else {
+            return Ok(data);
+        };
+        llama_unpermute_rows(&data, row_len, n_head).ok_or_else(|| {
+            Box::new(HubError::GgufTensor {
+                path: self.file.path().to_path_buf(),
+                tensor: gguf.to_string(),
+                expected: format!(
+                    "rows in 2 × {n_head} equal groups (llama.cpp's Q/K permutation)"
+                ),
+                found: format!("shape {shape:?}"),
+            }) as SourceError
+        })
+    }
 }
 
 impl GgufWeights<'_> {
@@ -72,20 +96,8 @@ impl GgufWeights<'_> {
         if !legora_kernels::quant::ggml::is_block_storage(ty) {
             return Ok(None);
         }
-        let mut data = t.data.to_vec();
-        if let Some(n_head) = self.permutation_heads(&g) {
-            let row_bytes = data.len() / rows.max(1);
-            data = llama_unpermute_rows(&data, row_bytes, n_head).ok_or_else(|| {
-                Box::new(HubError::GgufTensor {
-                    path: self.file.path().to_path_buf(),
-                    tensor: g.clone(),
-                    expected: format!(
-                        "rows in 2 × {n_head} equal groups (llama.cpp's Q/K permutation)"
-                    ),
-                    found: format!("shape [{rows}, {cols}]"),
-                }) as SourceError
-            })?;
-        }
+        let row_bytes = t.data.len() / rows.max(1);
+        let data = self.hf_rows(&g, t.data.to_vec(), row_bytes, &[rows, cols])?;
         let m = QuantMatrix::new(name, rows, cols, Storage::Ggml { ty, data })?;
         Ok(Some(m))
     }
@@ -100,28 +112,17 @@ impl WeightSource for GgufWeights<'_> {
             return Ok(None);
         };
         let shape = info.shape();
-        let mut values = self
+        let values = self
             .file
             .dequantize(&g)
             .map_err(|e| Box::new(e) as SourceError)?
             .unwrap_or_default();
-        if let Some(n_head) = self.permutation_heads(&g) {
-            let row_len = if shape.len() > 1 {
-                info.ne0() as usize
-            } else {
-                1
-            };
-            values = llama_unpermute_rows(&values, row_len, n_head).ok_or_else(|| {
-                Box::new(HubError::GgufTensor {
-                    path: self.file.path().to_path_buf(),
-                    tensor: g.clone(),
-                    expected: format!(
-                        "rows in 2 × {n_head} equal groups (llama.cpp's Q/K permutation)"
-                    ),
-                    found: format!("shape {shape:?}"),
-                }) as SourceError
-            })?;
-        }
+        let row_len = if shape.len() > 1 {
+            info.ne0() as usize
+        } else {
+            1
+        };
+        let mut values = self.hf_rows(&g, values, row_len, &shape)?;
         if norm_plus_one(name, self.arch) {
             values.iter_mut().for_each(|v| *v -= 1.0);
         }
