@@ -339,10 +339,7 @@ fn model_flag_benches_a_real_model() {
         assert!(v["case"].as_str().unwrap().starts_with("tiny@"), "{v}");
         assert_eq!(v["hidden"], hidden, "{v}");
         if extra.is_none() && path == &gguf {
-            assert_eq!(
-                v["storage"], "Q8_0 projections, embeddings f32 (GGUF blocks)",
-                "{v}"
-            );
+            assert_eq!(v["storage"], "Q8_0 (GGUF blocks)", "{v}");
         }
         assert!(num(&v, "last_loss").is_finite(), "{v}");
     }

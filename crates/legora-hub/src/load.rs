@@ -159,12 +159,11 @@ pub struct LoadOptions {
     /// projections are quantized, as bitsandbytes leaves them in half precision; `dtype`
     /// otherwise).
     pub lm_head: Option<Format>,
-    /// A GGUF base keeps its projections' and an untied `lm_head`'s GGML blocks as they
-    /// are in the file ([`Format::Ggml`]: dequantized a tile at a time in the products)
-    /// unless a `quantize` (or, for `lm_head`, an `lm_head` format) asks for another
-    /// storage; `false`: every weight decoded and stored as the other options say. The
-    /// embeddings (and so a tied `lm_head`) are decoded: a training step over a Q4_0
-    /// 151936-token table as blocks measured 5× slower, not yet explained.
+    /// A GGUF base keeps its GGML blocks as they are in the file ([`Format::Ggml`]:
+    /// dequantized a tile at a time in the products, the embeddings a row at a time when
+    /// looked up) unless a `quantize` (or, for the embeddings and `lm_head`, an `lm_head`
+    /// format) asks for another storage; `false`: every weight decoded and stored as the
+    /// other options say.
     pub gguf_blocks: bool,
 }
 
@@ -192,11 +191,8 @@ impl LoadOptions {
     /// Whether the GGUF tensor for the frozen weight `name` keeps its GGML blocks (see
     /// [`LoadOptions::gguf_blocks`]).
     pub fn keeps_gguf_blocks(&self, name: &str) -> bool {
-        let head = name.starts_with("lm_head.");
-        self.gguf_blocks
-            && self.quantize.is_none()
-            && !name.starts_with("model.embed_tokens.")
-            && !(head && self.lm_head.is_some())
+        let head = name.starts_with("lm_head.") || name.starts_with("model.embed_tokens.");
+        self.gguf_blocks && self.quantize.is_none() && !(head && self.lm_head.is_some())
     }
 
     /// The format of the frozen weight called `name` (an HF tensor name).
