@@ -453,9 +453,9 @@ impl SafetensorsFile {
 }
 
 /// Where a multimodal checkpoint keeps its text model's tensors: `(HF prefix, stored
-/// prefix)`, transformers 5's layout (`model.language_model.layers.0...`) and the one
-/// the Hub's Gemma 3 checkpoints were saved with (`language_model.model.layers.0...`,
-/// `language_model.lm_head`).
+/// prefix)`, the layout transformers 4.52–4.57 wrote (`model.language_model.layers.0...`)
+/// and the one of the Hub's Gemma 3 checkpoints, which transformers 5 writes again
+/// (`language_model.model.layers.0...`, `language_model.lm_head`).
 const TEXT_MODEL_PREFIXES: [(&str, &str); 3] = [
     ("model.", "model.language_model."),
     ("model.", "language_model.model."),

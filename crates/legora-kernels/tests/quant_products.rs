@@ -37,6 +37,26 @@ fn assert_close(what: &str, got: &[f32], want: &[f32]) {
     legora_testing::assert_close(what, got, want, 1e-5, 1e-6);
 }
 
+/// `x·Wᵀ` and `dy·W` over `m` equal the products with its dequantization `wd`, for each
+/// row count in `ns`.
+fn check_products(what: &str, m: &QuantMatrix, wd: &[f32], ns: &[usize]) {
+    let (view, dout, din) = (m.view(), m.rows(), m.cols());
+    for &n in ns {
+        let x = values(n * din, 11 + n as u64);
+        let mut y = vec![0.0f32; n * dout];
+        matmul_xwt(n, &x, &view, &mut y, false).unwrap();
+        // y = x·Wᵀ: W [dout, din] read as [din, dout] (strides 1, din).
+        let want = reference(&x, wd, (n, din, dout), (1, din));
+        assert_close(&format!("{what} n={n} x·Wᵀ"), &y, &want);
+
+        let dy = values(n * dout, 13 + n as u64);
+        let mut dx = vec![0.0f32; n * din];
+        matmul_dyw(n, &dy, &view, &mut dx, false).unwrap();
+        let want = reference(&dy, wd, (n, dout, din), (din, 1));
+        assert_close(&format!("{what} n={n} dy·W"), &dx, &want);
+    }
+}
+
 #[test]
 fn products_match_dequantize_then_multiply() {
     for (dout, din) in [(300, 197), (37, 45), (9, 5)] {
@@ -44,27 +64,13 @@ fn products_match_dequantize_then_multiply() {
         for format in Format::ALL {
             let m = QuantMatrix::quantize("w", &w, dout, din, format).unwrap();
             let wd = m.dequantize();
-            let view = m.view();
             let many = if dout > 128 {
                 DYW_COLUMN_TILES_FROM + 4
             } else {
                 1
             };
-            for n in [1, 2, 3, 4, 7, 65, many] {
-                let what = format!("{} [{dout}, {din}] n={n}", format.name());
-                let x = values(n * din, 11 + n as u64);
-                let mut y = vec![0.0f32; n * dout];
-                matmul_xwt(n, &x, &view, &mut y, false).unwrap();
-                // y = x·Wᵀ: W [dout, din] read as [din, dout] (strides 1, din).
-                let want = reference(&x, &wd, (n, din, dout), (1, din));
-                assert_close(&format!("{what} x·Wᵀ"), &y, &want);
-
-                let dy = values(n * dout, 13 + n as u64);
-                let mut dx = vec![0.0f32; n * din];
-                matmul_dyw(n, &dy, &view, &mut dx, false).unwrap();
-                let want = reference(&dy, &wd, (n, dout, din), (din, 1));
-                assert_close(&format!("{what} dy·W"), &dx, &want);
-            }
+            let what = format!("{} [{dout}, {din}]", format.name());
+            check_products(&what, &m, &wd, &[1, 2, 3, 4, 7, 65, many]);
         }
     }
 }
@@ -143,19 +149,7 @@ fn ggml_block_products_match_dequantize_then_multiply() {
             assert!(wd.iter().all(|v| v.is_finite()), "{what}");
             assert_eq!(m.format(), Format::Ggml(ty));
             assert_eq!(m.bytes(), data.len());
-            let view = m.view();
-            for n in [1, 2, 4, 7, 65] {
-                let x = values(n * din, 11 + n as u64);
-                let mut y = vec![0.0f32; n * dout];
-                matmul_xwt(n, &x, &view, &mut y, false).unwrap();
-                let want = reference(&x, &wd, (n, din, dout), (1, din));
-                assert_close(&format!("{what} n={n} x·Wᵀ"), &y, &want);
-                let dy = values(n * dout, 13 + n as u64);
-                let mut dx = vec![0.0f32; n * din];
-                matmul_dyw(n, &dy, &view, &mut dx, false).unwrap();
-                let want = reference(&dy, &wd, (n, dout, din), (din, 1));
-                assert_close(&format!("{what} n={n} dy·W"), &dx, &want);
-            }
+            check_products(&what, &m, &wd, &[1, 2, 4, 7, 65]);
         }
     }
 }

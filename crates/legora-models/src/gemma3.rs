@@ -30,20 +30,22 @@ const DEFAULT_THETA: (f64, f64) = (1_000_000.0, 10_000.0);
 
 /// `Gemma3TextConfig`'s defaults, for the keys a config.json may leave out (the
 /// `text_config` of the multimodal checkpoints names only what differs from them).
-const TEXT_DEFAULTS: [(&str, f64); 12] = [
-    ("vocab_size", 262_208.0),
-    ("hidden_size", 2304.0),
-    ("intermediate_size", 9216.0),
-    ("num_hidden_layers", 26.0),
-    ("num_attention_heads", 8.0),
-    ("num_key_value_heads", 4.0),
-    ("head_dim", 256.0),
-    ("max_position_embeddings", 131_072.0),
-    ("rms_norm_eps", 1e-6),
-    ("pad_token_id", 0.0),
-    ("eos_token_id", 1.0),
-    ("bos_token_id", 2.0),
-];
+fn text_defaults() -> [(&'static str, Value); 12] {
+    [
+        ("vocab_size", json!(262_208)),
+        ("hidden_size", json!(2304)),
+        ("intermediate_size", json!(9216)),
+        ("num_hidden_layers", json!(26)),
+        ("num_attention_heads", json!(8)),
+        ("num_key_value_heads", json!(4)),
+        ("head_dim", json!(256)),
+        ("max_position_embeddings", json!(131_072)),
+        ("rms_norm_eps", json!(1e-6)),
+        ("pad_token_id", json!(0)),
+        ("eos_token_id", json!(1)),
+        ("bos_token_id", json!(2)),
+    ]
+}
 
 /// The config.json of the text model in `raw`, a Gemma 3 config.json: a `gemma3_text`
 /// config as it is, or the `text_config` of a multimodal `gemma3` one
@@ -75,14 +77,9 @@ pub fn text_config(raw: &Value) -> Result<Option<Value>> {
     };
     text.insert("model_type".into(), json!("gemma3_text"));
     text.insert("architectures".into(), json!(["Gemma3ForCausalLM"]));
-    for (key, value) in TEXT_DEFAULTS {
+    for (key, value) in text_defaults() {
         if text.get(key).is_none_or(Value::is_null) {
-            let v = if value.fract() == 0.0 {
-                json!(value as u64)
-            } else {
-                json!(value)
-            };
-            text.insert(key.into(), v);
+            text.insert(key.into(), value);
         }
     }
     Ok(Some(Value::Object(text)))

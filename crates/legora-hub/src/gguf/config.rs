@@ -179,13 +179,10 @@ pub fn config_json(file: &GgufFile) -> Result<Value> {
 fn gemma3_keys(m: &mut Map<String, Value>, file: &GgufFile) -> Result<()> {
     m.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
     let n = |k: &str| m.get(k).and_then(Value::as_u64).unwrap_or(0);
-    let scalar = if n("num_hidden_layers") == 62 {
-        n("hidden_size") / n("num_attention_heads").max(1)
-    } else {
-        match m.get("head_dim").and_then(Value::as_u64) {
-            Some(h) => h,
-            None => n("hidden_size") / n("num_attention_heads").max(1),
-        }
+    let per_head = n("hidden_size") / n("num_attention_heads").max(1);
+    let scalar = match m.get("head_dim").and_then(Value::as_u64) {
+        Some(h) if n("num_hidden_layers") != 62 => h,
+        _ => per_head,
     };
     if scalar == 0 {
         return Err(HubError::GgufMetadata {

@@ -318,16 +318,14 @@ fn fits<B: Backend>(
     let mask_heads = match mask {
         AttnMask::Dense(m) => {
             let [mb, mh, ms, mt] = m.dims();
-            let ok = m.dtype() == burn::tensor::DType::F32
-                && [mb, ms, mt] == [b, s, t]
-                && (mh == 1 || mh == h);
+            let ok = all_f32(&[m.dtype()]) && [mb, ms, mt] == [b, s, t] && (mh == 1 || mh == h);
             ok.then_some(mh)
         }
         AttnMask::Causal { key_padding, .. } => {
             let ok = t >= s
                 && key_padding
                     .as_ref()
-                    .is_none_or(|p| p.dims() == [b, t] && p.dtype() == burn::tensor::DType::F32);
+                    .is_none_or(|p| p.dims() == [b, t] && all_f32(&[p.dtype()]));
             ok.then_some(1)
         }
     };
@@ -360,17 +358,20 @@ pub(crate) fn attention<B: Backend>(
         scale: scale as f32,
     };
     // The mask's values, contiguous: dense, or the causal mask's padding row per batch.
-    let dense = matches!(mask, AttnMask::Dense(_));
-    let (window, values) = match mask {
-        AttnMask::Dense(m) => (None, Some(contiguous(value_of(m, mode)))),
+    let (window, dense, padding) = match mask {
+        AttnMask::Dense(m) => (None, Some(contiguous(value_of(m, mode))), None),
         AttnMask::Causal {
             window,
             key_padding,
-        } => (window, key_padding.map(|p| contiguous(value_of(p, mode)))),
+        } => (
+            window,
+            None,
+            key_padding.map(|p| contiguous(value_of(p, mode))),
+        ),
     };
-    let mask_ref = match (dense, &values) {
-        (true, Some(m)) => MaskRef::Dense(data(m)),
-        (_, padding) => MaskRef::Causal {
+    let mask_ref = match &dense {
+        Some(m) => MaskRef::Dense(data(m)),
+        None => MaskRef::Causal {
             window,
             padding: padding.as_ref().map(data),
         },

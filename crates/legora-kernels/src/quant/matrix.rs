@@ -401,7 +401,8 @@ impl<'a> QuantView<'a> {
             ViewData::Bf16(_) | ViewData::F16(_) => 2 * n,
             ViewData::Int8 { .. } => n + 4 * self.rows,
             ViewData::Bnb4(q) => q.bytes(n),
-            ViewData::Ggml { ty, .. } => self.rows * (self.cols / ty.block_size()) * ty.type_size(),
+            // rows of whole blocks: checked when the view was made
+            ViewData::Ggml { ty, .. } => self.rows * ty.row_bytes(self.cols as u64).unwrap_or(0),
         }
     }
 
