@@ -261,7 +261,13 @@ fn attention<B: AutodiffBackend>() -> Outputs {
         })
         .collect();
     let mask = Tensor::<B, 4>::from_data(TensorData::new(mask, [b, 1, s, t]), &Default::default());
-    let y = k::attention(q.clone(), kk.clone(), v.clone(), k::AttnMask::Dense(mask), 0.35);
+    let y = k::attention(
+        q.clone(),
+        kk.clone(),
+        v.clone(),
+        k::AttnMask::Dense(mask),
+        0.35,
+    );
     let g = probe(y.clone(), 34).backward();
     vec![
         ("y", host(y)),

@@ -9,24 +9,33 @@
 //! chunk computes its rows' dot products with all `n` rows of `x` (one pass over the
 //! weight, `n` accumulators). On x86-64 with AVX2, FMA and F16C (checked at run time) the
 //! dot products use those instructions; elsewhere a portable loop over the same values.
-//! 4-bit formats keep the tile path of [`super::qgemm`].
+//! GGML blocks (a GGUF base) are decoded a row at a time, [`GGML_CHUNK`] values at a time
+//! into a stack buffer (by [`ggml::block_decoder`], AVX2 for the common types), and
+//! multiplied from there: the weight is read once, in its blocks, and the decoded values
+//! never leave the L1 cache. bitsandbytes' 4-bit formats keep the tile path of
+//! [`super::qgemm`].
 
 use rayon::prelude::*;
 
 use super::SendPtr;
+use crate::quant::ggml::{self, GgmlType};
 use crate::quant::int8::INV_127;
 use crate::quant::{QuantView, ViewData};
 
 pub(crate) use crate::quant::MATVEC_MAX_ROWS;
 
-/// Whether [`xwt`] serves this weight: bf16, f16 and int8. An f32 weight keeps `gemm`'s
-/// own matrix–vector path, which is as fast (both run at the memory's speed) and gives
-/// few rows exactly the sums the batched products give.
+/// Values of a GGML row decoded at a time (one K-quant super-block, eight 32-blocks).
+const GGML_CHUNK: usize = ggml::QK_K;
+
+/// Whether [`xwt`] serves this weight: bf16, f16, int8 and GGML blocks. An f32 weight
+/// keeps `gemm`'s own matrix–vector path, which is as fast (both run at the memory's
+/// speed) and gives few rows exactly the sums the batched products give.
 pub(crate) fn supports(w: &QuantView<'_>) -> bool {
-    matches!(
-        w.data(),
-        ViewData::Bf16(_) | ViewData::F16(_) | ViewData::Int8 { .. }
-    )
+    match w.data() {
+        ViewData::Bf16(_) | ViewData::F16(_) | ViewData::Int8 { .. } => true,
+        ViewData::Ggml { ty, .. } => ggml::is_block_storage(ty),
+        ViewData::F32(_) | ViewData::Bnb4(_) => false,
+    }
 }
 
 /// `y[n, out] (+)= x[n, in] · Wᵀ` for `1 ≤ n ≤` [`MATVEC_MAX_ROWS`] and a weight that
@@ -70,16 +79,48 @@ fn row_dots(n: usize, x: &[f32], w: &QuantView<'_>, j: usize, dots: &mut [f32; M
     let din = w.cols();
     let span = j * din..(j + 1) * din;
     match w.data() {
-        ViewData::Bf16(v) => dots_of(n, x, Stored::<Bf16>::elems(&v[span]), dots),
-        ViewData::F16(v) => dots_of(n, x, Stored::<F16>::elems(&v[span]), dots),
+        ViewData::Bf16(v) => dots_of(n, x, din, Stored::<Bf16>::elems(&v[span]), dots),
+        ViewData::F16(v) => dots_of(n, x, din, Stored::<F16>::elems(&v[span]), dots),
+        ViewData::Ggml { ty, data } => {
+            let row_bytes = data.len() / w.rows();
+            ggml_dots(n, x, ty, &data[j * row_bytes..(j + 1) * row_bytes], dots);
+        }
         ViewData::Int8 { codes, scales } => {
-            dots_of(n, x, Stored::<I8>::elems(&codes[span]), dots);
+            dots_of(n, x, din, Stored::<I8>::elems(&codes[span]), dots);
             let s = scales[j];
             // As bitsandbytes' dequantization: (code · SCB) · (1/127), here summed first.
             dots[..n].iter_mut().for_each(|d| *d = (*d * s) * INV_127);
         }
-        ViewData::F32(_) | ViewData::Bnb4(_) | ViewData::Ggml { .. } => {
-            unreachable!("supports() excludes f32, 4-bit and GGML weights")
+        ViewData::F32(_) | ViewData::Bnb4(_) => {
+            unreachable!("supports() excludes f32 and 4-bit weights")
+        }
+    }
+}
+
+/// `dots[r] = x[r, :] · W[j, :]` for `r < n`, `row` the blocks of `W[j, :]` (type `ty`,
+/// whole blocks): [`GGML_CHUNK`] values decoded at a time, each chunk's dot products added.
+fn ggml_dots(n: usize, x: &[f32], ty: GgmlType, row: &[u8], dots: &mut [f32; MATVEC_MAX_ROWS]) {
+    let (bs, ts) = (ty.block_size(), ty.type_size());
+    let din = row.len() / ts * bs;
+    let Ok(decode) = ggml::block_decoder(ty) else {
+        dots[..n].fill(f32::NAN);
+        return;
+    };
+    let mut buf = [0.0f32; GGML_CHUNK];
+    let mut part = [0.0f32; MATVEC_MAX_ROWS];
+    dots[..n].fill(0.0);
+    for (c, blocks) in row.chunks(GGML_CHUNK / bs * ts).enumerate() {
+        let len = blocks.len() / ts * bs;
+        decode(blocks, &mut buf[..len]);
+        dots_of(
+            n,
+            &x[c * GGML_CHUNK..],
+            din,
+            Stored::<F32>::elems(&buf[..len]),
+            &mut part,
+        );
+        for (d, p) in dots[..n].iter_mut().zip(&part) {
+            *d += p;
         }
     }
 }
@@ -104,6 +145,10 @@ struct Bf16(u16);
 #[derive(Clone, Copy)]
 #[repr(transparent)]
 struct F16(u16);
+/// A decoded f32 weight value.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct F32(f32);
 /// An int8 weight code (scaled per row after the sum).
 #[derive(Clone, Copy)]
 #[repr(transparent)]
@@ -156,26 +201,40 @@ elem!(Bf16, u16, |v| f32::from_bits(u32::from(v) << 16), |p| {
 elem!(F16, u16, |v| half::f16::from_bits(v).to_f32(), |p| {
     _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
 });
+elem!(F32, f32, |v| v, |p| _mm256_loadu_ps(p));
 elem!(I8, i8, |v| f32::from(v), |p| _mm256_cvtepi32_ps(
     _mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i))
 ));
 
-/// `dots[r] = x[r, :] · row` for `r < n`, `row` one stored weight row.
-fn dots_of<E: Elem>(n: usize, x: &[f32], row: &[E], dots: &mut [f32; MATVEC_MAX_ROWS]) {
+/// `dots[r] = x[r·stride..][..row.len()] · row` for `r < n`, `row` one stored weight row
+/// (or a piece of one; `stride` is the length of a row of `x`).
+fn dots_of<E: Elem>(
+    n: usize,
+    x: &[f32],
+    stride: usize,
+    row: &[E],
+    dots: &mut [f32; MATVEC_MAX_ROWS],
+) {
     #[cfg(target_arch = "x86_64")]
     if avx2() {
         // SAFETY: the CPU has AVX2, FMA and F16C (checked at run time).
-        unsafe { avx::dots(n, x, row, dots) };
+        unsafe { avx::dots(n, x, stride, row, dots) };
         return;
     }
-    portable_dots(n, x, row, dots);
+    portable_dots(n, x, stride, row, dots);
 }
 
 /// The portable dot products (any CPU), eight partial sums per row of `x`.
-fn portable_dots<E: Elem>(n: usize, x: &[f32], row: &[E], dots: &mut [f32; MATVEC_MAX_ROWS]) {
+fn portable_dots<E: Elem>(
+    n: usize,
+    x: &[f32],
+    stride: usize,
+    row: &[E],
+    dots: &mut [f32; MATVEC_MAX_ROWS],
+) {
     let din = row.len();
     for (r, d) in dots[..n].iter_mut().enumerate() {
-        let xr = &x[r * din..(r + 1) * din];
+        let xr = &x[r * stride..r * stride + din];
         let mut acc = [0.0f32; 8];
         let mut xc = xr.chunks_exact(8);
         let mut wc = row.chunks_exact(8);
@@ -211,20 +270,22 @@ mod avx {
     /// group converted once and multiplied into every row of `x`.
     ///
     /// # Safety
-    /// The CPU must have AVX2, FMA and F16C; `x` holds `n · row.len()` values.
+    /// The CPU must have AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dots<E: Elem>(
         n: usize,
         x: &[f32],
+        stride: usize,
         row: &[E],
         dots: &mut [f32; MATVEC_MAX_ROWS],
     ) {
-        assert!(x.len() >= n * row.len() && n <= MATVEC_MAX_ROWS);
+        assert!((1..=MATVEC_MAX_ROWS).contains(&n) && stride >= row.len());
+        assert!(x.len() >= (n - 1) * stride + row.len());
         match n {
-            1 => dots_n::<E, 1>(x, row, dots),
-            2 => dots_n::<E, 2>(x, row, dots),
-            3 => dots_n::<E, 3>(x, row, dots),
-            _ => dots_n::<E, 4>(x, row, dots),
+            1 => dots_n::<E, 1>(x, stride, row, dots),
+            2 => dots_n::<E, 2>(x, stride, row, dots),
+            3 => dots_n::<E, 3>(x, stride, row, dots),
+            _ => dots_n::<E, 4>(x, stride, row, dots),
         }
     }
 
@@ -234,6 +295,7 @@ mod avx {
     #[inline(always)]
     unsafe fn dots_n<E: Elem, const N: usize>(
         x: &[f32],
+        stride: usize,
         row: &[E],
         dots: &mut [f32; MATVEC_MAX_ROWS],
     ) {
@@ -243,13 +305,14 @@ mod avx {
         let mut acc1 = [_mm256_setzero_ps(); N];
         let mut i = 0;
         // SAFETY: for every load below, i + 16 ≤ din (or i + 8 ≤ din), so the 8-wide reads
-        // at wp + i (+ 8) and xp + r·din + i (+ 8) stay inside `row` and row r of `x`.
+        // at wp + i (+ 8) and xp + r·stride + i (+ 8) stay inside `row` and inside `x`
+        // (its length is at least (N − 1)·stride + din, checked by `dots`).
         unsafe {
             while i + 16 <= din {
                 let w0 = E::load8(wp.add(i));
                 let w1 = E::load8(wp.add(i + 8));
                 for r in 0..N {
-                    let xr = xp.add(r * din + i);
+                    let xr = xp.add(r * stride + i);
                     acc0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), w0, acc0[r]);
                     acc1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr.add(8)), w1, acc1[r]);
                 }
@@ -258,7 +321,7 @@ mod avx {
             if i + 8 <= din {
                 let w0 = E::load8(wp.add(i));
                 for r in 0..N {
-                    let xr = xp.add(r * din + i);
+                    let xr = xp.add(r * stride + i);
                     acc0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), w0, acc0[r]);
                 }
                 i += 8;
@@ -267,7 +330,7 @@ mod avx {
         for r in 0..N {
             let mut d = hsum(_mm256_add_ps(acc0[r], acc1[r]));
             for k in i..din {
-                d += x[r * din + k] * row[k].get();
+                d += x[r * stride + k] * row[k].get();
             }
             dots[r] = d;
         }
@@ -330,7 +393,7 @@ mod tests {
 
     fn check<E: Elem>(n: usize, x: &[f32], row: &[E]) {
         let mut portable = [0.0f32; MATVEC_MAX_ROWS];
-        portable_dots(n, x, row, &mut portable);
+        portable_dots(n, x, row.len(), row, &mut portable);
         let (mut exact, mut bound) = ([0.0f32; MATVEC_MAX_ROWS], [0.0f32; MATVEC_MAX_ROWS]);
         for r in 0..n {
             let xr = &x[r * row.len()..(r + 1) * row.len()];
@@ -343,7 +406,7 @@ mod tests {
             bound[r] = 1e-6 * terms.map(f64::abs).sum::<f64>() as f32 * 4.0 + 1e-30;
         }
         let mut fast = [0.0f32; MATVEC_MAX_ROWS];
-        dots_of(n, x, row, &mut fast);
+        dots_of(n, x, row.len(), row, &mut fast);
         for r in 0..n {
             let (p, f, e) = (portable[r], fast[r], exact[r]);
             assert!((p - e).abs() <= bound[r], "portable row {r}: {p} vs {e}");
