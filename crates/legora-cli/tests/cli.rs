@@ -347,6 +347,35 @@ fn generate_prints_a_completion() {
     );
 }
 
+/// Generation that reaches the model's context (the fixture's max_position_embeddings is
+/// 64) stops there and says so on stderr, before the timing line.
+#[test]
+fn generate_stops_at_the_context_and_says_so() {
+    let model = fx("llama");
+    let a = [
+        "generate",
+        "--model",
+        &model,
+        "--prompt",
+        "hello world",
+        "--max-new-tokens",
+        "200",
+    ];
+    let o = legora(&a);
+    assert!(o.ok, "{}", o.stderr);
+    let lines: Vec<&str> = o.stderr.lines().collect();
+    let note = lines[lines.len().saturating_sub(2)];
+    assert!(
+        note.starts_with("stopped after ")
+            && note.contains("fill the model's context (max_position_embeddings = 64)"),
+        "{}",
+        o.stderr
+    );
+    let timing: Vec<&str> = lines[lines.len() - 1].split(' ').collect();
+    let (prompt, new): (usize, usize) = (timing[0].parse().unwrap(), timing[3].parse().unwrap());
+    assert_eq!(prompt + new, 64, "{}", o.stderr);
+}
+
 #[test]
 fn generate_chat_reads_stdin_until_exit() {
     use std::io::Write;
