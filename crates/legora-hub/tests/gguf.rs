@@ -237,6 +237,46 @@ fn gguf_blocks_stay_blocks() {
     }
 }
 
+/// A PEFT LoRA (q_proj, v_proj and the Q4_K ffn_down) over the Q4_K file, its blocks kept
+/// in memory, scores the prompts as PEFT does over transformers' dequantization of the same
+/// file (make_gguf_fixtures.py --only lora); saved again, it reloads to the same losses.
+#[test]
+fn peft_lora_over_q4_k_blocks_matches_peft() {
+    use legora_hub::PeftModel;
+    let r = Reference::load();
+    let adapter = dir().join("llama-q4_k-lora");
+    let m = PeftModel::from_pretrained(load("llama-q4_k"), &adapter).unwrap();
+    let down = m
+        .base
+        .model
+        .slot(legora_models::SlotId::layer(
+            0,
+            legora_models::Proj::DownProj,
+        ))
+        .unwrap();
+    assert_eq!(down.format().name(), "Q4_K");
+    let losses = |m: &PeftModel<B>| -> Vec<f64> {
+        (0..2)
+            .map(|i| {
+                let ids = r.ints(&format!("llama-q4_k.prompt{i}"));
+                m.base.model.score(&ids, 64, None).unwrap().mean_nll
+            })
+            .collect()
+    };
+    let got = losses(&m);
+    for (i, g) in got.iter().enumerate() {
+        let want = f64::from(r.floats(&format!("llama-q4_k-lora.loss{i}")).1[0]);
+        assert!(
+            (g - want).abs() < 1e-4,
+            "prompt {i}: legora {g} vs PEFT {want}"
+        );
+    }
+    let tmp = TempDir::new("q4_k-lora");
+    m.save_pretrained(tmp.path()).unwrap();
+    let again = PeftModel::from_pretrained(load("llama-q4_k"), tmp.path()).unwrap();
+    assert_eq!(losses(&again), got);
+}
+
 #[test]
 fn greedy_tokens_match_transformers() {
     let r = Reference::load();

@@ -8,6 +8,7 @@ mod concurrent;
 mod config;
 mod families;
 mod fuzz;
+mod gguf_base;
 mod loraplus;
 mod outputs;
 mod pad_per_task;
