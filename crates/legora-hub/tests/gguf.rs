@@ -277,6 +277,46 @@ fn peft_lora_over_q4_k_blocks_matches_peft() {
     assert_eq!(losses(&again), got);
 }
 
+/// An aligned file's GGML blocks are read in place from the mapping (llama's permuted
+/// q/k rows excepted: they are reordered into memory); a file whose tensor data is not
+/// aligned to 4 bytes (`general.alignment` 2) has its blocks copied instead, with the
+/// same logits.
+#[test]
+fn aligned_blocks_are_mapped_unaligned_ones_copied() {
+    use common::gguf_writer::{parts, write_gguf};
+    use legora_models::{Proj, SlotId};
+    let r = Reference::load();
+    let ids = r.ints("llama-q8_0.prompt0");
+    let mapped = |m: &PretrainedModel<B>, p: Proj| {
+        let slot = m.model.slot(SlotId::layer(0, p)).unwrap();
+        slot.frozen_weight().is_mapped()
+    };
+    let aligned = load("llama-q8_0");
+    assert!(mapped(&aligned, Proj::DownProj) && mapped(&aligned, Proj::VProj));
+    assert!(
+        !mapped(&aligned, Proj::QProj),
+        "permuted rows are reordered in memory"
+    );
+    assert!(load("qwen2-q8_0").model.model.embed_tokens.is_mapped());
+
+    let (mut meta, tensors) = parts("llama-q8_0");
+    meta.push(("general.alignment".into(), MetadataValue::U32(2)));
+    let tmp = TempDir::new("gguf-align-2");
+    let file = tmp.path().join("a2.gguf");
+    // a padding key whose length puts the data section at 2 mod 4
+    let unaligned = (0..4).find(|&pad| {
+        let mut m = meta.clone();
+        m.push(("legora.pad".into(), MetadataValue::String("x".repeat(pad))));
+        std::fs::write(&file, write_gguf(&m, &tensors)).unwrap();
+        let f = GgufFile::open(&file).unwrap();
+        f.shared_words("blk.0.ffn_down.weight").is_none()
+    });
+    assert!(unaligned.is_some(), "no padding misaligns the data");
+    let copied = PretrainedModel::<B>::from_pretrained(&file, &Default::default()).unwrap();
+    assert!(!mapped(&copied, Proj::DownProj));
+    assert_eq!(logits(&copied, &ids), logits(&aligned, &ids));
+}
+
 #[test]
 fn greedy_tokens_match_transformers() {
     let r = Reference::load();

@@ -132,7 +132,13 @@ fn ggml_block_products_match_dequantize_then_multiply() {
     use legora_kernels::quant::ggml::dequantize_row;
     for (ty, _) in common::GGML_BLOCKS {
         let bs = ty.block_size();
-        for (dout, din) in [(37, 3 * bs.max(32)), (130, 2 * bs.max(160))] {
+        // one and two rows too: their bytes end in padding to whole i32 words
+        for (dout, din) in [
+            (37, 3 * bs.max(32)),
+            (130, 2 * bs.max(160)),
+            (1, bs),
+            (2, bs),
+        ] {
             let din = din.next_multiple_of(bs);
             let m = common::ggml_matrix(ty, dout, din, 17);
             let what = format!("{} [{dout}, {din}]", ty.name());
@@ -160,7 +166,7 @@ fn ggml_block_products_match_dequantize_then_multiply() {
 fn ggml_storage_checks_its_sizes() {
     use legora_kernels::quant::ggml::GgmlType;
     let bad = |ty, rows, cols, len| {
-        let data = vec![0u8; len];
+        let data = vec![0u8; len].into();
         QuantMatrix::new("w", rows, cols, Storage::Ggml { ty, data })
             .unwrap_err()
             .to_string()

@@ -13,10 +13,13 @@ use crate::error::{HubError, Result};
 
 /// A GGUF file (llama.cpp, Ollama), memory-mapped: the header is parsed and validated on
 /// [`open`](Self::open); tensor bytes are read from the mapping when asked for, in their
-/// block form ([`tensor`](Self::tensor)) or decoded to f32 ([`dequantize`](Self::dequantize)).
+/// block form ([`tensor`](Self::tensor)), shared with the mapping
+/// ([`shared_words`](Self::shared_words)) or decoded to f32 ([`dequantize`](Self::dequantize)).
 pub struct GgufFile {
     path: PathBuf,
-    map: Mmap,
+    /// The mapping, reference-counted: slices handed out by `shared_words` keep it mapped
+    /// after the file is dropped.
+    map: bytes::Bytes,
     version: u32,
     metadata: Vec<(String, MetadataValue)>,
     keys: HashMap<String, usize>,
@@ -110,7 +113,7 @@ impl GgufFile {
             .collect();
         Ok(Self {
             path: path.to_path_buf(),
-            map,
+            map: bytes::Bytes::from_owner(map),
             version: header.version,
             metadata: header.metadata,
             keys,
@@ -168,6 +171,19 @@ impl GgufFile {
         let start = info.file_offset as usize;
         let data = &self.map[start..start + info.n_bytes as usize];
         Some(GgufTensor { info, data })
+    }
+
+    /// Tensor `name`'s bytes as a slice of the mapping (no copy; the slice keeps the file
+    /// mapped), extended to whole 4-byte words when the file holds the bytes after it —
+    /// what legora's CPU kernels read in place as `i32` words. `None` when the file has no
+    /// such tensor, its data does not start on a 4-byte boundary (a `general.alignment` of
+    /// 1 or 2 allows that), or the rounding would run past the end of the file.
+    pub fn shared_words(&self, name: &str) -> Option<bytes::Bytes> {
+        let info = self.tensor_info(name)?;
+        let start = info.file_offset as usize;
+        let end = start.checked_add((info.n_bytes as usize).next_multiple_of(4))?;
+        // The mapping starts on a page, so file offsets and addresses agree modulo 4.
+        (start % 4 == 0 && end <= self.map.len()).then(|| self.map.slice(start..end))
     }
 
     /// Tensor `name` decoded to f32 (row-major, PyTorch shape [`GgufTensorInfo::shape`]),

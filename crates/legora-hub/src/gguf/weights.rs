@@ -7,7 +7,7 @@ use super::file::GgufFile;
 use super::names::{gguf_name, llama_unpermute_rows, norm_plus_one};
 use crate::error::HubError;
 use crate::load::{convert, LoadOptions};
-use legora_kernels::quant::{QuantMatrix, Storage};
+use legora_kernels::quant::{Blob, QuantMatrix, Storage};
 
 /// The tensors of a GGUF file by HF name (`model.layers.0.self_attn.q_proj.weight`),
 /// dequantized to f32 one at a time as the model builder asks for them, in PyTorch shape
@@ -18,6 +18,8 @@ pub struct GgufWeights<'a> {
     arch: &'a str,
     heads: Option<(usize, usize)>,
     options: LoadOptions,
+    /// Whether the note that unaligned blocks are copied was given (once per file).
+    said_copied: std::cell::Cell<bool>,
 }
 
 impl<'a> GgufWeights<'a> {
@@ -31,6 +33,7 @@ impl<'a> GgufWeights<'a> {
             arch,
             heads,
             options: LoadOptions::default(),
+            said_copied: std::cell::Cell::new(false),
         }
     }
 
@@ -96,10 +99,37 @@ impl GgufWeights<'_> {
         if !legora_kernels::quant::ggml::is_block_storage(ty) {
             return Ok(None);
         }
-        let row_bytes = t.data.len() / rows.max(1);
-        let data = self.hf_rows(&g, t.data.to_vec(), row_bytes, &[rows, cols])?;
+        // In place in the mapping unless llama.cpp's Q/K permutation must be undone.
+        let shared = match self.permutation_heads(&g) {
+            Some(_) => None,
+            None => self
+                .file
+                .shared_words(&g)
+                .or_else(|| self.say_copied(t.data)),
+        };
+        let data = match shared {
+            Some(words) => Blob::Mapped(words),
+            None => {
+                let row_bytes = t.data.len() / rows.max(1);
+                Blob::Owned(self.hf_rows(&g, t.data.to_vec(), row_bytes, &[rows, cols])?)
+            }
+        };
         let m = QuantMatrix::new(name, rows, cols, Storage::Ggml { ty, data })?;
         Ok(Some(m))
+    }
+
+    /// Says (once per file) that blocks whose data does not start on a 4-byte boundary
+    /// are copied into memory instead of read from the mapping; `None`.
+    fn say_copied(&self, data: &[u8]) -> Option<bytes::Bytes> {
+        if data.as_ptr() as usize % 4 != 0 && !self.said_copied.replace(true) {
+            tracing::warn!(
+                "{}: tensor data aligned to {} bytes (general.alignment), not 4: GGML \
+                 blocks are copied into memory instead of read from the mapped file",
+                self.file.path().display(),
+                self.file.alignment()
+            );
+        }
+        None
     }
 }
 

@@ -67,7 +67,16 @@ pub struct T {
     pub offset: Option<u64>,
 }
 
+/// A GGUF file of `meta` and `tensors`, aligned to `general.alignment` when `meta` sets
+/// it as a `UINT32` (else 32).
 pub fn write_gguf(meta: &[(String, MetadataValue)], tensors: &[T]) -> Vec<u8> {
+    let align = meta
+        .iter()
+        .find_map(|(k, v)| match v {
+            MetadataValue::U32(a) if k == "general.alignment" && *a > 0 => Some(u64::from(*a)),
+            _ => None,
+        })
+        .unwrap_or(32);
     let mut out = b"GGUF".to_vec();
     out.extend(3u32.to_le_bytes());
     out.extend((tensors.len() as u64).to_le_bytes());
@@ -86,9 +95,9 @@ pub fn write_gguf(meta: &[(String, MetadataValue)], tensors: &[T]) -> Vec<u8> {
         out.extend(t.ty.to_le_bytes());
         out.extend(t.offset.unwrap_or(offset).to_le_bytes());
         offsets.push(offset);
-        offset = (offset + t.data.len() as u64).next_multiple_of(32);
+        offset = (offset + t.data.len() as u64).next_multiple_of(align);
     }
-    out.resize(out.len().next_multiple_of(32), 0);
+    out.resize(out.len().next_multiple_of(align as usize), 0);
     let start = out.len();
     for (t, o) in tensors.iter().zip(offsets) {
         out.resize(start + o as usize, 0);

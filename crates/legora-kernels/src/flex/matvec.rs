@@ -82,7 +82,8 @@ fn row_dots(n: usize, x: &[f32], w: &QuantView<'_>, j: usize, dots: &mut [f32; M
         ViewData::Bf16(v) => dots_of(n, x, din, Stored::<Bf16>::elems(&v[span]), dots),
         ViewData::F16(v) => dots_of(n, x, din, Stored::<F16>::elems(&v[span]), dots),
         ViewData::Ggml { ty, data } => {
-            let row_bytes = data.len() / w.rows();
+            // (the data may end in up to 3 bytes of padding to whole i32 words)
+            let row_bytes = din / ty.block_size() * ty.type_size();
             ggml_dots(n, x, ty, &data[j * row_bytes..(j + 1) * row_bytes], dots);
         }
         ViewData::Int8 { codes, scales } => {

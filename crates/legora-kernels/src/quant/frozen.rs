@@ -19,12 +19,14 @@ use std::sync::Arc;
 
 use burn::module::{Module, Param, ParamId};
 use burn::prelude::*;
-use burn::tensor::{DType, ElementConversion, TensorCreationOptions, TensorData};
+use burn::tensor::{
+    AllocationProperty, Bytes, DType, ElementConversion, TensorCreationOptions, TensorData,
+};
 use half::vec::HalfBitsVecExt;
 
 use super::bnb::{Absmax, FourBit};
 use super::int8::INV_127;
-use super::matrix::{Format, QuantMatrix, Storage};
+use super::matrix::{Blob, Format, QuantMatrix, Storage};
 
 /// A frozen linear weight `[out, in]` (HF layout), dense or quantized.
 // One per projection, never in bulk collections: the size gap between the variants
@@ -61,6 +63,8 @@ pub(crate) struct QuantMeta {
     pub(crate) rows: usize,
     pub(crate) cols: usize,
     pub(crate) scheme: Scheme,
+    /// The codes were handed to the backend as a mapped file's bytes (no copy).
+    pub(crate) mapped: bool,
 }
 
 /// The quantization scheme of a [`QuantizedWeight`].
@@ -130,8 +134,23 @@ impl<B: Backend> FrozenWeight<B> {
                 (words(&bytes, bytes.len()), scales, None)
             }
             Storage::Ggml { ty, data } => {
-                scheme = Scheme::Ggml(ty);
-                (words(&data, data.len()), vec![0.0], None)
+                let mapped = matches!(&data, Blob::Mapped(b) if is_words(b));
+                let codes = match data {
+                    Blob::Mapped(b) if mapped => mapped_words(b, device),
+                    data => int_param(words(&data, data.len()), device),
+                };
+                let meta = QuantMeta {
+                    rows,
+                    cols,
+                    scheme: Scheme::Ggml(ty),
+                    mapped,
+                };
+                return Self::Quantized(QuantizedWeight {
+                    codes,
+                    scales: f32_param(vec![0.0], device),
+                    nested_codes: None,
+                    meta,
+                });
             }
             Storage::Bnb4(q) => {
                 let n = rows * cols;
@@ -153,23 +172,27 @@ impl<B: Backend> FrozenWeight<B> {
                 (codes, scales, nested_codes)
             }
         };
-        let int = |w: Vec<i32>| {
-            let len = w.len();
-            let opts = TensorCreationOptions::new(device.clone()).with_dtype(DType::I32);
-            let t = Tensor::<B, 1, Int>::from_data(TensorData::new(w, [len]), opts);
-            Param::initialized(ParamId::new(), t)
-        };
-        let len = scales.len();
-        let scales = Tensor::<B, 1>::from_data(
-            TensorData::new(scales, [len]),
-            TensorCreationOptions::new(device.clone()).with_dtype(DType::F32),
-        );
         FrozenWeight::Quantized(QuantizedWeight {
-            codes: int(codes),
-            scales: Param::initialized(ParamId::new(), scales).set_require_grad(false),
-            nested_codes: nested_codes.map(int),
-            meta: QuantMeta { rows, cols, scheme },
+            codes: int_param(codes, device),
+            scales: f32_param(scales, device),
+            nested_codes: nested_codes.map(|w| int_param(w, device)),
+            meta: QuantMeta {
+                rows,
+                cols,
+                scheme,
+                mapped: false,
+            },
         })
+    }
+
+    /// Whether the weight's codes are a memory-mapped file's bytes, handed to the backend
+    /// without a copy (the CPU backend reads them in place; a GPU backend copies them to
+    /// its device).
+    pub fn is_mapped(&self) -> bool {
+        match self {
+            FrozenWeight::Dense(_) => false,
+            FrozenWeight::Quantized(q) => q.meta.mapped,
+        }
     }
 
     /// The weight as an f32 tensor `[out, in]`: a dense f32 weight's own tensor (no
@@ -303,7 +326,9 @@ impl<B: Backend> FrozenWeight<B> {
 impl<B: Backend> QuantizedWeight<B> {
     /// See [`FrozenWeight::dequantize_reference`].
     fn dequantize_reference(&self) -> Tensor<B, 2> {
-        let QuantMeta { rows, cols, scheme } = &self.meta;
+        let QuantMeta {
+            rows, cols, scheme, ..
+        } = &self.meta;
         let (rows, cols, n) = (*rows, *cols, rows * cols);
         let device = self.scales.val().device();
         let flat = match scheme {
@@ -361,6 +386,39 @@ impl<B: Backend> QuantizedWeight<B> {
 
 /// `bytes` zero-padded to `len` (at least `bytes.len()`) and then to whole words, as
 /// little-endian `i32`s.
+/// An `i32` tensor parameter of `w`.
+fn int_param<B: Backend>(w: Vec<i32>, device: &B::Device) -> Param<Tensor<B, 1, Int>> {
+    let len = w.len();
+    let opts = TensorCreationOptions::new(device.clone()).with_dtype(DType::I32);
+    let t = Tensor::<B, 1, Int>::from_data(TensorData::new(w, [len]), opts);
+    Param::initialized(ParamId::new(), t)
+}
+
+/// An f32 tensor parameter of `v`, not requiring a gradient.
+fn f32_param<B: Backend>(v: Vec<f32>, device: &B::Device) -> Param<Tensor<B, 1>> {
+    let len = v.len();
+    let opts = TensorCreationOptions::new(device.clone()).with_dtype(DType::F32);
+    let t = Tensor::<B, 1>::from_data(TensorData::new(v, [len]), opts);
+    Param::initialized(ParamId::new(), t).set_require_grad(false)
+}
+
+/// Whether mapped bytes can be read in place as little-endian `i32` words: aligned to 4,
+/// a whole number of words, on a little-endian machine.
+fn is_words(b: &bytes::Bytes) -> bool {
+    cfg!(target_endian = "little") && b.as_ptr() as usize % 4 == 0 && b.len() % 4 == 0
+}
+
+/// The mapped bytes `b` (checked by [`is_words`]) as an `i32` tensor parameter without a
+/// copy: burn's shared bytes keep the mapping alive and copy only if written to (a frozen
+/// weight never is).
+fn mapped_words<B: Backend>(b: bytes::Bytes, device: &B::Device) -> Param<Tensor<B, 1, Int>> {
+    let len = b.len() / 4;
+    let shared = Bytes::from_shared(b, AllocationProperty::File);
+    let opts = TensorCreationOptions::new(device.clone()).with_dtype(DType::I32);
+    let t = Tensor::<B, 1, Int>::from_data(TensorData::from_bytes(shared, [len], DType::I32), opts);
+    Param::initialized(ParamId::new(), t)
+}
+
 fn words(bytes: &[u8], len: usize) -> Vec<i32> {
     let len = len.max(bytes.len()).next_multiple_of(4);
     let mut padded = bytes.to_vec();

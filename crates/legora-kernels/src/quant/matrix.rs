@@ -130,9 +130,51 @@ pub enum Storage {
     Ggml {
         /// The block type.
         ty: GgmlType,
-        /// `rows · row_bytes(cols)` bytes.
-        data: Vec<u8>,
+        /// `rows · row_bytes(cols)` bytes (a mapped blob may hold up to 3 more: its
+        /// length rounded to whole `i32` words).
+        data: Blob,
     },
+}
+
+/// The bytes of a stored weight: owned, or shared with the memory-mapped file they were
+/// read from, without a copy (a GGUF file's blocks).
+#[derive(Clone, Debug)]
+pub enum Blob {
+    /// Bytes in memory.
+    Owned(Vec<u8>),
+    /// A slice of a mapped file, reference-counted ([`bytes::Bytes::from_owner`] over the
+    /// mapping); its pages are the file's, read in on first use and shared with the page
+    /// cache.
+    Mapped(bytes::Bytes),
+}
+
+impl Blob {
+    /// Whether the bytes are the mapped file's.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self, Blob::Mapped(_))
+    }
+}
+
+impl std::ops::Deref for Blob {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Blob::Owned(v) => v,
+            Blob::Mapped(b) => b,
+        }
+    }
+}
+
+impl From<Vec<u8>> for Blob {
+    fn from(v: Vec<u8>) -> Self {
+        Blob::Owned(v)
+    }
+}
+
+impl PartialEq for Blob {
+    fn eq(&self, other: &Self) -> bool {
+        self[..] == other[..]
+    }
 }
 
 /// A frozen weight `[rows, cols]` (HF layout `[out, in]`) in its storage format. The f32

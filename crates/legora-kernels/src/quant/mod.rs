@@ -34,7 +34,7 @@ pub mod saved;
 pub use bnb::{Absmax, AbsmaxView, Bnb4View, Bnb4bit, FourBit, NestedAbsmax};
 pub(crate) use frozen::note_reference_path;
 pub use frozen::{frozen_linear, frozen_linear_reference, FrozenWeight, QuantizedWeight};
-pub use matrix::{Format, QuantMatrix, QuantView, Storage, ViewData};
+pub use matrix::{Blob, Format, QuantMatrix, QuantView, Storage, ViewData};
 pub use rows::RowBlocks;
 pub use saved::{load_bnb_4bit, load_bnb_int8, SavedTensor};
 

@@ -3,7 +3,7 @@
 
 use super::bnb::{Absmax, Bnb4bit, FourBit, NestedAbsmax, DEFAULT_BLOCKSIZE};
 use super::matrix::numel;
-use super::{Format, QuantMatrix, Storage};
+use super::{Blob, Format, QuantMatrix, Storage};
 use crate::{KernelError, Result};
 
 /// Stacks blocks of rows, each quantized on its own into the format without double
@@ -182,7 +182,7 @@ fn reserved(
         }),
         Format::Ggml(ty) => Storage::Ggml {
             ty,
-            data: vec(n / ty.block_size() * ty.type_size())?,
+            data: Blob::Owned(vec(n / ty.block_size() * ty.type_size())?),
         },
     })
 }
@@ -202,7 +202,13 @@ fn append(out: &mut Storage, part: Storage) {
             codes.extend(c);
             scales.extend(s);
         }
-        (Storage::Ggml { data: a, .. }, Storage::Ggml { data: b, .. }) => a.extend(b),
+        (
+            Storage::Ggml {
+                data: Blob::Owned(a),
+                ..
+            },
+            Storage::Ggml { data: b, .. },
+        ) => a.extend_from_slice(&b),
         (Storage::Bnb4(a), Storage::Bnb4(b)) => {
             a.packed.extend(b.packed);
             if let (Absmax::F32(x), Absmax::F32(y)) = (&mut a.absmax, b.absmax) {

@@ -58,5 +58,6 @@ pub fn ggml_matrix(
             block[at..at + 2].copy_from_slice(&s.to_le_bytes());
         }
     }
+    let data = data.into();
     QuantMatrix::new("w", rows, cols, Storage::Ggml { ty, data }).expect("valid blocks")
 }
