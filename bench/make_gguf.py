@@ -53,17 +53,12 @@ def tensors(s):
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", choices=SHAPES, default="M")
-    ap.add_argument("--type", choices=TYPES, default="q4_0")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args()
-    s, qtype = SHAPES[a.shape], TYPES[a.type]
-    rng = np.random.default_rng(a.seed)
-    w = GGUFWriter(a.out, "qwen2")
-    w.add_name(f"random-qwen2-{a.shape}-{a.type}")
+def write(out: Path, shape: str = "M", type_: str = "q4_0", seed: int = 0):
+    """Writes the random `shape` model with its 2-D tensors as `type_` to `out`."""
+    s, qtype = SHAPES[shape], TYPES[type_]
+    rng = np.random.default_rng(seed)
+    w = GGUFWriter(out, "qwen2")
+    w.add_name(f"random-qwen2-{shape}-{type_}")
     w.add_context_length(4096)
     w.add_embedding_length(s["hidden"])
     w.add_block_count(s["layers"])
@@ -82,13 +77,13 @@ def main():
                       + [TokenType.BYTE] * 256 + [TokenType.NORMAL] * (len(tokens) - 259))
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    for name, shape in tensors(s):
-        if len(shape) == 1:
-            v = np.ones(shape, np.float32) if name.endswith("norm.weight") else \
-                rng.normal(0, 0.02, shape).astype(np.float32)
+    for name, shape_ in tensors(s):
+        if len(shape_) == 1:
+            v = np.ones(shape_, np.float32) if name.endswith("norm.weight") else \
+                rng.normal(0, 0.02, shape_).astype(np.float32)
             w.add_tensor(name, v)
             continue
-        v = rng.normal(0, 0.02, shape).astype(np.float32)
+        v = rng.normal(0, 0.02, shape_).astype(np.float32)
         if qtype == Q.F16:
             w.add_tensor(name, v.astype(np.float16))
         else:
@@ -97,7 +92,17 @@ def main():
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    print(f"{a.out}: {a.out.stat().st_size / 2**20:.1f} MiB")
+    print(f"{out}: {out.stat().st_size / 2**20:.1f} MiB")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=SHAPES, default="M")
+    ap.add_argument("--type", choices=TYPES, default="q4_0")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    write(a.out, a.shape, a.type, a.seed)
 
 
 if __name__ == "__main__":
