@@ -37,16 +37,35 @@ fn assert_close(what: &str, got: &[f32], want: &[f32]) {
     legora_testing::assert_close(what, got, want, 1e-5, 1e-6);
 }
 
+/// `x` as ggml's reference `Q8_0` quantizer leaves it (per 32 values: scale
+/// `max|x| / 127` rounded to f16, codes rounded halves away from zero), dequantized.
+fn q8_0_round_trip(x: &[f32]) -> Vec<f32> {
+    x.chunks(32)
+        .flat_map(|b| {
+            let d = b.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0;
+            let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let d16 = half::f16::from_f32(d).to_f32();
+            b.iter().map(move |v| (v * inv).round() * d16)
+        })
+        .collect()
+}
+
 /// `x·Wᵀ` and `dy·W` over `m` equal the products with its dequantization `wd`, for each
-/// row count in `ns`.
-fn check_products(what: &str, m: &QuantMatrix, wd: &[f32], ns: &[usize]) {
+/// row count in `ns`; with `q8_decode`, `x·Wᵀ` at ≤ 4 rows is the product with `x`
+/// quantized to `Q8_0` (the decoding products over Q8_0 / Q4_0 blocks, as llama.cpp's).
+fn check_products_with(what: &str, m: &QuantMatrix, wd: &[f32], ns: &[usize], q8_decode: bool) {
     let (view, dout, din) = (m.view(), m.rows(), m.cols());
     for &n in ns {
         let x = values(n * din, 11 + n as u64);
         let mut y = vec![0.0f32; n * dout];
         matmul_xwt(n, &x, &view, &mut y, false).unwrap();
+        let xs = if q8_decode && n <= legora_kernels::quant::MATVEC_MAX_ROWS {
+            q8_0_round_trip(&x)
+        } else {
+            x.clone()
+        };
         // y = x·Wᵀ: W [dout, din] read as [din, dout] (strides 1, din).
-        let want = reference(&x, wd, (n, din, dout), (1, din));
+        let want = reference(&xs, wd, (n, din, dout), (1, din));
         assert_close(&format!("{what} n={n} x·Wᵀ"), &y, &want);
 
         let dy = values(n * dout, 13 + n as u64);
@@ -55,6 +74,11 @@ fn check_products(what: &str, m: &QuantMatrix, wd: &[f32], ns: &[usize]) {
         let want = reference(&dy, wd, (n, dout, din), (din, 1));
         assert_close(&format!("{what} n={n} dy·W"), &dx, &want);
     }
+}
+
+/// [`check_products_with`] over the f32 `x` at every row count.
+fn check_products(what: &str, m: &QuantMatrix, wd: &[f32], ns: &[usize]) {
+    check_products_with(what, m, wd, ns, false);
 }
 
 #[test]
@@ -126,10 +150,12 @@ fn products_check_lengths() {
 
 /// GGUF blocks kept as storage: the dequantization of any span equals decoding whole rows
 /// (`dequantize_row`, bit-exact with the `gguf` package), and the tile products equal
-/// dequantize-then-multiply, on odd row counts and rows of several blocks (cut by tiles).
+/// dequantize-then-multiply, on odd row counts and rows of several blocks (cut by tiles);
+/// the decoding products over Q8_0 / Q4_0 equal the products with `x` quantized to Q8_0
+/// (llama.cpp's integer dot products).
 #[test]
 fn ggml_block_products_match_dequantize_then_multiply() {
-    use legora_kernels::quant::ggml::dequantize_row;
+    use legora_kernels::quant::ggml::{dequantize_row, GgmlType};
     for (ty, _) in common::GGML_BLOCKS {
         let bs = ty.block_size();
         // one and two rows too: their bytes end in padding to whole i32 words
@@ -155,7 +181,8 @@ fn ggml_block_products_match_dequantize_then_multiply() {
             assert!(wd.iter().all(|v| v.is_finite()), "{what}");
             assert_eq!(m.format(), Format::Ggml(ty));
             assert_eq!(m.bytes(), data.len());
-            check_products(&what, &m, &wd, &[1, 2, 3, 4, 7, 65]);
+            let q8 = matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0);
+            check_products_with(&what, &m, &wd, &[1, 2, 3, 4, 7, 65], q8);
         }
     }
 }

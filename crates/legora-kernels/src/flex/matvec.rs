@@ -12,12 +12,13 @@
 //! GGML blocks (a GGUF base) are decoded a row at a time, [`GGML_CHUNK`] values at a time
 //! into a stack buffer (by [`ggml::block_decoder`], AVX2 for the common types), and
 //! multiplied from there: the weight is read once, in its blocks, and the decoded values
-//! never leave the L1 cache. bitsandbytes' 4-bit formats keep the tile path of
+//! never leave the L1 cache — except `Q8_0` and `Q4_0`, whose products are llama.cpp's
+//! integer dot products with `x` quantized to `Q8_0` ([`super::qdot`]). bitsandbytes' 4-bit formats keep the tile path of
 //! [`super::qgemm`].
 
 use rayon::prelude::*;
 
-use super::SendPtr;
+use super::{qdot, SendPtr};
 use crate::quant::ggml::{self, GgmlType};
 use crate::quant::int8::INV_127;
 use crate::quant::{QuantView, ViewData};
@@ -49,12 +50,17 @@ pub(crate) fn xwt(n: usize, x: &[f32], w: &QuantView<'_>, y: &mut [f32], accumul
     debug_assert!(x.len() == n * din && y.len() == n * dout);
     let chunk = rows_per_task(dout);
     let y_p = SendPtr(y.as_mut_ptr());
+    // Q8_0 / Q4_0 blocks: x quantized to Q8_0 once, integer dot products (llama.cpp's).
+    let xq = match w.data() {
+        ViewData::Ggml { ty, .. } if qdot::supports(ty) => Some(qdot::Q8Rows::new(n, din, x)),
+        _ => None,
+    };
     (0..dout.div_ceil(chunk)).into_par_iter().for_each(|t| {
         let j0 = t * chunk;
         let j1 = (j0 + chunk).min(dout);
         let mut dots = [0.0f32; MATVEC_MAX_ROWS];
         for j in j0..j1 {
-            row_dots(n, x, w, j, &mut dots);
+            row_dots(n, x, xq.as_ref(), w, j, &mut dots);
             for (r, &d) in dots[..n].iter().enumerate() {
                 // SAFETY: task t alone owns columns j0..j1 of every row of y ([n, dout],
                 // checked by the caller); r < n and j < dout.
@@ -74,8 +80,15 @@ fn rows_per_task(dout: usize) -> usize {
     dout.div_ceil(2 * threads).max(16)
 }
 
-/// `dots[r] = x[r, :] · W[j, :]` for `r < n`.
-fn row_dots(n: usize, x: &[f32], w: &QuantView<'_>, j: usize, dots: &mut [f32; MATVEC_MAX_ROWS]) {
+/// `dots[r] = x[r, :] · W[j, :]` for `r < n` (`xq`: `x` quantized for [`qdot`]).
+fn row_dots(
+    n: usize,
+    x: &[f32],
+    xq: Option<&qdot::Q8Rows>,
+    w: &QuantView<'_>,
+    j: usize,
+    dots: &mut [f32; MATVEC_MAX_ROWS],
+) {
     let din = w.cols();
     let span = j * din..(j + 1) * din;
     match w.data() {
@@ -84,7 +97,11 @@ fn row_dots(n: usize, x: &[f32], w: &QuantView<'_>, j: usize, dots: &mut [f32; M
         ViewData::Ggml { ty, data } => {
             // (the data may end in up to 3 bytes of padding to whole i32 words)
             let row_bytes = din / ty.block_size() * ty.type_size();
-            ggml_dots(n, x, ty, &data[j * row_bytes..(j + 1) * row_bytes], dots);
+            let row = &data[j * row_bytes..(j + 1) * row_bytes];
+            match xq {
+                Some(xq) => qdot::dots(ty, row, xq, dots),
+                None => ggml_dots(n, x, ty, row, dots),
+            }
         }
         ViewData::Int8 { codes, scales } => {
             dots_of(n, x, din, Stored::<I8>::elems(&codes[span]), dots);

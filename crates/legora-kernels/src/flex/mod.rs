@@ -12,6 +12,7 @@ pub(crate) mod frozen;
 mod math;
 pub(crate) mod matvec;
 mod nll;
+pub(crate) mod qdot;
 pub(crate) mod qgemm;
 mod stacked;
 
