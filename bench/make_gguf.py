@@ -8,17 +8,19 @@ Shapes as `legora bench --shape`: S (hidden 576, 30 layers), M (Qwen2-0.5B: hidd
 24 layers, 14 / 2 heads, intermediate 4864, vocabulary 151936, tied embeddings), L
 (Qwen2-7B: hidden 3584, 28 layers, untied). Every 2-D tensor is stored as `--type` (the
 embeddings too, as llama.cpp's pure quantizations do), norms and q/k/v biases as F32;
-weights are normal(0, 0.02), generated and quantized one tensor at a time. The tokenizer
+weights are normal(0, 0.02), generated and quantized one tensor at a time; `--type
+q4_k_m` (`q4_k_s`, `q6_k`) writes F16 and has llama.cpp quantize it (llama-cpp-python). The tokenizer
 is a SentencePiece-style vocabulary of that size (byte tokens, then `▁t<i>`), enough for
 the file to load; the model is random, so only memory and speed mean anything.
 """
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFWriter, TokenType
+from gguf import GGML_QUANT_SIZES, GGUFWriter, TokenType
 from gguf.quants import quantize
 
 SHAPES = {
@@ -27,6 +29,10 @@ SHAPES = {
     "L": dict(hidden=3584, layers=28, heads=28, kv_heads=4, inter=18944, vocab=152064, tied=False),
 }
 TYPES = {"q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q5_0": Q.Q5_0, "q8_0": Q.Q8_0, "f16": Q.F16}
+# llama.cpp's own quantizations (`llama-quantize`'s file types), made from an F16 file by
+# llama.cpp through llama-cpp-python (`pip install llama-cpp-python`): the `gguf` package
+# has no K-quant encoder. Q4_K_M keeps most tensors in Q4_K, some in Q6_K, as llama.cpp does.
+LLAMA_FTYPES = {"q4_k_m": 15, "q4_k_s": 14, "q6_k": 18}
 
 
 def tensors(s):
@@ -53,8 +59,29 @@ def tensors(s):
     return out
 
 
+def llama_quantize(src: Path, out: Path, type_: str):
+    """`src` (an F16 file) quantized by llama.cpp to its file type `type_` in `out`."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = LLAMA_FTYPES[type_]
+    params.nthread = os.cpu_count() or 1
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise SystemExit(f"llama.cpp could not quantize {src} to {type_} (code {rc})")
+
+
 def write(out: Path, shape: str = "M", type_: str = "q4_0", seed: int = 0):
     """Writes the random `shape` model with its 2-D tensors as `type_` to `out`."""
+    if type_ in LLAMA_FTYPES:
+        f16 = out.with_name(out.stem + ".f16.gguf")
+        write(f16, shape, "f16", seed)
+        llama_quantize(f16, out, type_)
+        f16.unlink()
+        print(f"{out}: {out.stat().st_size / 2**20:.1f} MiB (llama.cpp {type_})")
+        return
     s, qtype = SHAPES[shape], TYPES[type_]
     rng = np.random.default_rng(seed)
     w = GGUFWriter(out, "qwen2")
@@ -77,20 +104,29 @@ def write(out: Path, shape: str = "M", type_: str = "q4_0", seed: int = 0):
                       + [TokenType.BYTE] * 256 + [TokenType.NORMAL] * (len(tokens) - 259))
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
+    # Tensor infos first, then each tensor generated and written in turn: only one tensor
+    # is ever in memory (the L shape's F16 file is 15 GB).
+    for name, shape_ in tensors(s):
+        if len(shape_) == 1:
+            w.add_tensor_info(name, shape_, np.float32, 4 * shape_[0])
+        elif qtype == Q.F16:
+            w.add_tensor_info(name, shape_, np.float16, 2 * shape_[0] * shape_[1])
+        else:
+            block, size = GGML_QUANT_SIZES[qtype]
+            row_bytes = shape_[1] // block * size
+            w.add_tensor_info(name, (shape_[0], row_bytes), np.uint8, shape_[0] * row_bytes,
+                              raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
     for name, shape_ in tensors(s):
         if len(shape_) == 1:
             v = np.ones(shape_, np.float32) if name.endswith("norm.weight") else \
                 rng.normal(0, 0.02, shape_).astype(np.float32)
-            w.add_tensor(name, v)
-            continue
-        v = rng.normal(0, 0.02, shape_).astype(np.float32)
-        if qtype == Q.F16:
-            w.add_tensor(name, v.astype(np.float16))
         else:
-            w.add_tensor(name, quantize(v, qtype), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+            v = rng.normal(0, 0.02, shape_).astype(np.float32)
+            v = v.astype(np.float16) if qtype == Q.F16 else quantize(v, qtype)
+        w.write_tensor_data(v)
     w.close()
     print(f"{out}: {out.stat().st_size / 2**20:.1f} MiB")
 
@@ -98,7 +134,7 @@ def write(out: Path, shape: str = "M", type_: str = "q4_0", seed: int = 0):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=SHAPES, default="M")
-    ap.add_argument("--type", choices=TYPES, default="q4_0")
+    ap.add_argument("--type", choices=[*TYPES, *LLAMA_FTYPES], default="q4_0")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()

@@ -493,30 +493,35 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
-/// Run one case and return its JSON record.
 /// How the loaded model keeps its frozen weights, as the report says it: what `options`
 /// asked for, or, for a GGUF base that kept its blocks, their types (`"Q4_0 (GGUF blocks)"`,
-/// `"Q4_K projections, embeddings Q6_K (GGUF blocks)"`).
+/// `"Q5_0 / Q4_K / Q6_K projections, embeddings Q8_0 (GGUF blocks)"`: each projection type
+/// in the order the layers first use it, as llama.cpp's mixes have several).
 fn stored_as<B: burn::tensor::backend::Backend>(
     m: &legora::models::CausalLm<B>,
     options: &LoadOptions,
 ) -> String {
     use legora::kernels::quant::Format;
-    let proj = m.slots().first().map(|(_, s)| s.format());
-    let embed = m.model.embed_tokens.format();
-    match proj {
-        Some(p @ Format::Ggml(_)) if p != embed => {
-            format!(
-                "{} projections, embeddings {} (GGUF blocks)",
-                p.name(),
-                embed.name()
-            )
+    let mut projections: Vec<Format> = Vec::new();
+    for (_, slot) in m.slots() {
+        if !projections.contains(&slot.format()) {
+            projections.push(slot.format());
         }
-        Some(p @ Format::Ggml(_)) => format!("{} (GGUF blocks)", p.name()),
+    }
+    let embed = m.model.embed_tokens.format();
+    let names: Vec<&str> = projections.iter().map(|f| f.name()).collect();
+    match projections[..] {
+        [Format::Ggml(_)] if projections[0] == embed => format!("{} (GGUF blocks)", embed.name()),
+        [Format::Ggml(_), ..] => format!(
+            "{} projections, embeddings {} (GGUF blocks)",
+            names.join(" / "),
+            embed.name()
+        ),
         _ => options.describe(),
     }
 }
 
+/// Run one case and return its JSON record.
 fn run_case<B: AutodiffBackend>(
     case: CaseName,
     args: &Args,
