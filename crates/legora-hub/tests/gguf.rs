@@ -86,7 +86,20 @@ impl Reference {
     }
 }
 
+/// The file as a base whose decoding keeps f32 activations (transformers' arithmetic over
+/// the dequantized file, which the references are); [`load_default`] leaves llama.cpp's
+/// 8-bit activations on for Q8_0 / Q4_0.
 fn load(stem: &str) -> PretrainedModel<B> {
+    let options = legora_hub::LoadOptions {
+        gguf_exact_decode: true,
+        ..Default::default()
+    };
+    PretrainedModel::from_pretrained_with(path(stem), &Default::default(), &options)
+        .unwrap_or_else(|e| panic!("{stem}: {e}"))
+}
+
+/// The file as a base with the default options.
+fn load_default(stem: &str) -> PretrainedModel<B> {
     PretrainedModel::from_pretrained(path(stem), &Default::default())
         .unwrap_or_else(|e| panic!("{stem}: {e}"))
 }
@@ -315,6 +328,33 @@ fn aligned_blocks_are_mapped_unaligned_ones_copied() {
     let copied = PretrainedModel::<B>::from_pretrained(&file, &Default::default()).unwrap();
     assert!(!mapped(&copied, Proj::DownProj));
     assert_eq!(logits(&copied, &ids), logits(&aligned, &ids));
+}
+
+/// By default decoding over Q8_0 / Q4_0 quantizes the activations as llama.cpp does: a
+/// prompt of at most 4 tokens (read by the decoding products) gives logits within 2% of
+/// the largest logit of exact decoding, not equal to them. (Without the fused CPU kernels
+/// — legora-kernels built without `flex` — every product is the exact reference path.)
+#[test]
+fn default_decoding_uses_8_bit_activations_on_q8_0_and_q4_0() {
+    let ids = [1u32, 40, 41];
+    let fused = legora_kernels::has_fused_kernels::<B>();
+    for stem in ["qwen2-q4_0", "llama-q8_0"] {
+        let (exact, fast) = (logits(&load(stem), &ids), logits(&load_default(stem), &ids));
+        let scale = exact.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = exact
+            .iter()
+            .zip(&fast)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        if fused {
+            assert!(
+                worst > 0.0 && worst < 0.02 * scale,
+                "{stem}: {worst} of {scale}"
+            );
+        } else {
+            assert_eq!(worst, 0.0, "{stem}: the reference path is exact");
+        }
+    }
 }
 
 #[test]

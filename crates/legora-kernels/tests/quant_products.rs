@@ -152,7 +152,7 @@ fn products_check_lengths() {
 /// (`dequantize_row`, bit-exact with the `gguf` package), and the tile products equal
 /// dequantize-then-multiply, on odd row counts and rows of several blocks (cut by tiles);
 /// the decoding products over Q8_0 / Q4_0 equal the products with `x` quantized to Q8_0
-/// (llama.cpp's integer dot products).
+/// (llama.cpp's integer dot products), or with `x` as it is when exact decoding is asked.
 #[test]
 fn ggml_block_products_match_dequantize_then_multiply() {
     use legora_kernels::quant::ggml::{dequantize_row, GgmlType};
@@ -183,6 +183,9 @@ fn ggml_block_products_match_dequantize_then_multiply() {
             assert_eq!(m.bytes(), data.len());
             let q8 = matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0);
             check_products_with(&what, &m, &wd, &[1, 2, 3, 4, 7, 65], q8);
+            // asked for, decoding keeps f32 activations
+            let exact = m.clone().with_exact_decode(true);
+            check_products(&format!("{what} exact decode"), &exact, &wd, &[1, 3]);
         }
     }
 }

@@ -115,7 +115,7 @@ impl GgufWeights<'_> {
             }
         };
         let m = QuantMatrix::new(name, rows, cols, Storage::Ggml { ty, data })?;
-        Ok(Some(m))
+        Ok(Some(m.with_exact_decode(self.options.gguf_exact_decode)))
     }
 
     /// Says (once per file) that blocks whose data does not start on a 4-byte boundary

@@ -123,7 +123,9 @@ impl FlexWeight {
                         data: code_bytes,
                     },
                 };
-                QuantView::new("frozen weight", meta.rows, meta.cols, data).ok()
+                QuantView::new("frozen weight", meta.rows, meta.cols, data)
+                    .ok()
+                    .map(|v| v.with_exact_decode(meta.exact_decode))
             }
         }
     }

@@ -50,9 +50,12 @@ pub(crate) fn xwt(n: usize, x: &[f32], w: &QuantView<'_>, y: &mut [f32], accumul
     debug_assert!(x.len() == n * din && y.len() == n * dout);
     let chunk = rows_per_task(dout);
     let y_p = SendPtr(y.as_mut_ptr());
-    // Q8_0 / Q4_0 blocks: x quantized to Q8_0 once, integer dot products (llama.cpp's).
+    // Q8_0 / Q4_0 blocks: x quantized to Q8_0 once, integer dot products (llama.cpp's),
+    // unless the weight asks for exact (f32) decoding.
     let xq = match w.data() {
-        ViewData::Ggml { ty, .. } if qdot::supports(ty) => Some(qdot::Q8Rows::new(n, din, x)),
+        ViewData::Ggml { ty, .. } if qdot::supports(ty) && !w.exact_decode() => {
+            Some(qdot::Q8Rows::new(n, din, x))
+        }
         _ => None,
     };
     (0..dout.div_ceil(chunk)).into_par_iter().for_each(|t| {

@@ -65,6 +65,8 @@ pub(crate) struct QuantMeta {
     pub(crate) scheme: Scheme,
     /// The codes were handed to the backend as a mapped file's bytes (no copy).
     pub(crate) mapped: bool,
+    /// Decoding products keep f32 activations ([`QuantMatrix::with_exact_decode`]).
+    pub(crate) exact_decode: bool,
 }
 
 /// The quantization scheme of a [`QuantizedWeight`].
@@ -110,7 +112,7 @@ impl<B: Backend> FrozenWeight<B> {
     /// Moves a [`QuantMatrix`] onto `device`: f32/bf16/f16 as a dense tensor of that
     /// dtype, int8 and 4-bit as codes and scales (see the module docs).
     pub fn from_quant(m: QuantMatrix, device: &B::Device) -> Self {
-        let (rows, cols) = (m.rows(), m.cols());
+        let (rows, cols, exact_decode) = (m.rows(), m.cols(), m.exact_decode());
         let shape = [rows, cols];
         let float = |data: TensorData, dtype: DType| {
             let opts = TensorCreationOptions::new(device.clone()).with_dtype(dtype);
@@ -144,6 +146,7 @@ impl<B: Backend> FrozenWeight<B> {
                     cols,
                     scheme: Scheme::Ggml(ty),
                     mapped,
+                    exact_decode,
                 };
                 return Self::Quantized(QuantizedWeight {
                     codes,
@@ -181,6 +184,7 @@ impl<B: Backend> FrozenWeight<B> {
                 cols,
                 scheme,
                 mapped: false,
+                exact_decode,
             },
         })
     }

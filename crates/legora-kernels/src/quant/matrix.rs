@@ -185,6 +185,7 @@ pub struct QuantMatrix {
     rows: usize,
     cols: usize,
     storage: Storage,
+    exact_decode: bool,
 }
 
 impl QuantMatrix {
@@ -195,6 +196,7 @@ impl QuantMatrix {
             rows,
             cols,
             storage,
+            exact_decode: false,
         };
         QuantView::new(name, rows, cols, m.view().data)?;
         Ok(m)
@@ -325,7 +327,22 @@ impl QuantMatrix {
             rows: self.rows,
             cols: self.cols,
             data,
+            exact_decode: self.exact_decode,
         }
+    }
+
+    /// With `exact`, decoding products over this weight (≤ [`crate::quant::MATVEC_MAX_ROWS`]
+    /// rows) keep f32 activations even where the storage has a faster integer path
+    /// (GGML `Q8_0` / `Q4_0`, which otherwise quantize the activations to `Q8_0` as
+    /// llama.cpp does): every product is then dequantize-then-f32 up to summation order.
+    pub fn with_exact_decode(mut self, exact: bool) -> Self {
+        self.exact_decode = exact;
+        self
+    }
+
+    /// Whether decoding products keep f32 activations ([`Self::with_exact_decode`]).
+    pub fn exact_decode(&self) -> bool {
+        self.exact_decode
     }
 
     /// Rows `row0..row0 + nrows` as f32, into `out` (`nrows · cols` elements).
@@ -373,9 +390,22 @@ pub struct QuantView<'a> {
     rows: usize,
     cols: usize,
     data: ViewData<'a>,
+    exact_decode: bool,
 }
 
 impl<'a> QuantView<'a> {
+    /// The view with decoding products in f32 activations or not (see
+    /// [`QuantMatrix::with_exact_decode`]).
+    pub fn with_exact_decode(mut self, exact: bool) -> Self {
+        self.exact_decode = exact;
+        self
+    }
+
+    /// Whether decoding products keep f32 activations.
+    pub fn exact_decode(&self) -> bool {
+        self.exact_decode
+    }
+
     /// Checks every size of `data` against `[rows, cols]` (`name` appears in errors).
     pub fn new(name: &str, rows: usize, cols: usize, data: ViewData<'a>) -> Result<Self> {
         let n = numel(name, rows, cols)?;
@@ -399,7 +429,12 @@ impl<'a> QuantView<'a> {
             ViewData::Bnb4(q) => q.validate(name, n)?,
             ViewData::Ggml { ty, data } => check_ggml(name, ty, rows, cols, data.len())?,
         }
-        Ok(QuantView { rows, cols, data })
+        Ok(QuantView {
+            rows,
+            cols,
+            data,
+            exact_decode: false,
+        })
     }
 
     /// Rows (`out`).
