@@ -10,10 +10,12 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::json;
 
+/// Polls `ok` until it holds; fails after 120 s (a loaded 2-core CI machine once took
+/// over 20 s to start a streaming sequence here).
 fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     let t = Instant::now();
     while !ok() {
-        assert!(t.elapsed() < Duration::from_secs(20), "timed out: {what}");
+        assert!(t.elapsed() < Duration::from_secs(120), "timed out: {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
