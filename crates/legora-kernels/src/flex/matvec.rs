@@ -283,7 +283,7 @@ fn avx2() -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx {
+pub(super) mod avx {
     use super::{Elem, MATVEC_MAX_ROWS};
     use std::arch::x86_64::*;
 
@@ -357,9 +357,9 @@ mod avx {
         }
     }
 
-    /// The sum of the eight lanes.
+    /// The sum of the eight lanes (also [`super::super::qdot`]'s).
     #[inline(always)]
-    fn hsum(v: __m256) -> f32 {
+    pub(in crate::flex) fn hsum(v: __m256) -> f32 {
         // SAFETY: plain register arithmetic; the caller's target features include AVX.
         unsafe {
             let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
@@ -371,11 +371,12 @@ mod avx {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    /// A deterministic spread of values in about [-1, 1].
-    fn values(n: usize, seed: u32) -> Vec<f32> {
+    /// A deterministic spread of values in about [-1, 1] (also [`super::super::qdot`]'s
+    /// tests').
+    pub(in crate::flex) fn values(n: usize, seed: u32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(2_654_435_761).max(1);
         (0..n)
             .map(|_| {

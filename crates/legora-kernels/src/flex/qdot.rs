@@ -112,6 +112,7 @@ fn portable_dots(ty: GgmlType, row: &[u8], xq: &Q8Rows, dots: &mut [f32; MATVEC_
 #[cfg(target_arch = "x86_64")]
 mod avx {
     use super::{Q8Rows, QK8_0};
+    use crate::flex::matvec::avx::hsum;
     use crate::quant::ggml::GgmlType;
     use crate::quant::MATVEC_MAX_ROWS;
     use std::arch::x86_64::*;
@@ -210,36 +211,13 @@ mod avx {
             }
         }
     }
-
-    /// The sum of the eight lanes.
-    #[inline(always)]
-    fn hsum(v: __m256) -> f32 {
-        // SAFETY: plain register arithmetic; the caller's target features include AVX.
-        unsafe {
-            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-            _mm_cvtss_f32(s)
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flex::matvec::tests::values;
     use crate::quant::ggml::dequantize;
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761).max(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     /// Random blocks of `ty` with finite half scales.
     fn blocks(ty: GgmlType, n: usize, seed: u32) -> Vec<u8> {
