@@ -17,8 +17,11 @@ use crate::config::TokenIds;
 use crate::decoder::{CausalLm, LmInput};
 use crate::error::{ModelError, Result};
 
+/// Tokens generated at most when nothing says otherwise (transformers' default).
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 20;
+
 fn default_max_new() -> Option<usize> {
-    Some(20)
+    Some(DEFAULT_MAX_NEW_TOKENS)
 }
 fn default_top_k() -> Option<usize> {
     Some(50)
@@ -70,6 +73,11 @@ impl Default for GenerationConfig {
 }
 
 impl GenerationConfig {
+    /// `max_new_tokens`, or [`DEFAULT_MAX_NEW_TOKENS`] when unset.
+    pub fn max_new(&self) -> usize {
+        self.max_new_tokens.unwrap_or(DEFAULT_MAX_NEW_TOKENS)
+    }
+
     /// Greedy decoding of `max_new_tokens` tokens.
     pub fn greedy(max_new_tokens: usize) -> Self {
         Self {
@@ -273,7 +281,7 @@ impl<B: Backend> CausalLm<B> {
             )));
         }
         // Generation stops at the model's context length.
-        let max_new = cfg.max_new_tokens.unwrap_or(20).min(context - len);
+        let max_new = cfg.max_new().min(context - len);
         let b = prompts.len();
         if max_new == 0 {
             return Ok(vec![Vec::new(); b]);

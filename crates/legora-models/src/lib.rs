@@ -69,7 +69,7 @@ pub use decoder::{CausalLm, CausalLmOutput, KvCache, LmInput, Routing};
 pub use error::{ModelError, Result};
 pub use generate::{
     apply_repetition_penalty, argmax, next_token, sample, softmax, top_k_filter, top_p_filter,
-    GenerationConfig,
+    GenerationConfig, DEFAULT_MAX_NEW_TOKENS,
 };
 pub use head::{HeadOutput, LossOutput};
 pub use legora_nn::{Experts, Proj, SlotId};

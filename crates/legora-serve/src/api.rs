@@ -142,7 +142,7 @@ impl Sampling {
             }
         }
         let room = shared.context.saturating_sub(prompt_len);
-        let want = asked.map(|n| n as usize).or(g.max_new_tokens).unwrap_or(20);
+        let want = asked.map(|n| n as usize).unwrap_or_else(|| g.max_new());
         g.max_new_tokens = Some(want.min(room).min(cap));
         if self.top_k.is_some() || self.top_p.is_some() {
             g.do_sample = true;

@@ -251,7 +251,7 @@ impl<B: Backend> Engine<B> {
                         seen: req.prompt.clone(),
                         fed: 0,
                         generated: 0,
-                        max_new: gen.max_new_tokens.unwrap_or(20),
+                        max_new: gen.max_new(),
                         stops: gen.stop_tokens(),
                         rng: StdRng::seed_from_u64(gen.seed.unwrap_or(0)),
                         req,

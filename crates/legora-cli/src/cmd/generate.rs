@@ -286,8 +286,7 @@ fn complete<B: Backend>(
         secs: start.elapsed().as_secs_f64(),
     };
     let context = m.model.model.config().max_position_embeddings;
-    let wanted = gen.max_new_tokens.unwrap_or(20);
-    if out[0].len() < wanted && prompt_tokens + out[0].len() >= context {
+    if out[0].len() < gen.max_new() && prompt_tokens + out[0].len() >= context {
         eprintln!(
             "stopped after {} new tokens: the prompt ({prompt_tokens} tokens) and the \
              completion fill the model's context (max_position_embeddings = {context})",

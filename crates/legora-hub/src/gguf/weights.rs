@@ -102,10 +102,10 @@ impl GgufWeights<'_> {
         // In place in the mapping unless llama.cpp's Q/K permutation must be undone.
         let shared = match self.permutation_heads(&g) {
             Some(_) => None,
-            None => self
-                .file
-                .shared_words(&g)
-                .or_else(|| self.say_copied(t.data)),
+            None => self.file.shared_words(&g).or_else(|| {
+                self.say_copied(t.data);
+                None
+            }),
         };
         let data = match shared {
             Some(words) => Blob::Mapped(words),
@@ -119,8 +119,8 @@ impl GgufWeights<'_> {
     }
 
     /// Says (once per file) that blocks whose data does not start on a 4-byte boundary
-    /// are copied into memory instead of read from the mapping; `None`.
-    fn say_copied(&self, data: &[u8]) -> Option<bytes::Bytes> {
+    /// are copied into memory instead of read from the mapping.
+    fn say_copied(&self, data: &[u8]) {
         if data.as_ptr() as usize % 4 != 0 && !self.said_copied.replace(true) {
             tracing::warn!(
                 "{}: tensor data aligned to {} bytes (general.alignment), not 4: GGML \
@@ -129,7 +129,6 @@ impl GgufWeights<'_> {
                 self.file.alignment()
             );
         }
-        None
     }
 }
 
